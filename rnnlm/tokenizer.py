@@ -1,0 +1,418 @@
+"""Text -> token ids: vocabularies, streaming file reading, tokenization to disk.
+
+Two token levels are supported:
+
+* ``"word"``: whitespace-separated words (``str.split()``); every line ends with
+  the boundary token ``"<eos>"``.
+* ``"char"``: Unicode code points (not bytes); every line ends with the
+  boundary token ``"\\n"``.
+
+Files are always streamed line by line, so memory stays near the size of the
+token ids rather than the size of the text.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import zipfile
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from rnnlm.errors import RnnlmError
+
+UNK = "<unk>"
+EOS = "<eos>"
+LEVELS = ("word", "char")
+
+FORMAT_VERSION = 1
+VOCAB_FILE = "vocab.json"
+TOKENS_FILE = "tokens.npy"
+UNK_CHAR = "\ufffd"
+
+
+def _boundary_token(level: str) -> str:
+    """The token that ends every line: ``<eos>`` for words, ``"\\n"`` for chars."""
+    return EOS if level == "word" else "\n"
+
+
+def _check_level(level: object) -> None:
+    if level not in LEVELS:
+        raise RnnlmError(f"unknown token level {level!r}, expected one of: {', '.join(LEVELS)}")
+
+
+class Vocab:
+    """A token <-> id mapping.
+
+    Attributes:
+        tokens: list[str], ``tokens[i]`` is the token with id ``i``.
+        level: ``"word"`` or ``"char"``.
+        lowercase: whether text is lowercased before lookup.
+        index: dict[str, int], token -> id.
+        unk_id: id of ``"<unk>"`` (present at both levels).
+        boundary_id: id of ``"<eos>"`` (word level) or ``"\\n"`` (char level).
+    """
+
+    def __init__(self, tokens: list[str], level: str, lowercase: bool):
+        _check_level(level)
+        if not isinstance(lowercase, bool):
+            raise RnnlmError(f"vocabulary 'lowercase' must be true or false, got {lowercase!r}")
+        if not isinstance(tokens, list) or not all(isinstance(t, str) and t for t in tokens):
+            raise RnnlmError("vocabulary tokens must be a list of non-empty strings")
+        index = {token: i for i, token in enumerate(tokens)}
+        if len(index) != len(tokens):
+            duplicate = next(t for t, n in Counter(tokens).items() if n > 1)
+            raise RnnlmError(f"vocabulary has a duplicate token {duplicate!r}")
+        if level == "char" and any(len(t) != 1 for t in tokens if t != UNK):
+            raise RnnlmError("char-level tokens must be single characters besides <unk>")
+        boundary = _boundary_token(level)
+        for required in (UNK, boundary):
+            if required not in index:
+                raise RnnlmError(f"{level}-level vocabulary lacks the token {required!r}")
+        self.tokens = tokens
+        self.level = level
+        self.lowercase = lowercase
+        self.index = index
+        self.unk_id = index[UNK]
+        self.boundary_id = index[boundary]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __repr__(self) -> str:
+        return f"Vocab(size={len(self)}, level={self.level!r}, lowercase={self.lowercase})"
+
+    def _split(self, line: str) -> Iterable[str]:
+        """The tokens of one line (without its boundary), after lowercasing if set."""
+        if self.lowercase:
+            line = line.lower()
+        return line.split() if self.level == "word" else line
+
+    def encode_line(self, line: str) -> tuple[list[int], int]:
+        """Encode one line given without its trailing newline.
+
+        Returns:
+            (ids, unknown): ``ids`` is a list of ints ending with ``boundary_id``;
+            ``unknown`` counts tokens missing from the vocabulary that became
+            ``unk_id`` (a literal ``"<unk>"`` word is in the vocabulary and is not counted).
+        """
+        index = self.index
+        unk_id = self.unk_id
+        tokens = self._split(line)
+        ids = [index.get(token, unk_id) for token in tokens]
+        unknown = 0
+        if unk_id in ids:  # tell unknown tokens from literal "<unk>" ones
+            unknown = sum(token not in index for token in tokens)
+        ids.append(self.boundary_id)
+        return ids, unknown
+
+    def encode_text(self, text: str) -> tuple[np.ndarray, int]:
+        """Encode a whole (possibly multi-line) string such as a prompt.
+
+        ``"\\r\\n"`` is read as ``"\\n"``. At word level every line, including a
+        last one without a newline, ends with ``<eos>``. At char level the
+        newlines of the text are its ``"\\n"`` tokens, so a text that does not
+        end in a newline gets no final ``"\\n"``.
+
+        Returns:
+            (ids, unknown): ``ids`` is a 1-D int64 array; ``unknown`` as in
+            :meth:`encode_line`.
+        """
+        lines = text.replace("\r\n", "\n").split("\n")
+        ends_with_newline = lines[-1] == ""
+        if ends_with_newline:
+            lines.pop()
+        ids: list[int] = []
+        unknown = 0
+        for line in lines:
+            line_ids, line_unknown = self.encode_line(line)
+            ids.extend(line_ids)
+            unknown += line_unknown
+        if self.level == "char" and not ends_with_newline:
+            ids.pop()
+        return np.array(ids, dtype=np.int64), unknown
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Turn ids (a sequence of ints or a 1-D integer array) back into text.
+
+        Word level: tokens joined by single spaces, each ``<eos>`` rendered as a
+        newline with no space around it. Char level: tokens concatenated, with
+        ``<unk>`` rendered as ``"\\ufffd"``.
+        """
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (
+            ids.size and (ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= len(self))
+        ):
+            raise RnnlmError(f"can only decode a 1-D sequence of integer ids in [0, {len(self)})")
+        tokens = self.tokens
+        if self.level == "char":
+            return "".join(UNK_CHAR if i == self.unk_id else tokens[i] for i in ids.tolist())
+        lines: list[str] = []
+        words: list[str] = []
+        for i in ids.tolist():
+            if i == self.boundary_id:
+                lines.append(" ".join(words) + "\n")
+                words = []
+            else:
+                words.append(tokens[i])
+        lines.append(" ".join(words))
+        return "".join(lines)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form: ``{"format_version", "level", "lowercase", "tokens"}``."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "level": self.level,
+            "lowercase": self.lowercase,
+            "tokens": list(self.tokens),
+        }
+
+    @classmethod
+    def from_dict(cls, d: object) -> Vocab:
+        """Inverse of :meth:`to_dict`; raises RnnlmError if ``d`` is malformed."""
+        if not isinstance(d, dict):
+            raise RnnlmError("vocabulary must be a JSON object")
+        keys = ("format_version", "level", "lowercase", "tokens")
+        missing = [key for key in keys if key not in d]
+        if missing:
+            raise RnnlmError(f"vocabulary lacks the key(s): {', '.join(missing)}")
+        if d["format_version"] != FORMAT_VERSION:
+            raise RnnlmError(
+                f"unsupported vocabulary format_version {d['format_version']!r} "
+                f"(this version reads {FORMAT_VERSION})"
+            )
+        return cls(d["tokens"], d["level"], d["lowercase"])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the vocabulary as UTF-8 JSON (non-ASCII tokens kept readable)."""
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, ensure_ascii=False, indent=1)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Vocab:
+        """Read a file written by :meth:`save`; RnnlmError if missing or malformed."""
+        path = Path(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise RnnlmError(f"no such file: {path}") from None
+        except IsADirectoryError:
+            raise RnnlmError(f"{path} is a directory, expected a vocab.json file") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RnnlmError(f"{path} is not a valid vocabulary JSON file ({e})") from None
+        except OSError as e:
+            raise RnnlmError(f"cannot read {path}: {e.strerror}") from None
+        try:
+            return cls.from_dict(d)
+        except RnnlmError as e:
+            raise RnnlmError(f"{path}: {e}") from None
+
+
+def iter_lines(path: str | os.PathLike) -> Iterator[str]:
+    """Stream a UTF-8 text file line by line, without the ``"\\n"`` or ``"\\r\\n"`` ending.
+
+    The path is checked at once (missing, directory, empty); NUL bytes and
+    invalid UTF-8 are reported while streaming, with the absolute byte offset
+    of the offending byte. Never holds more than one line in memory.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise RnnlmError(f"no such file: {path}")
+    if path.is_dir():
+        raise RnnlmError(f"{path} is a directory, expected a text file")
+    if path.stat().st_size == 0:
+        raise RnnlmError(f"{path} is empty")
+    return _stream_lines(path)
+
+
+def _stream_lines(path: Path) -> Iterator[str]:
+    """The generator behind :func:`iter_lines`."""
+    offset = 0
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                nul = raw.find(b"\0")
+                if nul >= 0:
+                    raise RnnlmError(f"{path} looks binary (NUL byte at offset {offset + nul})")
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise RnnlmError(f"{path} is not valid UTF-8 (byte offset {offset + e.start})") from None
+                offset += len(raw)
+                if line.endswith("\r\n"):
+                    yield line[:-2]
+                elif line.endswith("\n"):
+                    yield line[:-1]
+                else:
+                    yield line
+    except OSError as e:
+        raise RnnlmError(f"cannot read {path}: {e.strerror}") from None
+
+
+def build_vocab(
+    path: str | os.PathLike,
+    level: str = "word",
+    min_count: int = 1,
+    max_vocab: int | None = None,
+    lowercase: bool = False,
+) -> Vocab:
+    """Build a vocabulary from a text file in one streaming pass.
+
+    Ids are ordered by count descending, ties by token string ascending.
+    ``<unk>`` (counted by its literal occurrences, possibly 0) and the boundary
+    token (counted once per line) are always kept; other tokens are kept if
+    their count is at least ``min_count`` and they are among the ``max_vocab``
+    most frequent (``max_vocab`` includes ``<unk>`` and the boundary).
+    """
+    _check_level(level)
+    if min_count < 1:
+        raise RnnlmError(f"min_count must be at least 1, got {min_count}")
+    if max_vocab is not None and max_vocab < 2:
+        raise RnnlmError(f"max_vocab must be at least 2 (<unk> and the boundary), got {max_vocab}")
+    counts: Counter[str] = Counter()
+    n_lines = 0
+    for line in iter_lines(path):
+        if lowercase:
+            line = line.lower()
+        counts.update(line.split() if level == "word" else line)
+        n_lines += 1
+    if not counts:
+        raise RnnlmError(f"{path} contains no tokens (only blank lines)")
+    boundary = _boundary_token(level)
+    counts[boundary] += n_lines
+    counts.setdefault(UNK, 0)
+    always = {UNK, boundary}
+    ranked = sorted(counts, key=lambda token: (-counts[token], token))
+    regular = [t for t in ranked if t not in always and counts[t] >= min_count]
+    if max_vocab is not None:
+        regular = regular[: max_vocab - len(always)]
+    keep = always.union(regular)
+    return Vocab([t for t in ranked if t in keep], level, bool(lowercase))
+
+
+def smallest_uint_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype holding ids ``0 .. vocab_size - 1``: uint8, uint16 or uint32."""
+    if vocab_size < 1:
+        raise RnnlmError(f"vocabulary size must be at least 1, got {vocab_size}")
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise RnnlmError(f"vocabulary of {vocab_size} tokens is too large (at most 2**32)")
+
+
+def encode_file(path: str | os.PathLike, vocab: Vocab) -> tuple[np.ndarray, int]:
+    """Encode a whole text file as one stream of ids, in a second streaming pass.
+
+    Returns:
+        (ids, unknown): ``ids`` is a 1-D array of dtype
+        ``smallest_uint_dtype(len(vocab))``, every line followed by the boundary
+        id; ``unknown`` counts tokens that were not in the vocabulary and became
+        ``<unk>`` (literal ``"<unk>"`` words are not counted).
+    """
+    dtype = smallest_uint_dtype(len(vocab))
+    # array.array and numpy share C type codes ("B", "H", "I"), so the
+    # compact buffer becomes the result without a copy.
+    ids = array.array(dtype.char)
+    unknown = 0
+    for line in iter_lines(path):
+        line_ids, line_unknown = vocab.encode_line(line)
+        ids.extend(line_ids)
+        unknown += line_unknown
+    return np.frombuffer(ids, dtype=dtype), unknown
+
+
+def tokenize_file(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    level: str = "word",
+    min_count: int = 1,
+    max_vocab: int | None = None,
+    lowercase: bool = False,
+    vocab: Vocab | None = None,
+) -> dict:
+    """Tokenize a text file into ``out_dir/vocab.json`` and ``out_dir/tokens.npy``.
+
+    If ``vocab`` is given it is used as is (``level``, ``min_count``,
+    ``max_vocab`` and ``lowercase`` are then ignored); otherwise a vocabulary is
+    built from the file.
+
+    Returns:
+        {"tokens": int, "vocab_size": int, "unk": int, "unk_share": float},
+        where ``unk`` counts tokens that became ``<unk>`` and ``unk_share`` is
+        ``unk / tokens``.
+    """
+    if vocab is None:
+        vocab = build_vocab(path, level, min_count, max_vocab, lowercase)
+    elif not isinstance(vocab, Vocab):
+        raise RnnlmError(f"vocab must be a Vocab, got {type(vocab).__name__}")
+    ids, unknown = encode_file(path, vocab)
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        vocab.save(out_dir / VOCAB_FILE)
+        np.save(out_dir / TOKENS_FILE, ids)
+    except OSError as e:
+        raise RnnlmError(f"cannot write to {out_dir}: {e.strerror or e}") from None
+    return {
+        "tokens": int(ids.size),
+        "vocab_size": len(vocab),
+        "unk": unknown,
+        "unk_share": unknown / ids.size,
+    }
+
+
+def load_vocab_source(path: str | os.PathLike) -> Vocab:
+    """Load a vocabulary from a ``vocab.json`` or from a model ``.npz``.
+
+    A model ``.npz`` holds a ``meta`` entry: a JSON string with (at least) the
+    keys ``level``, ``lowercase`` and ``vocab`` (the token list).
+    """
+    path = Path(path)
+    if not path.is_file():
+        if path.is_dir():
+            raise RnnlmError(f"{path} is a directory, expected a vocab.json or model .npz file")
+        raise RnnlmError(f"no such file: {path}")
+    if not zipfile.is_zipfile(path):
+        return Vocab.load(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            meta = json.loads(str(archive["meta"][()]))
+        return Vocab(meta["vocab"], meta["level"], meta["lowercase"])
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, RnnlmError) as e:
+        raise RnnlmError(f"{path} is neither a vocab.json nor a model .npz with a vocabulary ({e})") from None
+
+
+def load_token_dir(path: str | os.PathLike) -> tuple[np.ndarray, Vocab]:
+    """Read a directory written by :func:`tokenize_file`.
+
+    Returns:
+        (ids, vocab): ``ids`` is the 1-D unsigned integer array of
+        ``tokens.npy``, all below ``len(vocab)``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise RnnlmError(f"no such token directory: {path}")
+    vocab = Vocab.load(path / VOCAB_FILE)
+    tokens_path = path / TOKENS_FILE
+    if not tokens_path.is_file():
+        raise RnnlmError(f"no such file: {tokens_path}")
+    try:
+        ids = np.load(tokens_path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise RnnlmError(f"{tokens_path} is not a valid .npy file ({e})") from None
+    if not isinstance(ids, np.ndarray) or ids.ndim != 1 or ids.dtype.kind != "u":
+        raise RnnlmError(f"{tokens_path} must hold a 1-D array of unsigned integer ids")
+    if ids.size == 0:
+        raise RnnlmError(f"{tokens_path} holds no tokens")
+    if int(ids.max()) >= len(vocab):
+        raise RnnlmError(
+            f"{tokens_path} has token id {int(ids.max())}, out of range for a "
+            f"vocabulary of {len(vocab)} tokens"
+        )
+    return ids, vocab
