@@ -1,6 +1,27 @@
-"""rnnlm: recurrent-neural-network language models with Numba kernels."""
+"""rnnlm: recurrent-neural-network language models with Numba kernels for the CPU and NVIDIA GPUs.
+
+The Python API that the ``rnnlm`` command wraps::
+
+    import rnnlm
+    rnnlm.tokenize("train.txt", "tokens/")                  # vocab.json + tokens.npy
+    rnnlm.train("train.txt", "model.npz", valid="valid.txt")
+    model = rnnlm.load("model.npz")
+    rnnlm.perplexity(model, "test.txt")                     # {"perplexity", "bits_per_token", ...}
+    texts, _ = rnnlm.sample(model, prompt="the", num=3)
+"""
 
 from rnnlm import _env  # noqa: F401  (thread and cache settings before numpy and numba load)
 from rnnlm._version import __version__
+from rnnlm.errors import RnnlmError
+from rnnlm.evaluate import perplexity
+from rnnlm.model import Model
+from rnnlm.sample import sample
+from rnnlm.tokenizer import Vocab, tokenize_file as tokenize
+from rnnlm.train import TrainConfig, TrainingInterrupted, train
 
-__all__ = ["__version__"]
+load = Model.load
+
+__all__ = [
+    "Model", "RnnlmError", "TrainConfig", "TrainingInterrupted", "Vocab", "__version__", "load",
+    "perplexity", "sample", "tokenize", "train",
+]

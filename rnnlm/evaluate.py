@@ -1,0 +1,65 @@
+"""Perplexity under the project's convention.
+
+The text is one stream; the state starts at zero with the boundary token (``<eos>`` for words, the
+newline for characters) as the first input, so every token of the text, the first included, is
+predicted and counted, every ``<eos>`` too.
+"""
+
+import math
+
+import numpy as np
+
+from rnnlm import step
+from rnnlm.backends import get_backend
+from rnnlm.corpus import load_corpus, stream_pairs
+from rnnlm.errors import RnnlmError
+
+EVAL_WINDOW = 256
+
+
+def device_params(ops, params):
+    """The model's parameters as backend arrays."""
+    return {name: ops.asarray(array) for name, array in params.items()}
+
+
+def stream_loss(ops, params, ids, boundary_id, window=EVAL_WINDOW):
+    """Σ -log p(token) over ``ids`` read as one stream from the boundary token (natural log, float).
+
+    params: backend arrays; ids (N,) integer token ids.
+    """
+    inputs, targets = stream_pairs(ids, boundary_id)
+    m, V = params["W_x"].shape
+    total = 0.0
+    buffers = {}
+    state = np.zeros((1, m), params["W_s"].dtype)
+    for start in range(0, len(targets), window):
+        T = min(window, len(targets) - start)
+        if T not in buffers:
+            buffers[T] = step.Window(ops, T, 1, m, V, params["W_s"].dtype)
+        buf = buffers[T]
+        ops.copy_into(state, buf.S[0])
+        x = ops.asarray(inputs[start : start + T].reshape(T, 1))
+        y = ops.asarray(targets[start : start + T].reshape(T, 1))
+        total += step.window_loss(ops, params, buf, x, y)
+        state = buf.S[T]
+    return total
+
+
+def perplexity(model, text, device="cpu"):
+    """Perplexity of ``model`` on ``text`` (a text file or a token directory), with its own vocabulary.
+
+    Returns {"perplexity", "bits_per_token", "tokens", "unk"}: ``unk`` counts the tokens of the text
+    that are ``<unk>`` for the model (out-of-vocabulary words and literal ``<unk>`` tokens).
+    """
+    ids, _, _ = load_corpus(text, vocab=model.vocab)
+    if len(ids) == 0:
+        raise RnnlmError(f"{text} has no tokens")
+    ops = get_backend(device)
+    nats = stream_loss(ops, device_params(ops, model.params), ids, model.vocab.boundary_id)
+    per_token = nats / len(ids)
+    return {
+        "perplexity": math.exp(per_token),
+        "bits_per_token": per_token / math.log(2),
+        "tokens": int(len(ids)),
+        "unk": int(np.count_nonzero(ids == model.vocab.unk_id)),
+    }
