@@ -85,7 +85,7 @@ def train(text, model_path, valid, as_json, **settings):
     with click.progressbar(length=1, file=sys.stderr, show_pos=True) as bar:
 
         def on_window(done, total, stats):
-            if bar.is_hidden:  # not a terminal: no progress lines in a log
+            if bar.hidden:  # not a terminal: no progress lines in a log
                 return
             bar.length = total
             bar.label = f"{stats['tokens_per_s']:,.0f} tok/s  loss {stats['loss']:.3f}  ppl {stats['perplexity']:.1f}"
