@@ -82,7 +82,7 @@ def tokenize(text, out_dir, level, min_count, max_vocab, lowercase, vocab_file, 
 def train(text, model_path, valid, as_json, **settings):
     """Train a model on TEXT (a text file or a directory from `rnnlm tokenize`)."""
     config = rnnlm.TrainConfig(**{f.name: settings[f.name] for f in fields(rnnlm.TrainConfig)})
-    with click.progressbar(length=1, file=sys.stderr, show_pos=True) as bar:
+    with click.progressbar(length=1, file=sys.stderr, show_pos=True, hidden=not sys.stderr.isatty()) as bar:
 
         def on_window(done, total, stats):
             if bar.hidden:  # not a terminal: no progress lines in a log
