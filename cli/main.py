@@ -1,8 +1,8 @@
 """The ``rnnlm`` command: parse options, call the library, print. No logic of its own."""
 
-import rnnlm  # first: sets the thread environment before numpy and numba load
+import rnnlm  # noqa: I001  (first: sets the thread environment before numpy and numba load)
 
-import json  # noqa: I001
+import json
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -36,10 +36,11 @@ def cli():
               help="Directory for vocab.json and tokens.npy.")
 @click.option("--level", type=click.Choice(LEVELS), default="word", help="Tokens: words or characters.")
 @click.option("--min-count", default=1, help="Words seen fewer times become <unk>.")
-@click.option("--max-vocab", type=int, default=None, help="Keep at most this many tokens (by frequency).")
+@click.option("--max-vocab", type=int, default=None,
+              help="Keep at most this many tokens (by frequency) [default: all].")
 @click.option("--lowercase", is_flag=True, help="Lowercase the text first.")
 @click.option("--vocab", "vocab_file", type=click.Path(path_type=Path), default=None,
-              help="Encode with this vocabulary (a vocab.json or a model file) instead of building one.")
+              help="Encode with this vocabulary (a vocab.json or a model file) [default: build one].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def tokenize(text, out_dir, level, min_count, max_vocab, lowercase, vocab_file, as_json):
     """Turn TEXT into token ids (DIR/tokens.npy) and a vocabulary (DIR/vocab.json)."""
@@ -65,7 +66,8 @@ def tokenize(text, out_dir, level, min_count, max_vocab, lowercase, vocab_file, 
 @click.option("--level", type=click.Choice(LEVELS), default=DEFAULTS.level,
               help="Tokens of a raw TEXT: words or characters.")
 @click.option("--min-count", default=DEFAULTS.min_count, help="Words seen fewer times become <unk>.")
-@click.option("--max-vocab", type=int, default=DEFAULTS.max_vocab, help="Keep at most this many tokens.")
+@click.option("--max-vocab", type=int, default=DEFAULTS.max_vocab,
+              help="Keep at most this many tokens [default: all].")
 @click.option("--lowercase", is_flag=True, help="Lowercase a raw TEXT first.")
 @click.option("--hidden", default=DEFAULTS.hidden, help="State size m.")
 @click.option("--bptt", default=DEFAULTS.bptt, help="Window length T of truncated backpropagation.")
@@ -88,7 +90,8 @@ def train(text, model_path, valid, as_json, **settings):
             if bar.hidden:  # not a terminal: no progress lines in a log
                 return
             bar.length = total
-            bar.label = f"{stats['tokens_per_s']:,.0f} tok/s  loss {stats['loss']:.3f}  ppl {stats['perplexity']:.1f}"
+            bar.label = (f"{stats['tokens_per_s']:,.0f} tok/s  loss {stats['loss']:.3f}  "
+                         f"ppl {stats['perplexity']:.1f}")
             bar.update(done - bar.pos)
 
         def on_epoch(record):
@@ -139,8 +142,9 @@ def perplexity(model_path, text, device, as_json):
 @click.option("--length", type=int, default=None,
               help="Tokens to draw [default: words until <eos>, or 500 characters].")
 @click.option("--temperature", default=1.0, help="Divide the logits by this.")
-@click.option("--top-k", type=int, default=None, help="Draw only from the k likeliest tokens.")
-@click.option("--top-p", type=float, default=None, help="Draw only from the likeliest tokens holding mass p.")
+@click.option("--top-k", type=int, default=None, help="Draw only from the k likeliest tokens [default: all].")
+@click.option("--top-p", type=float, default=None,
+              help="Draw only from the likeliest tokens holding mass p [default: all].")
 @click.option("--num", default=1, help="Number of samples.")
 @click.option("--seed", default=0, help="Random seed: the same seed gives the same text.")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", help="Where the kernels run.")

@@ -16,7 +16,8 @@ from rnnlm.errors import RnnlmError
 from rnnlm.evaluate import perplexity
 from rnnlm.model import Model
 from rnnlm.sample import sample
-from rnnlm.tokenizer import Vocab, tokenize_file as tokenize
+from rnnlm.tokenizer import Vocab
+from rnnlm.tokenizer import tokenize_file as tokenize
 from rnnlm.train import TrainConfig, TrainingInterrupted, train
 
 load = Model.load

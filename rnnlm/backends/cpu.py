@@ -10,8 +10,8 @@ function, so a helper kept elsewhere could leave stale compiled callers behind.
 
 import math
 
-import numpy as np
 import numba
+import numpy as np
 from numba import njit, prange
 
 name = "cpu"
@@ -20,6 +20,8 @@ _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)
 _LN2_LO = np.float32(-2.12194440e-4)
 _EXP_MIN = np.float32(-87.0)
+_EXPONENT_BIAS = np.int32(127)
+_MANTISSA_BITS = np.int32(23)
 _HALF = np.float32(0.5)
 _ONE = np.float32(1.0)
 _P0 = np.float32(1.9875691500e-4)
@@ -28,6 +30,13 @@ _P2 = np.float32(8.3334519073e-3)
 _P3 = np.float32(4.1665795894e-2)
 _P4 = np.float32(1.6666665459e-1)
 _P5 = np.float32(5.0000001201e-1)
+# tanh as a rational function, the coefficients of Eigen's float tanh (relative error < 4e-7)
+_TANH_CLAMP = np.float32(7.90531110763549805)
+_TANH_ALPHA = tuple(np.float32(c) for c in (
+    4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08,
+    -8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16))
+_TANH_BETA = tuple(np.float32(c) for c in (
+    4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06))
 
 
 # ---------------------------------------------------------------------------------------- arrays
@@ -83,18 +92,39 @@ def forward(W_x, W_s, b_s, inputs, S):
 
     W_x (m, V), W_s (m, m), b_s (m,); inputs (T, B) int32 ids x_{t-1};
     S (T + 1, B, m): S[0] holds the carried state on entry, S[1:] is written.
+    The B streams are independent: one parallel region, each thread running whole streams.
     """
     T, B = inputs.shape
     m = W_s.shape[0]
-    for t in range(T):
-        for k in prange(B * m):
-            b, i = k // m, k % m
+    for b in prange(B):
+        for t in range(T):
             s_prev = S[t, b]
-            W_s_row = W_s[i]
-            a_t = b_s[i] + W_x[i, inputs[t, b]]
-            for j in range(m):
-                a_t += W_s_row[j] * s_prev[j]
-            S[t + 1, b, i] = math.tanh(a_t)
+            s_t = S[t + 1, b]
+            x = inputs[t, b]
+            for i in range(m):
+                W_s_row = W_s[i]
+                a_t = b_s[i] + W_x[i, x]
+                for j in range(m):
+                    a_t += W_s_row[j] * s_prev[j]
+                s_t[i] = a_t
+            _tanh_inplace(s_t)
+
+
+@njit(fastmath=True, cache=True)
+def _tanh_inplace(row):
+    """row = tanh(row): a vectorizable rational approximation for float32, math.tanh for float64."""
+    if row.itemsize != 4:
+        for i in range(row.shape[0]):
+            row[i] = math.tanh(row[i])
+        return
+    a1, a3, a5, a7, a9, a11, a13 = _TANH_ALPHA
+    b0, b2, b4, b6 = _TANH_BETA
+    for i in range(row.shape[0]):
+        x = min(max(row[i], -_TANH_CLAMP), _TANH_CLAMP)
+        x2 = x * x
+        p = ((((((a13 * x2 + a11) * x2 + a9) * x2 + a7) * x2 + a5) * x2 + a3) * x2 + a1) * x
+        q = ((b6 * x2 + b4) * x2 + b2) * x2 + b0
+        row[i] = p / q
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -103,12 +133,13 @@ def backward(W_s, S, dL_ds_out, dL_da):
 
     S (T + 1, B, m) from ``forward``; dL_ds_out (T, B, m) = W_oᵀ dL/dz per step.
     Writes dL_da (T, B, m): dL/ds_t = dL_ds_out[t] + W_sᵀ dL/da_{t+1}, dL/da_t = (1 - s_t²) ⊙ dL/ds_t.
-    The state carried into the window gets no gradient (truncated BPTT).
+    The state carried into the window gets no gradient (truncated BPTT). Parallel over the streams.
     """
     T, B, m = dL_da.shape
-    for t in range(T - 1, -1, -1):
-        for b in prange(B):
-            dL_ds = dL_ds_out[t, b].copy()
+    for b in prange(B):
+        dL_ds = np.empty(m, dL_da.dtype)
+        for t in range(T - 1, -1, -1):
+            dL_ds[:] = dL_ds_out[t, b]
             if t + 1 < T:
                 dL_da_next = dL_da[t + 1, b]
                 for i in range(m):
@@ -144,44 +175,60 @@ def input_grads(inputs, dL_da, dW_x, db_s):
 
 
 @njit(fastmath=True, cache=True)
-def _exp_shifted_row(row, shift, bits):
-    """row[j] = exp(row[j] - shift) in place, returning the sum; ``bits`` is int32 scratch of len(row).
+def _biased_max(row, b_o):
+    """max_j (row[j] + b_o[j]).
+
+    Eight independent accumulators: Numba's max reductions do not vectorize, and one accumulator
+    waits on every comparison.
+    """
+    n = row.shape[0]
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0] + b_o[0]
+    full = n - n % 8
+    for j in range(0, full, 8):
+        m0 = max(m0, row[j] + b_o[j])
+        m1 = max(m1, row[j + 1] + b_o[j + 1])
+        m2 = max(m2, row[j + 2] + b_o[j + 2])
+        m3 = max(m3, row[j + 3] + b_o[j + 3])
+        m4 = max(m4, row[j + 4] + b_o[j + 4])
+        m5 = max(m5, row[j + 5] + b_o[j + 5])
+        m6 = max(m6, row[j + 6] + b_o[j + 6])
+        m7 = max(m7, row[j + 7] + b_o[j + 7])
+    top = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+    for j in range(full, n):
+        top = max(top, row[j] + b_o[j])
+    return top
+
+
+@njit(fastmath=True, cache=True)
+def _exp_shifted_row(row, b_o, shift, bits):
+    """row[j] = exp(row[j] + b_o[j] - shift) in place, returning the sum; ``bits``: int32 scratch (len(row)).
 
     float32 rows use a Cephes-style polynomial with the 2^n factor built from its exponent bits, which
     vectorizes (Numba's np.exp in a loop is a scalar libm call); float64 rows, the gradient checks',
     use np.exp. The branch is on a compile-time constant.
     """
-    total = 0.0
+    total = row.dtype.type(0)
     if row.itemsize != 4:
         for j in range(row.shape[0]):
-            e = np.exp(row[j] - shift)
+            e = np.exp(row[j] + b_o[j] - shift)
             row[j] = e
             total += e
         return total
     for j in range(row.shape[0]):
-        x = max(row[j] - shift, _EXP_MIN)
-        fx = np.floor(x * _LOG2E + _HALF)
+        x = row[j] + b_o[j] - shift
+        x = x if x > _EXP_MIN else _EXP_MIN
+        n = np.int32(x * _LOG2E - _HALF)  # x ≤ 0: truncation rounds to nearest (np.floor is scalar)
+        fx = np.float32(n)
         x = x - fx * _LN2_HI - fx * _LN2_LO
         y = ((((_P0 * x + _P1) * x + _P2) * x + _P3) * x + _P4) * x + _P5
         row[j] = y * (x * x) + x + _ONE
-        bits[j] = (np.int32(fx) + 127) << 23
+        bits[j] = (n + _EXPONENT_BIAS) << _MANTISSA_BITS
     pow2 = bits.view(np.float32)
     for j in range(row.shape[0]):
         e = row[j] * pow2[j]
         row[j] = e
         total += e
     return total
-
-
-@njit(fastmath=True, cache=True)
-def _add_bias_max(row, b_o):
-    """row += b_o in place; returns the row's maximum."""
-    top = -np.inf
-    for j in range(row.shape[0]):
-        z = row[j] + b_o[j]
-        row[j] = z
-        top = max(top, z)
-    return top
 
 
 def softmax_xent_grad(Z, b_o, targets, scale, db_o):
@@ -214,11 +261,11 @@ def _softmax_xent_grad(Z, b_o, targets, scale, db_o, n_threads):
         for r in range(c * N // n_chunks, (c + 1) * N // n_chunks):
             row = Z[r]
             y = targets[r]
-            top = _add_bias_max(row, b_o)
-            z_y = row[y]
-            total = _exp_shifted_row(row, top, bits)
+            z_y = row[y] + b_o[y]
+            top = _biased_max(row, b_o)
+            total = _exp_shifted_row(row, b_o, top, bits)
             losses[c] += top + np.log(total) - z_y
-            inv = scale / total
+            inv = row.dtype.type(scale / total)
             for j in range(V):
                 row[j] *= inv
             row[y] -= scale
@@ -241,9 +288,9 @@ def _softmax_xent(Z, b_o, targets, n_threads):
         bits = np.empty(V, np.int32)
         for r in range(c * N // n_chunks, (c + 1) * N // n_chunks):
             row = Z[r]
-            top = _add_bias_max(row, b_o)
-            z_y = row[targets[r]]
-            losses[r] = top + np.log(_exp_shifted_row(row, top, bits)) - z_y
+            z_y = row[targets[r]] + b_o[targets[r]]
+            top = _biased_max(row, b_o)
+            losses[r] = top + np.log(_exp_shifted_row(row, b_o, top, bits)) - z_y
     return losses.sum()
 
 
@@ -254,8 +301,7 @@ def softmax_rows(Z, b_o):
     for r in prange(N):
         bits = np.empty(V, np.int32)
         row = Z[r]
-        top = _add_bias_max(row, b_o)
-        inv = 1.0 / _exp_shifted_row(row, top, bits)
+        inv = row.dtype.type(1.0 / _exp_shifted_row(row, b_o, _biased_max(row, b_o), bits))
         for j in range(V):
             row[j] *= inv
 
