@@ -77,6 +77,10 @@ def tokenize(text, out_dir, level, min_count, max_vocab, lowercase, vocab_file, 
 @click.option("--clip", default=DEFAULTS.clip, help="Clip the gradient's global norm to this (0: off).")
 @click.option("--l2", default=DEFAULTS.l2, help="Weight λ of the penalty λ‖θ‖².")
 @click.option("--seed", default=DEFAULTS.seed, help="Random seed of the initialization.")
+@click.option("--softmax", type=click.Choice(["full", "class"]), default=DEFAULTS.softmax,
+              help="Output layer: full softmax, or Mikolov's class-based factorization (much faster).")
+@click.option("--classes", type=int, default=DEFAULTS.classes,
+              help="Number of word classes of --softmax class [default: √V].")
 @click.option("--device", type=click.Choice(DEVICES), default=DEFAULTS.device,
               help="Where the kernels run (auto: CUDA when a GPU is available).")
 @click.option("--threads", type=int, default=None, help="CPU threads [default: all cores].")

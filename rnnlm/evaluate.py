@@ -13,21 +13,19 @@ from rnnlm import step
 from rnnlm.backends import get_backend
 from rnnlm.corpus import load_corpus, stream_pairs
 from rnnlm.errors import RnnlmError
+from rnnlm.model import word_classes
 
 EVAL_WINDOW = 256
 
 
-def device_params(ops, params):
-    """The model's parameters as backend arrays."""
-    return {name: ops.asarray(array) for name, array in params.items()}
-
-
-def stream_loss(ops, params, ids, boundary_id, window=EVAL_WINDOW):
+def stream_loss(ops, params, ids, boundary_id, class_bounds=None, window=EVAL_WINDOW):
     """Σ -log p(token) over ``ids`` read as one stream from the boundary token (natural log, float).
 
-    params: backend arrays; ids (N,) integer token ids.
+    params: backend arrays from ``step.to_device``; ids (N,) integer token ids; class_bounds (C + 1,)
+    for a class-softmax model.
     """
     inputs, targets = stream_pairs(ids, boundary_id)
+    classes = None if class_bounds is None else word_classes(class_bounds)[targets]
     m, V = params["W_x"].shape
     total = 0.0
     buffers = {}
@@ -35,12 +33,12 @@ def stream_loss(ops, params, ids, boundary_id, window=EVAL_WINDOW):
     for start in range(0, len(targets), window):
         T = min(window, len(targets) - start)
         if T not in buffers:
-            buffers[T] = step.Window(ops, T, 1, m, V, params["W_s"].dtype)
+            buffers[T] = step.Window(ops, T, 1, m, V, params["W_s"].dtype, class_bounds)
         buf = buffers[T]
         ops.copy_into(state, buf.S[0])
-        x = ops.asarray(inputs[start : start + T].reshape(T, 1))
-        y = ops.asarray(targets[start : start + T].reshape(T, 1))
-        total += step.window_loss(ops, params, buf, x, y)
+        span = slice(start, start + T)
+        tokens = [inputs[span], targets[span]] + ([] if classes is None else [classes[span]])
+        total += step.window_loss(ops, params, buf, *(ops.asarray(t.reshape(T, 1)) for t in tokens))
         state = buf.S[T]
     return total
 
@@ -55,7 +53,7 @@ def perplexity(model, text, device="cpu"):
     if len(ids) == 0:
         raise RnnlmError(f"{text} has no tokens")
     ops = get_backend(device)
-    nats = stream_loss(ops, device_params(ops, model.params), ids, model.vocab.boundary_id)
+    nats = stream_loss(ops, step.to_device(ops, model.params), ids, model.vocab.boundary_id, model.class_bounds)
     per_token = nats / len(ids)
     return {
         "perplexity": math.exp(per_token),

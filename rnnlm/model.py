@@ -7,6 +7,13 @@ Names follow the lecture (shared/mission): V is the vocabulary size, m the state
 
 Parameters (float32 unless a caller asks for float64, as the gradient checks do):
     W_x (m, V)   W_s (m, m)   b_s (m,)   W_o (V, m)   b_o (V,)
+
+With the class-based softmax (Mikolov's factorization) the words are binned into C classes of
+consecutive ids, class c holding ids class_bounds[c] ≤ w < class_bounds[c + 1], and
+
+    p_t(w) = softmax(W_c s_t + b_c)[class(w)] · softmax over the class's words of (W_o s_t + b_o)
+
+with two more parameters W_c (C, m) and b_c (C,).
 """
 
 import json
@@ -23,21 +30,48 @@ from rnnlm.tokenizer import Vocab
 
 FORMAT_VERSION = 1
 PARAM_NAMES = ("W_x", "W_s", "b_s", "W_o", "b_o")
+CLASS_PARAM_NAMES = ("W_c", "b_c")
 
 
-def param_shapes(vocab_size, hidden):
-    """The shape of every parameter array for a vocabulary of V and a state of size m."""
+def param_shapes(vocab_size, hidden, n_classes=None):
+    """The shape of every parameter array for a vocabulary of V, a state of size m and C classes."""
     V, m = vocab_size, hidden
-    return {"W_x": (m, V), "W_s": (m, m), "b_s": (m,), "W_o": (V, m), "b_o": (V,)}
+    shapes = {"W_x": (m, V), "W_s": (m, m), "b_s": (m,), "W_o": (V, m), "b_o": (V,)}
+    if n_classes:
+        shapes.update(W_c=(n_classes, m), b_c=(n_classes,))
+    return shapes
 
 
-def init_params(vocab_size, hidden, rng, dtype=np.float32):
+def frequency_classes(counts, n_classes):
+    """Class bounds (C + 1,) int32 binning ids 0..V-1, in id order, by cumulative √frequency.
+
+    counts (V,): how often each id occurs in the training text. With ids sorted by frequency (as the
+    tokenizer numbers them) the frequent words get small classes and the rare ones large, so that
+    every class carries a similar share of √frequency mass (Mikolov's binning). Every class is
+    non-empty; C is capped at V.
+    """
+    V = len(counts)
+    n_classes = max(1, min(int(n_classes), V))
+    mass = np.cumsum(np.sqrt(np.asarray(counts, np.float64) + 1.0))
+    # the class of id w is floor(C · mass before w / total mass); bounds where it steps up
+    cls = np.minimum((n_classes * (mass - mass[0]) / mass[-1]).astype(np.int64), n_classes - 1)
+    bounds = np.searchsorted(cls, np.arange(n_classes), side="left")
+    bounds = np.unique(np.concatenate([bounds, [V]]))
+    return bounds.astype(np.int32)
+
+
+def word_classes(class_bounds):
+    """The class of every id (V,) int32, from class bounds (C + 1,)."""
+    return np.repeat(np.arange(len(class_bounds) - 1, dtype=np.int32), np.diff(class_bounds))
+
+
+def init_params(vocab_size, hidden, rng, dtype=np.float32, n_classes=None):
     """The lecture's initialization: weights N(0, 1/d) with d the fan-in, biases zero.
 
-    The fan-in of W_x is V (its input is a one-hot vector), that of W_s and W_o is m.
+    The fan-in of W_x is V (its input is a one-hot vector), that of W_s, W_o and W_c is m.
     """
     params = {}
-    for name, shape in param_shapes(vocab_size, hidden).items():
+    for name, shape in param_shapes(vocab_size, hidden, n_classes).items():
         if name.startswith("b"):
             params[name] = np.zeros(shape, dtype)
         else:
@@ -53,6 +87,7 @@ class Model:
     params: dict
     vocab: Vocab
     hparams: dict = field(default_factory=dict)
+    class_bounds: np.ndarray | None = None
 
     @property
     def hidden(self):
@@ -62,13 +97,19 @@ class Model:
     def vocab_size(self):
         return len(self.vocab)
 
+    @property
+    def softmax(self):
+        return "full" if self.class_bounds is None else "class"
+
     @classmethod
-    def create(cls, vocab, hidden, seed=0, hparams=None):
-        """A freshly initialized float32 model."""
+    def create(cls, vocab, hidden, seed=0, hparams=None, class_bounds=None):
+        """A freshly initialized float32 model (class softmax when class_bounds are given)."""
         if hidden < 1:
             raise RnnlmError(f"--hidden must be at least 1, got {hidden}")
         rng = np.random.default_rng(seed)
-        return cls(init_params(len(vocab), hidden, rng), vocab, dict(hparams or {}))
+        n_classes = None if class_bounds is None else len(class_bounds) - 1
+        params = init_params(len(vocab), hidden, rng, n_classes=n_classes)
+        return cls(params, vocab, dict(hparams or {}), class_bounds)
 
     def meta(self):
         """The JSON-serializable description stored beside the arrays."""
@@ -78,12 +119,15 @@ class Model:
             "lowercase": self.vocab.lowercase,
             "vocab": self.vocab.tokens,
             "hidden": self.hidden,
+            "softmax": self.softmax,
             "hparams": self.hparams,
         }
 
     def save(self, path):
         """Write the model atomically: a temporary file in the same folder, fsync, then rename."""
-        arrays = {name: np.ascontiguousarray(self.params[name], np.float32) for name in PARAM_NAMES}
+        arrays = {name: np.ascontiguousarray(array, np.float32) for name, array in self.params.items()}
+        if self.class_bounds is not None:
+            arrays["class_bounds"] = np.asarray(self.class_bounds, np.int32)
         arrays["meta"] = np.array(json.dumps(self.meta(), ensure_ascii=False))
         atomic_savez(path, arrays)
 
@@ -100,13 +144,22 @@ class Model:
             raise RnnlmError(f"{path} has a malformed 'meta' entry ({exc})") from None
         if meta.get("format_version") != FORMAT_VERSION:
             raise RnnlmError(f"{path} has model format {meta.get('format_version')}, expected {FORMAT_VERSION}")
-        expected = param_shapes(len(vocab), meta.get("hidden", 0))
+        class_bounds = arrays.get("class_bounds")
+        if meta.get("softmax", "full") == "class":
+            V = len(vocab)
+            if (class_bounds is None or class_bounds.ndim != 1 or len(class_bounds) < 2 or class_bounds[0] != 0
+                    or class_bounds[-1] != V or np.any(np.diff(class_bounds) < 1)):
+                raise RnnlmError(f"{path} is not a valid rnnlm model (bad class_bounds)")
+            class_bounds = class_bounds.astype(np.int32)
+        else:
+            class_bounds = None
+        n_classes = None if class_bounds is None else len(class_bounds) - 1
         params = {}
-        for name, shape in expected.items():
+        for name, shape in param_shapes(len(vocab), meta.get("hidden", 0), n_classes).items():
             if name not in arrays or arrays[name].shape != shape:
                 raise RnnlmError(f"{path} is not a valid rnnlm model ({name} missing or not of shape {shape})")
             params[name] = np.ascontiguousarray(arrays[name], np.float32)
-        return cls(params, vocab, meta.get("hparams", {}))
+        return cls(params, vocab, meta.get("hparams", {}), class_bounds)
 
 
 def atomic_savez(path, arrays):

@@ -1,15 +1,15 @@
 """Sampling text from a model: the prompt is fed after the boundary token, then tokens are drawn.
 
-The recurrence and the output layer run on the chosen backend, ``num`` samples side by side as B
-streams; temperature, top-k and top-p act on the logits on the host.
+The recurrence runs on the chosen backend, ``num`` samples side by side as B streams; the next-token
+distribution (full or class softmax, ``reference.log_probs``), temperature, top-k and top-p are
+computed on the host in float64.
 """
 
 import numpy as np
 
-from rnnlm import step
+from rnnlm import reference, step
 from rnnlm.backends import get_backend
 from rnnlm.errors import RnnlmError
-from rnnlm.evaluate import device_params
 
 DEFAULT_LENGTH = {"word": 100, "char": 500}
 
@@ -27,10 +27,10 @@ def check_sampling_options(temperature, top_k, top_p, length, num):
         raise RnnlmError(f"--num must be at least 1, got {num}")
 
 
-def filter_probabilities(logits, temperature=1.0, top_k=None, top_p=None):
-    """Row-wise sampling distribution from logits (N, V): softmax(logits / τ) restricted to the top-k
-    tokens and to the smallest set whose probability reaches top_p, renormalized. float64 (N, V)."""
-    z = logits.astype(np.float64) / temperature
+def filter_probabilities(log_p, temperature=1.0, top_k=None, top_p=None):
+    """Row-wise sampling distribution from log-probabilities (N, V): softmax(log_p / τ) restricted to the
+    top-k tokens and to the smallest set whose probability reaches top_p, renormalized. float64 (N, V)."""
+    z = log_p / temperature
     if top_k is not None and top_k < z.shape[1]:
         kth = np.partition(z, -top_k, axis=1)[:, -top_k][:, None]
         z = np.where(z < kth, -np.inf, z)
@@ -70,28 +70,28 @@ def sample(model, prompt="", length=None, temperature=1.0, top_k=None, top_p=Non
     vocab = model.vocab
     prompt_ids, unk = encode_prompt(vocab, prompt)
     ops = get_backend(device)
-    params = device_params(ops, model.params)
+    params = step.to_device(ops, model.params)
+    host_params = {name: array.astype(np.float64) for name, array in model.params.items()}
     window = step.Window(ops, 1, num, model.hidden, model.vocab_size)
     rng = np.random.default_rng(seed)
     stop_at_eos = vocab.level == "word" and length is None
     n_draw = length or DEFAULT_LENGTH[vocab.level]
 
     def advance(tokens):
-        """Feed tokens (num,) and return the next logits (num, V) on the host."""
+        """Feed tokens (num,) and return the next tokens' log-probabilities (num, V) on the host."""
         ops.copy_into(tokens.reshape(1, num).astype(np.int32), inputs)
         ops.forward(params["W_x"], params["W_s"], params["b_s"], inputs, window.S)
         window.carry_state()
-        ops.matmul_nt(window.S[0], params["W_o"], window.Z)
-        return ops.to_numpy(window.Z) + model.params["b_o"]
+        return reference.log_probs(host_params, ops.to_numpy(window.S[0]).astype(np.float64), model.class_bounds)
 
     inputs = ops.zeros((1, num), np.int32)
-    logits = advance(np.full(num, vocab.boundary_id))
+    log_p = advance(np.full(num, vocab.boundary_id))
     for token in prompt_ids:
-        logits = advance(np.full(num, token))
+        log_p = advance(np.full(num, token))
     drawn = np.zeros((num, n_draw), np.int64)
     finished = np.zeros(num, bool)
     for k in range(n_draw):
-        p = filter_probabilities(logits, temperature, top_k, top_p)
+        p = filter_probabilities(log_p, temperature, top_k, top_p)
         cumulative = np.cumsum(p, axis=1)
         u = rng.random((num, 1)) * cumulative[:, -1:]
         tokens = np.minimum((cumulative < u).sum(axis=1), model.vocab_size - 1)
@@ -101,7 +101,7 @@ def sample(model, prompt="", length=None, temperature=1.0, top_k=None, top_p=Non
             if finished.all():
                 drawn = drawn[:, : k + 1]
                 break
-        logits = advance(tokens)
+        log_p = advance(tokens)
     texts = []
     for row in drawn:
         if stop_at_eos and (row == vocab.boundary_id).any():

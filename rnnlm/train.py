@@ -17,8 +17,8 @@ from rnnlm._env import set_threads
 from rnnlm.backends import get_backend
 from rnnlm.corpus import batchify, load_corpus
 from rnnlm.errors import RnnlmError
-from rnnlm.evaluate import device_params, stream_loss
-from rnnlm.model import Model
+from rnnlm.evaluate import stream_loss
+from rnnlm.model import Model, frequency_classes, word_classes
 
 MIN_IMPROVEMENT = 0.003
 HELD_OUT_SHARE = 0.05
@@ -40,6 +40,8 @@ class TrainConfig:
     clip: float = 1.0
     l2: float = 0.0
     seed: int = 0
+    softmax: str = "full"
+    classes: int | None = None
     device: str = "cpu"
     threads: int | None = None
 
@@ -54,6 +56,10 @@ class TrainConfig:
             raise RnnlmError("--clip and --l2 must not be negative")
         if self.threads is not None and self.threads < 1:
             raise RnnlmError(f"--threads must be at least 1, got {self.threads}")
+        if self.softmax not in ("full", "class"):
+            raise RnnlmError(f"--softmax must be full or class, got {self.softmax!r}")
+        if self.classes is not None and self.classes < 1:
+            raise RnnlmError(f"--classes must be at least 1, got {self.classes}")
 
 
 class TrainingInterrupted(Exception):  # noqa: N818  (an outcome, not an error)
@@ -94,7 +100,11 @@ def train(text, model_path, valid=None, config=None, on_window=None, on_epoch=No
             f"{text} is too short for --batch {config.batch} x --bptt {config.bptt} "
             f"({len(ids)} training tokens)"
         )
-    model = Model.create(vocab, config.hidden, seed=config.seed, hparams=asdict(config))
+    class_bounds = None
+    if config.softmax == "class":
+        n_classes = config.classes or round(np.sqrt(len(vocab)))
+        class_bounds = frequency_classes(np.bincount(ids, minlength=len(vocab)), n_classes)
+    model = Model.create(vocab, config.hidden, seed=config.seed, hparams=asdict(config), class_bounds=class_bounds)
     trainer = _Trainer(ops, model, config, windows)
     return trainer.run(model_path, valid_ids, on_window, on_epoch)
 
@@ -104,11 +114,15 @@ class _Trainer:
 
     def __init__(self, ops, model, config, windows):
         self.ops, self.model, self.config = ops, model, config
-        self.params = device_params(ops, model.params)
-        self.grads = {name: ops.zeros(p.shape, p.dtype) for name, p in model.params.items()}
-        self.inputs, self.targets = (ops.asarray(w) for w in windows)
-        self.n_windows = windows[0].shape[0] // config.bptt
-        self.window = step.Window(ops, config.bptt, config.batch, model.hidden, model.vocab_size)
+        self.params = step.to_device(ops, model.params)
+        self.grads = step.zero_grads(ops, model.params)
+        inputs, targets = windows
+        self.tokens = [ops.asarray(inputs), ops.asarray(targets)]
+        if model.class_bounds is not None:
+            self.tokens.append(ops.asarray(word_classes(model.class_bounds)[targets]))
+        self.n_windows = inputs.shape[0] // config.bptt
+        self.window = step.Window(ops, config.bptt, config.batch, model.hidden, model.vocab_size,
+                                  class_bounds=model.class_bounds)
 
     def run(self, model_path, valid_ids, on_window, on_epoch):
         config, model = self.config, self.model
@@ -118,8 +132,9 @@ class _Trainer:
         try:
             for epoch in range(1, config.epochs + 1):
                 train_loss, tokens_per_s = self.epoch(lr, on_window)
-                valid_ppl = math.exp(stream_loss(self.ops, self.params, valid_ids, model.vocab.boundary_id)
-                                     / len(valid_ids))
+                valid_nats = stream_loss(self.ops, self.params, valid_ids, model.vocab.boundary_id,
+                                         model.class_bounds)
+                valid_ppl = math.exp(valid_nats / len(valid_ids))
                 record = {
                     "epoch": epoch, "train_loss": train_loss, "valid_perplexity": valid_ppl, "lr": lr,
                     "tokens_per_s": tokens_per_s, "elapsed_s": time.perf_counter() - start,
@@ -156,11 +171,10 @@ class _Trainer:
         total, start = 0.0, time.perf_counter()
         for w in range(self.n_windows):
             rows = slice(w * T, (w + 1) * T)
-            loss = step.forward_backward(ops, self.params, self.grads, window, self.inputs[rows],
-                                         self.targets[rows])
+            loss = step.forward_backward(ops, self.params, self.grads, window, *(t[rows] for t in self.tokens))
             if not math.isfinite(loss):
                 raise RnnlmError(f"training diverged (loss {loss}); try a lower --lr or a --clip")
-            step.sgd_step(ops, self.params, self.grads, lr, clip=config.clip, l2=config.l2)
+            step.sgd_step(ops, self.params, self.grads, window, lr, clip=config.clip, l2=config.l2)
             window.carry_state()
             total += loss
             if on_window:

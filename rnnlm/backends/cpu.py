@@ -153,25 +153,28 @@ def backward(W_s, S, dL_ds_out, dL_da):
 
 
 @njit(parallel=True, cache=True)
-def input_grads(inputs, dL_da, dW_x, db_s):
-    """dW_x[:, x_{t-1}] += dL/da_t and db_s = Σ_t dL/da_t over the window (both overwritten).
+def input_grads(inputs, dL_da, dW_x, db_s, touched):
+    """dW_x[:, x_{t-1}] += dL/da_t over the window, db_s = Σ_t dL/da_t, touched[x_{t-1}] = 1.
 
-    inputs (T, B) int32; dL_da (T, B, m); dW_x (m, V); db_s (m,). Parallel over the m rows, so the
-    scatter into repeated tokens' columns never races.
+    inputs (T, B) int32; dL_da (T, B, m); dW_x (m, V), zero in every column not marked in touched
+    (uint8 (V,)) on entry; db_s (m,) is overwritten. Each thread owns a band of rows of dW_x, so
+    repeated tokens never race.
     """
     T, B, m = dL_da.shape
-    for i in prange(m):
-        dW_x[i, :] = 0
-        total = 0.0
+    n_bands = min(m, 8)
+    for band in prange(n_bands):
+        lo, hi = band * m // n_bands, (band + 1) * m // n_bands
+        for i in range(lo, hi):
+            db_s[i] = 0
         for t in range(T):
             for b in range(B):
-                g = dL_da[t, b, i]
-                dW_x[i, inputs[t, b]] += g
-                total += g
-        db_s[i] = total
-
-
-# ---------------------------------------------------------------------------------------- softmax
+                x = inputs[t, b]
+                g = dL_da[t, b]
+                for i in range(lo, hi):
+                    dW_x[i, x] += g[i]
+                    db_s[i] += g[i]
+                if band == 0:
+                    touched[x] = 1
 
 
 @njit(fastmath=True, cache=True)
@@ -294,16 +297,92 @@ def _softmax_xent(Z, b_o, targets, n_threads):
     return losses.sum()
 
 
+# ---------------------------------------------------------------------------------------- class softmax
+
+
 @njit(parallel=True, fastmath=True, cache=True)
-def softmax_rows(Z, b_o):
-    """Z (N, V) := softmax(Z + b_o) row by row (used for sampling)."""
-    N, V = Z.shape
+def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, touched):
+    """Word half of the class-based softmax, p(w) = p(class(w)) · p(w | class(w)), with its gradient.
+
+    Row r predicts targets[r] from s = S_next[r] (N, m) with a softmax over the words of its class
+    c = target_classes[r], ids class_bounds[c] ≤ w < class_bounds[c + 1]: z = W_o[w] s + b_o[w].
+    Adds scale · dL/dz ⊗ s to those rows of dW_o (V, m) and W_o[class]ᵀ dL/dz to dL_ds[r] (N, m);
+    overwrites db_o (V,); marks touched[w] = 1 for the rows of every class it used. dW_o must be zero
+    in the rows of those classes on entry (the sparse update leaves it so). Rows are grouped by class
+    and each class is one thread's, so no two threads write the same rows. Returns Σ -log p(w | c).
+    """
+    N, m = S_next.shape
+    C = class_bounds.shape[0] - 1
+    db_o[:] = 0
+    start = np.zeros(C + 1, np.int64)
+    for r in range(N):
+        start[target_classes[r] + 1] += 1
+    for c in range(C):
+        start[c + 1] += start[c]
+    order = np.empty(N, np.int64)
+    fill = start[:C].copy()
+    for r in range(N):
+        c = target_classes[r]
+        order[fill[c]] = r
+        fill[c] += 1
+    losses = np.zeros(C)
+    for c in prange(C):
+        if start[c] == start[c + 1]:
+            continue
+        lo, hi = class_bounds[c], class_bounds[c + 1]
+        W_class, b_class, dW_class = W_o[lo:hi], b_o[lo:hi], dW_o[lo:hi]
+        z = np.empty(hi - lo, S_next.dtype)
+        bits = np.empty(hi - lo, np.int32)
+        touched[lo:hi] = 1
+        for k in range(start[c], start[c + 1]):
+            r = order[k]
+            s = S_next[r]
+            for w in range(hi - lo):
+                acc = S_next.dtype.type(0)
+                for i in range(m):
+                    acc += W_class[w, i] * s[i]
+                z[w] = acc
+            y = targets[r] - lo
+            z_y = z[y] + b_class[y]
+            top = _biased_max(z, b_class)
+            total = _exp_shifted_row(z, b_class, top, bits)
+            losses[c] += top + np.log(total) - z_y
+            inv = S_next.dtype.type(scale / total)
+            for w in range(hi - lo):
+                z[w] *= inv
+            z[y] -= scale
+            dL_ds_r = dL_ds[r]
+            for w in range(hi - lo):
+                g = z[w]
+                db_o[lo + w] += g
+                for i in range(m):
+                    dW_class[w, i] += g * s[i]
+                    dL_ds_r[i] += g * W_class[w, i]
+    return losses.sum()
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def class_xent(S_next, W_o, b_o, targets, target_classes, class_bounds):
+    """Σ_r -log p(targets[r] | its class) for evaluation (see ``class_xent_grad``); rows in parallel."""
+    N, m = S_next.shape
+    losses = np.zeros(N)
     for r in prange(N):
-        bits = np.empty(V, np.int32)
-        row = Z[r]
-        inv = row.dtype.type(1.0 / _exp_shifted_row(row, b_o, _biased_max(row, b_o), bits))
-        for j in range(V):
-            row[j] *= inv
+        c = target_classes[r]
+        lo, hi = class_bounds[c], class_bounds[c + 1]
+        z = np.empty(hi - lo, S_next.dtype)
+        bits = np.empty(hi - lo, np.int32)
+        s = S_next[r]
+        for w in range(hi - lo):
+            acc = S_next.dtype.type(0)
+            for i in range(m):
+                acc += W_o[lo + w, i] * s[i]
+            z[w] = acc
+        b_class = b_o[lo:hi]
+        y = targets[r] - lo
+        z_y = z[y] + b_class[y]
+        top = _biased_max(z, b_class)
+        losses[r] = top + np.log(_exp_shifted_row(z, b_class, top, bits)) - z_y
+    return losses.sum()
 
 
 # ---------------------------------------------------------------------------------------- update
@@ -329,3 +408,30 @@ def sgd_update(param, grad, step, shrink):
     g = grad.reshape(-1)
     for k in prange(p.shape[0]):
         p[k] = shrink * p[k] - step * g[k]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def masked_sum_squares(rows, mask):
+    """Σ rows[r]² over the rows r with mask[r] set, as float64. rows (R, m) any layout; mask uint8 (R,)."""
+    R, m = rows.shape
+    total = 0.0
+    for r in prange(R):
+        row_total = 0.0
+        if mask[r]:
+            for i in range(m):
+                row_total += rows[r, i] * rows[r, i]
+        total += row_total
+    return total
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def masked_sgd_update(param_rows, grad_rows, mask, step):
+    """param_rows[r] -= step · grad_rows[r] for the rows marked in mask, then zero those gradient rows
+    and the mask: the sparse update of W_x's columns (passed transposed) and the class softmax's W_o."""
+    R, m = param_rows.shape
+    for r in prange(R):
+        if mask[r]:
+            for i in range(m):
+                param_rows[r, i] -= step * grad_rows[r, i]
+                grad_rows[r, i] = 0
+            mask[r] = 0

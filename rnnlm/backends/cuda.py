@@ -21,7 +21,7 @@ import functools
 import math
 
 import numpy as np
-from numba import cuda, float64, from_dtype
+from numba import config, cuda, float64, from_dtype
 
 name = "cuda"
 
@@ -45,6 +45,14 @@ def _threads(n, cap):
 def _sm_count():
     """Streaming multiprocessors of the GPU; the simulator has no such attribute and counts as one."""
     return getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 1)
+
+
+def _launch_bounds(max_threads, min_blocks=1):
+    """jit options that cap a kernel's registers so that min_blocks blocks of max_threads fit on an SM.
+
+    Empty under the simulator, which takes no launch bounds (and has no registers).
+    """
+    return {} if config.ENABLE_CUDASIM else {"launch_bounds": (max_threads, min_blocks)}
 
 
 _workspaces = {}
@@ -117,48 +125,52 @@ def _fill_zero(array):
 # ---------------------------------------------------------------------------------------- GEMMs
 
 _BM = 128  # rows of the output (and of op(A)) per block; op(B)'s tile has as many columns (_BN = _BM)
-_BK = 8  # k-slice staged in shared memory per iteration
+_BK = 16  # k-slice staged in shared memory per iteration
 _TM = 8  # output rows per thread (and as many columns)
 _GRID_M = _BM // _TM  # threads along each side of the block's 16 x 16 thread grid
 _GEMM_THREADS = _GRID_M * _GRID_M
 _TILE_LOADS = _BM * _BK // _GEMM_THREADS  # elements of each operand's tile a thread stages
-_TILE_WIDTH = _BM + 4  # padded shared rows: transposing k-contiguous tiles on store is conflict free
+_TILE_WIDTH = _BM + 2  # padded rows: a warp's transposing stores of a k-contiguous tile hit 32 banks
+_TILE_SIZE = _BK * _TILE_WIDTH  # elements of a flat shared tile: index kk * _TILE_WIDTH + row
+_BM_SHIFT, _BK_SHIFT, _GRID_SHIFT = (n.bit_length() - 1 for n in (_BM, _BK, _GRID_M))  # powers of 2
 _MIN_K_PER_SPLIT = 256  # shortest k-range worth a block of its own when k is split
 
 
 @functools.cache
 def _tile_loader(k_contiguous):
-    """Device functions staging a (_BM rows × _BK) slice of an operand into a shared (_BK, _TILE_WIDTH) tile.
+    """Device functions staging a (_BM rows × _BK) slice of an operand into a flat shared tile (k-major).
 
     The operand X is op(A) (rows i) or op(B)ᵀ (rows j): with ``k_contiguous`` element (row, k) is
-    X[row, k], else X[k, row]. Consecutive threads read consecutive addresses in both layouts.
+    X[row, k], else X[k, row]. Consecutive threads read consecutive addresses in both layouts: in a
+    k-contiguous operand a thread stages one k of rows row, row + 16, ...; in the other one row at
+    k, k + 2, ... (its ``origin``, the first element's (row, k) in the tile).
     """
+    row_step = _GEMM_THREADS // _BK if k_contiguous else 0
+    k_step = 0 if k_contiguous else _GEMM_THREADS // _BM
 
     @cuda.jit(device=True)
-    def coords(f):
-        """Row and k of the f-th element of the tile, in the order that coalesces global reads."""
+    def origin():
+        tid = cuda.threadIdx.x
         if k_contiguous:
-            return f // _BK, f % _BK
-        return f % _BM, f // _BM
+            return tid >> _BK_SHIFT, tid & (_BK - 1)
+        return tid & (_BM - 1), tid >> _BM_SHIFT
 
     @cuda.jit(device=True)
-    def load(X, regs, row0, k0, n_rows, k_end):
-        """regs[e] = X(row0 + row, k0 + k) of this thread's elements, 0 outside the operand or k-range."""
+    def load(X, regs, i, k, n_rows, k_end):
+        """regs[e] = X(i + e · row_step, k + e · k_step), 0 outside the operand or the k-range."""
         for e in range(_TILE_LOADS):
-            row, kk = coords(e * _GEMM_THREADS + cuda.threadIdx.x)
-            i, k = row0 + row, k0 + kk
-            if i < n_rows and k < k_end:
-                regs[e] = X[i, k] if k_contiguous else X[k, i]
+            i_e, k_e = i + e * row_step, k + e * k_step
+            if i_e < n_rows and k_e < k_end:
+                regs[e] = X[i_e, k_e] if k_contiguous else X[k_e, i_e]
             else:
                 regs[e] = 0
 
     @cuda.jit(device=True)
-    def store(regs, tile):
+    def store(regs, tile, row, kk):
         for e in range(_TILE_LOADS):
-            row, kk = coords(e * _GEMM_THREADS + cuda.threadIdx.x)
-            tile[kk, row] = regs[e]
+            tile[(kk + e * k_step) * _TILE_WIDTH + row + e * row_step] = regs[e]
 
-    return load, store
+    return origin, load, store
 
 
 @functools.cache
@@ -171,14 +183,14 @@ def _gemm_kernel(dtype, a_k_contiguous, b_k_contiguous):
     tile, so that its shared-memory reads are broadcasts or conflict-free.
     """
     dt = from_dtype(np.dtype(dtype))
-    load_A, store_A = _tile_loader(a_k_contiguous)
-    load_B, store_B = _tile_loader(b_k_contiguous)
+    origin_A, load_A, store_A = _tile_loader(a_k_contiguous)
+    origin_B, load_B, store_B = _tile_loader(b_k_contiguous)
 
-    @cuda.jit
+    @cuda.jit(**_launch_bounds(_GEMM_THREADS, 2))  # ≤ 128 registers (ptxas would take ~135)
     def gemm(A, B, C, K, k_chunk):
         n, p = C.shape[1], C.shape[2]
-        tile_A = cuda.shared.array((_BK, _TILE_WIDTH), dt)
-        tile_B = cuda.shared.array((_BK, _TILE_WIDTH), dt)
+        tile_A = cuda.shared.array(_TILE_SIZE, dt)
+        tile_B = cuda.shared.array(_TILE_SIZE, dt)
         regs_A = cuda.local.array(_TILE_LOADS, dt)
         regs_B = cuda.local.array(_TILE_LOADS, dt)
         frag_A = cuda.local.array(_TM, dt)
@@ -187,30 +199,39 @@ def _gemm_kernel(dtype, a_k_contiguous, b_k_contiguous):
         for r in range(_TM):
             for c in range(_TM):
                 acc[r, c] = 0
-        tx = cuda.threadIdx.x % _GRID_M
-        ty = cuda.threadIdx.x // _GRID_M
+        # Shifts and masks (not // and %) let LLVM prove the tile offsets non-negative, which removes
+        # numba's negative-index wraparound from the inner loop; so does a while loop in place of a range.
+        tx = cuda.threadIdx.x & (_GRID_M - 1)
+        ty = (cuda.threadIdx.x >> _GRID_SHIFT) & (_GRID_M - 1)
         row0 = cuda.blockIdx.y * _BM
         col0 = cuda.blockIdx.x * _BM
         split = cuda.blockIdx.z
         k_begin = split * k_chunk
         k_end = min(K, k_begin + k_chunk)
-        load_A(A, regs_A, row0, k_begin, n, k_end)
-        load_B(B, regs_B, col0, k_begin, p, k_end)
-        for k0 in range(k_begin, k_end, _BK):
-            store_A(regs_A, tile_A)
-            store_B(regs_B, tile_B)
+        row_A, kk_A = origin_A()
+        row_B, kk_B = origin_B()
+        load_A(A, regs_A, row0 + row_A, k_begin + kk_A, n, k_end)
+        load_B(B, regs_B, col0 + row_B, k_begin + kk_B, p, k_end)
+        k0 = k_begin
+        while k0 < k_end:
+            store_A(regs_A, tile_A, row_A, kk_A)
+            store_B(regs_B, tile_B, row_B, kk_B)
             cuda.syncthreads()
-            if k0 + _BK < k_end:  # prefetch the next slice while this one is multiplied
-                load_A(A, regs_A, row0, k0 + _BK, n, k_end)
-                load_B(B, regs_B, col0, k0 + _BK, p, k_end)
-            for kk in range(_BK):
+            k0 += _BK
+            if k0 < k_end:  # prefetch the next slice while this one is multiplied
+                load_A(A, regs_A, row0 + row_A, k0 + kk_A, n, k_end)
+                load_B(B, regs_B, col0 + row_B, k0 + kk_B, p, k_end)
+            a, b = ty, tx  # this thread's first A and B values of slice kk in the flat tiles
+            while a < _TILE_SIZE:
                 for r in range(_TM):
-                    frag_A[r] = tile_A[kk, ty + _GRID_M * r]
+                    frag_A[r] = tile_A[a + _GRID_M * r]
                 for c in range(_TM):
-                    frag_B[c] = tile_B[kk, tx + _GRID_M * c]
+                    frag_B[c] = tile_B[b + _GRID_M * c]
                 for r in range(_TM):
                     for c in range(_TM):
                         acc[r, c] += frag_A[r] * frag_B[c]
+                a += _TILE_WIDTH
+                b += _TILE_WIDTH
             cuda.syncthreads()
         for r in range(_TM):
             i = row0 + ty + _GRID_M * r
@@ -275,7 +296,7 @@ def matmul_tn(A, B, out):
 # ---------------------------------------------------------------------------------------- recurrence
 
 _MAX_STREAMS_PER_BLOCK = 8
-_MAX_RECURRENCE_THREADS = 512  # their 64 to 90 registers per thread rule out 1024
+_MAX_RECURRENCE_THREADS = 1024
 _STAGE_BYTES = 4096  # bytes of one stream's state staged in shared memory at a time
 
 
@@ -299,24 +320,30 @@ def _recurrence_kernels(dtype, streams_per_block):
         """acc[r] = Σ_j M[j, i] vecs[b0 + r, j] for r < BB (streams past the last one count as zero).
 
         M (m, m), vecs (B, m); every thread of the block calls this (those with i ≥ m get no result).
+        The loops are while loops: numba's range() lowering keeps LLVM from simplifying the indexing.
         """
         m = M.shape[0]
         n_streams = vecs.shape[0]
         for r in range(BB):
             acc[r] = 0
-        for j0 in range(0, m, chunk):
+        j0 = 0
+        while j0 < m:
             width = min(chunk, m - j0)
-            for f in range(cuda.threadIdx.x, BB * width, cuda.blockDim.x):
-                r = f // width
-                jj = f - r * width
-                staged[r, jj] = vecs[b0 + r, j0 + jj] if b0 + r < n_streams else zero
+            for r in range(BB):
+                jj = cuda.threadIdx.x
+                while jj < width:
+                    staged[r, jj] = vecs[b0 + r, j0 + jj] if b0 + r < n_streams else zero
+                    jj += cuda.blockDim.x
             cuda.syncthreads()
             if i < m:
-                for jj in range(width):
+                jj = 0
+                while jj < width:
                     w = M[j0 + jj, i]
                     for r in range(BB):
                         acc[r] += w * staged[r, jj]
+                    jj += 1
             cuda.syncthreads()
+            j0 += chunk
 
     @cuda.jit
     def transpose(src, dst):
@@ -333,7 +360,7 @@ def _recurrence_kernels(dtype, streams_per_block):
             if x0 + ty + dy < m and y0 + tx < m:
                 dst[x0 + ty + dy, y0 + tx] = tile[tx, ty + dy]
 
-    @cuda.jit
+    @cuda.jit(**_launch_bounds(_MAX_RECURRENCE_THREADS))
     def forward(W_sT, W_x, b_s, inputs, S):
         """S[t + 1, b] = tanh(W_s S[t, b] + W_x[:, inputs[t, b]] + b_s) for t < T, b in this block's streams.
 
@@ -345,8 +372,8 @@ def _recurrence_kernels(dtype, streams_per_block):
         staged = cuda.shared.array((BB, chunk), dt)
         acc = cuda.local.array(BB, dt)
         for t in range(T):
-            for i0 in range(0, m, cuda.blockDim.x):
-                i = i0 + cuda.threadIdx.x
+            i = cuda.threadIdx.x
+            while i - cuda.threadIdx.x < m:  # the same trip count for every thread of the block
                 matvec_T(W_sT, S[t], b0, i, staged, acc)
                 if i < m:
                     for r in range(BB):
@@ -354,9 +381,10 @@ def _recurrence_kernels(dtype, streams_per_block):
                         if b < B:
                             a_t = acc[r] + W_x[i, inputs[t, b]] + b_s[i]
                             S[t + 1, b, i] = math.tanh(a_t)
+                i += cuda.blockDim.x
             cuda.syncthreads()  # S[t + 1] complete before the next step stages it
 
-    @cuda.jit
+    @cuda.jit(**_launch_bounds(_MAX_RECURRENCE_THREADS))
     def backward(W_s, S, dL_ds_out, dL_da):
         """dL_da[t, b] = (1 - S[t+1, b]²) ⊙ (dL_ds_out[t, b] + W_sᵀ dL_da[t+1, b]), t from T-1 down to 0.
 
@@ -367,8 +395,8 @@ def _recurrence_kernels(dtype, streams_per_block):
         staged = cuda.shared.array((BB, chunk), dt)
         acc = cuda.local.array(BB, dt)
         for t in range(T - 1, -1, -1):
-            for i0 in range(0, m, cuda.blockDim.x):
-                i = i0 + cuda.threadIdx.x
+            i = cuda.threadIdx.x
+            while i - cuda.threadIdx.x < m:  # the same trip count for every thread of the block
                 if t + 1 < T:  # the same branch for the whole block
                     matvec_T(W_s, dL_da[t + 1], b0, i, staged, acc)
                 else:
@@ -380,6 +408,7 @@ def _recurrence_kernels(dtype, streams_per_block):
                         if b < B:
                             s_t = S[t + 1, b, i]
                             dL_da[t, b, i] = (one - s_t * s_t) * (dL_ds_out[t, b, i] + acc[r])
+                i += cuda.blockDim.x
             cuda.syncthreads()  # dL_da[t] complete before the next step stages it
 
     return transpose, forward, backward
