@@ -10,7 +10,10 @@ from pathlib import Path
 import click
 
 from rnnlm.backends import DEVICES
+from rnnlm.model import INITS
+from rnnlm.optim import OPTIMIZERS
 from rnnlm.tokenizer import LEVELS, load_vocab_source
+from rnnlm.train import SCHEDULES
 
 DEFAULTS = rnnlm.TrainConfig()
 
@@ -58,9 +61,9 @@ def tokenize(text, out_dir, level, min_count, max_vocab, lowercase, vocab_file, 
 
 
 @cli.command()
-@click.argument("text", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "model_path", required=True, type=click.Path(path_type=Path),
-              help="Model file to write (.npz); the best model by validation perplexity.")
+@click.argument("text", required=False, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "model_path", type=click.Path(path_type=Path),
+              help="Model file to write (.npz): the best model by validation perplexity.  [required unless --resume]")
 @click.option("--valid", type=click.Path(path_type=Path), default=None,
               help="Validation text or token directory [default: the last 5% of TEXT, held out].")
 @click.option("--level", type=click.Choice(LEVELS), default=DEFAULTS.level,
@@ -72,22 +75,43 @@ def tokenize(text, out_dir, level, min_count, max_vocab, lowercase, vocab_file, 
 @click.option("--hidden", default=DEFAULTS.hidden, help="State size m.")
 @click.option("--bptt", default=DEFAULTS.bptt, help="Window length T of truncated backpropagation.")
 @click.option("--batch", default=DEFAULTS.batch, help="Number B of parallel streams.")
-@click.option("--lr", default=DEFAULTS.lr, help="Initial learning rate η.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=DEFAULTS.optimizer,
+              help="SGD on the mean loss plus the L2 term, or Adam.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
+              help="Learning-rate schedule: mikolov (halve after a stall, stop at the next) or plateau "
+                   "(halve at every stall, stop after three) [default: mikolov for sgd, plateau for adam].")
+@click.option("--lr", type=float, default=None, help="Initial learning rate η [default: 1.0 for sgd, 0.002 for adam].")
 @click.option("--epochs", default=DEFAULTS.epochs, help="At most this many passes over TEXT.")
 @click.option("--clip", default=DEFAULTS.clip, help="Clip the gradient's global norm to this (0: off).")
 @click.option("--l2", default=DEFAULTS.l2, help="Weight λ of the penalty λ‖θ‖².")
-@click.option("--seed", default=DEFAULTS.seed, help="Random seed of the initialization.")
+@click.option("--init", type=click.Choice(INITS), default=DEFAULTS.init,
+              help="Initialization: fanin N(0, 1/fan-in), orthogonal or identity W_s, or zero (to see why not).")
 @click.option("--softmax", type=click.Choice(["full", "class"]), default=DEFAULTS.softmax,
               help="Output layer: full softmax, or Mikolov's class-based factorization (much faster).")
 @click.option("--classes", type=int, default=DEFAULTS.classes,
               help="Number of word classes of --softmax class [default: √V].")
-@click.option("--device", type=click.Choice(DEVICES), default=DEFAULTS.device,
+@click.option("--seed", default=DEFAULTS.seed, help="Random seed of the initialization.")
+@click.option("--device", type=click.Choice(DEVICES), default="cpu",
               help="Where the kernels run (auto: CUDA when a GPU is available).")
 @click.option("--threads", type=int, default=None, help="CPU threads [default: all cores].")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Checkpoint file, written at every epoch end and on Ctrl-C/SIGTERM [default: MODEL.ckpt.npz].")
+@click.option("--checkpoint-every", type=float, default=None,
+              help="Also write the checkpoint every this many minutes [default: only at epoch ends].")
+@click.option("--time-budget", type=float, default=None,
+              help="Stop training after this many minutes (then validate and keep the best) [default: none].")
+@click.option("--log", type=click.Path(path_type=Path), default=None,
+              help="Training log, JSON lines [default: MODEL.log.jsonl].")
+@click.option("--resume", type=click.Path(path_type=Path), default=None,
+              help="Continue the run that wrote this checkpoint (TEXT and settings come from it).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per epoch instead of text.")
-def train(text, model_path, valid, as_json, **settings):
+def train(text, model_path, resume, as_json, valid, device, threads, checkpoint, checkpoint_every, time_budget, log,
+          **settings):
     """Train a model on TEXT (a text file or a directory from `rnnlm tokenize`)."""
-    config = rnnlm.TrainConfig(**{f.name: settings[f.name] for f in fields(rnnlm.TrainConfig)})
+    options = rnnlm.RunOptions(device=device, threads=threads, checkpoint=checkpoint and str(checkpoint),
+                               checkpoint_every=checkpoint_every, time_budget=time_budget, log=log and str(log))
+    if resume is None and (text is None or model_path is None):
+        fail("train needs TEXT and -o MODEL (or --resume CHECKPOINT)")
     with click.progressbar(length=1, file=sys.stderr, show_pos=True, hidden=not sys.stderr.isatty()) as bar:
 
         def on_window(done, total, stats):
@@ -103,22 +127,27 @@ def train(text, model_path, valid, as_json, **settings):
             if as_json:
                 emit_json(record)
             else:
-                click.echo(f"\nepoch {record['epoch']}: train loss {record['train_loss']:.4f}, valid "
-                           f"perplexity {record['valid_perplexity']:.2f}, lr {record['lr']:g}, "
-                           f"{record['tokens_per_s']:,.0f} tokens/s, {record['elapsed_s']:.1f} s")
+                click.echo(f"{'' if bar.hidden else chr(10)}epoch {record['epoch']}: train loss "
+                           f"{record['train_loss']:.4f}, valid perplexity {record['valid_perplexity']:.2f}, "
+                           f"lr {record['lr']:g}, {record['tokens_per_s']:,.0f} tokens/s, {record['elapsed_s']:.1f} s")
 
         try:
-            records = rnnlm.train(text, model_path, valid=valid, config=config, on_window=on_window,
-                                  on_epoch=on_epoch)
+            if resume is not None:
+                records = rnnlm.resume(resume, options=options, on_window=on_window, on_epoch=on_epoch)
+            else:
+                config = rnnlm.TrainConfig(**{f.name: settings[f.name] for f in fields(rnnlm.TrainConfig)})
+                records = rnnlm.train(text, model_path, valid=valid, config=config, options=options,
+                                      on_window=on_window, on_epoch=on_epoch)
         except rnnlm.TrainingInterrupted as stop:
-            click.echo(f"\ninterrupted in epoch {stop.epoch}; the best model so far is in {stop.path}",
-                       err=True)
+            click.echo(f"\ninterrupted in epoch {stop.epoch}; checkpoint written to {stop.checkpoint}; "
+                       f"resume with: rnnlm train --resume {stop.checkpoint}\n"
+                       f"the best model so far is in {stop.model_path}", err=True)
             sys.exit(130)
         except rnnlm.RnnlmError as error:
             fail(error)
-    if not as_json:
+    if not as_json and records:
         best = min(r["valid_perplexity"] for r in records)
-        click.echo(f"best valid perplexity {best:.2f}; model written to {model_path}")
+        click.echo(f"best valid perplexity {best:.2f}; model written to {model_path or 'the checkpoint model path'}")
 
 
 @cli.command()

@@ -18,11 +18,11 @@ from rnnlm.model import Model
 from rnnlm.sample import sample
 from rnnlm.tokenizer import Vocab
 from rnnlm.tokenizer import tokenize_file as tokenize
-from rnnlm.train import TrainConfig, TrainingInterrupted, train
+from rnnlm.train import RunOptions, TrainConfig, TrainingInterrupted, resume, train
 
 load = Model.load
 
 __all__ = [
-    "Model", "RnnlmError", "TrainConfig", "TrainingInterrupted", "Vocab", "__version__", "load",
-    "perplexity", "sample", "tokenize", "train",
+    "Model", "RnnlmError", "RunOptions", "TrainConfig", "TrainingInterrupted", "Vocab", "__version__", "load",
+    "perplexity", "resume", "sample", "tokenize", "train",
 ]

@@ -65,18 +65,30 @@ def word_classes(class_bounds):
     return np.repeat(np.arange(len(class_bounds) - 1, dtype=np.int32), np.diff(class_bounds))
 
 
-def init_params(vocab_size, hidden, rng, dtype=np.float32, n_classes=None):
-    """The lecture's initialization: weights N(0, 1/d) with d the fan-in, biases zero.
+INITS = ("fanin", "orthogonal", "identity", "zero")
 
-    The fan-in of W_x is V (its input is a one-hot vector), that of W_s, W_o and W_c is m.
+
+def init_params(vocab_size, hidden, rng, dtype=np.float32, n_classes=None, init="fanin"):
+    """Initial parameters; biases are zero.
+
+    fanin (the lecture's): every weight N(0, 1/d) with d the fan-in: V for W_x (its input is one-hot),
+    m for W_s, W_o and W_c. orthogonal: the same but W_s a random orthogonal matrix. identity: W_s = 0.9 I
+    (scaled identity, as in IRNNs). zero: every weight zero, which the lecture calls terrible: all state
+    units then get the same gradient forever, so the model stays a unigram model.
     """
+    if init not in INITS:
+        raise RnnlmError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
     params = {}
     for name, shape in param_shapes(vocab_size, hidden, n_classes).items():
-        if name.startswith("b"):
+        if name.startswith("b") or init == "zero":
             params[name] = np.zeros(shape, dtype)
         else:
-            fan_in = shape[1]
-            params[name] = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(dtype)
+            params[name] = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(dtype)
+    if init == "orthogonal":
+        q, r = np.linalg.qr(rng.standard_normal((hidden, hidden)))
+        params["W_s"] = (q * np.sign(np.diag(r))).astype(dtype)
+    elif init == "identity":
+        params["W_s"] = (0.9 * np.eye(hidden)).astype(dtype)
     return params
 
 
@@ -102,13 +114,13 @@ class Model:
         return "full" if self.class_bounds is None else "class"
 
     @classmethod
-    def create(cls, vocab, hidden, seed=0, hparams=None, class_bounds=None):
+    def create(cls, vocab, hidden, seed=0, hparams=None, class_bounds=None, init="fanin"):
         """A freshly initialized float32 model (class softmax when class_bounds are given)."""
         if hidden < 1:
             raise RnnlmError(f"--hidden must be at least 1, got {hidden}")
         rng = np.random.default_rng(seed)
         n_classes = None if class_bounds is None else len(class_bounds) - 1
-        params = init_params(len(vocab), hidden, rng, n_classes=n_classes)
+        params = init_params(len(vocab), hidden, rng, n_classes=n_classes, init=init)
         return cls(params, vocab, dict(hparams or {}), class_bounds)
 
     def meta(self):
@@ -162,14 +174,24 @@ class Model:
         return cls(params, vocab, meta.get("hparams", {}), class_bounds)
 
 
+def write_npz(file, arrays):
+    """An .npz of ``arrays`` (name -> array) into a binary file object, byte for byte the same for the
+    same arrays: unlike np.savez, every member carries the same fixed timestamp."""
+    with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+
 def atomic_savez(path, arrays):
-    """np.savez ``arrays`` to ``path`` so that a crash leaves either the old file or the new one."""
+    """Write ``arrays`` as an .npz to ``path`` so that a crash leaves either the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            write_npz(f, arrays)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -66,7 +66,7 @@ def forward_backward(ops, params, grads, window, inputs, targets, target_classes
     params, grads: dicts of backend arrays from ``to_device`` and ``zero_grads``; inputs, targets:
     (T, B) int32 backend arrays (targets[t] = inputs[t + 1] in a stream); target_classes (T, B) int32,
     the targets' classes, with the class softmax only. Returns Σ -log p_t(x̂_t) as a float. Dense
-    gradients are overwritten; sparse ones accumulate into their marked rows (see ``sgd_step``);
+    gradients are overwritten; sparse ones accumulate into their marked rows (see ``rnnlm.optim``);
     window.S[T] holds the last state.
     """
     T, B = window.T, window.B
@@ -119,31 +119,3 @@ def sparse_names(window):
 def rows(name, array):
     """The array as rows of one token each: W_x transposed (V, m), W_o as it is."""
     return array.T if name == "W_x" else array
-
-
-def sgd_step(ops, params, grads, window, lr, clip=0.0, l2=0.0):
-    """θ ← θ - lr (g · min(1, clip / ‖g‖) + 2λ θ); ‖g‖ is the global norm over all parameters.
-
-    clip = 0 turns clipping off. Sparse gradients are applied to their marked rows and zeroed there;
-    the L2 term (λ > 0) decays every entry. Returns ‖g‖ before clipping.
-    """
-    sparse = sparse_names(window)
-    squares = 0.0
-    for name in params:
-        if name in sparse:
-            squares += ops.masked_sum_squares(rows(name, grads[name]), sparse[name])
-        else:
-            squares += ops.sum_squares(grads[name])
-    norm = float(np.sqrt(squares))
-    clip_scale = clip / norm if 0 < clip < norm else 1.0
-    for name, param in params.items():
-        dtype = param.dtype.type
-        step, shrink = dtype(lr * clip_scale), dtype(1.0 - lr * 2.0 * l2)
-        param_rows, grad_rows = rows(name, param), rows(name, grads[name])
-        if name in sparse:
-            if l2 > 0:
-                ops.sgd_update(param_rows, grad_rows, dtype(0), shrink)
-            ops.masked_sgd_update(param_rows, grad_rows, sparse[name], step)
-        else:
-            ops.sgd_update(param_rows, grad_rows, step, shrink)
-    return norm

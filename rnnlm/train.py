@@ -1,14 +1,25 @@
-"""Training: B parallel streams, truncated BPTT over windows of T steps, SGD with Mikolov's schedule.
+"""Training: B parallel streams, truncated BPTT over windows of T steps, SGD or Adam with a schedule.
 
 The hidden state is carried from one window to the next (not through gradients) and reset at each
 epoch. After every epoch the model is evaluated on the validation text; the best one is kept and
-written to the model file, and the learning rate is halved once the validation perplexity improves by
-less than 0.3% (training stops when that happens again).
+written to the model file. Schedules: ``mikolov`` (SGD's default) halves the learning rate once the
+validation perplexity improves by less than 0.3%, rolls back an epoch that made it worse, and stops when
+it stalls again; ``plateau`` (Adam's default) rolls back and halves the rate on every such stall and
+stops after three.
+
+Checkpoints (at every epoch end, every ``checkpoint_every`` minutes, and on SIGINT/SIGTERM) hold
+everything the run needs to continue — weights, the best weights, optimizer state, schedule, data
+cursor, carried state — so that ``resume`` ends with a model file byte-identical to an uninterrupted
+run's (same thread count). A training log of JSON lines is written beside the model.
 """
 
+import json
 import math
+import signal
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import numpy as np
 
@@ -18,15 +29,20 @@ from rnnlm.backends import get_backend
 from rnnlm.corpus import batchify, load_corpus
 from rnnlm.errors import RnnlmError
 from rnnlm.evaluate import stream_loss
-from rnnlm.model import Model, frequency_classes, word_classes
+from rnnlm.model import INITS, Model, atomic_savez, frequency_classes, load_npz, word_classes
+from rnnlm.optim import OPTIMIZERS, make_optimizer
 
 MIN_IMPROVEMENT = 0.003
 HELD_OUT_SHARE = 0.05
+MAX_DIVERGENCES = 3
+PLATEAU_STOPS = 3
+LOGS_PER_EPOCH = 10
+SCHEDULES = ("mikolov", "plateau")
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of a training run; stored in the model file's meta."""
+    """The settings that define a model and its training; stored in the model file's meta."""
 
     level: str = "word"
     min_count: int = 1
@@ -35,58 +51,140 @@ class TrainConfig:
     hidden: int = 200
     bptt: int = 20
     batch: int = 20
-    lr: float = 1.0
+    optimizer: str = "sgd"
+    schedule: str | None = None
+    lr: float | None = None
     epochs: int = 20
     clip: float = 1.0
     l2: float = 0.0
-    seed: int = 0
+    init: str = "fanin"
     softmax: str = "full"
     classes: int | None = None
-    device: str = "cpu"
-    threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.schedule is None:
+            self.schedule = "mikolov" if self.optimizer == "sgd" else "plateau"
+        if self.lr is None:
+            self.lr = 1.0 if self.optimizer == "sgd" else 0.002
 
     def check(self):
         """RnnlmError naming the first setting out of range."""
         for name in ("hidden", "bptt", "batch", "epochs", "min_count"):
             if getattr(self, name) < 1:
                 raise RnnlmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("init", INITS),
+                              ("softmax", ("full", "class"))):
+            if getattr(self, name) not in allowed:
+                raise RnnlmError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise RnnlmError(f"--lr must be positive, got {self.lr}")
         if self.clip < 0 or self.l2 < 0:
             raise RnnlmError("--clip and --l2 must not be negative")
-        if self.threads is not None and self.threads < 1:
-            raise RnnlmError(f"--threads must be at least 1, got {self.threads}")
-        if self.softmax not in ("full", "class"):
-            raise RnnlmError(f"--softmax must be full or class, got {self.softmax!r}")
         if self.classes is not None and self.classes < 1:
             raise RnnlmError(f"--classes must be at least 1, got {self.classes}")
 
 
+@dataclass
+class RunOptions:
+    """How a run is carried out, without effect on the model it produces (given the same threads)."""
+
+    device: str = "cpu"
+    threads: int | None = None
+    checkpoint: str | None = None
+    checkpoint_every: float | None = None
+    time_budget: float | None = None
+    log: str | None = None
+
+    def check(self):
+        if self.threads is not None and self.threads < 1:
+            raise RnnlmError(f"--threads must be at least 1, got {self.threads}")
+        for name in ("checkpoint_every", "time_budget"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise RnnlmError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
 class TrainingInterrupted(Exception):  # noqa: N818  (an outcome, not an error)
-    """Ctrl-C during training; ``saved`` says whether a model file was written, ``epoch`` how far it got."""
+    """SIGINT or SIGTERM during training: a checkpoint was written to ``checkpoint``."""
 
-    def __init__(self, path, saved, epoch):
+    def __init__(self, model_path, checkpoint, epoch):
         super().__init__(f"training interrupted in epoch {epoch}")
-        self.path, self.saved, self.epoch = path, saved, epoch
+        self.model_path, self.checkpoint, self.epoch = model_path, checkpoint, epoch
 
 
-def train(text, model_path, valid=None, config=None, on_window=None, on_epoch=None):
+def default_paths(model_path, options):
+    """The checkpoint and log paths: MODEL.ckpt.npz and MODEL.log.jsonl unless given."""
+    model_path = Path(model_path)
+    checkpoint = Path(options.checkpoint) if options.checkpoint else model_path.with_suffix(".ckpt.npz")
+    log = Path(options.log) if options.log else model_path.with_suffix(".log.jsonl")
+    return checkpoint, log
+
+
+def train(text, model_path, valid=None, config=None, options=None, on_window=None, on_epoch=None):
     """Train a model on ``text`` (a text file or token directory) and write the best one to model_path.
 
     valid: validation text or token directory; without it the last 5% of ``text`` is held out.
     on_window(done, total, stats) is called after every window with stats {"loss", "perplexity",
     "tokens_per_s"} of the epoch so far; on_epoch(record) after every epoch with {"epoch",
-    "train_loss", "valid_perplexity", "lr", "tokens_per_s", "elapsed_s"}.
-    Returns the list of epoch records. Raises TrainingInterrupted on KeyboardInterrupt.
+    "tokens_seen", "train_loss", "valid_perplexity", "lr", "tokens_per_s", "elapsed_s"}.
+    Returns the list of epoch records. Raises TrainingInterrupted on SIGINT/SIGTERM.
     """
-    config = config or TrainConfig()
+    config, options = config or TrainConfig(), options or RunOptions()
     config.check()
-    set_threads(config.threads)
-    ops = get_backend(config.device)
-    ids, vocab, _ = load_corpus(
-        text, level=config.level, min_count=config.min_count, max_vocab=config.max_vocab,
-        lowercase=config.lowercase,
-    )
+    options.check()
+    set_threads(options.threads)
+    ops = get_backend(options.device)
+    train_ids, valid_ids, vocab = load_data(text, valid, config)
+    class_bounds = None
+    if config.softmax == "class":
+        n_classes = config.classes or round(np.sqrt(len(vocab)))
+        class_bounds = frequency_classes(np.bincount(train_ids, minlength=len(vocab)), n_classes)
+    model = Model.create(vocab, config.hidden, seed=config.seed, hparams=asdict(config),
+                         class_bounds=class_bounds, init=config.init)
+    sources = {"text": str(text), "valid": None if valid is None else str(valid), "model": str(model_path)}
+    trainer = Trainer(ops, model, config, options, train_ids, valid_ids, sources)
+    trainer.log_path.write_text("", encoding="utf-8")
+    return trainer.run(on_window, on_epoch)
+
+
+def resume(checkpoint, options=None, on_window=None, on_epoch=None):
+    """Continue the run that wrote ``checkpoint``; ends as the uninterrupted run would have.
+
+    options: device and checkpoint cadence may change; the thread count is the checkpoint's unless given
+    (another count can change the float sums, and so the bytes of the result).
+    """
+    arrays = load_npz(checkpoint)
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+        config = TrainConfig(**meta["config"])
+        saved = RunOptions(**meta["options"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RnnlmError(f"{checkpoint} is not a rnnlm checkpoint ({exc})") from None
+    options = options or RunOptions()
+    for f in fields(RunOptions):
+        if getattr(options, f.name) is None:
+            setattr(options, f.name, getattr(saved, f.name))
+    options.checkpoint = options.checkpoint or str(checkpoint)
+    options.check()
+    set_threads(options.threads)
+    ops = get_backend(options.device)
+    sources = meta["sources"]
+    train_ids, valid_ids, vocab = load_data(sources["text"], sources["valid"], config)
+    if vocab.tokens != meta["vocab"]:
+        raise RnnlmError(f"{sources['text']} changed since the checkpoint was written")
+    class_bounds = arrays.pop("class_bounds", None)
+    best = {name[len("best/"):]: arrays[name] for name in arrays if name.startswith("best/")}
+    model = Model(best, vocab, asdict(config), class_bounds)
+    trainer = Trainer(ops, model, config, options, train_ids, valid_ids, sources)
+    trainer.restore(arrays, meta["state"])
+    return trainer.run(on_window, on_epoch)
+
+
+def load_data(text, valid, config):
+    """(train ids, validation ids, vocabulary) for a run."""
+    ids, vocab, _ = load_corpus(text, level=config.level, min_count=config.min_count,
+                                max_vocab=config.max_vocab, lowercase=config.lowercase)
     if valid is not None:
         valid_ids, _, _ = load_corpus(valid, vocab=vocab)
     else:
@@ -94,99 +192,176 @@ def train(text, model_path, valid=None, config=None, on_window=None, on_epoch=No
         ids, valid_ids = ids[:-n_valid], ids[-n_valid:]
     if len(valid_ids) == 0:
         raise RnnlmError(f"{valid} has no tokens")
-    windows = batchify(ids, vocab.boundary_id, config.batch, config.bptt)
-    if windows is None:
-        raise RnnlmError(
-            f"{text} is too short for --batch {config.batch} x --bptt {config.bptt} "
-            f"({len(ids)} training tokens)"
-        )
-    class_bounds = None
-    if config.softmax == "class":
-        n_classes = config.classes or round(np.sqrt(len(vocab)))
-        class_bounds = frequency_classes(np.bincount(ids, minlength=len(vocab)), n_classes)
-    model = Model.create(vocab, config.hidden, seed=config.seed, hparams=asdict(config), class_bounds=class_bounds)
-    trainer = _Trainer(ops, model, config, windows)
-    return trainer.run(model_path, valid_ids, on_window, on_epoch)
+    return ids, valid_ids, vocab
 
 
-class _Trainer:
-    """The state of one run: device parameters and gradients, window buffers, schedule."""
+class _Signals:
+    """Turns SIGINT and SIGTERM into a flag checked between windows (main thread only)."""
 
-    def __init__(self, ops, model, config, windows):
-        self.ops, self.model, self.config = ops, model, config
-        self.params = step.to_device(ops, model.params)
-        self.grads = step.zero_grads(ops, model.params)
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """The state of one run: device parameters and gradients, optimizer, windows, schedule, cursor."""
+
+    def __init__(self, ops, model, config, options, train_ids, valid_ids, sources):
+        self.ops, self.model, self.config, self.options = ops, model, config, options
+        self.valid_ids, self.sources = valid_ids, sources
+        self.checkpoint_path, self.log_path = default_paths(sources["model"], options)
+        windows = batchify(train_ids, model.vocab.boundary_id, config.batch, config.bptt)
+        if windows is None:
+            raise RnnlmError(f"{sources['text']} is too short for --batch {config.batch} x --bptt {config.bptt} "
+                             f"({len(train_ids)} training tokens)")
         inputs, targets = windows
         self.tokens = [ops.asarray(inputs), ops.asarray(targets)]
         if model.class_bounds is not None:
             self.tokens.append(ops.asarray(word_classes(model.class_bounds)[targets]))
         self.n_windows = inputs.shape[0] // config.bptt
+        self.params = step.to_device(ops, model.params)
+        self.grads = step.zero_grads(ops, model.params)
+        self.optimizer = make_optimizer(config.optimizer, ops, self.params, clip=config.clip, l2=config.l2)
         self.window = step.Window(ops, config.bptt, config.batch, model.hidden, model.vocab_size,
                                   class_bounds=model.class_bounds)
+        # schedule and cursor: everything a checkpoint must carry besides arrays
+        self.state = {
+            "epoch": 1, "window": 0, "epoch_loss": 0.0, "lr": config.lr, "halving": False, "stalls": 0,
+            "best": None, "divergences": 0, "tokens_seen": 0, "elapsed_s": 0.0, "records": [],
+        }
+        self.epoch_start = None  # host copy of the parameters and optimizer at the epoch's start
 
-    def run(self, model_path, valid_ids, on_window, on_epoch):
-        config, model = self.config, self.model
-        lr, halving, best = config.lr, False, math.inf
-        records, saved, epoch = [], False, 0
-        start = time.perf_counter()
-        try:
-            for epoch in range(1, config.epochs + 1):
-                train_loss, tokens_per_s = self.epoch(lr, on_window)
-                valid_nats = stream_loss(self.ops, self.params, valid_ids, model.vocab.boundary_id,
-                                         model.class_bounds)
-                valid_ppl = math.exp(valid_nats / len(valid_ids))
-                record = {
-                    "epoch": epoch, "train_loss": train_loss, "valid_perplexity": valid_ppl, "lr": lr,
-                    "tokens_per_s": tokens_per_s, "elapsed_s": time.perf_counter() - start,
-                }
-                records.append(record)
-                if on_epoch:
-                    on_epoch(record)
-                if valid_ppl < best:
-                    self.pull_params()
-                    model.save(model_path)
-                    saved = True
-                else:  # an epoch that made validation worse is rolled back
-                    self.push_params()
-                improved = math.log(best) - math.log(valid_ppl) >= MIN_IMPROVEMENT if best < math.inf else True
-                best = min(best, valid_ppl)
-                if not improved:
-                    if halving:
-                        break
-                    halving = True
-                if halving:
-                    lr /= 2
-        except KeyboardInterrupt:
-            if not saved:
-                self.pull_params()
-                model.save(model_path)
-            raise TrainingInterrupted(model_path, True, epoch) from None
-        return records
+    # ------------------------------------------------------------------ run
 
-    def epoch(self, lr, on_window):
-        """One pass over the training windows; returns (mean train loss, tokens/s)."""
-        ops, config, window = self.ops, self.config, self.window
+    def run(self, on_window, on_epoch):
+        state, config = self.state, self.config
+        self.clock = time.perf_counter() - state["elapsed_s"]
+        self.last_checkpoint = time.perf_counter()
+        with _Signals() as signals:
+            self.signals = signals
+            while state["epoch"] <= config.epochs:
+                if state["window"] == 0:
+                    self.window.reset_state()
+                    self.epoch_start = self.snapshot()
+                finished = self.train_epoch(on_window)
+                if not finished:  # a signal: checkpoint written
+                    raise TrainingInterrupted(self.sources["model"], str(self.checkpoint_path), state["epoch"])
+                stop = self.end_epoch(on_epoch)
+                self.write_checkpoint()
+                if stop:
+                    break
+        return [r for r in state["records"] if r.get("valid_perplexity") is not None]
+
+    def train_epoch(self, on_window):
+        """Train from the cursor to the epoch's end (or the time budget); False if a signal stopped it."""
+        ops, state, config, window = self.ops, self.state, self.config, self.window
         T, B = config.bptt, config.batch
-        window.reset_state()
-        total, start = 0.0, time.perf_counter()
-        for w in range(self.n_windows):
-            rows = slice(w * T, (w + 1) * T)
+        log_every = max(1, self.n_windows // LOGS_PER_EPOCH)
+        start, first = time.perf_counter(), state["window"]
+        max_loss = math.log(self.model.vocab_size) + 3
+        while state["window"] < self.n_windows:
+            rows = slice(state["window"] * T, (state["window"] + 1) * T)
             loss = step.forward_backward(ops, self.params, self.grads, window, *(t[rows] for t in self.tokens))
-            if not math.isfinite(loss):
-                raise RnnlmError(f"training diverged (loss {loss}); try a lower --lr or a --clip")
-            step.sgd_step(ops, self.params, self.grads, window, lr, clip=config.clip, l2=config.l2)
+            if not loss / (T * B) < max_loss:  # NaN, inf, or far worse than guessing: diverged
+                self.recover_from_divergence(loss / (T * B))
+                start, first = time.perf_counter(), 0
+                continue
+            self.optimizer.update(self.params, self.grads, window, state["lr"])
             window.carry_state()
-            total += loss
+            state["window"] += 1
+            state["epoch_loss"] += loss
+            state["tokens_seen"] += T * B
+            done = state["window"]
             if on_window:
-                mean = total / ((w + 1) * T * B)
-                elapsed = time.perf_counter() - start
-                on_window(w + 1, self.n_windows, {
-                    "loss": mean, "perplexity": math.exp(mean), "tokens_per_s": (w + 1) * T * B / elapsed,
-                })
+                mean = state["epoch_loss"] / (done * T * B)
+                speed = (done - first) * T * B / (time.perf_counter() - start)
+                on_window(done, self.n_windows, {"loss": mean, "perplexity": math.exp(mean), "tokens_per_s": speed})
+            if done % log_every == 0 and done < self.n_windows:
+                self.log({"train_loss": state["epoch_loss"] / (done * T * B), "valid_perplexity": None})
+            if self.signals.received is not None:
+                self.write_checkpoint()
+                return False
+            every = self.options.checkpoint_every
+            if every and time.perf_counter() - self.last_checkpoint >= every * 60:
+                self.write_checkpoint()
+            if self.over_budget():
+                break
         ops.synchronize()
-        elapsed = time.perf_counter() - start
-        n_tokens = self.n_windows * T * B
-        return total / n_tokens, n_tokens / elapsed
+        state["tokens_per_s"] = (state["window"] - first) * T * B / max(time.perf_counter() - start, 1e-9)
+        return True
+
+    def over_budget(self):
+        budget = self.options.time_budget
+        return budget is not None and time.perf_counter() - self.clock >= budget * 60
+
+    def end_epoch(self, on_epoch):
+        """Validate, keep the best model, apply the schedule; True when training should stop."""
+        state, model, config = self.state, self.model, self.config
+        nats = stream_loss(self.ops, self.params, self.valid_ids, model.vocab.boundary_id, model.class_bounds)
+        valid_ppl = math.exp(nats / len(self.valid_ids))
+        done = max(state["window"], 1)
+        record = self.log({"train_loss": state["epoch_loss"] / (done * config.bptt * config.batch),
+                           "valid_perplexity": valid_ppl, "tokens_per_s": state.pop("tokens_per_s", None)})
+        if on_epoch:
+            on_epoch(record)
+        best = state["best"]
+        improved = best is None or math.log(best) - math.log(valid_ppl) >= MIN_IMPROVEMENT
+        if best is None or valid_ppl < best:
+            self.pull_params()
+            model.save(self.sources["model"])
+            state["best"] = valid_ppl
+        else:  # an epoch that made validation worse is rolled back
+            self.push_params()
+        stop = self.over_budget() or state["epoch"] >= config.epochs
+        if not improved:
+            if config.schedule == "mikolov":
+                stop = stop or state["halving"]
+                state["halving"] = True
+            else:
+                state["stalls"] += 1
+                stop = stop or state["stalls"] >= PLATEAU_STOPS
+                state["lr"] /= 2
+        if config.schedule == "mikolov" and state["halving"]:
+            state["lr"] /= 2
+        state.update(epoch=state["epoch"] + 1, window=0, epoch_loss=0.0)
+        return stop
+
+    def recover_from_divergence(self, loss):
+        """Roll back to the epoch's start with half the learning rate; give up after a few times."""
+        state = self.state
+        state["divergences"] += 1
+        if state["divergences"] > MAX_DIVERGENCES:
+            raise RnnlmError(f"training diverged {MAX_DIVERGENCES + 1} times (window loss {loss:.3g} nats/token); "
+                             f"the best model so far is in {self.sources['model']}; try a lower --lr or --clip")
+        self.restore_snapshot(self.epoch_start)
+        state.update(window=0, epoch_loss=0.0, lr=state["lr"] / 2)
+        self.window.reset_state()
+        self.log({"event": "diverged", "loss": loss, "lr": state["lr"]})
+
+    def log(self, fields_):
+        """Append a record to the training log (and the checkpointed history); returns it."""
+        state = self.state
+        record = {"epoch": state["epoch"], "tokens_seen": state["tokens_seen"], "lr": state["lr"], **fields_,
+                  "elapsed_s": time.perf_counter() - self.clock}
+        state["records"].append(record)
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+    # ------------------------------------------------------------------ parameters and checkpoints
 
     def pull_params(self):
         """Copy the device parameters into the model (the best so far)."""
@@ -197,3 +372,54 @@ class _Trainer:
         """Restore the device parameters from the model (roll back to the best so far)."""
         for name, array in self.model.params.items():
             self.ops.copy_into(array, self.params[name])
+
+    def snapshot(self):
+        """Host copies of the parameters and the optimizer state."""
+        params = {name: self.ops.to_numpy(array) for name, array in self.params.items()}
+        return params, self.optimizer.state()
+
+    def restore_snapshot(self, snapshot):
+        params, (arrays, scalars) = snapshot
+        for name, array in params.items():
+            self.ops.copy_into(array, self.params[name])
+        self.optimizer.load_state(arrays, scalars)
+
+    def write_checkpoint(self):
+        """Everything needed to continue, written atomically (a crash leaves the previous one)."""
+        state = dict(self.state, elapsed_s=time.perf_counter() - self.clock)
+        params, (opt_arrays, opt_scalars) = self.snapshot()
+        start_params, (start_arrays, start_scalars) = self.epoch_start
+        arrays = {f"params/{k}": v for k, v in params.items()}
+        arrays.update({f"best/{k}": v for k, v in self.model.params.items()})
+        arrays.update({f"optimizer/{k}": v for k, v in opt_arrays.items()})
+        arrays.update({f"epoch_start/params/{k}": v for k, v in start_params.items()})
+        arrays.update({f"epoch_start/optimizer/{k}": v for k, v in start_arrays.items()})
+        arrays["carried_state"] = self.ops.to_numpy(self.window.S[0])
+        if self.model.class_bounds is not None:
+            arrays["class_bounds"] = self.model.class_bounds
+        meta = {
+            "kind": "rnnlm-checkpoint", "config": asdict(self.config), "options": asdict(self.options),
+            "sources": self.sources, "vocab": self.model.vocab.tokens,
+            "state": dict(state, optimizer=opt_scalars, epoch_start_optimizer=start_scalars),
+        }
+        arrays["meta"] = np.array(json.dumps(meta))
+        atomic_savez(self.checkpoint_path, arrays)
+        self.last_checkpoint = time.perf_counter()
+
+    def restore(self, arrays, state):
+        """Load a checkpoint's arrays and state into this freshly built trainer."""
+
+        def group(prefix):
+            """The arrays named prefix + name (name without a further '/'), by name."""
+            names = (k[len(prefix):] for k in arrays if k.startswith(prefix))
+            return {name: arrays[prefix + name] for name in names if "/" not in name}
+
+        for name, array in group("params/").items():
+            self.ops.copy_into(array, self.params[name])
+        self.optimizer.load_state(group("optimizer/"), state.pop("optimizer"))
+        self.epoch_start = (group("epoch_start/params/"),
+                            (group("epoch_start/optimizer/"), state.pop("epoch_start_optimizer")))
+        self.ops.copy_into(arrays["carried_state"], self.window.S[0])
+        self.state = state
+        with open(self.log_path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in state["records"])

@@ -7,7 +7,7 @@ with 3 classes). Toy sizes (V=11, m=6, T=4, B=3) so that the CUDA backend runs u
 import numpy as np
 import pytest
 
-from rnnlm import reference, step
+from rnnlm import optim, reference, step
 from rnnlm.model import init_params, word_classes
 
 V, m, T, B = 11, 6, 4, 3
@@ -110,7 +110,7 @@ def test_sgd_step_clips_the_global_norm_and_decays(ops, class_bounds):
     step.forward_backward(ops, P, G, window, *tokens)
     norm = np.sqrt(sum((g**2).sum() for g in ref_grads.values()))
     lr, clip, l2 = 0.5, norm / 4, 0.01
-    assert step.sgd_step(ops, P, G, window, lr, clip=clip, l2=l2) == pytest.approx(norm, rel=1e-10)
+    assert optim.SGD(ops, P, clip=clip, l2=l2).update(P, G, window, lr) == pytest.approx(norm, rel=1e-10)
     for name in params:
         expected = params[name] - lr * (ref_grads[name] / 4 + 2 * l2 * params[name])
         np.testing.assert_allclose(ops.to_numpy(P[name]), expected, rtol=1e-10, atol=1e-14, err_msg=name)
@@ -123,3 +123,29 @@ def test_class_probabilities_sum_to_one():
     s = np.random.default_rng(6).standard_normal((5, m))
     p = np.exp(reference.log_probs(params, s, CLASS_BOUNDS))
     np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-12)
+
+
+def test_adam_step_equals_a_hand_computed_step(ops, class_bounds):
+    """Two Adam steps on a real window's gradients against the formulas written out in numpy."""
+    params, inputs, targets, s0 = toy_problem(np.float64, class_bounds, seed=7)
+    P, window, tokens = device_window(ops, params, inputs, targets, s0, class_bounds)
+    G = step.zero_grads(ops, params)
+    adam = optim.Adam(ops, P, clip=0.5, l2=0.01, beta1=0.8, beta2=0.9, eps=1e-6)
+    expected = {k: v.copy() for k, v in params.items()}
+    m1 = {k: np.zeros_like(v) for k, v in params.items()}
+    m2 = {k: np.zeros_like(v) for k, v in params.items()}
+    lr = 0.05
+    for t in (1, 2):
+        ops.copy_into(s0, window.S[0])
+        step.forward_backward(ops, P, G, window, *tokens)
+        _, grads, _ = reference.loss_and_grads(expected, inputs, targets, s0, class_bounds)
+        norm = np.sqrt(sum((g**2).sum() for g in grads.values()))
+        assert adam.update(P, G, window, lr) == pytest.approx(norm, rel=1e-10)
+        for name in params:
+            g = grads[name] * min(1.0, 0.5 / norm) + 0.02 * expected[name]
+            m1[name] = 0.8 * m1[name] + 0.2 * g
+            m2[name] = 0.9 * m2[name] + 0.1 * g**2
+            m_hat, v_hat = m1[name] / (1 - 0.8**t), m2[name] / (1 - 0.9**t)
+            expected[name] -= lr * m_hat / (np.sqrt(v_hat) + 1e-6)
+    for name in params:
+        np.testing.assert_allclose(ops.to_numpy(P[name]), expected[name], rtol=1e-9, atol=1e-12, err_msg=name)

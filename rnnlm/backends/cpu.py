@@ -435,3 +435,21 @@ def masked_sgd_update(param_rows, grad_rows, mask, step):
                 param_rows[r, i] -= step * grad_rows[r, i]
                 grad_rows[r, i] = 0
             mask[r] = 0
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def adam_update(param, grad, moment1, moment2, lr_t, grad_scale, decay, beta1, beta2, eps):
+    """One Adam step on arrays of one shape (C-contiguous): g = grad_scale · grad + decay · param,
+    moment1 = β1 moment1 + (1 - β1) g, moment2 = β2 moment2 + (1 - β2) g², param -= lr_t moment1 /
+    (√moment2 + eps), lr_t carrying the bias correction. Scalars have the arrays' dtype."""
+    # one view per statement: a tuple assignment of reshaped views loses the writes under parallel=True
+    p = param.reshape(-1)
+    g = grad.reshape(-1)
+    m1 = moment1.reshape(-1)
+    m2 = moment2.reshape(-1)
+    one = param.dtype.type(1)
+    for k in prange(p.shape[0]):
+        g_k = grad_scale * g[k] + decay * p[k]
+        m1[k] = beta1 * m1[k] + (one - beta1) * g_k
+        m2[k] = beta2 * m2[k] + (one - beta2) * g_k * g_k
+        p[k] -= lr_t * m1[k] / (np.sqrt(m2[k]) + eps)

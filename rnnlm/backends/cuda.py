@@ -1,20 +1,28 @@
 """CUDA backend: ``numba.cuda`` kernels on device arrays, the twin of ``cpu.py`` function for function.
 
-Arrays are C-contiguous numba device arrays, float32 in training (float64 works too, for the gradient
-checks); token ids are int32. Everything runs on the default stream, so kernels follow each other in
-launch order; only the scalars a caller asks for (a loss, a sum of squares) come back to the host.
+Arrays are numba device arrays, C-contiguous except W_x and its gradient, which ``rnnlm.step`` keeps
+column-major as transposed views; float32 in training (float64 works too, for the gradient checks);
+token ids are int32. Everything runs on the default stream, so kernels follow each other in launch
+order; only the scalars a caller asks for (a loss, a sum of squares) come back to the host.
 
 Kernels whose shared or local arrays need a compile-time element type are built by small factories
-cached per dtype (and per tile constant), so each exists once per float type. Every reduction sums in a
-fixed order (no floating-point atomics): results do not change from run to run.
+cached per dtype (and per tile constant). Every sum runs in a fixed order, without floating-point
+atomics: results do not change from run to run.
 
-- GEMMs: one shared-memory kernel, 128 x 128 output tile per block of 256 threads, each thread an
-  8 x 8 register micro-tile, k staged 8 at a time with the next slice prefetched into registers;
-  the transpose cases differ only in how a tile is read from global memory. Products with few output
-  tiles and a long k split k over blocks (partial products in a workspace, then summed in order).
+- GEMMs: one shared-memory kernel, a 128 x 128 output tile per block of 256 threads, each thread an 8 x 8
+  register micro-tile (32 x 32 tiles of 64 threads for products with ≤ 32 rows or columns), k staged 16 at a
+  time with the next slice prefetched into registers; the transpose cases differ only in how a tile is read
+  from global memory. Products with few output tiles and a long k split k over blocks (partial products in
+  a workspace, then summed in order).
 - Recurrence: one persistent launch for the whole window, forward and backward alike; a block owns a
   few streams for all T steps, a thread one state unit, the block's states staged in shared memory.
 - Softmax: one block per row, an online max/sum in one pass, the gradient in a second.
+- Scatter-adds (W_x's columns by input token, the class softmax's W_o rows by class): the positions of
+  each key are linked into a list on the device, and one thread sums each list in position order.
+
+Hot loops are ``while`` loops and tile offsets come from shifts and masks: numba's ``range`` lowering and
+signed floor division keep LLVM from proving indices non-negative, and then every array access carries
+numba's negative-index wraparound and the loop's address arithmetic is not strength-reduced.
 """
 
 import functools
@@ -25,7 +33,8 @@ from numba import config, cuda, float64, from_dtype
 
 name = "cuda"
 
-_REDUCE_THREADS = 256  # threads of a block that reduces (a power of two)
+_REDUCE_THREADS = 256  # threads of a block that reduces
+_FAN_IN = 16  # partial results a thread merges per level of a block's reduction tree
 _ELEMENTWISE_THREADS = 256
 
 
@@ -74,10 +83,36 @@ def _workspace(purpose, shape, dtype):
 
 # ---------------------------------------------------------------------------------------- arrays
 
+if config.ENABLE_CUDASIM:
+
+    def _viewing(array):
+        """The simulator's arrays wrap numpy arrays: their transposes already are views."""
+        return array
+
+else:
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    class _DeviceArray(DeviceNDArray):
+        """A device array whose transpose is a view, as a numpy array's is.
+
+        numba's ``DeviceNDArray.T`` launches a transpose kernel into a new array; ``rnnlm.step`` keeps
+        W_x column-major as ``asarray(W_xᵀ).T`` and updates it through ``W_x.T``, which need views.
+        Slices and reshapes keep the class (numba builds them with ``type(self)``).
+        """
+
+        def transpose(self, axes=None):
+            if self.ndim != 2 or (axes is not None and tuple(axes) != (1, 0)):
+                raise NotImplementedError("only 2-D device arrays are transposed (as views)")
+            return _DeviceArray(self.shape[::-1], self.strides[::-1], self.dtype, self.stream, self.gpu_data)
+
+    def _viewing(array):
+        """``array`` as a _DeviceArray sharing its memory."""
+        return _DeviceArray(array.shape, array.strides, array.dtype, array.stream, array.gpu_data)
+
 
 def asarray(array, dtype=None):
     """A C-contiguous device array holding a copy of the host array ``array``."""
-    return cuda.to_device(np.ascontiguousarray(array, dtype=dtype))
+    return _viewing(cuda.to_device(np.ascontiguousarray(array, dtype=dtype)))
 
 
 def to_numpy(array):
@@ -86,15 +121,15 @@ def to_numpy(array):
 
 
 def zeros(shape, dtype=np.float32):
-    array = cuda.device_array(shape, dtype)
-    _fill_zero(array)
+    array = _viewing(cuda.device_array(shape, dtype))
+    _fill(array, 0)
     return array
 
 
 def copy_into(src, dst):
-    """dst[...] = src; src is a host array or a device array of dst's shape, dst a contiguous device array."""
+    """dst[...] = src; src a host array (any layout) or a device array laid out like dst."""
     if isinstance(src, np.ndarray):
-        src = np.ascontiguousarray(src, dtype=dst.dtype)
+        src = np.asarray(src, dtype=dst.dtype)
     dst.copy_to_device(src)
 
 
@@ -103,62 +138,88 @@ def synchronize():
     cuda.synchronize()
 
 
-@cuda.jit
-def _fill_zero_kernel(flat):
-    """flat[:] = 0 (grid-stride)."""
-    for k in range(cuda.grid(1), flat.shape[0], cuda.gridsize(1)):
-        flat[k] = 0
+def _flat(array):
+    """A 1-D view of a C- or F-contiguous device array, for kernels that treat every element alike."""
+    if array.ndim == 2 and not array.flags["C_CONTIGUOUS"]:
+        array = array.T
+    return array.reshape(array.size)
 
 
 def _elementwise_grid(n):
     """(blocks, threads) for a grid-stride loop over n elements: a few waves of blocks at most."""
     threads = _threads(n, _ELEMENTWISE_THREADS)
-    return min(_blocks(n, threads), 32 * _sm_count()), threads
+    return max(1, min(_blocks(n, threads), 32 * _sm_count())), threads
 
 
-def _fill_zero(array):
-    flat = array.reshape(array.size)
+@cuda.jit
+def _fill_kernel(flat, value):
+    """flat[:] = value (grid-stride)."""
+    k = cuda.grid(1)
+    while k < flat.shape[0]:
+        flat[k] = value
+        k += cuda.gridsize(1)
+
+
+def _fill(array, value):
+    flat = _flat(array)
     blocks, threads = _elementwise_grid(flat.size)
-    _fill_zero_kernel[blocks, threads](flat)
+    _fill_kernel[blocks, threads](flat, value)
 
 
 # ---------------------------------------------------------------------------------------- GEMMs
 
-_BM = 128  # rows of the output (and of op(A)) per block; op(B)'s tile has as many columns (_BN = _BM)
-_BK = 16  # k-slice staged in shared memory per iteration
-_TM = 8  # output rows per thread (and as many columns)
-_GRID_M = _BM // _TM  # threads along each side of the block's 16 x 16 thread grid
-_GEMM_THREADS = _GRID_M * _GRID_M
-_TILE_LOADS = _BM * _BK // _GEMM_THREADS  # elements of each operand's tile a thread stages
-_TILE_WIDTH = _BM + 2  # padded rows: a warp's transposing stores of a k-contiguous tile hit 32 banks
-_TILE_SIZE = _BK * _TILE_WIDTH  # elements of a flat shared tile: index kk * _TILE_WIDTH + row
-_BM_SHIFT, _BK_SHIFT, _GRID_SHIFT = (n.bit_length() - 1 for n in (_BM, _BK, _GRID_M))  # powers of 2
+
+class _Tile:
+    """A GEMM blocking: block tile (BM x BM outputs), k-slice BK, micro-tile TM x TM per thread.
+
+    All powers of two. Derived: the block's (BM/TM)² threads, the elements of each operand's tile a
+    thread stages, the padded shared row width (a warp's transposing stores of a k-contiguous tile hit
+    32 distinct banks) and the shifts that replace divisions.
+    """
+
+    def __init__(self, BM, BK, TM):
+        self.BM, self.BK, self.TM = BM, BK, TM
+        self.grid = BM // TM
+        self.threads = self.grid * self.grid
+        self.loads = BM * BK // self.threads
+        self.width = BM + 2
+        self.size = BK * self.width
+
+
+_LARGE_TILE = _Tile(BM=128, BK=16, TM=8)  # 256 threads, 128 registers: two blocks per SM
+_SMALL_TILE = _Tile(BM=32, BK=16, TM=4)  # 64 threads, for products with ≤ 32 rows or columns
 _MIN_K_PER_SPLIT = 256  # shortest k-range worth a block of its own when k is split
 
 
+def _shift(n):
+    return n.bit_length() - 1
+
+
 @functools.cache
-def _tile_loader(k_contiguous):
-    """Device functions staging a (_BM rows × _BK) slice of an operand into a flat shared tile (k-major).
+def _tile_loader(tile, k_contiguous):
+    """Device functions staging a (BM rows × BK) slice of an operand into a flat shared tile (k-major).
 
     The operand X is op(A) (rows i) or op(B)ᵀ (rows j): with ``k_contiguous`` element (row, k) is
     X[row, k], else X[k, row]. Consecutive threads read consecutive addresses in both layouts: in a
-    k-contiguous operand a thread stages one k of rows row, row + 16, ...; in the other one row at
-    k, k + 2, ... (its ``origin``, the first element's (row, k) in the tile).
+    k-contiguous operand a thread stages one k of rows row, row + threads/BK, ...; in the other one row
+    at k, k + threads/BM, ... (its ``origin`` is its first element's (row, k) in the tile).
     """
-    row_step = _GEMM_THREADS // _BK if k_contiguous else 0
-    k_step = 0 if k_contiguous else _GEMM_THREADS // _BM
+    BM, BK, width, loads = tile.BM, tile.BK, tile.width, tile.loads
+    BM_shift, BK_shift = _shift(BM), _shift(BK)
+    row_step = tile.threads // BK if k_contiguous else 0
+    k_step = 0 if k_contiguous else tile.threads // BM
 
     @cuda.jit(device=True)
     def origin():
         tid = cuda.threadIdx.x
         if k_contiguous:
-            return tid >> _BK_SHIFT, tid & (_BK - 1)
-        return tid & (_BM - 1), tid >> _BM_SHIFT
+            return tid >> BK_shift, tid & (BK - 1)
+        return tid & (BM - 1), tid >> BM_shift
 
     @cuda.jit(device=True)
     def load(X, regs, i, k, n_rows, k_end):
         """regs[e] = X(i + e · row_step, k + e · k_step), 0 outside the operand or the k-range."""
-        for e in range(_TILE_LOADS):
+        for e in range(loads):
             i_e, k_e = i + e * row_step, k + e * k_step
             if i_e < n_rows and k_e < k_end:
                 regs[e] = X[i_e, k_e] if k_contiguous else X[k_e, i_e]
@@ -167,44 +228,45 @@ def _tile_loader(k_contiguous):
 
     @cuda.jit(device=True)
     def store(regs, tile, row, kk):
-        for e in range(_TILE_LOADS):
-            tile[(kk + e * k_step) * _TILE_WIDTH + row + e * row_step] = regs[e]
+        for e in range(loads):
+            tile[(kk + e * k_step) * width + row + e * row_step] = regs[e]
 
     return origin, load, store
 
 
 @functools.cache
-def _gemm_kernel(dtype, a_k_contiguous, b_k_contiguous):
+def _gemm_kernel(dtype, tile, a_k_contiguous, b_k_contiguous):
     """C[s] = op(A)[:, ks] op(B)[ks, :] over the k-range ks of split s, for one float dtype and layout.
 
     op(A) (n, K) is A (n, K) when ``a_k_contiguous`` else Aᵀ with A (K, n); op(B) (K, p) is Bᵀ with
-    B (p, K) when ``b_k_contiguous`` else B (K, p). C (splits, n, p). Grid (⌈p/128⌉, ⌈n/128⌉, splits),
-    256 threads; thread (tx, ty) owns rows ty + 16 r and columns tx + 16 c (r, c < 8) of the block's
-    tile, so that its shared-memory reads are broadcasts or conflict-free.
+    B (p, K) when ``b_k_contiguous`` else B (K, p). C (splits, n, p). Grid (⌈p/BM⌉, ⌈n/BM⌉, splits),
+    tile.threads threads; thread (tx, ty) of the (BM/TM)² grid owns rows ty + (BM/TM) r and columns
+    tx + (BM/TM) c (r, c < TM) of the block's tile, so its shared-memory reads are broadcasts or
+    conflict-free.
     """
     dt = from_dtype(np.dtype(dtype))
-    origin_A, load_A, store_A = _tile_loader(a_k_contiguous)
-    origin_B, load_B, store_B = _tile_loader(b_k_contiguous)
+    BM, BK, TM, grid_m, width, size, loads = (tile.BM, tile.BK, tile.TM, tile.grid, tile.width, tile.size, tile.loads)
+    grid_shift = _shift(grid_m)
+    origin_A, load_A, store_A = _tile_loader(tile, a_k_contiguous)
+    origin_B, load_B, store_B = _tile_loader(tile, b_k_contiguous)
 
-    @cuda.jit(**_launch_bounds(_GEMM_THREADS, 2))  # ≤ 128 registers (ptxas would take ~135)
+    @cuda.jit(**_launch_bounds(tile.threads, 2))  # the large tile: ≤ 128 registers (ptxas takes ~135)
     def gemm(A, B, C, K, k_chunk):
         n, p = C.shape[1], C.shape[2]
-        tile_A = cuda.shared.array(_TILE_SIZE, dt)
-        tile_B = cuda.shared.array(_TILE_SIZE, dt)
-        regs_A = cuda.local.array(_TILE_LOADS, dt)
-        regs_B = cuda.local.array(_TILE_LOADS, dt)
-        frag_A = cuda.local.array(_TM, dt)
-        frag_B = cuda.local.array(_TM, dt)
-        acc = cuda.local.array((_TM, _TM), dt)
-        for r in range(_TM):
-            for c in range(_TM):
+        tile_A = cuda.shared.array(size, dt)
+        tile_B = cuda.shared.array(size, dt)
+        regs_A = cuda.local.array(loads, dt)
+        regs_B = cuda.local.array(loads, dt)
+        frag_A = cuda.local.array(TM, dt)
+        frag_B = cuda.local.array(TM, dt)
+        acc = cuda.local.array((TM, TM), dt)
+        for r in range(TM):
+            for c in range(TM):
                 acc[r, c] = 0
-        # Shifts and masks (not // and %) let LLVM prove the tile offsets non-negative, which removes
-        # numba's negative-index wraparound from the inner loop; so does a while loop in place of a range.
-        tx = cuda.threadIdx.x & (_GRID_M - 1)
-        ty = (cuda.threadIdx.x >> _GRID_SHIFT) & (_GRID_M - 1)
-        row0 = cuda.blockIdx.y * _BM
-        col0 = cuda.blockIdx.x * _BM
+        tx = cuda.threadIdx.x & (grid_m - 1)
+        ty = (cuda.threadIdx.x >> grid_shift) & (grid_m - 1)
+        row0 = cuda.blockIdx.y * BM
+        col0 = cuda.blockIdx.x * BM
         split = cuda.blockIdx.z
         k_begin = split * k_chunk
         k_end = min(K, k_begin + k_chunk)
@@ -217,26 +279,26 @@ def _gemm_kernel(dtype, a_k_contiguous, b_k_contiguous):
             store_A(regs_A, tile_A, row_A, kk_A)
             store_B(regs_B, tile_B, row_B, kk_B)
             cuda.syncthreads()
-            k0 += _BK
+            k0 += BK
             if k0 < k_end:  # prefetch the next slice while this one is multiplied
                 load_A(A, regs_A, row0 + row_A, k0 + kk_A, n, k_end)
                 load_B(B, regs_B, col0 + row_B, k0 + kk_B, p, k_end)
             a, b = ty, tx  # this thread's first A and B values of slice kk in the flat tiles
-            while a < _TILE_SIZE:
-                for r in range(_TM):
-                    frag_A[r] = tile_A[a + _GRID_M * r]
-                for c in range(_TM):
-                    frag_B[c] = tile_B[b + _GRID_M * c]
-                for r in range(_TM):
-                    for c in range(_TM):
+            while a < size:
+                for r in range(TM):
+                    frag_A[r] = tile_A[a + grid_m * r]
+                for c in range(TM):
+                    frag_B[c] = tile_B[b + grid_m * c]
+                for r in range(TM):
+                    for c in range(TM):
                         acc[r, c] += frag_A[r] * frag_B[c]
-                a += _TILE_WIDTH
-                b += _TILE_WIDTH
+                a += width
+                b += width
             cuda.syncthreads()
-        for r in range(_TM):
-            i = row0 + ty + _GRID_M * r
-            for c in range(_TM):
-                j = col0 + tx + _GRID_M * c
+        for r in range(TM):
+            i = row0 + ty + grid_m * r
+            for c in range(TM):
+                j = col0 + tx + grid_m * c
                 if i < n and j < p:
                     C[split, i, j] = acc[r, c]
 
@@ -246,34 +308,38 @@ def _gemm_kernel(dtype, a_k_contiguous, b_k_contiguous):
 @cuda.jit
 def _sum_splits_kernel(partials, out):
     """out[k] = Σ_s partials[s, k], s in order.  partials (splits, n), out (n,)."""
-    for k in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+    k = cuda.grid(1)
+    while k < out.shape[0]:
         total = partials[0, k]
         for s in range(1, partials.shape[0]):
             total += partials[s, k]
         out[k] = total
+        k += cuda.gridsize(1)
 
 
-def _k_splits(n, p, K):
-    """(splits, k_chunk): split k until there are about two blocks per SM, k_chunk a multiple of _BK."""
-    tiles = _blocks(n, _BM) * _blocks(p, _BM)
+def _k_splits(tiles, K):
+    """(splits, k_chunk): split k until there are about two blocks per SM, k_chunk a multiple of 16."""
     splits = max(1, min(_blocks(2 * _sm_count(), tiles), K // _MIN_K_PER_SPLIT))
-    k_chunk = _blocks(_blocks(K, splits), _BK) * _BK
+    k_chunk = _blocks(_blocks(K, splits), 16) * 16
     return _blocks(K, k_chunk), k_chunk
 
 
 def _gemm(A, B, out, K, a_k_contiguous, b_k_contiguous):
+    """out (n, p) = op(A) op(B) over K, out C-contiguous."""
     n, p = out.shape
     if K == 0:
-        _fill_zero(out)
+        _fill(out, 0)
         return
-    splits, k_chunk = _k_splits(n, p, K)
-    kernel = _gemm_kernel(out.dtype, a_k_contiguous, b_k_contiguous)
-    grid = (_blocks(p, _BM), _blocks(n, _BM), splits)
+    tile = _SMALL_TILE if min(n, p) <= _SMALL_TILE.BM else _LARGE_TILE
+    tiles = _blocks(n, tile.BM) * _blocks(p, tile.BM)
+    splits, k_chunk = _k_splits(tiles, K)
+    kernel = _gemm_kernel(out.dtype, tile, a_k_contiguous, b_k_contiguous)
+    grid = (_blocks(p, tile.BM), _blocks(n, tile.BM), splits)
     if splits == 1:
-        kernel[grid, _GEMM_THREADS](A, B, out.reshape(1, n, p), K, k_chunk)
+        kernel[grid, tile.threads](A, B, out.reshape(1, n, p), K, k_chunk)
         return
     partials = _workspace("gemm splits", (splits, n, p), out.dtype)
-    kernel[grid, _GEMM_THREADS](A, B, partials, K, k_chunk)
+    kernel[grid, tile.threads](A, B, partials, K, k_chunk)
     blocks, threads = _elementwise_grid(n * p)
     _sum_splits_kernel[blocks, threads](partials.reshape(splits, n * p), out.reshape(n * p))
 
@@ -320,7 +386,6 @@ def _recurrence_kernels(dtype, streams_per_block):
         """acc[r] = Σ_j M[j, i] vecs[b0 + r, j] for r < BB (streams past the last one count as zero).
 
         M (m, m), vecs (B, m); every thread of the block calls this (those with i ≥ m get no result).
-        The loops are while loops: numba's range() lowering keeps LLVM from simplifying the indexing.
         """
         m = M.shape[0]
         n_streams = vecs.shape[0]
@@ -347,16 +412,18 @@ def _recurrence_kernels(dtype, streams_per_block):
 
     @cuda.jit
     def transpose(src, dst):
-        """dst = srcᵀ for square (m, m) arrays, through 32 x 33 shared tiles; blocks of (32, 8) threads."""
+        """dst = srcᵀ for square (m, m) arrays through shared tiles: blocks of (side, rows) threads, a
+        side x side tile per block (side ≤ 32, rows dividing it)."""
         tile = cuda.shared.array((32, 33), dt)
         m = src.shape[0]
-        x0, y0 = cuda.blockIdx.x * 32, cuda.blockIdx.y * 32
+        side = cuda.blockDim.x
+        x0, y0 = cuda.blockIdx.x * side, cuda.blockIdx.y * side
         tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-        for dy in range(0, 32, 8):
+        for dy in range(0, side, cuda.blockDim.y):
             if y0 + ty + dy < m and x0 + tx < m:
                 tile[ty + dy, tx] = src[y0 + ty + dy, x0 + tx]
         cuda.syncthreads()
-        for dy in range(0, 32, 8):
+        for dy in range(0, side, cuda.blockDim.y):
             if x0 + ty + dy < m and y0 + tx < m:
                 dst[x0 + ty + dy, y0 + tx] = tile[tx, ty + dy]
 
@@ -440,7 +507,8 @@ def forward(W_x, W_s, b_s, inputs, S):
     m = W_s.shape[0]
     (transpose, forward_kernel, _), grid, threads = _recurrence_launch(B, m, S.dtype)
     W_sT = _workspace("W_s transposed", (m, m), W_s.dtype)
-    transpose[(_blocks(m, 32), _blocks(m, 32)), (32, 8)](W_s, W_sT)
+    side = _threads(m, 32)
+    transpose[(_blocks(m, side), _blocks(m, side)), (side, _threads(side, 8))](W_s, W_sT)
     forward_kernel[grid, threads](W_sT, W_x, b_s, inputs, S)
 
 
@@ -456,56 +524,73 @@ def backward(W_s, S, dL_ds_out, dL_da):
     backward_kernel[grid, threads](W_s, S, dL_ds_out, dL_da)
 
 
-# ---------------------------------------------------------------------------------------- input gradients
+# ---------------------------------------------------------------------------------------- scatter-adds
 
 
 @cuda.jit
-def _link_tokens_kernel(tokens, next_pos, is_head):
-    """For each position p of tokens (N,) int32: next_pos[p] = the next position holding the same token (N
-    when none), is_head[p] = 1 when no earlier position holds it. Positions of one token form a list."""
+def _link_kernel(keys, next_pos, first):
+    """Link the positions holding each key into a list: next_pos[p] = the next position q > p with
+    keys[q] = keys[p] (N when none), first[key] = the first position holding key.
+
+    keys (N,) int32; next_pos (N,) int32; first (n_keys,) int32, N on entry: absent keys keep it.
+    """
     p = cuda.grid(1)
-    N = tokens.shape[0]
+    N = keys.shape[0]
     if p >= N:
         return
-    x = tokens[p]
-    following = N
-    for q in range(p + 1, N):
-        if tokens[q] == x:
-            following = q
-            break
-    next_pos[p] = following
-    head = 1
-    for q in range(p - 1, -1, -1):
-        if tokens[q] == x:
-            head = 0
-            break
-    is_head[p] = head
+    key = keys[p]
+    q = p + 1
+    while q < N and keys[q] != key:
+        q += 1
+    next_pos[p] = q
+    q = p - 1
+    while q >= 0 and keys[q] != key:
+        q -= 1
+    if q < 0:
+        first[key] = p
+
+
+def _link(keys, n_keys):
+    """(next_pos, first) of ``_link_kernel`` for keys (N,) int32 below n_keys, in workspaces."""
+    N = keys.shape[0]
+    next_pos = _workspace("next position", (N,), np.int32)
+    first = _workspace("first position", (n_keys,), np.int32)
+    _fill(first, N)
+    threads = _threads(N, _ELEMENTWISE_THREADS)
+    _link_kernel[_blocks(N, threads), threads](keys, next_pos, first)
+    return next_pos, first
 
 
 @cuda.jit
-def _scatter_columns_kernel(tokens, next_pos, is_head, dL_da, dW_x):
-    """dW_x[i, x] = Σ over the positions p of token x of dL_da[p, i], in position order.
+def _scatter_columns_kernel(tokens, next_pos, first, dL_da, dW_x, touched):
+    """dW_x[i, x] += Σ over the positions p of token x of dL_da[p, i], in position order; touched[x] = 1.
 
-    One thread per (state unit i, position p); only the first position of each token walks its list, so
-    every column is written by one thread and without atomics. dL_da (N, m); dW_x (m, V), zero elsewhere.
+    One thread per (state unit i, position p); only a token's first position walks its list, so each
+    column is written by one thread for each i. dL_da (N, m); dW_x (m, V) (column-major: the i of a
+    warp are contiguous); touched (V,) uint8.
     """
     i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     p = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
     N, m = dL_da.shape
-    if i >= m or p >= N or is_head[p] == 0:
+    if i >= m or p >= N:
+        return
+    x = tokens[p]
+    if first[x] != p:
         return
     total = dL_da[p, i]
     q = next_pos[p]
     while q < N:
         total += dL_da[q, i]
         q = next_pos[q]
-    dW_x[i, tokens[p]] = total
+    dW_x[i, x] += total
+    if i == 0:
+        touched[x] = 1
 
 
 @functools.cache
 def _column_sums_kernel(dtype):
-    """out[j] = Σ_r X[r, j] for X (N, V): blocks of (tx ≤ 32 columns, ty ≤ 32 row phases), the ty partial
-    sums added in order in shared memory."""
+    """out[j] = Σ_r X[r, j] for X (N, V): blocks of (≤ 32 columns, ≤ 32 row phases), each column's
+    phases summed in order in shared memory."""
     dt = from_dtype(np.dtype(dtype))
     zero = np.dtype(dtype).type(0)
 
@@ -517,8 +602,10 @@ def _column_sums_kernel(dtype):
         j = cuda.blockIdx.x * cuda.blockDim.x + tx
         total = zero
         if j < V:
-            for r in range(ty, N, cuda.blockDim.y):
+            r = ty
+            while r < N:
                 total += X[r, j]
+                r += cuda.blockDim.y
         partial[ty, tx] = total
         cuda.syncthreads()
         if ty == 0 and j < V:
@@ -536,24 +623,21 @@ def _column_sums(X, out):
     _column_sums_kernel(X.dtype)[_blocks(V, tx), (tx, ty)](X, out)
 
 
-def input_grads(inputs, dL_da, dW_x, db_s):
-    """dW_x[:, x_{t-1}] += dL/da_t and db_s = Σ_t dL/da_t over the window (both overwritten).
+def input_grads(inputs, dL_da, dW_x, db_s, touched):
+    """dW_x[:, x_{t-1}] += dL/da_t over the window, db_s = Σ_t dL/da_t, touched[x_{t-1}] = 1.
 
-    inputs (T, B) int32; dL_da (T, B, m); dW_x (m, V); db_s (m,). Positions holding the same token are
-    linked into lists on the device, and each column of dW_x is summed by one thread: deterministic.
+    inputs (T, B) int32; dL_da (T, B, m); dW_x (m, V), zero in every column not marked in touched
+    (uint8 (V,)) on entry; db_s (m,) is overwritten. Deterministic: the positions of each token are
+    linked into a list, and one thread per (row of dW_x, token) sums the list in order.
     """
     T, B, m = dL_da.shape
     N = T * B
     tokens = inputs.reshape(N)
     dL_da = dL_da.reshape(N, m)
-    next_pos = _workspace("next position", (N,), np.int32)
-    is_head = _workspace("first position", (N,), np.int32)
-    threads = _threads(N, _ELEMENTWISE_THREADS)
-    _link_tokens_kernel[_blocks(N, threads), threads](tokens, next_pos, is_head)
-    _fill_zero(dW_x)
+    next_pos, first = _link(tokens, dW_x.shape[1])
     tx, ty = _threads(m, 32), _threads(N, 8)
     grid = (_blocks(m, tx), _blocks(N, ty))
-    _scatter_columns_kernel[grid, (tx, ty)](tokens, next_pos, is_head, dL_da, dW_x)
+    _scatter_columns_kernel[grid, (tx, ty)](tokens, next_pos, first, dL_da, dW_x, touched)
     _column_sums(dL_da, db_s)
 
 
@@ -561,44 +645,71 @@ def input_grads(inputs, dL_da, dW_x, db_s):
 
 
 @functools.cache
-def _softmax_kernels(dtype):
-    """(xent_grad, xent, softmax) kernels for one float dtype: one block per row of Z (N, V)."""
+def _softmax_device_functions(dtype):
+    """(row_stats, write_grad): a block's pass over one row of logits, and the gradient it leads to."""
     dt = from_dtype(np.dtype(dtype))
     lowest = np.finfo(dtype).min  # a finite "-inf": merging two empty partial sums stays 0, not NaN
     zero, one = np.dtype(dtype).type(0), np.dtype(dtype).type(1)
 
     @cuda.jit(device=True)
-    def row_stats(Z, r, b_o):
-        """(max, Σ exp(z - max)) over the row z = Z[r] + b_o, for every thread of the block.
+    def row_stats(Z, r, b, n):
+        """(max, Σ exp(z - max)) over z_j = Z[r, j] + b[j], j < n, for every thread of the block.
 
         Each thread keeps a running max and a sum rescaled whenever the max grows (one pass over the
-        row), then a tree in shared memory merges the threads' pairs; blockDim.x is a power of two.
+        row), then a tree in shared memory merges the threads' pairs.
         """
         tops = cuda.shared.array(_REDUCE_THREADS, dt)
         totals = cuda.shared.array(_REDUCE_THREADS, dt)
         tid = cuda.threadIdx.x
         top, total = lowest, zero
-        for j in range(tid, Z.shape[1], cuda.blockDim.x):
-            z = Z[r, j] + b_o[j]
+        j = tid
+        while j < n:
+            z = Z[r, j] + b[j]
             if z > top:
                 total = total * math.exp(top - z) + one
                 top = z
             else:
                 total += math.exp(z - top)
+            j += cuda.blockDim.x
         tops[tid] = top
         totals[tid] = total
         cuda.syncthreads()
-        half = cuda.blockDim.x // 2
-        while half > 0:
-            if tid < half:
-                top_b, total_b = tops[tid + half], totals[tid + half]
-                top = max(top, top_b)
-                total = total * math.exp(tops[tid] - top) + total_b * math.exp(top_b - top)
+        n_partial = cuda.blockDim.x
+        while n_partial > 1:  # a tree of fan-in _FAN_IN: few barriers (each one costs the simulator)
+            n_next = (n_partial + _FAN_IN - 1) // _FAN_IN
+            if tid < n_next:
+                k = tid + n_next
+                while k < n_partial:
+                    top_b, total_b = tops[k], totals[k]
+                    top_ab = max(top, top_b)
+                    total = total * math.exp(top - top_ab) + total_b * math.exp(top_b - top_ab)
+                    top = top_ab
+                    k += n_next
                 tops[tid] = top
                 totals[tid] = total
             cuda.syncthreads()
-            half //= 2
+            n_partial = n_next
         return tops[0], totals[0]
+
+    @cuda.jit(device=True)
+    def write_grad(Z, r, b, n, y, top, total, scale):
+        """Z[r, j] = scale · (softmax_j - [j = y]) for j < n, from ``row_stats``' (top, total)."""
+        inv = scale / total
+        j = cuda.threadIdx.x
+        while j < n:
+            dL_dz = math.exp(Z[r, j] + b[j] - top) * inv
+            if j == y:
+                dL_dz -= scale
+            Z[r, j] = dL_dz
+            j += cuda.blockDim.x
+
+    return row_stats, write_grad
+
+
+@functools.cache
+def _softmax_kernels(dtype):
+    """(xent_grad, xent) kernels of the full softmax for one float dtype: one block per row of Z (N, V)."""
+    row_stats, write_grad = _softmax_device_functions(dtype)
 
     @cuda.jit
     def xent_grad(Z, b_o, targets, scale, losses):
@@ -607,17 +718,13 @@ def _softmax_kernels(dtype):
         Z (N, V); b_o (V,); targets (N,) int32; scale of Z's dtype; losses (N,) float64.
         """
         r = cuda.blockIdx.x
+        V = Z.shape[1]
         y = targets[r]
         z_y = Z[r, y] + b_o[y]  # read before any thread overwrites the row
-        top, total = row_stats(Z, r, b_o)
+        top, total = row_stats(Z, r, b_o, V)
         if cuda.threadIdx.x == 0:
             losses[r] = top + math.log(total) - z_y
-        inv = scale / total
-        for j in range(cuda.threadIdx.x, Z.shape[1], cuda.blockDim.x):
-            dL_dz = math.exp(Z[r, j] + b_o[j] - top) * inv
-            if j == y:
-                dL_dz -= scale
-            Z[r, j] = dL_dz
+        write_grad(Z, r, b_o, V, y, top, total, scale)
 
     @cuda.jit
     def xent(Z, b_o, targets, losses):
@@ -625,26 +732,20 @@ def _softmax_kernels(dtype):
         r = cuda.blockIdx.x
         y = targets[r]
         z_y = Z[r, y] + b_o[y]
-        top, total = row_stats(Z, r, b_o)
+        top, total = row_stats(Z, r, b_o, Z.shape[1])
         if cuda.threadIdx.x == 0:
             losses[r] = top + math.log(total) - z_y
 
-    @cuda.jit
-    def softmax(Z, b_o):
-        """Z[r] = softmax(Z[r] + b_o)."""
-        r = cuda.blockIdx.x
-        top, total = row_stats(Z, r, b_o)
-        inv = one / total
-        for j in range(cuda.threadIdx.x, Z.shape[1], cuda.blockDim.x):
-            Z[r, j] = math.exp(Z[r, j] + b_o[j] - top) * inv
-
-    return xent_grad, xent, softmax
+    return xent_grad, xent
 
 
-def _row_launch(Z):
-    """(grid, threads) of the one-block-per-row kernels."""
-    N, V = Z.shape
-    return N, _threads(V, _REDUCE_THREADS)
+def _row_losses(N):
+    return _workspace("row losses", (N,), np.float64)
+
+
+def _sum(losses):
+    """Σ of a device array's values, added on the host in float64."""
+    return float(losses.copy_to_host().sum())
 
 
 def softmax_xent_grad(Z, b_o, targets, scale, db_o):
@@ -652,77 +753,334 @@ def softmax_xent_grad(Z, b_o, targets, scale, db_o):
 
     Z (N, V): logits W_o s_t without the bias on entry; on return Z = scale · dL/dz = scale · (p_t -
     onehot(x̂_t)). b_o (V,); targets (N,) int32; db_o (V,) is overwritten with Σ_rows of the new Z.
-    Returns Σ_rows -log p_t(x̂_t) as a float (the rows' losses summed in float64 on the host).
+    Returns Σ_rows -log p_t(x̂_t) as a float (the rows' losses added in float64).
     """
-    xent_grad, _, _ = _softmax_kernels(Z.dtype)
-    losses = _workspace("row losses", (Z.shape[0],), np.float64)
-    grid, threads = _row_launch(Z)
-    xent_grad[grid, threads](Z, b_o, targets, Z.dtype.type(scale), losses)
+    N, V = Z.shape
+    xent_grad, _ = _softmax_kernels(Z.dtype)
+    losses = _row_losses(N)
+    xent_grad[N, _threads(V, _REDUCE_THREADS)](Z, b_o, targets, Z.dtype.type(scale), losses)
     _column_sums(Z, db_o)
-    return float(losses.copy_to_host().sum())
+    return _sum(losses)
 
 
 def softmax_xent(Z, b_o, targets):
     """Σ_rows -log softmax(Z + b_o)[target] for evaluation; Z (N, V) is left unchanged."""
-    _, xent, _ = _softmax_kernels(Z.dtype)
-    losses = _workspace("row losses", (Z.shape[0],), np.float64)
-    grid, threads = _row_launch(Z)
-    xent[grid, threads](Z, b_o, targets, losses)
-    return float(losses.copy_to_host().sum())
+    N, V = Z.shape
+    _, xent = _softmax_kernels(Z.dtype)
+    losses = _row_losses(N)
+    xent[N, _threads(V, _REDUCE_THREADS)](Z, b_o, targets, losses)
+    return _sum(losses)
 
 
-def softmax_rows(Z, b_o):
-    """Z (N, V) := softmax(Z + b_o) row by row (used for sampling)."""
-    _, _, softmax = _softmax_kernels(Z.dtype)
-    grid, threads = _row_launch(Z)
-    softmax[grid, threads](Z, b_o)
+# ---------------------------------------------------------------------------------------- class softmax
+
+
+@functools.cache
+def _class_kernels(dtype):
+    """(class_grad, class_loss, class_weight_grads) kernels of the class softmax's word half."""
+    row_stats, write_grad = _softmax_device_functions(dtype)
+    zero = np.dtype(dtype).type(0)
+
+    @cuda.jit(device=True)
+    def class_logits(S_next, W_o, r, lo, n, G):
+        """G[r, w] = W_o[lo + w] · S_next[r] for w < n (a thread per word), then a block barrier."""
+        m = S_next.shape[1]
+        w = cuda.threadIdx.x
+        while w < n:
+            acc = zero
+            i = 0
+            while i < m:
+                acc += W_o[lo + w, i] * S_next[r, i]
+                i += 1
+            G[r, w] = acc
+            w += cuda.blockDim.x
+        cuda.syncthreads()
+
+    @cuda.jit
+    def class_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, G, losses, dL_ds):
+        """Row r's softmax over the words of its class: losses[r] = -log p(targets[r] | class),
+        G[r, :n] = scale · dL/dz, dL_ds[r] += W_o[class]ᵀ G[r, :n]. One block per row.
+
+        S_next, dL_ds (N, m); W_o (V, m); b_o (V,); targets, target_classes (N,) and class_bounds
+        (C + 1,) int32; G (N, ≥ the largest class) scratch; losses (N,) float64.
+        """
+        r = cuda.blockIdx.x
+        c = target_classes[r]
+        lo = class_bounds[c]
+        n = class_bounds[c + 1] - lo
+        b = b_o[lo : lo + n]
+        y = targets[r] - lo
+        class_logits(S_next, W_o, r, lo, n, G)
+        z_y = G[r, y] + b[y]  # read before any thread overwrites the row
+        top, total = row_stats(G, r, b, n)
+        if cuda.threadIdx.x == 0:
+            losses[r] = top + math.log(total) - z_y
+        write_grad(G, r, b, n, y, top, total, scale)
+        cuda.syncthreads()
+        i = cuda.threadIdx.x
+        while i < S_next.shape[1]:
+            acc = zero
+            w = 0
+            while w < n:
+                acc += G[r, w] * W_o[lo + w, i]
+                w += 1
+            dL_ds[r, i] += acc
+            i += cuda.blockDim.x
+
+    @cuda.jit
+    def class_loss(S_next, W_o, b_o, targets, target_classes, class_bounds, G, losses):
+        """losses[r] = -log p(targets[r] | its class) (see class_grad); G scratch."""
+        r = cuda.blockIdx.x
+        c = target_classes[r]
+        lo = class_bounds[c]
+        n = class_bounds[c + 1] - lo
+        b = b_o[lo : lo + n]
+        y = targets[r] - lo
+        class_logits(S_next, W_o, r, lo, n, G)
+        z_y = G[r, y] + b[y]
+        top, total = row_stats(G, r, b, n)
+        if cuda.threadIdx.x == 0:
+            losses[r] = top + math.log(total) - z_y
+
+    @cuda.jit
+    def class_weight_grads(S_next, G, next_row, first_row, class_bounds, dW_o, db_o, touched):
+        """dW_o[v, i] += Σ_r G[r, v - lo] S_next[r, i] and db_o[v] = Σ_r G[r, v - lo] over the rows r of
+        word v's class (in row order, through the class's row list); touched[v] = 1 for those classes,
+        db_o[v] = 0 for the others. One thread per (unit i, word v).
+        """
+        i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        v = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
+        V, m = dW_o.shape
+        N = next_row.shape[0]
+        if v >= V:
+            return
+        c, c_end = 0, class_bounds.shape[0] - 1  # bisect: class_bounds[c] ≤ v < class_bounds[c + 1]
+        while c_end - c > 1:
+            mid = (c + c_end) // 2
+            if class_bounds[mid] <= v:
+                c = mid
+            else:
+                c_end = mid
+        w = v - class_bounds[c]
+        p = first_row[c]
+        if i < m and p < N:
+            acc = zero
+            q = p
+            while q < N:
+                acc += G[q, w] * S_next[q, i]
+                q = next_row[q]
+            dW_o[v, i] += acc
+        if i == 0:
+            total = zero
+            q = p
+            while q < N:
+                total += G[q, w]
+                q = next_row[q]
+            db_o[v] = total
+            if p < N:
+                touched[v] = 1
+
+    return class_grad, class_loss, class_weight_grads
+
+
+def _class_scratch(S_next, class_bounds):
+    """(G, losses, bounds): scratch for every row's class logits, and the class bounds on the host."""
+    bounds = class_bounds.copy_to_host()
+    width = int(np.diff(bounds).max())
+    return _workspace("class logits", (S_next.shape[0], width), S_next.dtype), _row_losses(S_next.shape[0]), bounds
+
+
+def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, touched):
+    """Word half of the class-based softmax, p(w) = p(class(w)) · p(w | class(w)), with its gradient.
+
+    Row r predicts targets[r] from s = S_next[r] (N, m) with a softmax over the words of its class
+    c = target_classes[r], ids class_bounds[c] ≤ w < class_bounds[c + 1]: z = W_o[w] s + b_o[w].
+    Adds scale · dL/dz ⊗ s to those rows of dW_o (V, m) and W_o[class]ᵀ dL/dz to dL_ds[r] (N, m);
+    overwrites db_o (V,); marks touched[w] = 1 for the rows of every class it used. dW_o must be zero
+    in the rows of those classes on entry (the sparse update leaves it so). Returns Σ -log p(w | c).
+    One block per row computes its class's logits, loss and dL/dz into a scratch array; then one
+    thread per (word, unit) sums over the rows of the word's class, linked into a list: deterministic.
+    """
+    N, m = S_next.shape
+    V = W_o.shape[0]
+    class_grad, _, class_weight_grads = _class_kernels(S_next.dtype)
+    G, losses, bounds = _class_scratch(S_next, class_bounds)
+    threads = _threads(max(G.shape[1], m), _REDUCE_THREADS)
+    class_grad[N, threads](
+        S_next, W_o, b_o, targets, target_classes, class_bounds, S_next.dtype.type(scale), G, losses, dL_ds
+    )
+    next_row, first_row = _link(target_classes, len(bounds) - 1)
+    tx, ty = _threads(m, 32), _threads(V, 8)
+    grid = (_blocks(m, tx), _blocks(V, ty))
+    class_weight_grads[grid, (tx, ty)](S_next, G, next_row, first_row, class_bounds, dW_o, db_o, touched)
+    return _sum(losses)
+
+
+def class_xent(S_next, W_o, b_o, targets, target_classes, class_bounds):
+    """Σ_r -log p(targets[r] | its class) for evaluation (see ``class_xent_grad``); one block per row."""
+    _, class_loss, _ = _class_kernels(S_next.dtype)
+    G, losses, _ = _class_scratch(S_next, class_bounds)
+    threads = _threads(G.shape[1], _REDUCE_THREADS)
+    class_loss[S_next.shape[0], threads](S_next, W_o, b_o, targets, target_classes, class_bounds, G, losses)
+    return _sum(losses)
 
 
 # ---------------------------------------------------------------------------------------- update
 
 
+@cuda.jit(device=True)
+def _block_sum(value, partials):
+    """partials[blockIdx.x] = Σ of ``value`` (float64) over the block's threads (x and y), in a fixed order:
+    a tree of fan-in _FAN_IN in shared memory."""
+    sums = cuda.shared.array(_REDUCE_THREADS, float64)
+    tid = cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+    sums[tid] = value
+    cuda.syncthreads()
+    n_partial = cuda.blockDim.x * cuda.blockDim.y
+    while n_partial > 1:
+        n_next = (n_partial + _FAN_IN - 1) // _FAN_IN
+        if tid < n_next:
+            k = tid + n_next
+            while k < n_partial:
+                value += sums[k]
+                k += n_next
+            sums[tid] = value
+        cuda.syncthreads()
+        n_partial = n_next
+    if tid == 0:
+        partials[cuda.blockIdx.x] = sums[0]
+
+
 @cuda.jit
 def _sum_squares_kernel(flat, partials):
     """partials[block] = Σ flat[k]² over the block's grid-stride share, in float64."""
-    squares = cuda.shared.array(_REDUCE_THREADS, float64)
-    tid = cuda.threadIdx.x
     total = 0.0
-    for k in range(cuda.grid(1), flat.shape[0], cuda.gridsize(1)):
+    k = cuda.grid(1)
+    while k < flat.shape[0]:
         v = float64(flat[k])
         total += v * v
-    squares[tid] = total
-    cuda.syncthreads()
-    half = cuda.blockDim.x // 2
-    while half > 0:
-        if tid < half:
-            squares[tid] += squares[tid + half]
-        cuda.syncthreads()
-        half //= 2
-    if tid == 0:
-        partials[cuda.blockIdx.x] = squares[0]
+        k += cuda.gridsize(1)
+    _block_sum(total, partials)
+
+
+def _reduction_blocks(n, threads):
+    return max(1, min(_blocks(n, threads), 4 * _sm_count()))
 
 
 def sum_squares(array):
     """Σ array² as a float (for the gradient norm): per-block float64 sums, added on the host."""
-    flat = array.reshape(array.size)
+    flat = _flat(array)
     threads = _threads(flat.size, _REDUCE_THREADS)
-    blocks = min(_blocks(flat.size, threads), 4 * _sm_count())
-    partials = _workspace("sum of squares", (blocks,), np.float64)
+    blocks = _reduction_blocks(flat.size, threads)
+    partials = _workspace("sums of squares", (blocks,), np.float64)
     _sum_squares_kernel[blocks, threads](flat, partials)
-    return float(partials.copy_to_host().sum())
+    return _sum(partials)
+
+
+@cuda.jit
+def _masked_sum_squares_kernel(rows, mask, partials):
+    """partials[block] = Σ rows[r, i]² over the marked rows of the block's grid-stride share (a warp's
+    x-threads per row), in float64."""
+    R, m = rows.shape
+    total = 0.0
+    r = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+    while r < R:
+        if mask[r]:
+            i = cuda.threadIdx.x
+            while i < m:
+                v = float64(rows[r, i])
+                total += v * v
+                i += cuda.blockDim.x
+        r += cuda.gridDim.x * cuda.blockDim.y
+    _block_sum(total, partials)
+
+
+def _row_grid(R, m):
+    """(blocks, (tx, ty)) for kernels over rows (R, m): x-threads along a row, y-threads over rows."""
+    tx = _threads(m, 32)
+    ty = _threads(_blocks(R, 4), _REDUCE_THREADS // tx)
+    return _reduction_blocks(R, ty), (tx, ty)
+
+
+def masked_sum_squares(rows, mask):
+    """Σ rows[r]² over the rows r with mask[r] set, as a float. rows (R, m) any layout; mask uint8 (R,)."""
+    blocks, threads = _row_grid(*rows.shape)
+    partials = _workspace("sums of squares", (blocks,), np.float64)
+    _masked_sum_squares_kernel[blocks, threads](rows, mask, partials)
+    return _sum(partials)
 
 
 @cuda.jit
 def _sgd_kernel(param, grad, step, shrink):
-    for k in range(cuda.grid(1), param.shape[0], cuda.gridsize(1)):
+    k = cuda.grid(1)
+    while k < param.shape[0]:
         param[k] = shrink * param[k] - step * grad[k]
+        k += cuda.gridsize(1)
 
 
 def sgd_update(param, grad, step, shrink):
     """param = shrink · param - step · grad, any shape; step and shrink have the param's dtype.
 
     SGD on the clipped gradient plus the L2 term: step = lr · clip_scale, shrink = 1 - lr · 2λ.
+    param and grad are laid out alike (C or F).
     """
-    flat = param.reshape(param.size)
+    flat = _flat(param)
     blocks, threads = _elementwise_grid(flat.size)
-    _sgd_kernel[blocks, threads](flat, grad.reshape(grad.size), step, shrink)
+    _sgd_kernel[blocks, threads](flat, _flat(grad), step, shrink)
+
+
+@cuda.jit
+def _masked_sgd_kernel(param_rows, grad_rows, mask, step):
+    """param_rows[r] -= step · grad_rows[r], grad_rows[r] = 0 for the marked rows (grid-stride)."""
+    R, m = param_rows.shape
+    r = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+    while r < R:
+        if mask[r]:
+            i = cuda.threadIdx.x
+            while i < m:
+                param_rows[r, i] -= step * grad_rows[r, i]
+                grad_rows[r, i] = 0
+                i += cuda.blockDim.x
+        r += cuda.gridDim.x * cuda.blockDim.y
+
+
+def masked_sgd_update(param_rows, grad_rows, mask, step):
+    """param_rows[r] -= step · grad_rows[r] for the rows marked in mask, then zero those gradient rows
+    and the mask: the sparse update of W_x's columns (passed transposed) and the class softmax's W_o.
+    The mask is cleared by a second launch, after every thread has read it."""
+    blocks, threads = _row_grid(*param_rows.shape)
+    _masked_sgd_kernel[blocks, threads](param_rows, grad_rows, mask, step)
+    _fill(mask, 0)
+
+
+@cuda.jit
+def _adam_kernel(param, grad, moment1, moment2, lr_t, grad_scale, decay, beta1, beta2, eps):
+    """The Adam step of ``adam_update`` on flat arrays (grid-stride); beta1, beta2: (β, 1 - β) pairs."""
+    k = cuda.grid(1)
+    while k < param.shape[0]:
+        g = grad_scale * grad[k] + decay * param[k]
+        moment1[k] = beta1[0] * moment1[k] + beta1[1] * g
+        moment2[k] = beta2[0] * moment2[k] + beta2[1] * g * g
+        param[k] -= lr_t * moment1[k] / (math.sqrt(moment2[k]) + eps)
+        k += cuda.gridsize(1)
+
+
+def adam_update(param, grad, moment1, moment2, lr_t, grad_scale, decay, beta1, beta2, eps):
+    """One Adam step on arrays of one shape (C-contiguous): g = grad_scale · grad + decay · param,
+    moment1 = β1 moment1 + (1 - β1) g, moment2 = β2 moment2 + (1 - β2) g², param -= lr_t moment1 /
+    (√moment2 + eps), lr_t carrying the bias correction. Scalars have the arrays' dtype."""
+    one = param.dtype.type(1)
+    flat = _flat(param)
+    blocks, threads = _elementwise_grid(flat.size)
+    _adam_kernel[blocks, threads](
+        flat,
+        _flat(grad),
+        _flat(moment1),
+        _flat(moment2),
+        lr_t,
+        grad_scale,
+        decay,
+        (beta1, one - beta1),
+        (beta2, one - beta2),
+        eps,
+    )

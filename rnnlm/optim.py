@@ -1,0 +1,107 @@
+"""Optimizers over backend arrays: SGD (with the lecture's L2 term) and Adam.
+
+Both clip the gradient's global norm first (``clip`` = 0: off) and treat the sparse gradients of
+``rnnlm.step`` (W_x's columns, the class softmax's W_o rows) by their masks, leaving them zero.
+"""
+
+import numpy as np
+
+from rnnlm.step import rows, sparse_names
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+def grad_norm(ops, grads, window):
+    """Global L2 norm of all gradients (sparse ones over their marked rows), as a float."""
+    sparse = sparse_names(window)
+    squares = 0.0
+    for name, grad in grads.items():
+        if name in sparse:
+            squares += ops.masked_sum_squares(rows(name, grad), sparse[name])
+        else:
+            squares += ops.sum_squares(grad)
+    return float(np.sqrt(squares))
+
+
+def clip_scale(norm, clip):
+    """The factor min(1, clip / norm); clip = 0 means no clipping."""
+    return clip / norm if 0 < clip < norm else 1.0
+
+
+class SGD:
+    """θ ← θ - lr (g · min(1, clip / ‖g‖) + 2λ θ): SGD on the mean loss plus λ‖θ‖²."""
+
+    name = "sgd"
+
+    def __init__(self, ops, params, clip=0.0, l2=0.0):
+        self.ops, self.clip, self.l2 = ops, clip, l2
+
+    def update(self, params, grads, window, lr):
+        """Apply one step; returns ‖g‖ before clipping."""
+        ops, sparse = self.ops, sparse_names(window)
+        norm = grad_norm(ops, grads, window)
+        scale = clip_scale(norm, self.clip)
+        for name, param in params.items():
+            dtype = param.dtype.type
+            step, shrink = dtype(lr * scale), dtype(1.0 - lr * 2.0 * self.l2)
+            param_rows, grad_rows = rows(name, param), rows(name, grads[name])
+            if name in sparse:
+                if self.l2 > 0:
+                    ops.sgd_update(param_rows, grad_rows, dtype(0), shrink)
+                ops.masked_sgd_update(param_rows, grad_rows, sparse[name], step)
+            else:
+                ops.sgd_update(param_rows, grad_rows, step, shrink)
+        return norm
+
+    def state(self):
+        """Arrays and scalars a checkpoint needs to continue exactly (none for SGD)."""
+        return {}, {}
+
+    def load_state(self, arrays, scalars):
+        """Restore what ``state`` returned."""
+
+
+class Adam:
+    """Adam (Kingma & Ba) on the clipped gradient plus 2λθ, with bias-corrected moments."""
+
+    name = "adam"
+
+    def __init__(self, ops, params, clip=0.0, l2=0.0, beta1=0.9, beta2=0.999, eps=1e-8):
+        self.ops, self.clip, self.l2 = ops, clip, l2
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.moment1 = {name: ops.zeros(rows(name, p).shape, p.dtype) for name, p in params.items()}
+        self.moment2 = {name: ops.zeros(rows(name, p).shape, p.dtype) for name, p in params.items()}
+        self.t = 0
+
+    def update(self, params, grads, window, lr):
+        """Apply one step; returns ‖g‖ before clipping."""
+        ops, sparse = self.ops, sparse_names(window)
+        norm = grad_norm(ops, grads, window)
+        scale = clip_scale(norm, self.clip)
+        self.t += 1
+        # bias corrections folded into the step: lr m̂ / (√v̂ + ε) = lr_t m / (√v + ε_t)
+        lr_t = lr * np.sqrt(1 - self.beta2**self.t) / (1 - self.beta1**self.t)
+        eps_t = self.eps * np.sqrt(1 - self.beta2**self.t)
+        for name, param in params.items():
+            dtype = param.dtype.type
+            param_rows, grad_rows = rows(name, param), rows(name, grads[name])
+            ops.adam_update(param_rows, grad_rows, self.moment1[name], self.moment2[name], dtype(lr_t),
+                            dtype(scale), dtype(2.0 * self.l2), dtype(self.beta1), dtype(self.beta2), dtype(eps_t))
+            if name in sparse:  # leave the sparse gradient zero for the next window
+                ops.masked_sgd_update(param_rows, grad_rows, sparse[name], dtype(0))
+        return norm
+
+    def state(self):
+        arrays = {f"moment1/{k}": self.ops.to_numpy(v) for k, v in self.moment1.items()}
+        arrays.update({f"moment2/{k}": self.ops.to_numpy(v) for k, v in self.moment2.items()})
+        return arrays, {"t": self.t}
+
+    def load_state(self, arrays, scalars):
+        for name in self.moment1:
+            self.ops.copy_into(arrays[f"moment1/{name}"], self.moment1[name])
+            self.ops.copy_into(arrays[f"moment2/{name}"], self.moment2[name])
+        self.t = int(scalars["t"])
+
+
+def make_optimizer(name, ops, params, clip=0.0, l2=0.0):
+    return {"sgd": SGD, "adam": Adam}[name](ops, params, clip=clip, l2=l2)
