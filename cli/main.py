@@ -12,6 +12,7 @@ import click
 from rnnlm.backends import DEVICES
 from rnnlm.model import INITS
 from rnnlm.optim import OPTIMIZERS
+from rnnlm.plot import plot_log
 from rnnlm.tokenizer import LEVELS, load_vocab_source
 from rnnlm.train import SCHEDULES
 
@@ -197,6 +198,19 @@ def sample(model_path, prompt, length, temperature, top_k, top_p, num, seed, dev
         emit_json(texts)
     else:
         click.echo("\n\n".join(texts) if num > 1 else texts[0])
+
+
+@cli.command()
+@click.argument("log_path", metavar="LOG", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out_path", required=True, type=click.Path(path_type=Path),
+              help="Image to write (.png, .svg or .pdf).")
+def plot(log_path, out_path):
+    """Draw the learning curves of a training LOG (MODEL.log.jsonl); needs matplotlib."""
+    try:
+        result = plot_log(log_path, out_path)
+    except rnnlm.RnnlmError as error:
+        fail(error)
+    click.echo(f"{result['validations']} validation points -> {result['output']}")
 
 
 def main():
