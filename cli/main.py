@@ -74,6 +74,10 @@ def tokenize(text, out_dir, level, min_count, max_vocab, lowercase, vocab_file, 
               help="Keep at most this many tokens [default: all].")
 @click.option("--lowercase", is_flag=True, help="Lowercase a raw TEXT first.")
 @click.option("--hidden", default=DEFAULTS.hidden, help="State size m.")
+@click.option("--layers", default=DEFAULTS.layers, help="Number of stacked recurrent layers.")
+@click.option("--dropout", default=DEFAULTS.dropout,
+              help="Dropout on the recurrent layers' input and output (not the recurrent connection).")
+@click.option("--tied", is_flag=True, help="Tie the output weights to the input weights (W_o = W_xᵀ).")
 @click.option("--bptt", default=DEFAULTS.bptt, help="Window length T of truncated backpropagation.")
 @click.option("--batch", default=DEFAULTS.batch, help="Number B of parallel streams.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=DEFAULTS.optimizer,
@@ -104,7 +108,7 @@ def tokenize(text, out_dir, level, min_count, max_vocab, lowercase, vocab_file, 
 @click.option("--log", type=click.Path(path_type=Path), default=None,
               help="Training log, JSON lines [default: MODEL.log.jsonl].")
 @click.option("--resume", type=click.Path(path_type=Path), default=None,
-              help="Continue the run that wrote this checkpoint (TEXT and settings come from it).")
+              help="Continue the run that wrote this checkpoint (TEXT and settings come from it) [default: none].")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per epoch instead of text.")
 def train(text, model_path, resume, as_json, valid, device, threads, checkpoint, checkpoint_every, time_budget, log,
           **settings):

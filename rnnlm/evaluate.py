@@ -18,28 +18,31 @@ from rnnlm.model import word_classes
 EVAL_WINDOW = 256
 
 
-def stream_loss(ops, params, ids, boundary_id, class_bounds=None, window=EVAL_WINDOW):
+def stream_loss(ops, params, ids, boundary_id, structure, window=EVAL_WINDOW):
     """Σ -log p(token) over ``ids`` read as one stream from the boundary token (natural log, float).
 
-    params: backend arrays from ``step.to_device``; ids (N,) integer token ids; class_bounds (C + 1,)
-    for a class-softmax model.
+    params: backend arrays from ``step.to_device``; ids (N,) integer token ids; structure: the model's
+    ``Model.structure`` (class bounds, layers, tying).
     """
     inputs, targets = stream_pairs(ids, boundary_id)
+    class_bounds = structure["class_bounds"]
     classes = None if class_bounds is None else word_classes(class_bounds)[targets]
     m, V = params["W_x"].shape
+    dtype = params["W_s"].dtype
     total = 0.0
     buffers = {}
-    state = np.zeros((1, m), params["W_s"].dtype)
+    states = [np.zeros((1, m), dtype)] * structure["layers"]
     for start in range(0, len(targets), window):
         T = min(window, len(targets) - start)
         if T not in buffers:
-            buffers[T] = step.Window(ops, T, 1, m, V, params["W_s"].dtype, class_bounds)
+            buffers[T] = step.Window(ops, T, 1, m, V, dtype, **structure)
         buf = buffers[T]
-        ops.copy_into(state, buf.S[0])
+        for state, S in zip(states, buf.S, strict=True):
+            ops.copy_into(state, S[0])
         span = slice(start, start + T)
         tokens = [inputs[span], targets[span]] + ([] if classes is None else [classes[span]])
         total += step.window_loss(ops, params, buf, *(ops.asarray(t.reshape(T, 1)) for t in tokens))
-        state = buf.S[T]
+        states = [S[T] for S in buf.S]
     return total
 
 
@@ -53,7 +56,8 @@ def perplexity(model, text, device="cpu"):
     if len(ids) == 0:
         raise RnnlmError(f"{text} has no tokens")
     ops = get_backend(device)
-    nats = stream_loss(ops, step.to_device(ops, model.params), ids, model.vocab.boundary_id, model.class_bounds)
+    params = step.to_device(ops, model.params, model.tied)
+    nats = stream_loss(ops, params, ids, model.vocab.boundary_id, model.structure)
     per_token = nats / len(ids)
     return {
         "perplexity": math.exp(per_token),

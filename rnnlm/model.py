@@ -14,6 +14,10 @@ consecutive ids, class c holding ids class_bounds[c] ≤ w < class_bounds[c + 1]
     p_t(w) = softmax(W_c s_t + b_c)[class(w)] · softmax over the class's words of (W_o s_t + b_o)
 
 with two more parameters W_c (C, m) and b_c (C,).
+
+Stacked layers (``layers`` > 1): layer k ≥ 2 reads the output of layer k - 1 instead of the token,
+a^k_t = W_s{k} s^k_{t-1} + W_in{k} s^{k-1}_t + b_s{k}, and the top layer feeds the output layer.
+Tied weights: W_o is W_xᵀ, one shared array.
 """
 
 import json
@@ -29,14 +33,21 @@ from rnnlm.errors import RnnlmError
 from rnnlm.tokenizer import Vocab
 
 FORMAT_VERSION = 1
-PARAM_NAMES = ("W_x", "W_s", "b_s", "W_o", "b_o")
-CLASS_PARAM_NAMES = ("W_c", "b_c")
 
 
-def param_shapes(vocab_size, hidden, n_classes=None):
-    """The shape of every parameter array for a vocabulary of V, a state of size m and C classes."""
+def layer_names(k):
+    """(input weights, recurrent weights, bias) of layer k (1-based): W_x, W_s, b_s for the first."""
+    return ("W_x", "W_s", "b_s") if k == 1 else (f"W_in{k}", f"W_s{k}", f"b_s{k}")
+
+
+def param_shapes(vocab_size, hidden, n_classes=None, layers=1):
+    """The shape of every parameter array for a vocabulary of V, a state of size m, C classes, L layers."""
     V, m = vocab_size, hidden
-    shapes = {"W_x": (m, V), "W_s": (m, m), "b_s": (m,), "W_o": (V, m), "b_o": (V,)}
+    shapes = {"W_x": (m, V), "W_s": (m, m), "b_s": (m,)}
+    for k in range(2, layers + 1):
+        W_in, W_s, b_s = layer_names(k)
+        shapes.update({W_in: (m, m), W_s: (m, m), b_s: (m,)})
+    shapes.update(W_o=(V, m), b_o=(V,))
     if n_classes:
         shapes.update(W_c=(n_classes, m), b_c=(n_classes,))
     return shapes
@@ -68,27 +79,32 @@ def word_classes(class_bounds):
 INITS = ("fanin", "orthogonal", "identity", "zero")
 
 
-def init_params(vocab_size, hidden, rng, dtype=np.float32, n_classes=None, init="fanin"):
+def init_params(vocab_size, hidden, rng, dtype=np.float32, n_classes=None, init="fanin", layers=1, tied=False):
     """Initial parameters; biases are zero.
 
     fanin (the lecture's): every weight N(0, 1/d) with d the fan-in: V for W_x (its input is one-hot),
     m for W_s, W_o and W_c. orthogonal: the same but W_s a random orthogonal matrix. identity: W_s = 0.9 I
     (scaled identity, as in IRNNs). zero: every weight zero, which the lecture calls terrible: all state
-    units then get the same gradient forever, so the model stays a unigram model.
+    units then get the same gradient forever, so the model stays a unigram model. Tied: W_x is W_oᵀ,
+    a view of the one (V, m) array, initialized as W_o.
     """
     if init not in INITS:
         raise RnnlmError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
     params = {}
-    for name, shape in param_shapes(vocab_size, hidden, n_classes).items():
+    for name, shape in param_shapes(vocab_size, hidden, n_classes, layers).items():
         if name.startswith("b") or init == "zero":
             params[name] = np.zeros(shape, dtype)
         else:
             params[name] = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(dtype)
-    if init == "orthogonal":
-        q, r = np.linalg.qr(rng.standard_normal((hidden, hidden)))
-        params["W_s"] = (q * np.sign(np.diag(r))).astype(dtype)
-    elif init == "identity":
-        params["W_s"] = (0.9 * np.eye(hidden)).astype(dtype)
+    for k in range(1, layers + 1):
+        W_s = layer_names(k)[1]
+        if init == "orthogonal":
+            q, r = np.linalg.qr(rng.standard_normal((hidden, hidden)))
+            params[W_s] = (q * np.sign(np.diag(r))).astype(dtype)
+        elif init == "identity":
+            params[W_s] = (0.9 * np.eye(hidden)).astype(dtype)
+    if tied:
+        params["W_x"] = params["W_o"].T
     return params
 
 
@@ -100,10 +116,17 @@ class Model:
     vocab: Vocab
     hparams: dict = field(default_factory=dict)
     class_bounds: np.ndarray | None = None
+    layers: int = 1
+    tied: bool = False
 
     @property
     def hidden(self):
         return self.params["W_s"].shape[0]
+
+    @property
+    def structure(self):
+        """What step.Window needs to know of the model besides its sizes."""
+        return {"class_bounds": self.class_bounds, "layers": self.layers, "tied": self.tied}
 
     @property
     def vocab_size(self):
@@ -114,14 +137,16 @@ class Model:
         return "full" if self.class_bounds is None else "class"
 
     @classmethod
-    def create(cls, vocab, hidden, seed=0, hparams=None, class_bounds=None, init="fanin"):
+    def create(cls, vocab, hidden, seed=0, hparams=None, class_bounds=None, init="fanin", layers=1, tied=False):
         """A freshly initialized float32 model (class softmax when class_bounds are given)."""
         if hidden < 1:
             raise RnnlmError(f"--hidden must be at least 1, got {hidden}")
+        if layers < 1:
+            raise RnnlmError(f"--layers must be at least 1, got {layers}")
         rng = np.random.default_rng(seed)
         n_classes = None if class_bounds is None else len(class_bounds) - 1
-        params = init_params(len(vocab), hidden, rng, n_classes=n_classes, init=init)
-        return cls(params, vocab, dict(hparams or {}), class_bounds)
+        params = init_params(len(vocab), hidden, rng, n_classes=n_classes, init=init, layers=layers, tied=tied)
+        return cls(params, vocab, dict(hparams or {}), class_bounds, layers, tied)
 
     def meta(self):
         """The JSON-serializable description stored beside the arrays."""
@@ -131,6 +156,8 @@ class Model:
             "lowercase": self.vocab.lowercase,
             "vocab": self.vocab.tokens,
             "hidden": self.hidden,
+            "layers": self.layers,
+            "tied": self.tied,
             "softmax": self.softmax,
             "hparams": self.hparams,
         }
@@ -166,12 +193,15 @@ class Model:
         else:
             class_bounds = None
         n_classes = None if class_bounds is None else len(class_bounds) - 1
+        layers, tied = int(meta.get("layers", 1)), bool(meta.get("tied", False))
         params = {}
-        for name, shape in param_shapes(len(vocab), meta.get("hidden", 0), n_classes).items():
+        for name, shape in param_shapes(len(vocab), meta.get("hidden", 0), n_classes, layers).items():
             if name not in arrays or arrays[name].shape != shape:
                 raise RnnlmError(f"{path} is not a valid rnnlm model ({name} missing or not of shape {shape})")
             params[name] = np.ascontiguousarray(arrays[name], np.float32)
-        return cls(params, vocab, meta.get("hparams", {}), class_bounds)
+        if tied:
+            params["W_x"] = params["W_o"].T
+        return cls(params, vocab, meta.get("hparams", {}), class_bounds, layers, tied)
 
 
 def write_npz(file, arrays):

@@ -6,7 +6,7 @@ Both clip the gradient's global norm first (``clip`` = 0: off) and treat the spa
 
 import numpy as np
 
-from rnnlm.step import rows, sparse_names
+from rnnlm.step import rows, sparse_names, trainable
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -15,7 +15,8 @@ def grad_norm(ops, grads, window):
     """Global L2 norm of all gradients (sparse ones over their marked rows), as a float."""
     sparse = sparse_names(window)
     squares = 0.0
-    for name, grad in grads.items():
+    for name in trainable(grads, window):
+        grad = grads[name]
         if name in sparse:
             squares += ops.masked_sum_squares(rows(name, grad), sparse[name])
         else:
@@ -41,7 +42,7 @@ class SGD:
         ops, sparse = self.ops, sparse_names(window)
         norm = grad_norm(ops, grads, window)
         scale = clip_scale(norm, self.clip)
-        for name, param in params.items():
+        for name, param in trainable(params, window).items():
             dtype = param.dtype.type
             step, shrink = dtype(lr * scale), dtype(1.0 - lr * 2.0 * self.l2)
             param_rows, grad_rows = rows(name, param), rows(name, grads[name])
@@ -67,6 +68,7 @@ class Adam:
     name = "adam"
 
     def __init__(self, ops, params, clip=0.0, l2=0.0, beta1=0.9, beta2=0.999, eps=1e-8):
+        """params: the trainable parameters (``step.trainable``), for the moments' shapes."""
         self.ops, self.clip, self.l2 = ops, clip, l2
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.moment1 = {name: ops.zeros(rows(name, p).shape, p.dtype) for name, p in params.items()}
@@ -82,7 +84,7 @@ class Adam:
         # bias corrections folded into the step: lr m̂ / (√v̂ + ε) = lr_t m / (√v + ε_t)
         lr_t = lr * np.sqrt(1 - self.beta2**self.t) / (1 - self.beta1**self.t)
         eps_t = self.eps * np.sqrt(1 - self.beta2**self.t)
-        for name, param in params.items():
+        for name, param in trainable(params, window).items():
             dtype = param.dtype.type
             param_rows, grad_rows = rows(name, param), rows(name, grads[name])
             ops.adam_update(param_rows, grad_rows, self.moment1[name], self.moment2[name], dtype(lr_t),

@@ -70,9 +70,9 @@ def sample(model, prompt="", length=None, temperature=1.0, top_k=None, top_p=Non
     vocab = model.vocab
     prompt_ids, unk = encode_prompt(vocab, prompt)
     ops = get_backend(device)
-    params = step.to_device(ops, model.params)
+    params = step.to_device(ops, model.params, model.tied)
     host_params = {name: array.astype(np.float64) for name, array in model.params.items()}
-    window = step.Window(ops, 1, num, model.hidden, model.vocab_size)
+    window = step.Window(ops, 1, num, model.hidden, model.vocab_size, **model.structure)
     rng = np.random.default_rng(seed)
     stop_at_eos = vocab.level == "word" and length is None
     n_draw = length or DEFAULT_LENGTH[vocab.level]
@@ -80,9 +80,9 @@ def sample(model, prompt="", length=None, temperature=1.0, top_k=None, top_p=Non
     def advance(tokens):
         """Feed tokens (num,) and return the next tokens' log-probabilities (num, V) on the host."""
         ops.copy_into(tokens.reshape(1, num).astype(np.int32), inputs)
-        ops.forward(params["W_x"], params["W_s"], params["b_s"], inputs, window.S)
+        top = step.forward(ops, params, window, inputs, training=False)
         window.carry_state()
-        return reference.log_probs(host_params, ops.to_numpy(window.S[0]).astype(np.float64), model.class_bounds)
+        return reference.log_probs(host_params, ops.to_numpy(top).astype(np.float64), model.class_bounds)
 
     inputs = ops.zeros((1, num), np.int32)
     log_p = advance(np.full(num, vocab.boundary_id))

@@ -5,59 +5,109 @@ composition below and so the model and the loss are shared.
 
 Sparse gradients: a window touches only the W_x columns of its input tokens (and, with the class
 softmax, only the W_o rows of its targets' classes). Those gradients are kept zero elsewhere, marked
-in a uint8 mask, and the update visits the marked rows alone. W_x lives on the device column-major
-(as Wᵀ_x, one contiguous m-vector per token), which makes both its reads and its updates contiguous.
+in a uint8 mask, and the optimizer visits the marked rows alone. W_x lives on the device column-major
+(as the transpose of a (V, m) array, one contiguous m-vector per token), which makes its reads and
+updates contiguous, and makes tying (W_o = W_xᵀ) a matter of two views of one array.
+
+Dropout (training only) multiplies the first layer's input term W_x x_{t-1} and every layer's output
+s_t by masks of 0 and 1/(1 - p) drawn on the host; the recurrent connection is never dropped.
 """
 
 import numpy as np
 
-SPARSE = {"W_x": "touched_W_x", "W_o": "touched_W_o"}
+from rnnlm.model import layer_names
 
 
-def to_device(ops, params):
-    """Backend copies of the parameters; W_x column-major (a transposed view of a (V, m) array)."""
-    return {name: ops.asarray(array.T).T if name == "W_x" else ops.asarray(array) for name, array in params.items()}
+def to_device(ops, params, tied=False):
+    """Backend copies of the parameters; W_x column-major, and a view of W_o when tied."""
+    device = {name: ops.asarray(array) for name, array in params.items() if name != "W_x"}
+    device["W_x"] = device["W_o"].T if tied else ops.asarray(params["W_x"].T).T
+    return device
 
 
 def zero_grads(ops, params):
-    """Zeroed gradient arrays laid out like ``to_device``'s parameters."""
+    """Zeroed gradient arrays laid out like ``to_device``'s parameters (W_x's always its own)."""
     return {
         name: ops.zeros(p.shape[::-1], p.dtype).T if name == "W_x" else ops.zeros(p.shape, p.dtype)
         for name, p in params.items()
     }
 
 
-class Window:
-    """Device buffers for windows of T steps over B streams of a model with V tokens and state m.
+def rows(name, array):
+    """The array as rows of one token each: W_x transposed (V, m), any other as it is."""
+    return array.T if name == "W_x" else array
 
-    S (T + 1, B, m): states, S[0] the state carried in; Z (T·B, V), or (T·B, C) with the class softmax:
-    logits, then dL/dz; dL_ds_out (T, B, m): the output layer's dL/ds_t; dL_da (T, B, m);
-    touched_W_x, touched_W_o (V,) uint8: the sparse gradients' masks; class_bounds (C + 1,) int32.
+
+class Window:
+    """Device buffers for windows of T steps over B streams of a model with V tokens, state m, L layers.
+
+    Per layer: S (T + 1, B, m) states, S[0] the state carried in; U (T, B, m) the input term; D (T, B, m)
+    the dropped-out output (dropout only); dL_ds_out (T, B, m) the gradient reaching s_t from above;
+    dL_da (T, B, m). Z (T·B, V), or (T·B, C) with the class softmax: logits, then dL/dz. touched_W_x,
+    touched_W_o (V,) uint8: the sparse gradients' masks. Dropout masks: mask_in (T, B, m) and one
+    mask_out per layer, refilled by ``draw_masks``.
     """
 
-    def __init__(self, ops, T, B, m, V, dtype=np.float32, class_bounds=None):
-        self.ops, self.T, self.B = ops, T, B
-        self.S = ops.zeros((T + 1, B, m), dtype)
+    def __init__(self, ops, T, B, m, V, dtype=np.float32, class_bounds=None, layers=1, tied=False, dropout=0.0):
+        self.ops, self.T, self.B, self.layers, self.tied, self.dropout = ops, T, B, layers, tied, dropout
+        self.dtype = np.dtype(dtype)
+        shape = (T, B, m)
+        self.S = [ops.zeros((T + 1, B, m), dtype) for _ in range(layers)]
+        self.U = [ops.zeros(shape, dtype) for _ in range(layers)]
+        self.dL_ds_out = [ops.zeros(shape, dtype) for _ in range(layers)]
+        self.dL_da = [ops.zeros(shape, dtype) for _ in range(layers)]
+        self.D = [ops.zeros(shape, dtype) for _ in range(layers)] if dropout else None
+        self.mask_in = ops.zeros(shape, dtype) if dropout else None
+        self.mask_out = [ops.zeros(shape, dtype) for _ in range(layers)] if dropout else None
         n_out = V if class_bounds is None else len(class_bounds) - 1
         self.Z = ops.zeros((T * B, n_out), dtype)
-        self.dL_ds_out = ops.zeros((T, B, m), dtype)
-        self.dL_da = ops.zeros((T, B, m), dtype)
         self.touched_W_x = ops.zeros(V, np.uint8)
         self.touched_W_o = ops.zeros(V, np.uint8)
         self.class_bounds = None if class_bounds is None else ops.asarray(class_bounds, np.int32)
 
+    def draw_masks(self, rng):
+        """New dropout masks (0 or 1/(1 - p)) from the numpy Generator ``rng``."""
+        keep = 1.0 - self.dropout
+        for mask in [self.mask_in, *self.mask_out]:
+            drawn = (rng.random(mask.shape) < keep).astype(self.dtype) / self.dtype.type(keep)
+            self.ops.copy_into(drawn, mask)
+
     def reset_state(self):
-        """Zero the state carried into the next window."""
-        self.ops.copy_into(np.zeros(self.S.shape[1:], self.S.dtype), self.S[0])
+        """Zero the states carried into the next window."""
+        zero = np.zeros(self.S[0].shape[1:], self.dtype)
+        for S in self.S:
+            self.ops.copy_into(zero, S[0])
 
     def carry_state(self):
-        """Make the window's last state the next window's first."""
-        self.ops.copy_into(self.S[self.T], self.S[0])
+        """Make the window's last states the next window's first."""
+        for S in self.S:
+            self.ops.copy_into(S[self.T], S[0])
 
-    def states(self):
-        """(S_prev, S_next), each (T·B, m): the states feeding each step and the states it produced."""
-        T, B, m = self.T, self.B, self.S.shape[2]
-        return self.S[:T].reshape(T * B, m), self.S[1:].reshape(T * B, m)
+    def flat(self, array):
+        """A (T, B, m) buffer as (T·B, m) rows."""
+        return array.reshape(self.T * self.B, -1)
+
+    def outputs(self, k, training):
+        """Layer k's (0-based) output as the layer above or the output layer reads it: (T·B, m)."""
+        if training and self.dropout:
+            return self.flat(self.D[k])
+        return self.flat(self.S[k][1:])
+
+
+def forward(ops, params, window, inputs, training):
+    """Run every layer over the window; returns the top layer's output rows (T·B, m)."""
+    U = window.U[0]
+    ops.embed(params["W_x"], inputs, U)
+    if training and window.dropout:
+        ops.multiply(U, window.mask_in, U)
+    for k in range(window.layers):
+        W_in, W_s, b_s = layer_names(k + 1)
+        if k > 0:
+            ops.matmul_nt(window.outputs(k - 1, training), params[W_in], window.flat(window.U[k]))
+        ops.forward(params[W_s], params[b_s], window.U[k], window.S[k])
+        if training and window.dropout:
+            ops.multiply(window.S[k][1:], window.mask_out[k], window.D[k])
+    return window.outputs(window.layers - 1, training)
 
 
 def forward_backward(ops, params, grads, window, inputs, targets, target_classes=None):
@@ -67,55 +117,76 @@ def forward_backward(ops, params, grads, window, inputs, targets, target_classes
     (T, B) int32 backend arrays (targets[t] = inputs[t + 1] in a stream); target_classes (T, B) int32,
     the targets' classes, with the class softmax only. Returns Σ -log p_t(x̂_t) as a float. Dense
     gradients are overwritten; sparse ones accumulate into their marked rows (see ``rnnlm.optim``);
-    window.S[T] holds the last state.
+    window.S[k][T] holds the last states.
     """
-    T, B = window.T, window.B
-    N = T * B
-    S_prev, S_next = window.states()
-    Z, scale = window.Z, 1.0 / N
-    dL_ds_out = window.dL_ds_out.reshape(N, -1)
-    ops.forward(params["W_x"], params["W_s"], params["b_s"], inputs, window.S)
-    if window.class_bounds is None:
-        ops.matmul_nt(S_next, params["W_o"], Z)
-        loss = ops.softmax_xent_grad(Z, params["b_o"], targets.reshape(N), scale, grads["b_o"])
-        ops.matmul_tn(Z, S_next, grads["W_o"])  # dW_o = Σ_t dL/dz s_tᵀ
-        ops.matmul_nn(Z, params["W_o"], dL_ds_out)  # W_oᵀ dL/dz, row by row
-    else:
-        ops.matmul_nt(S_next, params["W_c"], Z)
-        loss = ops.softmax_xent_grad(Z, params["b_c"], target_classes.reshape(N), scale, grads["b_c"])
-        ops.matmul_tn(Z, S_next, grads["W_c"])
-        ops.matmul_nn(Z, params["W_c"], dL_ds_out)
-        loss += ops.class_xent_grad(S_next, params["W_o"], params["b_o"], targets.reshape(N),
-                                    target_classes.reshape(N), window.class_bounds, scale, grads["W_o"],
-                                    grads["b_o"], dL_ds_out, window.touched_W_o)
-    ops.backward(params["W_s"], window.S, window.dL_ds_out, window.dL_da)
-    ops.matmul_tn(window.dL_da.reshape(N, -1), S_prev, grads["W_s"])  # dW_s = Σ_t dL/da_t s_{t-1}ᵀ
-    ops.input_grads(inputs, window.dL_da, grads["W_x"], grads["b_s"], window.touched_W_x)
+    N = window.T * window.B
+    scale = 1.0 / N
+    top = forward(ops, params, window, inputs, training=True)
+    L = window.layers
+    dL_ds_top = window.flat(window.dL_ds_out[L - 1])
+    loss = output_backward(ops, params, grads, window, top, targets.reshape(N), target_classes, scale, dL_ds_top)
+    for k in range(L - 1, -1, -1):
+        W_in, W_s, b_s = layer_names(k + 1)
+        if window.dropout:
+            ops.multiply(window.dL_ds_out[k], window.mask_out[k], window.dL_ds_out[k])
+        ops.backward(params[W_s], window.S[k], window.dL_ds_out[k], window.dL_da[k])
+        dL_da = window.flat(window.dL_da[k])
+        ops.matmul_tn(dL_da, window.flat(window.S[k][:-1]), grads[W_s])  # dW_s = Σ_t dL/da_t s_{t-1}ᵀ
+        ops.bias_grad(dL_da, grads[b_s])
+        if k > 0:
+            below = window.outputs(k - 1, training=True)
+            ops.matmul_tn(dL_da, below, grads[W_in])  # dW_in = Σ_t dL/da_t s^{below}_tᵀ
+            ops.matmul_nn(dL_da, params[W_in], window.flat(window.dL_ds_out[k - 1]))
+    dL_dU = window.dL_da[0]
+    if window.dropout:
+        ops.multiply(dL_dU, window.mask_in, window.U[0])  # U is free now: reuse it for dL/dU
+        dL_dU = window.U[0]
+    ops.input_grads(inputs, dL_dU, grads["W_x"], window.touched_W_x)  # dW_x[:, x_{t-1}] += dL/dU_t
+    if window.tied:  # one shared array: fold W_x's sparse gradient into W_o's
+        ops.masked_add_rows(grads["W_o"], rows("W_x", grads["W_x"]), window.touched_W_x, window.touched_W_o)
     return float(loss)
 
 
-def window_loss(ops, params, window, inputs, targets, target_classes=None):
-    """Σ -log p_t(x̂_t) over a window, without gradients; window.S[T] holds the last state."""
-    N = window.T * window.B
-    _, S_next = window.states()
-    ops.forward(params["W_x"], params["W_s"], params["b_s"], inputs, window.S)
+def output_backward(ops, params, grads, window, s, targets, target_classes, scale, dL_ds):
+    """Output layer on rows s (N, m): loss sum, its parameters' gradients, and dL/ds into dL_ds (N, m)."""
+    Z = window.Z
     if window.class_bounds is None:
-        ops.matmul_nt(S_next, params["W_o"], window.Z)
+        ops.matmul_nt(s, params["W_o"], Z)
+        loss = ops.softmax_xent_grad(Z, params["b_o"], targets, scale, grads["b_o"])  # Z := dL/dz
+        ops.matmul_tn(Z, s, grads["W_o"])  # dW_o = Σ_t dL/dz s_tᵀ
+        ops.matmul_nn(Z, params["W_o"], dL_ds)  # W_oᵀ dL/dz, row by row
+        return loss
+    classes = target_classes.reshape(-1)
+    ops.matmul_nt(s, params["W_c"], Z)
+    loss = ops.softmax_xent_grad(Z, params["b_c"], classes, scale, grads["b_c"])
+    ops.matmul_tn(Z, s, grads["W_c"])
+    ops.matmul_nn(Z, params["W_c"], dL_ds)
+    return loss + ops.class_xent_grad(s, params["W_o"], params["b_o"], targets, classes, window.class_bounds,
+                                      scale, grads["W_o"], grads["b_o"], dL_ds, window.touched_W_o)
+
+
+def window_loss(ops, params, window, inputs, targets, target_classes=None):
+    """Σ -log p_t(x̂_t) over a window, without gradients or dropout; window.S[k][T] holds the last states."""
+    N = window.T * window.B
+    s = forward(ops, params, window, inputs, training=False)
+    if window.class_bounds is None:
+        ops.matmul_nt(s, params["W_o"], window.Z)
         return float(ops.softmax_xent(window.Z, params["b_o"], targets.reshape(N)))
-    ops.matmul_nt(S_next, params["W_c"], window.Z)
-    loss = ops.softmax_xent(window.Z, params["b_c"], target_classes.reshape(N))
-    return float(loss + ops.class_xent(S_next, params["W_o"], params["b_o"], targets.reshape(N),
-                                       target_classes.reshape(N), window.class_bounds))
+    classes = target_classes.reshape(N)
+    ops.matmul_nt(s, params["W_c"], window.Z)
+    loss = ops.softmax_xent(window.Z, params["b_c"], classes)
+    return float(loss + ops.class_xent(s, params["W_o"], params["b_o"], targets.reshape(N), classes,
+                                       window.class_bounds))
 
 
 def sparse_names(window):
-    """The parameters whose gradients are sparse for this window's model, with their masks."""
-    names = {"W_x": window.touched_W_x}
+    """The trainable parameters whose gradients are sparse for this window's model, with their masks."""
+    names = {} if window.tied else {"W_x": window.touched_W_x}
     if window.class_bounds is not None:
         names["W_o"] = window.touched_W_o
     return names
 
 
-def rows(name, array):
-    """The array as rows of one token each: W_x transposed (V, m), W_o as it is."""
-    return array.T if name == "W_x" else array
+def trainable(params, window):
+    """The parameters an optimizer updates: all but W_x when it is a view of W_o."""
+    return {name: p for name, p in params.items() if not (window.tied and name == "W_x")}

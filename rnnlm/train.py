@@ -49,6 +49,9 @@ class TrainConfig:
     max_vocab: int | None = None
     lowercase: bool = False
     hidden: int = 200
+    layers: int = 1
+    dropout: float = 0.0
+    tied: bool = False
     bptt: int = 20
     batch: int = 20
     optimizer: str = "sgd"
@@ -70,7 +73,7 @@ class TrainConfig:
 
     def check(self):
         """RnnlmError naming the first setting out of range."""
-        for name in ("hidden", "bptt", "batch", "epochs", "min_count"):
+        for name in ("hidden", "layers", "bptt", "batch", "epochs", "min_count"):
             if getattr(self, name) < 1:
                 raise RnnlmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("init", INITS),
@@ -81,6 +84,8 @@ class TrainConfig:
             raise RnnlmError(f"--lr must be positive, got {self.lr}")
         if self.clip < 0 or self.l2 < 0:
             raise RnnlmError("--clip and --l2 must not be negative")
+        if not 0 <= self.dropout < 1:
+            raise RnnlmError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.classes is not None and self.classes < 1:
             raise RnnlmError(f"--classes must be at least 1, got {self.classes}")
 
@@ -140,8 +145,8 @@ def train(text, model_path, valid=None, config=None, options=None, on_window=Non
     if config.softmax == "class":
         n_classes = config.classes or round(np.sqrt(len(vocab)))
         class_bounds = frequency_classes(np.bincount(train_ids, minlength=len(vocab)), n_classes)
-    model = Model.create(vocab, config.hidden, seed=config.seed, hparams=asdict(config),
-                         class_bounds=class_bounds, init=config.init)
+    model = Model.create(vocab, config.hidden, seed=config.seed, hparams=asdict(config), class_bounds=class_bounds,
+                         init=config.init, layers=config.layers, tied=config.tied)
     sources = {"text": str(text), "valid": None if valid is None else str(valid), "model": str(model_path)}
     trainer = Trainer(ops, model, config, options, train_ids, valid_ids, sources)
     trainer.log_path.write_text("", encoding="utf-8")
@@ -175,7 +180,9 @@ def resume(checkpoint, options=None, on_window=None, on_epoch=None):
         raise RnnlmError(f"{sources['text']} changed since the checkpoint was written")
     class_bounds = arrays.pop("class_bounds", None)
     best = {name[len("best/"):]: arrays[name] for name in arrays if name.startswith("best/")}
-    model = Model(best, vocab, asdict(config), class_bounds)
+    if config.tied:
+        best["W_x"] = best["W_o"].T
+    model = Model(best, vocab, asdict(config), class_bounds, config.layers, config.tied)
     trainer = Trainer(ops, model, config, options, train_ids, valid_ids, sources)
     trainer.restore(arrays, meta["state"])
     return trainer.run(on_window, on_epoch)
@@ -232,11 +239,14 @@ class Trainer:
         if model.class_bounds is not None:
             self.tokens.append(ops.asarray(word_classes(model.class_bounds)[targets]))
         self.n_windows = inputs.shape[0] // config.bptt
-        self.params = step.to_device(ops, model.params)
+        self.params = step.to_device(ops, model.params, model.tied)
         self.grads = step.zero_grads(ops, model.params)
-        self.optimizer = make_optimizer(config.optimizer, ops, self.params, clip=config.clip, l2=config.l2)
         self.window = step.Window(ops, config.bptt, config.batch, model.hidden, model.vocab_size,
-                                  class_bounds=model.class_bounds)
+                                  dropout=config.dropout, **model.structure)
+        self.trainable = list(step.trainable(self.params, self.window))
+        self.optimizer = make_optimizer(config.optimizer, ops, step.trainable(self.params, self.window),
+                                        clip=config.clip, l2=config.l2)
+        self.rng = np.random.default_rng(config.seed + 1)  # dropout masks
         # schedule and cursor: everything a checkpoint must carry besides arrays
         self.state = {
             "epoch": 1, "window": 0, "epoch_loss": 0.0, "lr": config.lr, "halving": False, "stalls": 0,
@@ -274,6 +284,8 @@ class Trainer:
         max_loss = math.log(self.model.vocab_size) + 3
         while state["window"] < self.n_windows:
             rows = slice(state["window"] * T, (state["window"] + 1) * T)
+            if config.dropout:
+                window.draw_masks(self.rng)
             loss = step.forward_backward(ops, self.params, self.grads, window, *(t[rows] for t in self.tokens))
             if not loss / (T * B) < max_loss:  # NaN, inf, or far worse than guessing: diverged
                 self.recover_from_divergence(loss / (T * B))
@@ -310,7 +322,7 @@ class Trainer:
     def end_epoch(self, on_epoch):
         """Validate, keep the best model, apply the schedule; True when training should stop."""
         state, model, config = self.state, self.model, self.config
-        nats = stream_loss(self.ops, self.params, self.valid_ids, model.vocab.boundary_id, model.class_bounds)
+        nats = stream_loss(self.ops, self.params, self.valid_ids, model.vocab.boundary_id, model.structure)
         valid_ppl = math.exp(nats / len(self.valid_ids))
         done = max(state["window"], 1)
         record = self.log({"train_loss": state["epoch_loss"] / (done * config.bptt * config.batch),
@@ -365,17 +377,19 @@ class Trainer:
 
     def pull_params(self):
         """Copy the device parameters into the model (the best so far)."""
-        for name, array in self.params.items():
-            self.model.params[name] = np.ascontiguousarray(self.ops.to_numpy(array), np.float32)
+        for name in self.trainable:
+            self.model.params[name] = np.ascontiguousarray(self.ops.to_numpy(self.params[name]), np.float32)
+        if self.model.tied:
+            self.model.params["W_x"] = self.model.params["W_o"].T
 
     def push_params(self):
         """Restore the device parameters from the model (roll back to the best so far)."""
-        for name, array in self.model.params.items():
-            self.ops.copy_into(array, self.params[name])
+        for name in self.trainable:
+            self.ops.copy_into(self.model.params[name], self.params[name])
 
     def snapshot(self):
         """Host copies of the parameters and the optimizer state."""
-        params = {name: self.ops.to_numpy(array) for name, array in self.params.items()}
+        params = {name: self.ops.to_numpy(self.params[name]) for name in self.trainable}
         return params, self.optimizer.state()
 
     def restore_snapshot(self, snapshot):
@@ -394,13 +408,15 @@ class Trainer:
         arrays.update({f"optimizer/{k}": v for k, v in opt_arrays.items()})
         arrays.update({f"epoch_start/params/{k}": v for k, v in start_params.items()})
         arrays.update({f"epoch_start/optimizer/{k}": v for k, v in start_arrays.items()})
-        arrays["carried_state"] = self.ops.to_numpy(self.window.S[0])
+        for k, S in enumerate(self.window.S):
+            arrays[f"carried_state/{k}"] = self.ops.to_numpy(S[0])
         if self.model.class_bounds is not None:
             arrays["class_bounds"] = self.model.class_bounds
         meta = {
             "kind": "rnnlm-checkpoint", "config": asdict(self.config), "options": asdict(self.options),
             "sources": self.sources, "vocab": self.model.vocab.tokens,
-            "state": dict(state, optimizer=opt_scalars, epoch_start_optimizer=start_scalars),
+            "state": dict(state, optimizer=opt_scalars, epoch_start_optimizer=start_scalars,
+                          rng=self.rng.bit_generator.state),
         }
         arrays["meta"] = np.array(json.dumps(meta))
         atomic_savez(self.checkpoint_path, arrays)
@@ -419,7 +435,9 @@ class Trainer:
         self.optimizer.load_state(group("optimizer/"), state.pop("optimizer"))
         self.epoch_start = (group("epoch_start/params/"),
                             (group("epoch_start/optimizer/"), state.pop("epoch_start_optimizer")))
-        self.ops.copy_into(arrays["carried_state"], self.window.S[0])
+        for k, S in enumerate(self.window.S):
+            self.ops.copy_into(arrays[f"carried_state/{k}"], S[0])
+        self.rng.bit_generator.state = state.pop("rng")
         self.state = state
         with open(self.log_path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in state["records"])

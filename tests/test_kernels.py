@@ -1,7 +1,8 @@
 """The kernels of every backend against the numpy reference and against central differences.
 
-Every test runs for both backends (``ops``) and both output layers (``softmax``: full, or class-based
-with 3 classes). Toy sizes (V=11, m=6, T=4, B=3) so that the CUDA backend runs under the simulator.
+Every test runs for both backends (``ops``) and four model structures (``structure``): full softmax;
+class softmax (3 classes); two stacked layers with tied weights and fixed dropout masks; class softmax
+with tied weights. Toy sizes (V=11, m=6, T=4, B=3) so that the CUDA backend runs under the simulator.
 """
 
 import numpy as np
@@ -12,140 +13,195 @@ from rnnlm.model import init_params, word_classes
 
 V, m, T, B = 11, 6, 4, 3
 CLASS_BOUNDS = np.array([0, 2, 6, 11], np.int32)
+STRUCTURES = {
+    "full": dict(class_bounds=None, layers=1, tied=False, dropout=0.0),
+    "class": dict(class_bounds=CLASS_BOUNDS, layers=1, tied=False, dropout=0.0),
+    "stacked-tied-dropout": dict(class_bounds=None, layers=2, tied=True, dropout=0.3),
+    "class-tied": dict(class_bounds=CLASS_BOUNDS, layers=1, tied=True, dropout=0.0),
+}
 
 
-@pytest.fixture(params=["full", "class"])
-def class_bounds(request):
-    return None if request.param == "full" else CLASS_BOUNDS
+@pytest.fixture(params=list(STRUCTURES))
+def structure(request):
+    return STRUCTURES[request.param]
 
 
-def toy_problem(dtype, class_bounds, seed=0):
-    """Parameters with nonzero biases, a nonzero carried state, and a window with a repeated token."""
-    rng = np.random.default_rng(seed)
-    n_classes = None if class_bounds is None else len(class_bounds) - 1
-    params = init_params(V, m, rng, np.float64, n_classes=n_classes)
-    for name in params:
-        params[name] = params[name] + 0.3 * rng.standard_normal(params[name].shape)
-    inputs = rng.integers(0, V, (T, B)).astype(np.int32)
-    inputs[2, 1] = inputs[0, 0]  # the same token twice: its W_x column must sum both gradients
-    targets = rng.integers(0, V, (T, B)).astype(np.int32)
-    targets[3, 2] = targets[1, 0]  # and a repeated target: rows of one class share W_o's rows
-    s0 = 0.5 * rng.standard_normal((B, m))
-    return {k: v.astype(dtype) for k, v in params.items()}, inputs, targets, s0.astype(dtype)
+class Problem:
+    """Parameters with nonzero biases, nonzero carried states, a window with a repeated input and a
+    repeated target, and fixed dropout masks (when the structure has dropout)."""
+
+    def __init__(self, dtype, structure, seed=0):
+        rng = np.random.default_rng(seed)
+        self.structure = structure
+        bounds, L = structure["class_bounds"], structure["layers"]
+        n_classes = None if bounds is None else len(bounds) - 1
+        params = init_params(V, m, rng, np.float64, n_classes=n_classes, layers=L)
+        for name in params:
+            params[name] = (params[name] + 0.3 * rng.standard_normal(params[name].shape)).astype(dtype)
+        if structure["tied"]:
+            params["W_x"] = params["W_o"].T
+        self.params = params
+        self.inputs = rng.integers(0, V, (T, B)).astype(np.int32)
+        self.inputs[2, 1] = self.inputs[0, 0]  # the same token twice: its W_x column sums both gradients
+        self.targets = rng.integers(0, V, (T, B)).astype(np.int32)
+        self.targets[3, 2] = self.targets[1, 0]  # and a repeated target: rows of one class share W_o's rows
+        self.s0 = (0.5 * rng.standard_normal((L, B, m))).astype(dtype)
+        self.masks = None
+        if structure["dropout"]:
+            keep = 1 - structure["dropout"]
+            def draw():
+                return ((rng.random((T, B, m)) < keep) / keep).astype(dtype)
+            self.masks = (draw(), [draw() for _ in range(L)])
+
+    def reference(self, params=None, grads=True):
+        args = (params or self.params, self.inputs, self.targets, self.s0, self.structure["class_bounds"], self.masks)
+        if grads:
+            return reference.loss_and_grads(*args, tied=self.structure["tied"])
+        return reference.loss(*args)
+
+    def as_float64(self):
+        other = Problem.__new__(Problem)
+        other.__dict__.update(self.__dict__)
+        other.params = {k: v.astype(np.float64) for k, v in self.params.items()}
+        if self.structure["tied"]:
+            other.params["W_x"] = other.params["W_o"].T
+        other.s0 = self.s0.astype(np.float64)
+        return other
+
+    def on_device(self, ops):
+        """Backend parameters, a window holding s0 and the masks, and the token arrays of one step."""
+        structure = self.structure
+        window = step.Window(ops, T, B, m, V, self.s0.dtype, **structure)
+        for S, s0 in zip(window.S, self.s0, strict=True):
+            ops.copy_into(s0, S[0])
+        if self.masks is not None:
+            ops.copy_into(self.masks[0], window.mask_in)
+            for device_mask, mask in zip(window.mask_out, self.masks[1], strict=True):
+                ops.copy_into(mask, device_mask)
+        bounds = structure["class_bounds"]
+        classes = None if bounds is None else ops.asarray(word_classes(bounds)[self.targets])
+        tokens = (ops.asarray(self.inputs), ops.asarray(self.targets), classes)
+        return step.to_device(ops, self.params, structure["tied"]), window, tokens
+
+    def run(self, ops):
+        """Loss sum, trainable gradients (numpy, dense) and last states from the backend's fused step."""
+        P, window, tokens = self.on_device(ops)
+        G = step.zero_grads(ops, self.params)
+        loss = step.forward_backward(ops, P, G, window, *tokens)
+        grads = {k: ops.to_numpy(G[k]) for k in step.trainable(G, window)}
+        return loss, grads, np.stack([ops.to_numpy(S[T]) for S in window.S])
 
 
-def device_window(ops, params, inputs, targets, s0, class_bounds):
-    """Backend parameters, window (with s0 carried in) and token arrays for one step."""
-    window = step.Window(ops, T, B, m, V, s0.dtype, class_bounds)
-    ops.copy_into(s0, window.S[0])
-    classes = None if class_bounds is None else ops.asarray(word_classes(class_bounds)[targets])
-    return step.to_device(ops, params), window, (ops.asarray(inputs), ops.asarray(targets), classes)
+def trainable_names(problem):
+    return [name for name in problem.params if not (problem.structure["tied"] and name == "W_x")]
 
 
-def run_window(ops, params, inputs, targets, s0, class_bounds):
-    """Loss sum, gradients (numpy, dense) and last state from the backend's fused step."""
-    P, window, tokens = device_window(ops, params, inputs, targets, s0, class_bounds)
-    G = step.zero_grads(ops, params)
-    loss = step.forward_backward(ops, P, G, window, *tokens)
-    grads = {k: ops.to_numpy(v) for k, v in G.items()}
-    return loss, grads, ops.to_numpy(window.S[T])
-
-
-def test_float64_kernels_equal_reference(ops, class_bounds):
-    params, inputs, targets, s0 = toy_problem(np.float64, class_bounds)
-    loss, grads, s_last = run_window(ops, params, inputs, targets, s0, class_bounds)
-    ref_loss, ref_grads, ref_last = reference.loss_and_grads(params, inputs, targets, s0, class_bounds)
+def test_float64_kernels_equal_reference(ops, structure):
+    problem = Problem(np.float64, structure)
+    loss, grads, s_last = problem.run(ops)
+    ref_loss, ref_grads, ref_last = problem.reference()
     assert loss == pytest.approx(ref_loss, rel=1e-12)
     np.testing.assert_allclose(s_last, ref_last, rtol=1e-12)
-    for name in params:
+    assert sorted(grads) == sorted(ref_grads)
+    for name in grads:
         np.testing.assert_allclose(grads[name], ref_grads[name], rtol=1e-10, atol=1e-14, err_msg=name)
 
 
-def test_float32_kernels_equal_float64_reference(ops, class_bounds):
-    params, inputs, targets, s0 = toy_problem(np.float32, class_bounds)
-    loss, grads, _ = run_window(ops, params, inputs, targets, s0, class_bounds)
-    params64 = {k: v.astype(np.float64) for k, v in params.items()}
-    ref_loss, ref_grads, _ = reference.loss_and_grads(params64, inputs, targets, s0.astype(np.float64), class_bounds)
+def test_float32_kernels_equal_float64_reference(ops, structure):
+    problem = Problem(np.float32, structure)
+    loss, grads, _ = problem.run(ops)
+    ref_loss, ref_grads, _ = problem.as_float64().reference()
     assert loss == pytest.approx(ref_loss, rel=1e-5)
-    for name in params:
+    for name in grads:
         scale = np.abs(ref_grads[name]).max()
         np.testing.assert_allclose(grads[name], ref_grads[name], rtol=1e-5, atol=1e-5 * scale, err_msg=name)
 
 
-def test_gradients_equal_central_differences(ops, class_bounds):
-    """Every entry of every parameter's gradient against (L(θ+ε) - L(θ-ε)) / 2ε of the mean loss."""
-    params, inputs, targets, s0 = toy_problem(np.float64, class_bounds, seed=1)
-    _, grads, _ = run_window(ops, params, inputs, targets, s0, class_bounds)
+def test_gradients_equal_central_differences(ops, structure):
+    """Every entry of every trainable array's gradient against (L(θ+ε) - L(θ-ε)) / 2ε of the mean loss
+    (for tied weights the shared array, perturbed through both of its uses)."""
+    problem = Problem(np.float64, structure, seed=1)
+    _, grads, _ = problem.run(ops)
     eps = 1e-5
-    for name in params:
-        numeric = np.zeros_like(params[name])
-        for idx in np.ndindex(params[name].shape):
-            shifted = {k: v.copy() for k, v in params.items()}
+    for name in trainable_names(problem):
+        numeric = np.zeros_like(problem.params[name])
+        for idx in np.ndindex(numeric.shape):
+            shifted = {k: v.copy() for k, v in problem.params.items()}
+            if structure["tied"]:
+                shifted["W_x"] = shifted["W_o"].T
             shifted[name][idx] += eps
-            up = reference.loss(shifted, inputs, targets, s0, class_bounds)[0]
+            up = problem.reference(shifted, grads=False)[0]
             shifted[name][idx] -= 2 * eps
-            down = reference.loss(shifted, inputs, targets, s0, class_bounds)[0]
+            down = problem.reference(shifted, grads=False)[0]
             numeric[idx] = (up - down) / (2 * eps) / (T * B)
         error = np.abs(grads[name] - numeric).max() / np.abs(numeric).max()
         assert error < 1e-7, (name, error)
 
 
-def test_window_loss_equals_reference(ops, class_bounds):
-    params, inputs, targets, s0 = toy_problem(np.float32, class_bounds, seed=2)
-    P, window, tokens = device_window(ops, params, inputs, targets, s0, class_bounds)
+def test_window_loss_equals_reference_without_dropout(ops, structure):
+    problem = Problem(np.float32, structure, seed=2)
+    P, window, tokens = problem.on_device(ops)
     loss = step.window_loss(ops, P, window, *tokens)
-    params64 = {k: v.astype(np.float64) for k, v in params.items()}
-    ref_loss, ref_last = reference.loss(params64, inputs, targets, s0.astype(np.float64), class_bounds)
+    ref = problem.as_float64()
+    ref.masks = None  # evaluation never drops out
+    ref_loss, ref_last = ref.reference(grads=False)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
-    np.testing.assert_allclose(ops.to_numpy(window.S[T]), ref_last, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.stack([ops.to_numpy(S[T]) for S in window.S]), ref_last, rtol=1e-5, atol=1e-6)
 
 
-def test_sgd_step_clips_the_global_norm_and_decays(ops, class_bounds):
+def test_sgd_step_clips_the_global_norm_and_decays(ops, structure):
     """A real step's gradients, then the update: dense and sparse (W_x, class W_o) rows alike, and the
     sparse gradients are left zero for the next window."""
-    params, inputs, targets, s0 = toy_problem(np.float64, class_bounds, seed=3)
-    _, ref_grads, _ = reference.loss_and_grads(params, inputs, targets, s0, class_bounds)
-    P, window, tokens = device_window(ops, params, inputs, targets, s0, class_bounds)
-    G = step.zero_grads(ops, params)
+    problem = Problem(np.float64, structure, seed=3)
+    _, ref_grads, _ = problem.reference()
+    P, window, tokens = problem.on_device(ops)
+    G = step.zero_grads(ops, problem.params)
     step.forward_backward(ops, P, G, window, *tokens)
     norm = np.sqrt(sum((g**2).sum() for g in ref_grads.values()))
     lr, clip, l2 = 0.5, norm / 4, 0.01
-    assert optim.SGD(ops, P, clip=clip, l2=l2).update(P, G, window, lr) == pytest.approx(norm, rel=1e-10)
-    for name in params:
-        expected = params[name] - lr * (ref_grads[name] / 4 + 2 * l2 * params[name])
+    sgd = optim.SGD(ops, step.trainable(P, window), clip=clip, l2=l2)
+    assert sgd.update(P, G, window, lr) == pytest.approx(norm, rel=1e-10)
+    for name in ref_grads:
+        expected = problem.params[name] - lr * (ref_grads[name] / 4 + 2 * l2 * problem.params[name])
         np.testing.assert_allclose(ops.to_numpy(P[name]), expected, rtol=1e-10, atol=1e-14, err_msg=name)
-    for name in step.sparse_names(window):
+    for name in [*step.sparse_names(window), "W_x"]:
         assert not ops.to_numpy(G[name]).any(), name
+    if structure["tied"]:
+        np.testing.assert_array_equal(ops.to_numpy(P["W_x"]), ops.to_numpy(P["W_o"]).T)
 
 
 def test_class_probabilities_sum_to_one():
-    params, *_ = toy_problem(np.float64, CLASS_BOUNDS)
+    problem = Problem(np.float64, STRUCTURES["class"])
     s = np.random.default_rng(6).standard_normal((5, m))
-    p = np.exp(reference.log_probs(params, s, CLASS_BOUNDS))
+    p = np.exp(reference.log_probs(problem.params, s, CLASS_BOUNDS))
     np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-12)
 
 
-def test_adam_step_equals_a_hand_computed_step(ops, class_bounds):
+def test_adam_step_equals_a_hand_computed_step(ops, structure):
     """Two Adam steps on a real window's gradients against the formulas written out in numpy."""
-    params, inputs, targets, s0 = toy_problem(np.float64, class_bounds, seed=7)
-    P, window, tokens = device_window(ops, params, inputs, targets, s0, class_bounds)
-    G = step.zero_grads(ops, params)
-    adam = optim.Adam(ops, P, clip=0.5, l2=0.01, beta1=0.8, beta2=0.9, eps=1e-6)
-    expected = {k: v.copy() for k, v in params.items()}
-    m1 = {k: np.zeros_like(v) for k, v in params.items()}
-    m2 = {k: np.zeros_like(v) for k, v in params.items()}
+    problem = Problem(np.float64, structure, seed=7)
+    P, window, tokens = problem.on_device(ops)
+    G = step.zero_grads(ops, problem.params)
+    adam = optim.Adam(ops, step.trainable(P, window), clip=0.5, l2=0.01, beta1=0.8, beta2=0.9, eps=1e-6)
+    expected = {k: v.copy() for k, v in problem.params.items()}
+    if structure["tied"]:
+        expected["W_x"] = expected["W_o"].T
+    names = trainable_names(problem)
+    m1 = {k: np.zeros_like(expected[k]) for k in names}
+    m2 = {k: np.zeros_like(expected[k]) for k in names}
     lr = 0.05
     for t in (1, 2):
-        ops.copy_into(s0, window.S[0])
+        for S, s0 in zip(window.S, problem.s0, strict=True):
+            ops.copy_into(s0, S[0])
         step.forward_backward(ops, P, G, window, *tokens)
-        _, grads, _ = reference.loss_and_grads(expected, inputs, targets, s0, class_bounds)
+        _, grads, _ = problem.reference(expected)
         norm = np.sqrt(sum((g**2).sum() for g in grads.values()))
         assert adam.update(P, G, window, lr) == pytest.approx(norm, rel=1e-10)
-        for name in params:
+        for name in names:
             g = grads[name] * min(1.0, 0.5 / norm) + 0.02 * expected[name]
             m1[name] = 0.8 * m1[name] + 0.2 * g
             m2[name] = 0.9 * m2[name] + 0.1 * g**2
             m_hat, v_hat = m1[name] / (1 - 0.8**t), m2[name] / (1 - 0.9**t)
             expected[name] -= lr * m_hat / (np.sqrt(v_hat) + 1e-6)
-    for name in params:
+    for name in names:
         np.testing.assert_allclose(ops.to_numpy(P[name]), expected[name], rtol=1e-9, atol=1e-12, err_msg=name)

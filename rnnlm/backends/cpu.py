@@ -86,24 +86,38 @@ def matmul_tn(A, B, out):
 # ---------------------------------------------------------------------------------------- recurrence
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def forward(W_x, W_s, b_s, inputs, S):
-    """Run the recurrence over a window: S[t + 1] = tanh(W_s S[t] + W_x[:, inputs[t]] + b_s).
+@njit(parallel=True, cache=True)
+def embed(W_x, inputs, U):
+    """U[t, b] = W_x[:, inputs[t, b]]: the input term W_x x_{t-1} of the first layer.
 
-    W_x (m, V), W_s (m, m), b_s (m,); inputs (T, B) int32 ids x_{t-1};
-    S (T + 1, B, m): S[0] holds the carried state on entry, S[1:] is written.
-    The B streams are independent: one parallel region, each thread running whole streams.
+    W_x (m, V) (column-major on the device: each column contiguous); inputs (T, B) int32; U (T, B, m).
     """
-    T, B = inputs.shape
-    m = W_s.shape[0]
+    T, B, m = U.shape
+    for k in prange(T * B):
+        t, b = k // B, k % B
+        x = inputs[t, b]
+        for i in range(m):
+            U[t, b, i] = W_x[i, x]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def forward(W_s, b_s, U, S):
+    """Run the recurrence over a window: S[t + 1] = tanh(W_s S[t] + U[t] + b_s).
+
+    W_s (m, m), b_s (m,); U (T, B, m): the input term (W_x x_{t-1} for the first layer, W_in times the
+    layer below's output for the others); S (T + 1, B, m): S[0] holds the carried state on entry,
+    S[1:] is written. The B streams are independent: one parallel region, each thread running whole
+    streams.
+    """
+    T, B, m = U.shape
     for b in prange(B):
         for t in range(T):
             s_prev = S[t, b]
             s_t = S[t + 1, b]
-            x = inputs[t, b]
+            u_t = U[t, b]
             for i in range(m):
                 W_s_row = W_s[i]
-                a_t = b_s[i] + W_x[i, x]
+                a_t = b_s[i] + u_t[i]
                 for j in range(m):
                     a_t += W_s_row[j] * s_prev[j]
                 s_t[i] = a_t
@@ -153,28 +167,63 @@ def backward(W_s, S, dL_ds_out, dL_da):
 
 
 @njit(parallel=True, cache=True)
-def input_grads(inputs, dL_da, dW_x, db_s, touched):
-    """dW_x[:, x_{t-1}] += dL/da_t over the window, db_s = Σ_t dL/da_t, touched[x_{t-1}] = 1.
+def input_grads(inputs, dL_dU, dW_x, touched):
+    """dW_x[:, x_{t-1}] += dL/dU_t over the window and touched[x_{t-1}] = 1.
 
-    inputs (T, B) int32; dL_da (T, B, m); dW_x (m, V), zero in every column not marked in touched
-    (uint8 (V,)) on entry; db_s (m,) is overwritten. Each thread owns a band of rows of dW_x, so
-    repeated tokens never race.
+    inputs (T, B) int32; dL_dU (T, B, m): the gradient of the first layer's input term (dL/da_t, times
+    the input dropout mask when there is one); dW_x (m, V), zero in every column not marked in touched
+    (uint8 (V,)) on entry. Each thread owns a band of rows of dW_x, so repeated tokens never race.
     """
-    T, B, m = dL_da.shape
+    T, B, m = dL_dU.shape
     n_bands = min(m, 8)
     for band in prange(n_bands):
         lo, hi = band * m // n_bands, (band + 1) * m // n_bands
-        for i in range(lo, hi):
-            db_s[i] = 0
         for t in range(T):
             for b in range(B):
                 x = inputs[t, b]
-                g = dL_da[t, b]
+                g = dL_dU[t, b]
                 for i in range(lo, hi):
                     dW_x[i, x] += g[i]
-                    db_s[i] += g[i]
                 if band == 0:
                     touched[x] = 1
+
+
+@njit(parallel=True, cache=True)
+def bias_grad(dL_da, db):
+    """db = Σ_rows dL_da: dL_da (N, m), db (m,) overwritten."""
+    N, m = dL_da.shape
+    for i in prange(m):
+        total = dL_da[0, i] * 0
+        for r in range(N):
+            total += dL_da[r, i]
+        db[i] = total
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def multiply(a, mask, out):
+    """out = a ⊙ mask, elementwise over C-contiguous arrays of one shape (out may be a)."""
+    x = a.reshape(-1)
+    y = mask.reshape(-1)
+    z = out.reshape(-1)
+    for k in prange(x.shape[0]):
+        z[k] = x[k] * y[k]
+
+
+@njit(parallel=True, cache=True)
+def masked_add_rows(dst_rows, src_rows, src_mask, dst_mask):
+    """dst_rows[r] += src_rows[r] and src_rows[r] = 0 for the rows marked in src_mask, which is cleared
+    and merged into dst_mask: tied weights fold W_x's sparse gradient into W_o's."""
+    R, m = dst_rows.shape
+    for r in prange(R):
+        if src_mask[r]:
+            for i in range(m):
+                dst_rows[r, i] += src_rows[r, i]
+                src_rows[r, i] = 0
+            src_mask[r] = 0
+            dst_mask[r] = 1
+
+
+# ---------------------------------------------------------------------------------------- softmax
 
 
 @njit(fastmath=True, cache=True)

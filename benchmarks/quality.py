@@ -1,0 +1,99 @@
+"""Train with the documented recipe within a wall-clock budget, as a user would, and report the quality.
+
+    python benchmarks/quality.py ptb --minutes 5
+    python benchmarks/quality.py shakespeare --minutes 3
+
+Runs ``rnnlm train`` (then ``rnnlm perplexity`` for PTB's test set) as subprocesses; the budget covers
+training, validation and the final evaluation. Ends by printing one JSON line
+{"corpus", "metric", "value", "wall_s", "command"}: test perplexity for PTB (Mikolov's split), validation
+nats per character for tiny-shakespeare (first 90% train, last 10% validation, as nanoGPT splits it).
+"""
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+# The recipes, by the smallest budget (minutes) each is meant for; README.md quotes their results.
+RECIPES = {
+    "ptb": [
+        (0, ["--softmax", "class", "--hidden", "200", "--bptt", "20", "--batch", "20", "--optimizer", "sgd",
+             "--lr", "5", "--clip", "0.25", "--epochs", "40"]),
+    ],
+    "shakespeare": [
+        (0, ["--level", "char", "--hidden", "256", "--bptt", "64", "--batch", "32", "--optimizer", "adam",
+             "--lr", "0.003", "--clip", "1.0", "--epochs", "50"]),
+    ],
+}
+# seconds kept aside from the training budget for start-up, the last validation and the test evaluation
+RESERVE_S = {"ptb": 25, "shakespeare": 15}
+
+
+def recipe(corpus, minutes):
+    """The settings of the largest recipe whose minimum budget fits ``minutes``."""
+    return [args for least, args in RECIPES[corpus] if minutes >= least][-1]
+
+
+def rnnlm_command():
+    """How to run the CLI: the console script when installed, else the module."""
+    script = shutil.which("rnnlm")
+    return [script] if script else [sys.executable, "-c", "from cli.main import main; main()"]
+
+
+def shakespeare_split(workdir):
+    """First 90% / last 10% of tiny-shakespeare's characters, as nanoGPT splits it."""
+    text = (SHARED / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    cut = int(len(text) * 0.9)
+    train, valid = workdir / "train.txt", workdir / "valid.txt"
+    train.write_text(text[:cut], encoding="utf-8")
+    valid.write_text(text[cut:], encoding="utf-8")
+    return train, valid
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("corpus", choices=sorted(RECIPES))
+    parser.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget (default 5)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    parser.add_argument("--out", type=Path, default=None, help="keep the model and its log in this folder")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    workdir = args.out or Path(tempfile.mkdtemp(prefix=f"rnnlm-{args.corpus}-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = workdir / "model.npz"
+    if args.corpus == "ptb":
+        train, valid = SHARED / "ptb" / "train.txt", SHARED / "ptb" / "valid.txt"
+    else:
+        train, valid = shakespeare_split(workdir)
+    budget = (args.minutes * 60 - RESERVE_S[args.corpus] - (time.perf_counter() - start)) / 60
+    command = [*rnnlm_command(), "train", str(train), "--valid", str(valid), "-o", str(model),
+               *recipe(args.corpus, args.minutes), "--threads", str(args.threads),
+               "--time-budget", f"{budget:.3f}", "--json"]
+    print(" ".join(command), file=sys.stderr)
+    run = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    epochs = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    for record in epochs:
+        print(json.dumps(record), file=sys.stderr)
+    if args.corpus == "ptb":
+        test = SHARED / "ptb" / "test.txt"
+        evaluation = subprocess.run([*rnnlm_command(), "perplexity", str(model), str(test), "--json"],
+                                    stdout=subprocess.PIPE, text=True, check=True)
+        metric, value = "test_perplexity", json.loads(evaluation.stdout)["perplexity"]
+    else:
+        metric, value = "valid_nats_per_char", math.log(min(r["valid_perplexity"] for r in epochs))
+    result = {"corpus": args.corpus, "metric": metric, "value": round(value, 4),
+              "wall_s": round(time.perf_counter() - start, 1), "command": " ".join(command)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
