@@ -219,6 +219,9 @@ def atomic_savez(path, arrays):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make every model private
     try:
         with os.fdopen(fd, "wb") as f:
             write_npz(f, arrays)

@@ -398,6 +398,10 @@ def load_token_dir(path: str | os.PathLike) -> tuple[np.ndarray, Vocab]:
     path = Path(path)
     if not path.is_dir():
         raise RnnlmError(f"no such token directory: {path}")
+    if not (path / VOCAB_FILE).is_file():
+        raise RnnlmError(
+            f"{path} is a directory, expected a text file or a token directory from `rnnlm tokenize` (no vocab.json)"
+        )
     vocab = Vocab.load(path / VOCAB_FILE)
     tokens_path = path / TOKENS_FILE
     if not tokens_path.is_file():

@@ -149,7 +149,12 @@ def train(text, model_path, valid=None, config=None, options=None, on_window=Non
                          init=config.init, layers=config.layers, tied=config.tied)
     sources = {"text": str(text), "valid": None if valid is None else str(valid), "model": str(model_path)}
     trainer = Trainer(ops, model, config, options, train_ids, valid_ids, sources)
-    trainer.log_path.write_text("", encoding="utf-8")
+    try:
+        for path in (Path(model_path), trainer.checkpoint_path, trainer.log_path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.log_path.write_text("", encoding="utf-8")
+    except OSError as exc:
+        raise RnnlmError(f"cannot write beside {model_path}: {exc.strerror or exc}") from None
     return trainer.run(on_window, on_epoch)
 
 
@@ -268,6 +273,9 @@ class Trainer:
                     self.epoch_start = self.snapshot()
                 finished = self.train_epoch(on_window)
                 if not finished:  # a signal: checkpoint written
+                    if state["best"] is None:  # no epoch has ended yet: keep what there is as the model
+                        self.pull_params()
+                        self.model.save(self.sources["model"])
                     raise TrainingInterrupted(self.sources["model"], str(self.checkpoint_path), state["epoch"])
                 stop = self.end_epoch(on_epoch)
                 self.write_checkpoint()

@@ -186,9 +186,9 @@ class _Tile:
         self.size = BK * self.width
 
 
-_LARGE_TILE = _Tile(BM=128, BK=16, TM=8)  # 256 threads, 128 registers: two blocks per SM
+_LARGE_TILE = _Tile(BM=128, BK=16, TM=8)  # 256 threads
 _SMALL_TILE = _Tile(BM=32, BK=16, TM=4)  # 64 threads, for products with ≤ 32 rows or columns
-_MIN_K_PER_SPLIT = 256  # shortest k-range worth a block of its own when k is split
+_MIN_K_PER_SPLIT = 64  # shortest k-range worth a block of its own when k is split (4 slices)
 
 
 def _shift(n):
@@ -250,7 +250,9 @@ def _gemm_kernel(dtype, tile, a_k_contiguous, b_k_contiguous):
     origin_A, load_A, store_A = _tile_loader(tile, a_k_contiguous)
     origin_B, load_B, store_B = _tile_loader(tile, b_k_contiguous)
 
-    @cuda.jit(**_launch_bounds(tile.threads, 2))  # the large tile: ≤ 128 registers (ptxas takes ~135)
+    # Two float32 blocks per SM: the large tile then fits in 128 registers (ptxas would take ~135);
+    # float64 (the gradient checks') would spill.
+    @cuda.jit(**_launch_bounds(tile.threads, 2 if np.dtype(dtype).itemsize == 4 else 1))
     def gemm(A, B, C, K, k_chunk):
         n, p = C.shape[1], C.shape[2]
         tile_A = cuda.shared.array(size, dt)
@@ -317,10 +319,10 @@ def _sum_splits_kernel(partials, out):
         k += cuda.gridsize(1)
 
 
-def _k_splits(tiles, K):
-    """(splits, k_chunk): split k until there are about two blocks per SM, k_chunk a multiple of 16."""
+def _k_splits(tiles, K, BK):
+    """(splits, k_chunk): split k until there are about two blocks per SM, k_chunk a multiple of BK."""
     splits = max(1, min(_blocks(2 * _sm_count(), tiles), K // _MIN_K_PER_SPLIT))
-    k_chunk = _blocks(_blocks(K, splits), 16) * 16
+    k_chunk = _blocks(_blocks(K, splits), BK) * BK
     return _blocks(K, k_chunk), k_chunk
 
 
@@ -332,7 +334,7 @@ def _gemm(A, B, out, K, a_k_contiguous, b_k_contiguous):
         return
     tile = _SMALL_TILE if min(n, p) <= _SMALL_TILE.BM else _LARGE_TILE
     tiles = _blocks(n, tile.BM) * _blocks(p, tile.BM)
-    splits, k_chunk = _k_splits(tiles, K)
+    splits, k_chunk = _k_splits(tiles, K, tile.BK)
     kernel = _gemm_kernel(out.dtype, tile, a_k_contiguous, b_k_contiguous)
     grid = (_blocks(p, tile.BM), _blocks(n, tile.BM), splits)
     if splits == 1:
@@ -428,13 +430,12 @@ def _recurrence_kernels(dtype, streams_per_block):
                 dst[x0 + ty + dy, y0 + tx] = tile[tx, ty + dy]
 
     @cuda.jit(**_launch_bounds(_MAX_RECURRENCE_THREADS))
-    def forward(W_sT, W_x, b_s, inputs, S):
-        """S[t + 1, b] = tanh(W_s S[t, b] + W_x[:, inputs[t, b]] + b_s) for t < T, b in this block's streams.
+    def forward(W_sT, b_s, U, S):
+        """S[t + 1, b] = tanh(W_s S[t, b] + U[t, b] + b_s) for t < T, b in this block's streams.
 
-        W_sT (m, m) = W_sᵀ; W_x (m, V); b_s (m,); inputs (T, B) int32; S (T + 1, B, m).
+        W_sT (m, m) = W_sᵀ; b_s (m,); U (T, B, m); S (T + 1, B, m).
         """
-        T, B = inputs.shape
-        m = W_sT.shape[0]
+        T, B, m = U.shape
         b0 = cuda.blockIdx.x * BB
         staged = cuda.shared.array((BB, chunk), dt)
         acc = cuda.local.array(BB, dt)
@@ -446,7 +447,7 @@ def _recurrence_kernels(dtype, streams_per_block):
                     for r in range(BB):
                         b = b0 + r
                         if b < B:
-                            a_t = acc[r] + W_x[i, inputs[t, b]] + b_s[i]
+                            a_t = acc[r] + U[t, b, i] + b_s[i]
                             S[t + 1, b, i] = math.tanh(a_t)
                 i += cuda.blockDim.x
             cuda.syncthreads()  # S[t + 1] complete before the next step stages it
@@ -482,7 +483,8 @@ def _recurrence_kernels(dtype, streams_per_block):
 
 
 def _streams_per_block(B):
-    """Streams per block: one while that leaves half the SMs or more free, more to read W_s less often."""
+    """Streams per block: 1 while the B blocks fit on half the SMs, else more (up to 8), so that each read of
+    W_s serves several streams."""
     streams = 1
     while streams < _MAX_STREAMS_PER_BLOCK and _blocks(B, streams) > max(1, _sm_count() // 2):
         streams *= 2
@@ -496,20 +498,20 @@ def _recurrence_launch(B, m, dtype):
     return _recurrence_kernels(dtype, streams), _blocks(B, streams), threads
 
 
-def forward(W_x, W_s, b_s, inputs, S):
-    """Run the recurrence over a window: S[t + 1] = tanh(W_s S[t] + W_x[:, inputs[t]] + b_s).
+def forward(W_s, b_s, U, S):
+    """Run the recurrence over a window: S[t + 1] = tanh(W_s S[t] + U[t] + b_s).
 
-    W_x (m, V), W_s (m, m), b_s (m,); inputs (T, B) int32 ids x_{t-1};
-    S (T + 1, B, m): S[0] holds the carried state on entry, S[1:] is written. One launch for all T steps
-    (after a transpose of W_s, so that the per-step products read it coalesced).
+    W_s (m, m), b_s (m,); U (T, B, m): the input term (W_x x_{t-1} for the first layer, W_in times the
+    layer below's output for the others); S (T + 1, B, m): S[0] holds the carried state on entry,
+    S[1:] is written. One launch for all T steps (after a transpose of W_s, so that the per-step
+    products read it coalesced).
     """
-    T, B = inputs.shape
-    m = W_s.shape[0]
+    T, B, m = U.shape
     (transpose, forward_kernel, _), grid, threads = _recurrence_launch(B, m, S.dtype)
     W_sT = _workspace("W_s transposed", (m, m), W_s.dtype)
     side = _threads(m, 32)
     transpose[(_blocks(m, side), _blocks(m, side)), (side, _threads(side, 8))](W_s, W_sT)
-    forward_kernel[grid, threads](W_sT, W_x, b_s, inputs, S)
+    forward_kernel[grid, threads](W_sT, b_s, U, S)
 
 
 def backward(W_s, S, dL_ds_out, dL_da):
@@ -562,25 +564,25 @@ def _link(keys, n_keys):
 
 
 @cuda.jit
-def _scatter_columns_kernel(tokens, next_pos, first, dL_da, dW_x, touched):
-    """dW_x[i, x] += Σ over the positions p of token x of dL_da[p, i], in position order; touched[x] = 1.
+def _scatter_columns_kernel(tokens, next_pos, first, dL_dU, dW_x, touched):
+    """dW_x[i, x] += Σ over the positions p of token x of dL_dU[p, i], in position order; touched[x] = 1.
 
     One thread per (state unit i, position p); only a token's first position walks its list, so each
-    column is written by one thread for each i. dL_da (N, m); dW_x (m, V) (column-major: the i of a
+    column is written by one thread for each i. dL_dU (N, m); dW_x (m, V) (column-major: the i of a
     warp are contiguous); touched (V,) uint8.
     """
     i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     p = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
-    N, m = dL_da.shape
+    N, m = dL_dU.shape
     if i >= m or p >= N:
         return
     x = tokens[p]
     if first[x] != p:
         return
-    total = dL_da[p, i]
+    total = dL_dU[p, i]
     q = next_pos[p]
     while q < N:
-        total += dL_da[q, i]
+        total += dL_dU[q, i]
         q = next_pos[q]
     dW_x[i, x] += total
     if i == 0:
@@ -623,22 +625,91 @@ def _column_sums(X, out):
     _column_sums_kernel(X.dtype)[_blocks(V, tx), (tx, ty)](X, out)
 
 
-def input_grads(inputs, dL_da, dW_x, db_s, touched):
-    """dW_x[:, x_{t-1}] += dL/da_t over the window, db_s = Σ_t dL/da_t, touched[x_{t-1}] = 1.
+@cuda.jit
+def _embed_kernel(W_x, tokens, U):
+    """U[p, i] = W_x[i, tokens[p]]: one thread per (state unit i, position p); W_x column-major."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    p = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
+    N, m = U.shape
+    if i < m and p < N:
+        U[p, i] = W_x[i, tokens[p]]
 
-    inputs (T, B) int32; dL_da (T, B, m); dW_x (m, V), zero in every column not marked in touched
-    (uint8 (V,)) on entry; db_s (m,) is overwritten. Deterministic: the positions of each token are
-    linked into a list, and one thread per (row of dW_x, token) sums the list in order.
+
+def _unit_position_grid(m, N):
+    """(grid, block) of the kernels with a thread per (state unit, position): units along warps."""
+    tx, ty = _threads(m, 32), _threads(N, 8)
+    return (_blocks(m, tx), _blocks(N, ty)), (tx, ty)
+
+
+def embed(W_x, inputs, U):
+    """U[t, b] = W_x[:, inputs[t, b]]: the input term W_x x_{t-1} of the first layer.
+
+    W_x (m, V) (column-major on the device: each column contiguous); inputs (T, B) int32; U (T, B, m).
     """
-    T, B, m = dL_da.shape
+    T, B, m = U.shape
+    grid, block = _unit_position_grid(m, T * B)
+    _embed_kernel[grid, block](W_x, inputs.reshape(T * B), U.reshape(T * B, m))
+
+
+def input_grads(inputs, dL_dU, dW_x, touched):
+    """dW_x[:, x_{t-1}] += dL/dU_t over the window and touched[x_{t-1}] = 1.
+
+    inputs (T, B) int32; dL_dU (T, B, m): the gradient of the first layer's input term; dW_x (m, V),
+    zero in every column not marked in touched (uint8 (V,)) on entry. Deterministic: the positions of
+    each token are linked into a list, and one thread per (row of dW_x, token) sums the list in order.
+    """
+    T, B, m = dL_dU.shape
     N = T * B
     tokens = inputs.reshape(N)
-    dL_da = dL_da.reshape(N, m)
     next_pos, first = _link(tokens, dW_x.shape[1])
-    tx, ty = _threads(m, 32), _threads(N, 8)
-    grid = (_blocks(m, tx), _blocks(N, ty))
-    _scatter_columns_kernel[grid, (tx, ty)](tokens, next_pos, first, dL_da, dW_x, touched)
-    _column_sums(dL_da, db_s)
+    grid, block = _unit_position_grid(m, N)
+    _scatter_columns_kernel[grid, block](tokens, next_pos, first, dL_dU.reshape(N, m), dW_x, touched)
+
+
+def bias_grad(dL_da, db):
+    """db = Σ_rows dL_da: dL_da (N, m), db (m,) overwritten."""
+    _column_sums(dL_da, db)
+
+
+@cuda.jit
+def _multiply_kernel(a, mask, out):
+    k = cuda.grid(1)
+    while k < out.shape[0]:
+        out[k] = a[k] * mask[k]
+        k += cuda.gridsize(1)
+
+
+def multiply(a, mask, out):
+    """out = a ⊙ mask, elementwise over C-contiguous arrays of one shape (out may be a)."""
+    flat = _flat(out)
+    blocks, threads = _elementwise_grid(flat.size)
+    _multiply_kernel[blocks, threads](_flat(a), _flat(mask), flat)
+
+
+@cuda.jit
+def _add_rows_kernel(dst_rows, src_rows, src_mask, dst_mask):
+    """dst_rows[r] += src_rows[r], src_rows[r] = 0, dst_mask[r] = 1 for the rows marked in src_mask."""
+    R, m = dst_rows.shape
+    r = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+    while r < R:
+        if src_mask[r]:
+            i = cuda.threadIdx.x
+            while i < m:
+                dst_rows[r, i] += src_rows[r, i]
+                src_rows[r, i] = 0
+                i += cuda.blockDim.x
+            if cuda.threadIdx.x == 0:
+                dst_mask[r] = 1
+        r += cuda.gridDim.x * cuda.blockDim.y
+
+
+def masked_add_rows(dst_rows, src_rows, src_mask, dst_mask):
+    """dst_rows[r] += src_rows[r] and src_rows[r] = 0 for the rows marked in src_mask, which is cleared
+    and merged into dst_mask: tied weights fold W_x's sparse gradient into W_o's. The mask is cleared
+    by a second launch, after every thread has read it."""
+    blocks, threads = _row_grid(*dst_rows.shape)
+    _add_rows_kernel[blocks, threads](dst_rows, src_rows, src_mask, dst_mask)
+    _fill(src_mask, 0)
 
 
 # ---------------------------------------------------------------------------------------- softmax
@@ -1054,13 +1125,13 @@ def masked_sgd_update(param_rows, grad_rows, mask, step):
 
 
 @cuda.jit
-def _adam_kernel(param, grad, moment1, moment2, lr_t, grad_scale, decay, beta1, beta2, eps):
-    """The Adam step of ``adam_update`` on flat arrays (grid-stride); beta1, beta2: (β, 1 - β) pairs."""
+def _adam_kernel(param, grad, moment1, moment2, lr_t, grad_scale, decay, beta1, rest1, beta2, rest2, eps):
+    """The Adam step of ``adam_update`` on flat arrays (grid-stride); rest1 = 1 - β1, rest2 = 1 - β2."""
     k = cuda.grid(1)
     while k < param.shape[0]:
         g = grad_scale * grad[k] + decay * param[k]
-        moment1[k] = beta1[0] * moment1[k] + beta1[1] * g
-        moment2[k] = beta2[0] * moment2[k] + beta2[1] * g * g
+        moment1[k] = beta1 * moment1[k] + rest1 * g
+        moment2[k] = beta2 * moment2[k] + rest2 * g * g
         param[k] -= lr_t * moment1[k] / (math.sqrt(moment2[k]) + eps)
         k += cuda.gridsize(1)
 
@@ -1072,15 +1143,7 @@ def adam_update(param, grad, moment1, moment2, lr_t, grad_scale, decay, beta1, b
     one = param.dtype.type(1)
     flat = _flat(param)
     blocks, threads = _elementwise_grid(flat.size)
+    moments = _flat(moment1), _flat(moment2)
     _adam_kernel[blocks, threads](
-        flat,
-        _flat(grad),
-        _flat(moment1),
-        _flat(moment2),
-        lr_t,
-        grad_scale,
-        decay,
-        (beta1, one - beta1),
-        (beta2, one - beta2),
-        eps,
+        flat, _flat(grad), *moments, lr_t, grad_scale, decay, beta1, one - beta1, beta2, one - beta2, eps
     )

@@ -1,0 +1,251 @@
+"""Library-level training, evaluation and model-file tests on tiny texts (fast, CPU only)."""
+
+import json
+import math
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rnnlm
+from rnnlm import reference
+from rnnlm.corpus import batchify, stream_pairs
+from rnnlm.model import Model, param_shapes
+from rnnlm.tokenizer import build_vocab
+
+LINE = "a b c d e f g h\n"
+SMALL = {"hidden": 16, "bptt": 10, "batch": 4}
+PARAM_NAMES = ("W_x", "W_s", "b_s", "W_o", "b_o")  # the one-layer model with a full softmax
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def reference_perplexity(model, path):
+    """exp(mean -log p) of the text read as one stream from the boundary token, in float64 numpy:
+    inputs = [boundary] + ids[:-1], targets = ids, B = 1, zero initial state."""
+    if not isinstance(model, Model):
+        model = rnnlm.load(model)
+    vocab = model.vocab
+    ids = []
+    for line in Path(path).read_text(encoding="utf-8").removesuffix("\n").split("\n"):
+        tokens = line.split() if vocab.level == "word" else line
+        ids += [vocab.index.get(token, vocab.unk_id) for token in tokens] + [vocab.boundary_id]
+    ids = np.array(ids)
+    inputs = np.concatenate([[vocab.boundary_id], ids[:-1]])
+    params = {name: array.astype(np.float64) for name, array in model.params.items()}
+    nats, _ = reference.loss(params, inputs.reshape(-1, 1), ids.reshape(-1, 1), np.zeros((1, model.hidden)))
+    return math.exp(nats / len(ids))
+
+
+@pytest.fixture
+def repetitive(tmp_path):
+    return write(tmp_path / "rep.txt", LINE * 300)
+
+
+def test_zero_weights_give_perplexity_v(tmp_path):
+    text = write(tmp_path / "t.txt", "the cat sat on the mat\nthe dog ran\n" * 5 + "a new line\n")
+    vocab = build_vocab(text)
+    V = len(vocab)
+    params = {name: np.zeros(shape, np.float32) for name, shape in param_shapes(V, 8).items()}
+    result = rnnlm.perplexity(Model(params, vocab), text)
+    assert result["perplexity"] == pytest.approx(V, rel=1e-6)
+    assert result["bits_per_token"] == pytest.approx(math.log2(V), rel=1e-6)
+    assert result["tokens"] == 5 * (6 + 1 + 3 + 1) + 4
+    assert result["unk"] == 0
+
+
+def test_training_on_a_repetitive_text_reaches_perplexity_near_one(tmp_path, repetitive):
+    records = []
+    returned = rnnlm.train(repetitive, tmp_path / "m.npz", config=rnnlm.TrainConfig(**SMALL, epochs=4),
+                           on_epoch=records.append)
+    assert returned == records
+    assert [r["epoch"] for r in records] == list(range(1, len(records) + 1))
+    assert {"epoch", "train_loss", "valid_perplexity", "lr", "tokens_per_s", "elapsed_s"} <= set(records[0])
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert math.exp(records[-1]["train_loss"]) < 1.1
+    assert min(r["valid_perplexity"] for r in records) < 1.1
+    model = rnnlm.load(tmp_path / "m.npz")
+    assert rnnlm.perplexity(model, repetitive)["perplexity"] < 1.1
+    assert model.hparams["hidden"] == 16 and model.hparams["bptt"] == 10
+
+
+def test_untrained_model_is_far_from_one(tmp_path, repetitive):
+    """The counterpart of the test above: a fresh model does not already know the text."""
+    model = Model.create(build_vocab(repetitive), 16, seed=0)
+    assert rnnlm.perplexity(model, repetitive)["perplexity"] > 3
+
+
+@pytest.mark.parametrize("level", ["word", "char"])
+def test_perplexity_matches_the_numpy_reference(tmp_path, level):
+    rng = np.random.default_rng(1)
+    words = ["alpha", "beta", "gamma", "delta", "épsilon", "日本"]
+    lines = [" ".join(rng.choice(words, size=rng.integers(1, 9))) for _ in range(60)]
+    text = write(tmp_path / "t.txt", "\n".join(lines) + "\n")
+    # 60 lines of up to 8 words: more than one evaluation window (256) at both levels
+    model = Model.create(build_vocab(text, level=level), 12, seed=3)
+    model.params["b_s"][:] = rng.normal(0, 0.5, model.params["b_s"].shape)
+    model.params["b_o"][:] = rng.normal(0, 0.5, model.params["b_o"].shape)
+    got = rnnlm.perplexity(model, text)
+    assert got["tokens"] > 256
+    assert got["perplexity"] == pytest.approx(reference_perplexity(model, text), rel=1e-5)
+
+
+def test_trained_model_perplexity_matches_the_numpy_reference(tmp_path, repetitive):
+    other = write(tmp_path / "other.txt", "h g f e d c b a\na b c\n" * 20)
+    rnnlm.train(repetitive, tmp_path / "m.npz", config=rnnlm.TrainConfig(**SMALL, epochs=2))
+    model = rnnlm.load(tmp_path / "m.npz")
+    for path in (repetitive, other):
+        assert rnnlm.perplexity(model, path)["perplexity"] == pytest.approx(
+            reference_perplexity(model, path), rel=1e-5)
+
+
+def test_stream_pairs():
+    ids = np.array([5, 6, 7, 8], np.uint16)
+    inputs, targets = stream_pairs(ids, boundary_id=1)
+    assert inputs.dtype == np.int32 and targets.dtype == np.int32
+    assert inputs.tolist() == [1, 5, 6, 7]
+    assert targets.tolist() == [5, 6, 7, 8]
+
+
+def test_batchify_shapes_and_content():
+    ids = np.arange(10, 10 + 50, dtype=np.uint32)  # N = 50
+    B, T = 3, 4
+    inputs, targets = batchify(ids, 0, B, T)
+    steps = (50 // B) // T * T  # 16 of the 16 per stream; 2 tokens of the tail left out
+    assert steps == 16
+    assert inputs.shape == targets.shape == (steps, B)
+    assert inputs.dtype == targets.dtype == np.int32
+    assert inputs.flags.c_contiguous and targets.flags.c_contiguous
+    stream_in, stream_out = stream_pairs(ids, 0)
+    for b in range(B):  # stream b is the b-th contiguous piece of the one stream
+        assert inputs[:, b].tolist() == stream_in[b * steps:(b + 1) * steps].tolist()
+        assert targets[:, b].tolist() == stream_out[b * steps:(b + 1) * steps].tolist()
+    assert inputs[0, 0] == 0  # the first stream starts from the boundary token
+    # within a stream the next input is the current target
+    assert (inputs[1:] == targets[:-1]).all()
+    # a stream continues where the previous one ends
+    assert (inputs[0, 1:] == targets[-1, :-1]).all()
+
+
+def test_batchify_too_short_is_none():
+    assert batchify(np.arange(11, dtype=np.uint8), 0, 3, 4) is None
+    assert batchify(np.arange(12, dtype=np.uint8), 0, 3, 4)[0].shape == (4, 3)
+
+
+def test_too_short_text_is_an_error(tmp_path):
+    text = write(tmp_path / "t.txt", "a b\n")
+    with pytest.raises(rnnlm.RnnlmError, match="too short"):
+        rnnlm.train(text, tmp_path / "m.npz", config=rnnlm.TrainConfig(**SMALL))
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_model_file_round_trip(tmp_path):
+    text = write(tmp_path / "t.txt", "Ünïcode 日本 words\nand more words 😀\n")
+    vocab = build_vocab(text, lowercase=True)
+    model = Model.create(vocab, 7, seed=5, hparams={"hidden": 7, "lr": 0.5})
+    path = tmp_path / "sub" / "model.npz"
+    model.save(path)
+    loaded = rnnlm.load(path)
+    assert set(loaded.params) == set(PARAM_NAMES)
+    for name in PARAM_NAMES:
+        assert loaded.params[name].dtype == np.float32
+        np.testing.assert_array_equal(loaded.params[name], model.params[name])
+    assert loaded.vocab.tokens == vocab.tokens
+    assert loaded.vocab.level == "word" and loaded.vocab.lowercase is True
+    assert loaded.hparams == {"hidden": 7, "lr": 0.5}
+    assert loaded.hidden == 7 and loaded.vocab_size == len(vocab)
+    assert [p.name for p in path.parent.iterdir()] == ["model.npz"]  # no temporary file left
+
+    # the meta entry is readable with numpy and json alone
+    with np.load(path, allow_pickle=False) as npz:
+        assert set(npz.files) == set(PARAM_NAMES) | {"meta"}
+        meta = json.loads(str(npz["meta"]))
+    assert meta["format_version"] == 1
+    assert meta["level"] == "word"
+    assert meta["lowercase"] is True
+    assert meta["vocab"] == vocab.tokens
+    assert "日本" in meta["vocab"]
+
+
+def test_model_file_has_ordinary_permissions(tmp_path):
+    """The atomic write goes through a private temporary file; the model must still get the mode any
+    new file gets (0o666 less the umask), not the temporary file's 0o600."""
+    vocab = build_vocab(write(tmp_path / "t.txt", "a b\n"))
+    umask = os.umask(0o022)
+    try:
+        Model.create(vocab, 2).save(tmp_path / "m.npz")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "m.npz").stat().st_mode) == 0o644
+
+
+def test_char_model_round_trip(tmp_path):
+    text = write(tmp_path / "t.txt", "café 日本 😀\n")
+    vocab = build_vocab(text, level="char")
+    model = Model.create(vocab, 4, seed=0)
+    model.save(tmp_path / "m.npz")
+    loaded = rnnlm.load(tmp_path / "m.npz")
+    assert loaded.vocab.level == "char" and loaded.vocab.tokens == vocab.tokens
+    assert "😀" in loaded.vocab.tokens
+
+
+def test_without_valid_the_last_five_percent_is_held_out(tmp_path):
+    # 300 lines of 9 tokens: N = 2700, 5% = 135 tokens = the last 15 lines exactly. They run backwards
+    # and are never trained on, so the model predicts them badly.
+    head, tail = LINE * 285, "h g f e d c b a\n" * 15
+    text = write(tmp_path / "t.txt", head + tail)
+    tail_file = write(tmp_path / "tail.txt", tail)
+    windows, records = [], []
+    config = rnnlm.TrainConfig(**SMALL, epochs=3)
+    rnnlm.train(text, tmp_path / "m.npz", config=config, on_epoch=records.append,
+                on_window=lambda done, total, stats: windows.append(total))
+    assert set(windows) == {((2700 - 135) // 4) // 10}  # 64 windows; with the tail it would be 67
+    model = rnnlm.load(tmp_path / "m.npz")
+    best = min(r["valid_perplexity"] for r in records)
+    assert rnnlm.perplexity(model, tail_file)["perplexity"] == pytest.approx(best, rel=1e-6)
+    assert best > 5
+    assert rnnlm.perplexity(model, write(tmp_path / "head.txt", LINE * 20))["perplexity"] < 1.5
+
+
+def test_with_valid_the_whole_text_is_trained_on(tmp_path, repetitive):
+    valid = write(tmp_path / "v.txt", "h g f e d c b a\n" * 15)
+    windows, records = [], []
+    rnnlm.train(repetitive, tmp_path / "m.npz", valid=valid, config=rnnlm.TrainConfig(**SMALL, epochs=2),
+                on_epoch=records.append, on_window=lambda done, total, stats: windows.append(total))
+    assert set(windows) == {(2700 // 4) // 10}
+    model = rnnlm.load(tmp_path / "m.npz")
+    best = min(r["valid_perplexity"] for r in records)
+    assert rnnlm.perplexity(model, valid)["perplexity"] == pytest.approx(best, rel=1e-6)
+
+
+def test_on_window_reports_progress(tmp_path, repetitive):
+    calls = []
+    rnnlm.train(repetitive, tmp_path / "m.npz", config=rnnlm.TrainConfig(**SMALL, epochs=1),
+                on_window=lambda done, total, stats: calls.append((done, total, stats)))
+    assert [c[0] for c in calls] == list(range(1, calls[0][1] + 1))
+    for _, _, stats in calls:
+        assert set(stats) == {"loss", "perplexity", "tokens_per_s"}
+        assert stats["perplexity"] == pytest.approx(math.exp(stats["loss"]))
+        assert stats["tokens_per_s"] > 0
+
+
+def test_invalid_settings_raise_before_writing(tmp_path, repetitive):
+    for bad in ({"hidden": 0}, {"bptt": 0}, {"batch": 0}, {"lr": 0.0}, {"clip": -1.0}, {"epochs": 0}):
+        with pytest.raises(rnnlm.RnnlmError, match="--"):
+            rnnlm.train(repetitive, tmp_path / "m.npz", config=rnnlm.TrainConfig(**{**SMALL, **bad}))
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_same_seed_same_model(tmp_path, repetitive):
+    config = dict(**SMALL, epochs=1)
+    rnnlm.train(repetitive, tmp_path / "a.npz", config=rnnlm.TrainConfig(**config))
+    rnnlm.train(repetitive, tmp_path / "b.npz", config=rnnlm.TrainConfig(**config))
+    rnnlm.train(repetitive, tmp_path / "c.npz", config=rnnlm.TrainConfig(**{**config, "seed": 1}))
+    a, b, c = (rnnlm.load(tmp_path / f"{x}.npz") for x in "abc")
+    np.testing.assert_allclose(a.params["W_o"], b.params["W_o"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(a.params["W_o"], c.params["W_o"])
