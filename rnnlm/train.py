@@ -434,9 +434,8 @@ class Trainer:
         """Load a checkpoint's arrays and state into this freshly built trainer."""
 
         def group(prefix):
-            """The arrays named prefix + name (name without a further '/'), by name."""
-            names = (k[len(prefix):] for k in arrays if k.startswith(prefix))
-            return {name: arrays[prefix + name] for name in names if "/" not in name}
+            """The arrays named prefix + name, by name."""
+            return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
         for name, array in group("params/").items():
             self.ops.copy_into(array, self.params[name])
