@@ -369,6 +369,10 @@ class Trainer:
         self.restore_snapshot(self.epoch_start)
         state.update(window=0, epoch_loss=0.0, lr=state["lr"] / 2)
         self.window.reset_state()
+        # the diverged window's sparse gradients were never applied: clear them and their masks
+        self.grads = step.zero_grads(self.ops, self.model.params)
+        for mask in (self.window.touched_W_x, self.window.touched_W_o):
+            self.ops.copy_into(np.zeros(mask.shape, np.uint8), mask)
         self.log({"event": "diverged", "loss": loss, "lr": state["lr"]})
 
     def log(self, fields_):

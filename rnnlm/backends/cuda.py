@@ -50,6 +50,15 @@ def _threads(n, cap):
     return min(cap, 1 << max(0, int(n) - 1).bit_length())
 
 
+_PER_THREAD = 4  # elements a thread of a grid-stride or reducing kernel takes at least, before more threads
+
+
+def _spread(n, cap):
+    """(blocks, threads per block ≤ cap) covering n elements, _PER_THREAD or more per thread."""
+    threads = _threads(_blocks(n, _PER_THREAD), cap)
+    return max(1, _blocks(n, _PER_THREAD * threads)), threads
+
+
 @functools.cache
 def _sm_count():
     """Streaming multiprocessors of the GPU; the simulator has no such attribute and counts as one."""
@@ -147,8 +156,8 @@ def _flat(array):
 
 def _elementwise_grid(n):
     """(blocks, threads) for a grid-stride loop over n elements: a few waves of blocks at most."""
-    threads = _threads(n, _ELEMENTWISE_THREADS)
-    return max(1, min(_blocks(n, threads), 32 * _sm_count())), threads
+    blocks, threads = _spread(n, _ELEMENTWISE_THREADS)
+    return min(blocks, 32 * _sm_count()), threads
 
 
 @cuda.jit
@@ -372,11 +381,12 @@ _STAGE_BYTES = 4096  # bytes of one stream's state staged in shared memory at a 
 def _recurrence_kernels(dtype, streams_per_block):
     """(transpose, forward, backward) kernels for one float dtype and streams per block (BB).
 
-    A block owns streams b0 .. b0 + BB - 1 for the whole window, thread i state unit i (and i + blockDim,
-    ... when m is larger than the block). Each step is a matrix-vector product per stream, Mᵀ v with M
-    row-major so that thread i reads M[j, i] coalesced; the BB vectors v are staged in shared memory,
-    so every M[j, i] read serves BB streams. Forward multiplies by W_s through W_sᵀ, backward by W_sᵀ
-    through W_s itself. syncthreads() is only ever reached by all threads of a block.
+        A block owns streams b0 .. b0 + BB - 1 for the whole window, thread i state unit i (and i + blockDim,
+        ... when m is larger than the block). Each step is a matrix-vector product per stream, Mᵀ v with M
+        row-major so that thread i reads M[j, i] coalesced; the BB vectors v are staged in shared memory,
+        so every M[j, i] read serves BB streams. Forward multiplies by W_s through W_sᵀ, backward by W_sᵀ
+        through W_s itself. syncthreads() is only ever reached by all threads of a block (two per step and
+    chunk of the staged states).
     """
     dt = from_dtype(np.dtype(dtype))
     BB = streams_per_block
@@ -388,6 +398,8 @@ def _recurrence_kernels(dtype, streams_per_block):
         """acc[r] = Σ_j M[j, i] vecs[b0 + r, j] for r < BB (streams past the last one count as zero).
 
         M (m, m), vecs (B, m); every thread of the block calls this (those with i ≥ m get no result).
+        Each chunk starts with a barrier: the block's earlier writes to vecs are complete and its earlier
+        reads of ``staged`` are done, so the callers need none of their own between steps.
         """
         m = M.shape[0]
         n_streams = vecs.shape[0]
@@ -396,6 +408,7 @@ def _recurrence_kernels(dtype, streams_per_block):
         j0 = 0
         while j0 < m:
             width = min(chunk, m - j0)
+            cuda.syncthreads()
             for r in range(BB):
                 jj = cuda.threadIdx.x
                 while jj < width:
@@ -409,7 +422,6 @@ def _recurrence_kernels(dtype, streams_per_block):
                     for r in range(BB):
                         acc[r] += w * staged[r, jj]
                     jj += 1
-            cuda.syncthreads()
             j0 += chunk
 
     @cuda.jit
@@ -450,7 +462,6 @@ def _recurrence_kernels(dtype, streams_per_block):
                             a_t = acc[r] + U[t, b, i] + b_s[i]
                             S[t + 1, b, i] = math.tanh(a_t)
                 i += cuda.blockDim.x
-            cuda.syncthreads()  # S[t + 1] complete before the next step stages it
 
     @cuda.jit(**_launch_bounds(_MAX_RECURRENCE_THREADS))
     def backward(W_s, S, dL_ds_out, dL_da):
@@ -477,7 +488,6 @@ def _recurrence_kernels(dtype, streams_per_block):
                             s_t = S[t + 1, b, i]
                             dL_da[t, b, i] = (one - s_t * s_t) * (dL_ds_out[t, b, i] + acc[r])
                 i += cuda.blockDim.x
-            cuda.syncthreads()  # dL_da[t] complete before the next step stages it
 
     return transpose, forward, backward
 
@@ -810,6 +820,11 @@ def _softmax_kernels(dtype):
     return xent_grad, xent
 
 
+def _row_threads(n):
+    """Threads of a block that reduces a row of n values."""
+    return _spread(n, _REDUCE_THREADS)[1]
+
+
 def _row_losses(N):
     return _workspace("row losses", (N,), np.float64)
 
@@ -829,7 +844,7 @@ def softmax_xent_grad(Z, b_o, targets, scale, db_o):
     N, V = Z.shape
     xent_grad, _ = _softmax_kernels(Z.dtype)
     losses = _row_losses(N)
-    xent_grad[N, _threads(V, _REDUCE_THREADS)](Z, b_o, targets, Z.dtype.type(scale), losses)
+    xent_grad[N, _row_threads(V)](Z, b_o, targets, Z.dtype.type(scale), losses)
     _column_sums(Z, db_o)
     return _sum(losses)
 
@@ -839,7 +854,7 @@ def softmax_xent(Z, b_o, targets):
     N, V = Z.shape
     _, xent = _softmax_kernels(Z.dtype)
     losses = _row_losses(N)
-    xent[N, _threads(V, _REDUCE_THREADS)](Z, b_o, targets, losses)
+    xent[N, _row_threads(V)](Z, b_o, targets, losses)
     return _sum(losses)
 
 
@@ -976,7 +991,7 @@ def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, sca
     V = W_o.shape[0]
     class_grad, _, class_weight_grads = _class_kernels(S_next.dtype)
     G, losses, bounds = _class_scratch(S_next, class_bounds)
-    threads = _threads(max(G.shape[1], m), _REDUCE_THREADS)
+    threads = _row_threads(max(G.shape[1], m))
     class_grad[N, threads](
         S_next, W_o, b_o, targets, target_classes, class_bounds, S_next.dtype.type(scale), G, losses, dL_ds
     )
@@ -991,7 +1006,7 @@ def class_xent(S_next, W_o, b_o, targets, target_classes, class_bounds):
     """Σ_r -log p(targets[r] | its class) for evaluation (see ``class_xent_grad``); one block per row."""
     _, class_loss, _ = _class_kernels(S_next.dtype)
     G, losses, _ = _class_scratch(S_next, class_bounds)
-    threads = _threads(G.shape[1], _REDUCE_THREADS)
+    threads = _row_threads(G.shape[1])
     class_loss[S_next.shape[0], threads](S_next, W_o, b_o, targets, target_classes, class_bounds, G, losses)
     return _sum(losses)
 
@@ -1034,15 +1049,11 @@ def _sum_squares_kernel(flat, partials):
     _block_sum(total, partials)
 
 
-def _reduction_blocks(n, threads):
-    return max(1, min(_blocks(n, threads), 4 * _sm_count()))
-
-
 def sum_squares(array):
     """Σ array² as a float (for the gradient norm): per-block float64 sums, added on the host."""
     flat = _flat(array)
-    threads = _threads(flat.size, _REDUCE_THREADS)
-    blocks = _reduction_blocks(flat.size, threads)
+    blocks, threads = _spread(flat.size, _REDUCE_THREADS)
+    blocks = min(blocks, 4 * _sm_count())
     partials = _workspace("sums of squares", (blocks,), np.float64)
     _sum_squares_kernel[blocks, threads](flat, partials)
     return _sum(partials)
@@ -1069,8 +1080,8 @@ def _masked_sum_squares_kernel(rows, mask, partials):
 def _row_grid(R, m):
     """(blocks, (tx, ty)) for kernels over rows (R, m): x-threads along a row, y-threads over rows."""
     tx = _threads(m, 32)
-    ty = _threads(_blocks(R, 4), _REDUCE_THREADS // tx)
-    return _reduction_blocks(R, ty), (tx, ty)
+    blocks, ty = _spread(R, _REDUCE_THREADS // tx)
+    return min(blocks, 4 * _sm_count()), (tx, ty)
 
 
 def masked_sum_squares(rows, mask):
