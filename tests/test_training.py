@@ -249,3 +249,25 @@ def test_same_seed_same_model(tmp_path, repetitive):
     a, b, c = (rnnlm.load(tmp_path / f"{x}.npz") for x in "abc")
     np.testing.assert_allclose(a.params["W_o"], b.params["W_o"], rtol=1e-5, atol=1e-6)
     assert not np.allclose(a.params["W_o"], c.params["W_o"])
+
+
+def test_divergence_rolls_back_halves_the_rate_and_gives_up_with_a_message(tmp_path, repetitive):
+    config = rnnlm.TrainConfig(hidden=16, bptt=5, batch=4, lr=1e5, clip=0.0, epochs=2)
+    model = tmp_path / "model.npz"
+    with pytest.raises(rnnlm.RnnlmError, match="diverged 4 times") as error:
+        rnnlm.train(repetitive, model, config=config)
+    assert str(model) in str(error.value)
+    events = [json.loads(line) for line in model.with_suffix(".log.jsonl").read_text().splitlines()]
+    rates = [e["lr"] for e in events if e.get("event") == "diverged"]
+    assert rates == [1e5 / 2, 1e5 / 4, 1e5 / 8]
+
+
+@pytest.mark.parametrize("schedule", ["mikolov", "plateau"])
+def test_schedules_halve_the_rate_after_a_stall(tmp_path, repetitive, schedule):
+    """Training text the model learns in one epoch: validation stalls, so the rate must go down."""
+    config = rnnlm.TrainConfig(hidden=16, bptt=5, batch=4, lr=0.5, epochs=8, schedule=schedule)
+    records = rnnlm.train(repetitive, tmp_path / "model.npz", valid=repetitive, config=config)
+    rates = [r["lr"] for r in records]
+    assert rates[0] == 0.5 and min(rates) < 0.5
+    assert all(later <= earlier for earlier, later in zip(rates, rates[1:], strict=False))
+    assert len(records) < 8  # and it stopped on its own
