@@ -9,6 +9,9 @@ in a uint8 mask, and the optimizer visits the marked rows alone. W_x lives on th
 (as the transpose of a (V, m) array, one contiguous m-vector per token), which makes its reads and
 updates contiguous, and makes tying (W_o = W_xᵀ) a matter of two views of one array.
 
+Backend arrays must transpose as views (``.T`` shares memory): the column-major W_x, ``rows`` and tying
+rely on it.
+
 Dropout (training only) multiplies the first layer's input term W_x x_{t-1} and every layer's output
 s_t by masks of 0 and 1/(1 - p) drawn on the host; the recurrent connection is never dropped.
 """

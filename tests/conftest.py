@@ -5,6 +5,12 @@ import os
 
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
+import sys  # noqa: E402
+
+if os.environ["NUMBA_ENABLE_CUDASIM"] == "1":
+    # the simulator's barriers wait on Python's thread switch (5 ms by default)
+    sys.setswitchinterval(2e-4)
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402

@@ -381,12 +381,12 @@ _STAGE_BYTES = 4096  # bytes of one stream's state staged in shared memory at a 
 def _recurrence_kernels(dtype, streams_per_block):
     """(transpose, forward, backward) kernels for one float dtype and streams per block (BB).
 
-        A block owns streams b0 .. b0 + BB - 1 for the whole window, thread i state unit i (and i + blockDim,
-        ... when m is larger than the block). Each step is a matrix-vector product per stream, Mᵀ v with M
-        row-major so that thread i reads M[j, i] coalesced; the BB vectors v are staged in shared memory,
-        so every M[j, i] read serves BB streams. Forward multiplies by W_s through W_sᵀ, backward by W_sᵀ
-        through W_s itself. syncthreads() is only ever reached by all threads of a block (two per step and
-    chunk of the staged states).
+    A block owns streams b0 .. b0 + BB - 1 for the whole window, thread i state unit i (and i + blockDim,
+    ... when m is larger than the block). Each step is a matrix-vector product per stream, Mᵀ v with M
+    row-major so that thread i reads M[j, i] coalesced; the BB vectors v are staged in shared memory,
+    so every M[j, i] read serves BB streams. Forward multiplies by W_s through W_sᵀ, backward by W_sᵀ
+    through W_s itself. syncthreads() is only ever reached by all threads of a block: two per step and
+    chunk of the staged vectors.
     """
     dt = from_dtype(np.dtype(dtype))
     BB = streams_per_block

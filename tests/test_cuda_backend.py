@@ -1,0 +1,187 @@
+"""What the shared kernel tests do not reach in the CUDA backend at their toy sizes: split-k and both GEMM
+tiles, the recurrence in several passes and stage chunks, long token lists, rows wider than a block,
+the class softmax with an unused class, the row-masked updates, and the device arrays' view transposes
+(a real-GPU code path, checked here without a GPU). Oracles: numpy, or the CPU backend.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rnnlm.backends import cpu
+from rnnlm.backends import cuda as ops
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def random(rng, *shape):
+    return rng.standard_normal(shape)
+
+
+@pytest.mark.parametrize("n, p, K", [(40, 20, 40), (40, 36, 20)], ids=["small-tile", "large-tile"])
+def test_gemms_with_k_split_over_blocks(monkeypatch, n, p, K):
+    """Partial row and column tiles, k split into chunks of 16 (the last one partial), the three layouts."""
+    monkeypatch.setattr(ops, "_sm_count", lambda: 8)
+    monkeypatch.setattr(ops, "_MIN_K_PER_SPLIT", 8)
+    rng = np.random.default_rng(0)
+    A, B = random(rng, n, K), random(rng, p, K)
+    cases = {
+        ops.matmul_nt: (A, B, A @ B.T),
+        ops.matmul_nn: (A, np.ascontiguousarray(B.T), A @ B.T),
+        ops.matmul_tn: (np.ascontiguousarray(A.T), np.ascontiguousarray(B.T), A @ B.T),
+    }
+    for matmul, (left, right, expected) in cases.items():
+        out = ops.zeros((n, p), np.float64)
+        matmul(ops.asarray(left), ops.asarray(right), out)
+        np.testing.assert_allclose(ops.to_numpy(out), expected, rtol=1e-12, atol=1e-12, err_msg=matmul.__name__)
+
+
+@pytest.fixture
+def small_recurrence_blocks(monkeypatch):
+    """32 threads and 16-value stage chunks: m = 40 takes two row passes and three chunks, both partial."""
+    monkeypatch.setattr(ops, "_MAX_RECURRENCE_THREADS", 32)
+    monkeypatch.setattr(ops, "_STAGE_BYTES", 16 * 8)
+    ops._recurrence_kernels.cache_clear()  # the chunk is a constant of the built kernels
+    yield
+    ops._recurrence_kernels.cache_clear()
+
+
+@pytest.mark.parametrize("streams", [1, 2, 4])
+def test_recurrence_in_passes_and_chunks(monkeypatch, small_recurrence_blocks, streams):
+    """Forward and backward against the CPU backend; B = 3 streams in blocks of 1, 2 or 4 (partial)."""
+    monkeypatch.setattr(ops, "_streams_per_block", lambda B: streams)
+    rng = np.random.default_rng(1)
+    T, B, m = 3, 3, 40
+    W_s, b_s, U = random(rng, m, m) / np.sqrt(m), random(rng, m), random(rng, T, B, m)
+    S = np.zeros((T + 1, B, m))
+    S[0] = random(rng, B, m)
+    dL_ds_out = random(rng, T, B, m)
+    S_dev, dL_da_dev = ops.asarray(S), ops.zeros((T, B, m), np.float64)
+    ops.forward(ops.asarray(W_s), ops.asarray(b_s), ops.asarray(U), S_dev)
+    ops.backward(ops.asarray(W_s), S_dev, ops.asarray(dL_ds_out), dL_da_dev)
+    dL_da = np.zeros((T, B, m))
+    cpu.forward(W_s, b_s, U, S)
+    cpu.backward(W_s, S, dL_ds_out, dL_da)
+    np.testing.assert_allclose(ops.to_numpy(S_dev), S, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(ops.to_numpy(dL_da_dev), dL_da, rtol=1e-12, atol=1e-14)
+
+
+def test_embedding_and_its_gradient_over_long_token_lists():
+    """Three tokens over 20 positions, W_x column-major: the lookup, then each W_x column summing its list
+    in order onto what it held, and the bias gradient (column sums over the 20 rows)."""
+    rng = np.random.default_rng(2)
+    T, B, m, V = 4, 5, 40, 6
+    inputs = rng.choice([1, 3, 4], (T, B)).astype(np.int32)
+    W_x = random(rng, m, V)
+    U = ops.zeros((T, B, m), np.float64)
+    ops.embed(ops.asarray(W_x.T).T, ops.asarray(inputs), U)
+    np.testing.assert_array_equal(ops.to_numpy(U), W_x[:, inputs].transpose(1, 2, 0))
+    dL_dU = random(rng, T, B, m)
+    dW_x = np.zeros((m, V))
+    dW_x[:, 3] = random(rng, m)  # a column marked by an earlier window
+    touched = np.zeros(V, np.uint8)
+    touched[3] = 1
+    dW_x_dev, touched_dev = ops.asarray(dW_x.T).T, ops.asarray(touched)
+    ops.input_grads(ops.asarray(inputs), ops.asarray(dL_dU), dW_x_dev, touched_dev)
+    expected = dW_x.copy()
+    np.add.at(expected.T, inputs.reshape(-1), dL_dU.reshape(-1, m))
+    np.testing.assert_allclose(ops.to_numpy(dW_x_dev), expected, rtol=1e-12)
+    np.testing.assert_array_equal(ops.to_numpy(touched_dev), [0, 1, 0, 1, 1, 0])
+    db = ops.zeros(m, np.float64)
+    ops.bias_grad(ops.asarray(dL_dU.reshape(-1, m)), db)
+    np.testing.assert_allclose(ops.to_numpy(db), dL_dU.sum(axis=(0, 1)), rtol=1e-12)
+
+
+def test_softmax_rows_wider_than_a_block():
+    """V = 300: more logits than threads (128) and a two-level merge; logits far apart."""
+    rng = np.random.default_rng(3)
+    N, V = 3, 300
+    Z = 20 * random(rng, N, V)
+    b_o = random(rng, V)
+    targets = np.array([0, 299, 17], np.int32)
+    z = Z + b_o - (Z + b_o).max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    loss = -log_p[np.arange(N), targets].sum()
+    grad = 0.5 * (np.exp(log_p) - np.eye(V)[targets])
+    Z_dev, db_o = ops.asarray(Z), ops.zeros(V, np.float64)
+    assert ops.softmax_xent(Z_dev, ops.asarray(b_o), ops.asarray(targets)) == pytest.approx(loss, rel=1e-12)
+    assert ops.softmax_xent_grad(Z_dev, ops.asarray(b_o), ops.asarray(targets), 0.5, db_o) == pytest.approx(
+        loss, rel=1e-12
+    )
+    np.testing.assert_allclose(ops.to_numpy(Z_dev), grad, rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(ops.to_numpy(db_o), grad.sum(axis=0), rtol=1e-10, atol=1e-15)
+
+
+def test_class_softmax_with_an_unused_class_equals_cpu():
+    """Rows sharing classes, class 2 unused (its db_o zeroed, its rows left untouched), dL_ds accumulated."""
+    rng = np.random.default_rng(4)
+    N, m = 6, 5
+    class_bounds = np.array([0, 3, 10, 25, 40], np.int32)
+    target_classes = np.array([1, 0, 3, 1, 1, 3], np.int32)
+    targets = np.array([rng.integers(class_bounds[c], class_bounds[c + 1]) for c in target_classes], np.int32)
+    S_next, W_o, b_o = random(rng, N, m), random(rng, 40, m), random(rng, 40)
+    host = {
+        "dW_o": np.zeros((40, m)),
+        "db_o": np.full(40, 7.0),
+        "dL_ds": random(rng, N, m),
+        "touched": np.zeros(40, np.uint8),
+    }
+    dev = {k: ops.asarray(v) for k, v in host.items()}
+    args = (targets, target_classes, class_bounds)
+    expected = cpu.class_xent_grad(S_next, W_o, b_o, *args, 0.25, *host.values())
+    loss = ops.class_xent_grad(*(ops.asarray(a) for a in (S_next, W_o, b_o, *args)), 0.25, *dev.values())
+    assert loss == pytest.approx(expected, rel=1e-12)
+    for name, array in host.items():
+        np.testing.assert_allclose(ops.to_numpy(dev[name]), array, rtol=1e-12, atol=1e-15, err_msg=name)
+    assert not host["touched"][10:25].any() and host["touched"][25:].all()
+    eval_loss = ops.class_xent(*(ops.asarray(a) for a in (S_next, W_o, b_o, *args)))
+    assert eval_loss == pytest.approx(cpu.class_xent(S_next, W_o, b_o, *args), rel=1e-12)
+
+
+def test_masked_row_updates():
+    """The sparse update, and the tied weights' fold of one sparse gradient into another, by row masks."""
+    rng = np.random.default_rng(5)
+    rows, grads, other = random(rng, 9, 40), random(rng, 9, 40), random(rng, 9, 40)
+    mask = np.array([1, 0, 0, 1, 1, 0, 0, 0, 1], np.uint8)
+    other_mask = np.array([0, 1, 0, 1, 0, 0, 0, 0, 0], np.uint8)
+    marked = mask[:, None] == 1
+    dev = [ops.asarray(a) for a in (rows, grads, mask, other, other_mask)]
+    rows_dev, grads_dev, mask_dev, other_dev, other_mask_dev = dev
+    assert ops.masked_sum_squares(grads_dev, mask_dev) == pytest.approx((grads[mask == 1] ** 2).sum(), rel=1e-12)
+    ops.masked_add_rows(other_dev, grads_dev, mask_dev, other_mask_dev)
+    np.testing.assert_allclose(ops.to_numpy(other_dev), np.where(marked, other + grads, other), rtol=1e-12)
+    np.testing.assert_array_equal(ops.to_numpy(grads_dev), np.where(marked, 0.0, grads))
+    np.testing.assert_array_equal(ops.to_numpy(other_mask_dev), [1, 1, 0, 1, 1, 0, 0, 0, 1])
+    assert not ops.to_numpy(mask_dev).any()
+    ops.masked_sgd_update(rows_dev, other_dev, other_mask_dev, 0.5)
+    folded = np.where(marked, other + grads, other)
+    expected_rows = np.where((mask | other_mask)[:, None] == 1, rows - 0.5 * folded, rows)
+    np.testing.assert_allclose(ops.to_numpy(rows_dev), expected_rows, rtol=1e-12)
+    assert not ops.to_numpy(other_mask_dev).any()
+    multiplied = ops.zeros((9, 40), np.float64)
+    ops.multiply(ops.asarray(rows), ops.asarray(grads), multiplied)
+    np.testing.assert_array_equal(ops.to_numpy(multiplied), rows * grads)
+
+
+VIEW_TRANSPOSE = """
+import numpy as np
+from rnnlm.backends import cuda as ops
+
+a = ops._DeviceArray((2, 3), (12, 4), np.float32, 0, object())
+t = a.T
+assert type(t) is ops._DeviceArray and t.gpu_data is a.gpu_data
+assert t.shape == (3, 2) and t.strides == (4, 12) and t.is_f_contiguous()
+assert t.T.shape == (2, 3) and t.T.is_c_contiguous()
+assert ops._flat(t).shape == (6,) and type(ops._flat(t)) is ops._DeviceArray
+"""
+
+
+def test_device_arrays_transpose_as_views():
+    """Without the simulator (and without a GPU: no memory is touched), a backend array's .T is a view
+    sharing its memory, as rnnlm.step needs for W_x; numba's own DeviceNDArray.T would copy."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0", "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", VIEW_TRANSPOSE], env=env, check=True)
