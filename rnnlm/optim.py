@@ -14,14 +14,11 @@ OPTIMIZERS = ("sgd", "adam")
 def grad_norm(ops, grads, window):
     """Global L2 norm of all gradients (sparse ones over their marked rows), as a float."""
     sparse = sparse_names(window)
-    squares = 0.0
-    for name in trainable(grads, window):
-        grad = grads[name]
-        if name in sparse:
-            squares += ops.masked_sum_squares(rows(name, grad), sparse[name])
-        else:
-            squares += ops.sum_squares(grad)
-    return float(np.sqrt(squares))
+    pairs = [
+        (rows(name, grads[name]), sparse[name]) if name in sparse else (grads[name], None)
+        for name in trainable(grads, window)
+    ]
+    return float(np.sqrt(ops.grad_sq_sum(pairs)))
 
 
 def clip_scale(norm, clip):
@@ -41,17 +38,18 @@ class SGD:
         """Apply one step; returns ‖g‖ before clipping."""
         ops, sparse = self.ops, sparse_names(window)
         norm = grad_norm(ops, grads, window)
-        scale = clip_scale(norm, self.clip)
+        step, shrink = lr * clip_scale(norm, self.clip), 1.0 - lr * 2.0 * self.l2
+        dense = []
         for name, param in trainable(params, window).items():
             dtype = param.dtype.type
-            step, shrink = dtype(lr * scale), dtype(1.0 - lr * 2.0 * self.l2)
             param_rows, grad_rows = rows(name, param), rows(name, grads[name])
             if name in sparse:
                 if self.l2 > 0:
-                    ops.sgd_update(param_rows, grad_rows, dtype(0), shrink)
-                ops.masked_sgd_update(param_rows, grad_rows, sparse[name], step)
+                    ops.sgd_update(param_rows, grad_rows, dtype(0), dtype(shrink))
+                ops.masked_sgd_update(param_rows, grad_rows, sparse[name], dtype(step))
             else:
-                ops.sgd_update(param_rows, grad_rows, step, shrink)
+                dense.append((param_rows, grad_rows))
+        ops.sgd_updates(dense, step, shrink)  # the dense parameters together (one launch on CUDA)
         return norm
 
     def state(self):

@@ -1,7 +1,8 @@
 """What the shared kernel tests do not reach in the CUDA backend at their toy sizes: split-k and both GEMM
 tiles, the recurrence in several passes and stage chunks, long token lists, rows wider than a block,
-the class softmax with an unused class, the row-masked updates, and the device arrays' view transposes
-(a real-GPU code path, checked here without a GPU). Oracles: numpy, or the CPU backend.
+the class softmax with an unused class, the row-masked updates, the gradient norm's and the SGD step's
+launches over several arrays, and the device arrays' view transposes and the fused kernels' argument types
+(real-GPU code paths, checked here without a GPU). Oracles: numpy, or the CPU backend.
 """
 
 import os
@@ -165,6 +166,54 @@ def test_masked_row_updates():
     multiplied = ops.zeros((9, 40), np.float64)
     ops.multiply(ops.asarray(rows), ops.asarray(grads), multiplied)
     np.testing.assert_array_equal(ops.to_numpy(multiplied), rows * grads)
+
+
+def test_grad_sq_sum_and_sgd_updates_over_several_arrays():
+    """One number for dense and masked arrays of several shapes and layouts (a float64 pair in its own
+    group), equal to the CPU twin; then one fused SGD step over several arrays, one of them column-major."""
+    rng = np.random.default_rng(6)
+    host = [random(rng, 9, 40), random(rng, 40), random(rng, 3, 5)]
+    rows, other = random(rng, 9, 40), random(rng, 12, 3)
+    mask, other_mask = np.array([1, 0, 0, 1, 1, 0, 0, 0, 1], np.uint8), np.zeros(12, np.uint8)
+    other_mask[[2, 11]] = 1
+    dev = [ops.asarray(a, np.float32) for a in host[:2]] + [ops.asarray(host[2].T).T]
+    pairs = [(a, None) for a in dev] + [(ops.asarray(rows, np.float32), ops.asarray(mask))]
+    pairs.append((ops.asarray(other), ops.asarray(other_mask)))
+    cpu_pairs = [(np.ascontiguousarray(ops.to_numpy(a)), m if m is None else ops.to_numpy(m)) for a, m in pairs]
+    expected = sum((a**2).sum() for a in host) + (rows[mask == 1] ** 2).sum() + (other[other_mask == 1] ** 2).sum()
+    assert ops.grad_sq_sum(pairs) == pytest.approx(cpu.grad_sq_sum(cpu_pairs), rel=1e-6)
+    assert ops.grad_sq_sum(pairs) == pytest.approx(expected, rel=1e-6)
+    assert ops.grad_sq_sum([]) == 0.0
+    grads = [ops.asarray(random(rng, *a.shape), np.float32) for a in host[:2]] + [ops.asarray(random(rng, 5, 3)).T]
+    before = [ops.to_numpy(a) for a in dev]
+    ops.sgd_updates(list(zip(dev, grads, strict=True)), 0.5, 0.75)
+    for param, grad, old in zip(dev, grads, before, strict=True):
+        np.testing.assert_allclose(ops.to_numpy(param), 0.75 * old - 0.5 * ops.to_numpy(grad), rtol=1e-6)
+
+
+FUSED_TUPLES = """
+import numpy as np
+from numba import typeof
+from rnnlm.backends import cuda as ops
+
+def dev(shape, dtype=np.float32, order="C"):
+    return ops._DeviceArray(shape, np.empty(shape, dtype, order=order).strides, dtype, 0, object())
+
+params = [dev((8, 8)), dev((8,)), dev((50, 8)), dev((50,)), dev((50, 8)).T]
+flats = [ops._flat(a) for a in params]
+groups = ops._grouped(flats, ops._array_key)
+assert len(groups) == 1 and str(typeof(tuple(groups[0]))) == "UniTuple(array(float32, 1d, C) x 5)"
+rows = [params[4].T, params[2]]
+assert str(typeof(tuple(rows))) == "UniTuple(array(float32, 2d, C) x 2)"
+assert len(ops._grouped(flats + [ops._flat(dev((3,), np.float64))], ops._array_key)) == 2
+"""
+
+
+def test_fused_kernels_take_uniform_tuples():
+    """Without the simulator: the parameters of a step, flattened, form one group typed as a UniTuple (the
+    fused kernels index their tuples at run time, which numba compiles for UniTuples only)."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0", "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", FUSED_TUPLES], env=env, check=True)
 
 
 VIEW_TRANSPOSE = """

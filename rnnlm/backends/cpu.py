@@ -502,3 +502,16 @@ def adam_update(param, grad, moment1, moment2, lr_t, grad_scale, decay, beta1, b
         m1[k] = beta1 * m1[k] + (one - beta1) * g_k
         m2[k] = beta2 * m2[k] + (one - beta2) * g_k * g_k
         p[k] -= lr_t * m1[k] / (np.sqrt(m2[k]) + eps)
+
+
+def grad_sq_sum(pairs):
+    """Σ of the squares of several gradients as one float: pairs of (array, mask) where mask is None
+    for a dense array and a uint8 row mask for sparse rows (see ``masked_sum_squares``)."""
+    return sum(sum_squares(a) if mask is None else masked_sum_squares(a, mask) for a, mask in pairs)
+
+
+def sgd_updates(pairs, step, shrink):
+    """``sgd_update`` on every (param, grad) pair, step and shrink given as Python floats."""
+    for param, grad in pairs:
+        dtype = param.dtype.type
+        sgd_update(param, grad, dtype(step), dtype(shrink))

@@ -19,6 +19,10 @@ atomics: results do not change from run to run.
 - Softmax: one block per row, an online max/sum in one pass, the gradient in a second.
 - Scatter-adds (W_x's columns by input token, the class softmax's W_o rows by class): the positions of
   each key are linked into a list on the device, and one thread sums each list in position order.
+- Optimizer kernels take tuples of arrays (numba UniTuples, indexed at run time): the gradient norm of every
+  parameter is one or two launches into one buffer of block sums and one copy to the host, and the SGD step
+  of all dense parameters one launch. Per-step launches and host synchronizations, not arithmetic, bound
+  the step at small sizes.
 
 Hot loops are ``while`` loops and tile offsets come from shifts and masks: numba's ``range`` lowering and
 signed floor division keep LLVM from proving indices non-negative, and then every array access carries
@@ -562,12 +566,17 @@ def _link_kernel(keys, next_pos, first):
         first[key] = p
 
 
-def _link(keys, n_keys):
-    """(next_pos, first) of ``_link_kernel`` for keys (N,) int32 below n_keys, in workspaces."""
+def _link(keys, n_keys, absent=True):
+    """(next_pos, first) of ``_link_kernel`` for keys (N,) int32 below n_keys, in workspaces.
+
+    With ``absent`` False, first[key] is left undefined for the keys not in ``keys`` (one launch fewer):
+    for callers that only look up keys they hold.
+    """
     N = keys.shape[0]
     next_pos = _workspace("next position", (N,), np.int32)
     first = _workspace("first position", (n_keys,), np.int32)
-    _fill(first, N)
+    if absent:
+        _fill(first, N)
     threads = _threads(N, _ELEMENTWISE_THREADS)
     _link_kernel[_blocks(N, threads), threads](keys, next_pos, first)
     return next_pos, first
@@ -671,7 +680,7 @@ def input_grads(inputs, dL_dU, dW_x, touched):
     T, B, m = dL_dU.shape
     N = T * B
     tokens = inputs.reshape(N)
-    next_pos, first = _link(tokens, dW_x.shape[1])
+    next_pos, first = _link(tokens, dW_x.shape[1], absent=False)  # only the tokens' own entries are read
     grid, block = _unit_position_grid(m, N)
     _scatter_columns_kernel[grid, block](tokens, next_pos, first, dL_dU.reshape(N, m), dW_x, touched)
 
@@ -698,11 +707,15 @@ def multiply(a, mask, out):
 
 @cuda.jit
 def _add_rows_kernel(dst_rows, src_rows, src_mask, dst_mask):
-    """dst_rows[r] += src_rows[r], src_rows[r] = 0, dst_mask[r] = 1 for the rows marked in src_mask."""
+    """dst_rows[r] += src_rows[r], src_rows[r] = 0, dst_mask[r] = 1, src_mask[r] = 0 for the rows marked in
+    src_mask: in sweeps with a barrier between reading and clearing the marks (see _masked_sgd_kernel)."""
     R, m = dst_rows.shape
-    r = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
-    while r < R:
-        if src_mask[r]:
+    r0 = cuda.blockIdx.x * cuda.blockDim.y
+    while r0 < R:  # the same trip count for every thread of the block
+        r = r0 + cuda.threadIdx.y
+        marked = r < R and src_mask[r] != 0
+        cuda.syncthreads()
+        if marked:
             i = cuda.threadIdx.x
             while i < m:
                 dst_rows[r, i] += src_rows[r, i]
@@ -710,16 +723,15 @@ def _add_rows_kernel(dst_rows, src_rows, src_mask, dst_mask):
                 i += cuda.blockDim.x
             if cuda.threadIdx.x == 0:
                 dst_mask[r] = 1
-        r += cuda.gridDim.x * cuda.blockDim.y
+                src_mask[r] = 0
+        r0 += cuda.gridDim.x * cuda.blockDim.y
 
 
 def masked_add_rows(dst_rows, src_rows, src_mask, dst_mask):
     """dst_rows[r] += src_rows[r] and src_rows[r] = 0 for the rows marked in src_mask, which is cleared
-    and merged into dst_mask: tied weights fold W_x's sparse gradient into W_o's. The mask is cleared
-    by a second launch, after every thread has read it."""
+    and merged into dst_mask: tied weights fold W_x's sparse gradient into W_o's."""
     blocks, threads = _row_grid(*dst_rows.shape)
     _add_rows_kernel[blocks, threads](dst_rows, src_rows, src_mask, dst_mask)
-    _fill(src_mask, 0)
 
 
 # ---------------------------------------------------------------------------------------- softmax
@@ -1037,43 +1049,53 @@ def _block_sum(value, partials):
         partials[cuda.blockIdx.x] = sums[0]
 
 
+def _grouped(items, key):
+    """items in groups of one numba type (the key of each item): tuples of one group are UniTuples, which a
+    kernel can index at run time. Groups and their members keep the order of ``items``."""
+    groups = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return list(groups.values())
+
+
+def _array_key(array):
+    """What decides a device array's numba type: dtype, dimensions, C/F layout."""
+    return array.dtype.str, array.ndim, array.flags["C_CONTIGUOUS"], array.flags["F_CONTIGUOUS"]
+
+
 @cuda.jit
-def _sum_squares_kernel(flat, partials):
-    """partials[block] = Σ flat[k]² over the block's grid-stride share, in float64."""
+def _sum_squares_kernel(flats, partials):
+    """partials[block] = Σ flat[k]² over the block's grid-stride share of every array of ``flats`` (a tuple
+    of 1-D arrays of one type), in float64."""
     total = 0.0
-    k = cuda.grid(1)
-    while k < flat.shape[0]:
-        v = float64(flat[k])
-        total += v * v
-        k += cuda.gridsize(1)
+    for a in range(len(flats)):
+        flat = flats[a]
+        k = cuda.grid(1)
+        while k < flat.shape[0]:
+            v = float64(flat[k])
+            total += v * v
+            k += cuda.gridsize(1)
     _block_sum(total, partials)
 
 
-def sum_squares(array):
-    """Σ array² as a float (for the gradient norm): per-block float64 sums, added on the host."""
-    flat = _flat(array)
-    blocks, threads = _spread(flat.size, _REDUCE_THREADS)
-    blocks = min(blocks, 4 * _sm_count())
-    partials = _workspace("sums of squares", (blocks,), np.float64)
-    _sum_squares_kernel[blocks, threads](flat, partials)
-    return _sum(partials)
-
-
 @cuda.jit
-def _masked_sum_squares_kernel(rows, mask, partials):
+def _masked_sum_squares_kernel(rows_arrays, masks, partials):
     """partials[block] = Σ rows[r, i]² over the marked rows of the block's grid-stride share (a warp's
-    x-threads per row), in float64."""
-    R, m = rows.shape
+    x-threads per row) of every (rows, mask) of the tuples ``rows_arrays`` and ``masks``, in float64."""
     total = 0.0
-    r = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
-    while r < R:
-        if mask[r]:
-            i = cuda.threadIdx.x
-            while i < m:
-                v = float64(rows[r, i])
-                total += v * v
-                i += cuda.blockDim.x
-        r += cuda.gridDim.x * cuda.blockDim.y
+    for a in range(len(rows_arrays)):
+        rows = rows_arrays[a]
+        mask = masks[a]
+        R, m = rows.shape
+        r = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+        while r < R:
+            if mask[r]:
+                i = cuda.threadIdx.x
+                while i < m:
+                    v = float64(rows[r, i])
+                    total += v * v
+                    i += cuda.blockDim.x
+            r += cuda.gridDim.x * cuda.blockDim.y
     _block_sum(total, partials)
 
 
@@ -1084,20 +1106,55 @@ def _row_grid(R, m):
     return min(blocks, 4 * _sm_count()), (tx, ty)
 
 
-def masked_sum_squares(rows, mask):
-    """Σ rows[r]² over the rows r with mask[r] set, as a float. rows (R, m) any layout; mask uint8 (R,)."""
-    blocks, threads = _row_grid(*rows.shape)
-    partials = _workspace("sums of squares", (blocks,), np.float64)
-    _masked_sum_squares_kernel[blocks, threads](rows, mask, partials)
+def grad_sq_sum(pairs):
+    """Σ of the squares of every (array, mask) in ``pairs`` as a float: all of an array when mask is None,
+    else the rows r (array (R, m), any layout) with mask[r] set (mask uint8 (R,)).
+
+    One launch per group of arrays of one type (usually one for the dense arrays and one for the masked),
+    each block's float64 partial sum in one device buffer, brought to the host and added there in a fixed
+    order: the gradient norm costs one synchronization per step, not one per parameter.
+    """
+    launches = []
+    dense = [_flat(array) for array, mask in pairs if mask is None]
+    for flats in _grouped(dense, _array_key):
+        blocks, threads = _spread(sum(flat.size for flat in flats), _REDUCE_THREADS)
+        launches.append((_sum_squares_kernel, min(blocks, 4 * _sm_count()), threads, (tuple(flats),)))
+    masked = [(rows, mask) for rows, mask in pairs if mask is not None]
+    for group in _grouped(masked, lambda pair: (_array_key(pair[0]), _array_key(pair[1]))):
+        R, m = max(rows.shape[0] for rows, _ in group), max(rows.shape[1] for rows, _ in group)
+        blocks, threads = _row_grid(R, m)
+        args = tuple(rows for rows, _ in group), tuple(mask for _, mask in group)
+        launches.append((_masked_sum_squares_kernel, blocks, threads, args))
+    if not launches:
+        return 0.0
+    partials = _workspace("sums of squares", (sum(blocks for _, blocks, _, _ in launches),), np.float64)
+    offset = 0
+    for kernel, blocks, threads, args in launches:
+        kernel[blocks, threads](*args, partials[offset : offset + blocks])
+        offset += blocks
     return _sum(partials)
 
 
+def sum_squares(array):
+    """Σ array² as a float (see ``grad_sq_sum``)."""
+    return grad_sq_sum([(array, None)])
+
+
+def masked_sum_squares(rows, mask):
+    """Σ rows[r]² over the rows r with mask[r] set, as a float. rows (R, m) any layout; mask uint8 (R,)."""
+    return grad_sq_sum([(rows, mask)])
+
+
 @cuda.jit
-def _sgd_kernel(param, grad, step, shrink):
-    k = cuda.grid(1)
-    while k < param.shape[0]:
-        param[k] = shrink * param[k] - step * grad[k]
-        k += cuda.gridsize(1)
+def _sgd_kernel(params, grads, step, shrink):
+    """params[a] = shrink · params[a] - step · grads[a] for every a (tuples of flat arrays; grid-stride)."""
+    for a in range(len(params)):
+        param = params[a]
+        grad = grads[a]
+        k = cuda.grid(1)
+        while k < param.shape[0]:
+            param[k] = shrink * param[k] - step * grad[k]
+            k += cuda.gridsize(1)
 
 
 def sgd_update(param, grad, step, shrink):
@@ -1108,31 +1165,50 @@ def sgd_update(param, grad, step, shrink):
     """
     flat = _flat(param)
     blocks, threads = _elementwise_grid(flat.size)
-    _sgd_kernel[blocks, threads](flat, _flat(grad), step, shrink)
+    _sgd_kernel[blocks, threads]((flat,), (_flat(grad),), step, shrink)
+
+
+def sgd_updates(pairs, step, shrink):
+    """``sgd_update`` on every (param, grad) of ``pairs`` with step and shrink (floats) in each param's
+    dtype: one launch per group of arrays of one type (usually one for all dense parameters)."""
+    flats = [(_flat(param), _flat(grad)) for param, grad in pairs]
+    for group in _grouped(flats, lambda pair: (_array_key(pair[0]), _array_key(pair[1]))):
+        dtype = group[0][0].dtype.type
+        blocks, threads = _elementwise_grid(max(param.size for param, _ in group))
+        params, grads = tuple(param for param, _ in group), tuple(grad for _, grad in group)
+        _sgd_kernel[blocks, threads](params, grads, dtype(step), dtype(shrink))
 
 
 @cuda.jit
 def _masked_sgd_kernel(param_rows, grad_rows, mask, step):
-    """param_rows[r] -= step · grad_rows[r], grad_rows[r] = 0 for the marked rows (grid-stride)."""
+    """param_rows[r] -= step · grad_rows[r], grad_rows[r] = 0, mask[r] = 0 for the marked rows.
+
+    A block takes blockDim.y rows per sweep (grid-stride), x-threads along a row; every thread of the block
+    runs every sweep, reads its row's mark before the sweep's barrier, and the mark is cleared after it:
+    no thread clears a mark another has yet to read, and one launch suffices.
+    """
     R, m = param_rows.shape
-    r = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
-    while r < R:
-        if mask[r]:
+    r0 = cuda.blockIdx.x * cuda.blockDim.y
+    while r0 < R:  # the same trip count for every thread of the block
+        r = r0 + cuda.threadIdx.y
+        marked = r < R and mask[r] != 0
+        cuda.syncthreads()
+        if marked:
             i = cuda.threadIdx.x
             while i < m:
                 param_rows[r, i] -= step * grad_rows[r, i]
                 grad_rows[r, i] = 0
                 i += cuda.blockDim.x
-        r += cuda.gridDim.x * cuda.blockDim.y
+            if cuda.threadIdx.x == 0:
+                mask[r] = 0
+        r0 += cuda.gridDim.x * cuda.blockDim.y
 
 
 def masked_sgd_update(param_rows, grad_rows, mask, step):
     """param_rows[r] -= step · grad_rows[r] for the rows marked in mask, then zero those gradient rows
-    and the mask: the sparse update of W_x's columns (passed transposed) and the class softmax's W_o.
-    The mask is cleared by a second launch, after every thread has read it."""
+    and the mask: the sparse update of W_x's columns (passed transposed) and the class softmax's W_o."""
     blocks, threads = _row_grid(*param_rows.shape)
     _masked_sgd_kernel[blocks, threads](param_rows, grad_rows, mask, step)
-    _fill(mask, 0)
 
 
 @cuda.jit
