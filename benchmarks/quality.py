@@ -25,12 +25,14 @@ SHARED = REPO.parent / "shared" / "data"
 # The recipes, by the smallest budget (minutes) each is meant for; README.md quotes their results.
 RECIPES = {
     "ptb": [
-        (0, ["--softmax", "class", "--hidden", "200", "--bptt", "20", "--batch", "20", "--optimizer", "sgd",
-             "--lr", "5", "--clip", "0.25", "--epochs", "40"]),
+        (0, ["--softmax", "class", "--hidden", "200", "--bptt", "20", "--batch", "20", "--optimizer", "adam",
+             "--lr", "0.003", "--clip", "1.0", "--dropout", "0.2", "--schedule", "mikolov", "--epochs", "40"]),
     ],
     "shakespeare": [
         (0, ["--level", "char", "--hidden", "256", "--bptt", "64", "--batch", "32", "--optimizer", "adam",
              "--lr", "0.003", "--clip", "1.0", "--epochs", "50"]),
+        (15, ["--level", "char", "--hidden", "512", "--bptt", "100", "--batch", "32", "--optimizer", "adam",
+              "--lr", "0.002", "--clip", "1.0", "--dropout", "0.2", "--epochs", "100"]),
     ],
 }
 # seconds kept aside from the training budget for start-up, the last validation and the test evaluation

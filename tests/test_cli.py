@@ -3,6 +3,7 @@
 import inspect
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -447,3 +448,16 @@ def test_help_shows_the_train_defaults():
     for expected in ("[default: 200]", "[default: 20]", "[default: 1.0]", "[default: word]",
                      "[default: cpu]", "[default: all cores]", "[default: the last 5% of TEXT, held out]"):
         assert expected in text
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error(work):
+    """No simulator and no visible GPU: --device cuda says what is missing instead of failing deep inside."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(
+        [sys.executable, "-c", "from cli.main import main; main()", "perplexity", str(work / "model.npz"),
+         str(work / "test.txt"), "--device", "cuda"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: --device cuda needs an NVIDIA GPU")
+    assert "pip install 'rnnlm[cuda]'" in result.stderr and "Traceback" not in result.stderr
