@@ -5,7 +5,10 @@ composes them into a training or evaluation step once for both. Arrays are C-con
 float32 in training (float64 works too, for the gradient checks); token ids are int32.
 
 All kernels live in this one file on purpose: Numba's cache hashes only the file of the decorated
-function, so a helper kept elsewhere could leave stale compiled callers behind.
+function, so a helper kept elsewhere could leave stale compiled callers behind. The helpers that kernels
+call are inlined at Numba's level (``inline="always"``): linked as separate functions, a freshly compiled
+caller and the same caller loaded from the cache rounded differently, and a resumed run must compute
+exactly what the interrupted one would have.
 """
 
 import math
@@ -124,7 +127,7 @@ def forward(W_s, b_s, U, S):
             _tanh_inplace(s_t)
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, inline="always")
 def _tanh_inplace(row):
     """row = tanh(row): a vectorizable rational approximation for float32, math.tanh for float64."""
     if row.itemsize != 4:
@@ -226,7 +229,7 @@ def masked_add_rows(dst_rows, src_rows, src_mask, dst_mask):
 # ---------------------------------------------------------------------------------------- softmax
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, inline="always")
 def _biased_max(row, b_o):
     """max_j (row[j] + b_o[j]).
 
@@ -251,7 +254,7 @@ def _biased_max(row, b_o):
     return top
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, inline="always")
 def _exp_shifted_row(row, b_o, shift, bits):
     """row[j] = exp(row[j] + b_o[j] - shift) in place, returning the sum; ``bits``: int32 scratch (len(row)).
 
