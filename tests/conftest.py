@@ -25,3 +25,27 @@ def ops(request):
     from rnnlm.backends import get_backend
 
     return get_backend(request.param)
+
+
+def reference_perplexity(model, path):
+    """exp(mean -log p) of the text read as one stream from the boundary token, in float64 numpy:
+    inputs = [boundary] + ids[:-1], targets = ids, B = 1, zero initial state."""
+    import math
+
+    import numpy as np
+
+    import rnnlm
+    from rnnlm import reference
+
+    if not isinstance(model, rnnlm.Model):
+        model = rnnlm.load(model)
+    vocab = model.vocab
+    ids = []
+    for line in Path(path).read_text(encoding="utf-8").removesuffix("\n").split("\n"):
+        tokens = line.split() if vocab.level == "word" else line
+        ids += [vocab.index.get(token, vocab.unk_id) for token in tokens] + [vocab.boundary_id]
+    ids = np.array(ids)
+    inputs = np.concatenate([[vocab.boundary_id], ids[:-1]])
+    params = {name: array.astype(np.float64) for name, array in model.params.items()}
+    nats, _ = reference.loss(params, inputs.reshape(-1, 1), ids.reshape(-1, 1), np.zeros((1, model.hidden)))
+    return math.exp(nats / len(ids))

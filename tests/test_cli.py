@@ -19,9 +19,9 @@ from click.testing import CliRunner
 
 import rnnlm
 from cli.main import cli
-from rnnlm import reference
 from rnnlm.corpus import load_corpus
-from rnnlm.model import Model
+
+from .conftest import reference_perplexity
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--hidden", "16", "--bptt", "10", "--batch", "4"]
@@ -58,23 +58,6 @@ def random_text(seed, lines):
             words.append(WORDS[i])
         out.append(" ".join(words) + "\n")
     return "".join(out)
-
-
-def reference_perplexity(model, path):
-    """exp(mean -log p) of the text read as one stream from the boundary token, in float64 numpy:
-    inputs = [boundary] + ids[:-1], targets = ids, B = 1, zero initial state."""
-    if not isinstance(model, Model):
-        model = rnnlm.load(model)
-    vocab = model.vocab
-    ids = []
-    for line in Path(path).read_text(encoding="utf-8").removesuffix("\n").split("\n"):
-        tokens = line.split() if vocab.level == "word" else line
-        ids += [vocab.index.get(token, vocab.unk_id) for token in tokens] + [vocab.boundary_id]
-    ids = np.array(ids)
-    inputs = np.concatenate([[vocab.boundary_id], ids[:-1]])
-    params = {name: array.astype(np.float64) for name, array in model.params.items()}
-    nats, _ = reference.loss(params, inputs.reshape(-1, 1), ids.reshape(-1, 1), np.zeros((1, model.hidden)))
-    return math.exp(nats / len(ids))
 
 
 @pytest.fixture(scope="module")

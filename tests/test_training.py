@@ -4,16 +4,16 @@ import json
 import math
 import os
 import stat
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import rnnlm
-from rnnlm import reference
 from rnnlm.corpus import batchify, stream_pairs
 from rnnlm.model import Model, param_shapes
 from rnnlm.tokenizer import build_vocab
+
+from .conftest import reference_perplexity
 
 LINE = "a b c d e f g h\n"
 SMALL = {"hidden": 16, "bptt": 10, "batch": 4}
@@ -23,23 +23,6 @@ PARAM_NAMES = ("W_x", "W_s", "b_s", "W_o", "b_o")  # the one-layer model with a 
 def write(path, text):
     path.write_text(text, encoding="utf-8")
     return path
-
-
-def reference_perplexity(model, path):
-    """exp(mean -log p) of the text read as one stream from the boundary token, in float64 numpy:
-    inputs = [boundary] + ids[:-1], targets = ids, B = 1, zero initial state."""
-    if not isinstance(model, Model):
-        model = rnnlm.load(model)
-    vocab = model.vocab
-    ids = []
-    for line in Path(path).read_text(encoding="utf-8").removesuffix("\n").split("\n"):
-        tokens = line.split() if vocab.level == "word" else line
-        ids += [vocab.index.get(token, vocab.unk_id) for token in tokens] + [vocab.boundary_id]
-    ids = np.array(ids)
-    inputs = np.concatenate([[vocab.boundary_id], ids[:-1]])
-    params = {name: array.astype(np.float64) for name, array in model.params.items()}
-    nats, _ = reference.loss(params, inputs.reshape(-1, 1), ids.reshape(-1, 1), np.zeros((1, model.hidden)))
-    return math.exp(nats / len(ids))
 
 
 @pytest.fixture
