@@ -12,17 +12,17 @@ def load_corpus(path, vocab=None, level="word", min_count=1, max_vocab=None, low
     """Token ids and vocabulary of ``path``: a text file, or a directory written by ``tokenize``.
 
     With ``vocab`` given, a text file is encoded with it and a token directory must have been encoded
-    with the same token list. Returns (ids (N,) unsigned ints, vocab, unk count or None if unknown).
+    with the same token list. Returns (ids (N,) unsigned ints, vocab).
     """
     if Path(path).is_dir():
         ids, dir_vocab = load_token_dir(path)
         if vocab is not None and dir_vocab.tokens != vocab.tokens:
             raise RnnlmError(f"{path} was tokenized with another vocabulary than the model's")
-        return ids, dir_vocab, None
+        return ids, dir_vocab
     if vocab is None:
         vocab = build_vocab(path, level=level, min_count=min_count, max_vocab=max_vocab, lowercase=lowercase)
-    ids, unk = encode_file(path, vocab)
-    return ids, vocab, unk
+    ids, _ = encode_file(path, vocab)
+    return ids, vocab
 
 
 def stream_pairs(ids, boundary_id):

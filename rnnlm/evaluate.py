@@ -52,7 +52,7 @@ def perplexity(model, text, device="cpu"):
     Returns {"perplexity", "bits_per_token", "tokens", "unk"}: ``unk`` counts the tokens of the text
     that are ``<unk>`` for the model (out-of-vocabulary words and literal ``<unk>`` tokens).
     """
-    ids, _, _ = load_corpus(text, vocab=model.vocab)
+    ids, _ = load_corpus(text, vocab=model.vocab)
     if len(ids) == 0:
         raise RnnlmError(f"{text} has no tokens")
     ops = get_backend(device)

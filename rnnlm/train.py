@@ -195,10 +195,10 @@ def resume(checkpoint, options=None, on_window=None, on_epoch=None):
 
 def load_data(text, valid, config):
     """(train ids, validation ids, vocabulary) for a run."""
-    ids, vocab, _ = load_corpus(text, level=config.level, min_count=config.min_count,
+    ids, vocab = load_corpus(text, level=config.level, min_count=config.min_count,
                                 max_vocab=config.max_vocab, lowercase=config.lowercase)
     if valid is not None:
-        valid_ids, _, _ = load_corpus(valid, vocab=vocab)
+        valid_ids, _ = load_corpus(valid, vocab=vocab)
     else:
         n_valid = max(1, int(len(ids) * HELD_OUT_SHARE))
         ids, valid_ids = ids[:-n_valid], ids[-n_valid:]

@@ -84,7 +84,7 @@ def epoch_records(stdout):
 
 def test_tokenize_writes_vocab_and_tokens(work, tmp_path):
     result = ok("tokenize", work / "train.txt", "-o", tmp_path / "tok")
-    ids, vocab, _ = load_corpus(work / "train.txt")
+    ids, vocab = load_corpus(work / "train.txt")
     assert result.stdout.startswith(f"{len(ids):,} tokens, vocabulary {len(vocab):,}")
     assert str(tmp_path / "tok") in result.stdout
     tokens = np.load(tmp_path / "tok" / "tokens.npy")
@@ -150,7 +150,7 @@ def test_train_with_valid(work, tmp_path):
 def test_perplexity_json(work):
     result = json.loads(ok("perplexity", work / "model.npz", work / "test.txt", "--json").stdout)
     assert set(result) == {"perplexity", "bits_per_token", "tokens", "unk"}
-    ids, _, _ = load_corpus(work / "test.txt", vocab=rnnlm.load(work / "model.npz").vocab)
+    ids, _ = load_corpus(work / "test.txt", vocab=rnnlm.load(work / "model.npz").vocab)
     assert result["tokens"] == len(ids)
     assert result["unk"] == 1  # "zebra"
     assert result["bits_per_token"] == pytest.approx(math.log2(result["perplexity"]))
