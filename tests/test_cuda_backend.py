@@ -193,31 +193,6 @@ def test_grad_sq_sum_and_sgd_updates_over_several_arrays():
         np.testing.assert_allclose(ops.to_numpy(param), expected, rtol=1e-6, atol=1e-6 * np.abs(old).max())
 
 
-FUSED_TUPLES = """
-import numpy as np
-from numba import typeof
-from rnnlm.backends import cuda as ops
-
-def dev(shape, dtype=np.float32, order="C"):
-    return ops._DeviceArray(shape, np.empty(shape, dtype, order=order).strides, dtype, 0, object())
-
-params = [dev((8, 8)), dev((8,)), dev((50, 8)), dev((50,)), dev((50, 8)).T]
-flats = [ops._flat(a) for a in params]
-groups = ops._grouped(flats, ops._array_key)
-assert len(groups) == 1 and str(typeof(tuple(groups[0]))) == "UniTuple(array(float32, 1d, C) x 5)"
-rows = [params[4].T, params[2]]
-assert str(typeof(tuple(rows))) == "UniTuple(array(float32, 2d, C) x 2)"
-assert len(ops._grouped(flats + [ops._flat(dev((3,), np.float64))], ops._array_key)) == 2
-"""
-
-
-def test_fused_kernels_take_uniform_tuples():
-    """Without the simulator: the parameters of a step, flattened, form one group typed as a UniTuple (the
-    fused kernels index their tuples at run time, which numba compiles for UniTuples only)."""
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0", "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-c", FUSED_TUPLES], env=env, check=True)
-
-
 VIEW_TRANSPOSE = """
 import numpy as np
 from rnnlm.backends import cuda as ops

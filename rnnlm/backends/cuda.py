@@ -19,10 +19,10 @@ atomics: results do not change from run to run.
 - Softmax: one block per row, an online max/sum in one pass, the gradient in a second.
 - Scatter-adds (W_x's columns by input token, the class softmax's W_o rows by class): the positions of
   each key are linked into a list on the device, and one thread sums each list in position order.
-- Optimizer kernels take tuples of arrays (numba UniTuples, indexed at run time): the gradient norm of every
-  parameter is one or two launches into one buffer of block sums and one copy to the host, and the SGD step
-  of all dense parameters one launch. Per-step launches and host synchronizations, not arithmetic, bound
-  the step at small sizes.
+- Optimizer: the gradient norm launches one kernel per parameter into one buffer of block sums and
+  copies it to the host once per step. Plain array arguments: numba-cuda dispatched tuples of arrays
+  so slowly on the H200 that fusing the launches cost more than it saved. Per-step launches and host
+  synchronizations, not arithmetic, bound the step at small sizes.
 
 Hot loops are ``while`` loops and tile offsets come from shifts and masks: numba's ``range`` lowering and
 signed floor division keep LLVM from proving indices non-negative, and then every array access carries
@@ -1049,53 +1049,33 @@ def _block_sum(value, partials):
         partials[cuda.blockIdx.x] = sums[0]
 
 
-def _grouped(items, key):
-    """items in groups of one numba type (the key of each item): tuples of one group are UniTuples, which a
-    kernel can index at run time. Groups and their members keep the order of ``items``."""
-    groups = {}
-    for item in items:
-        groups.setdefault(key(item), []).append(item)
-    return list(groups.values())
-
-
-def _array_key(array):
-    """What decides a device array's numba type: dtype, dimensions, C/F layout."""
-    return array.dtype.str, array.ndim, array.flags["C_CONTIGUOUS"], array.flags["F_CONTIGUOUS"]
-
-
 @cuda.jit
-def _sum_squares_kernel(flats, partials):
-    """partials[block] = Σ flat[k]² over the block's grid-stride share of every array of ``flats`` (a tuple
-    of 1-D arrays of one type), in float64."""
+def _sum_squares_kernel(flat, partials):
+    """partials[block] = Σ flat[k]² over the block's grid-stride share of a 1-D array, in float64."""
     total = 0.0
-    for a in range(len(flats)):
-        flat = flats[a]
-        k = cuda.grid(1)
-        while k < flat.shape[0]:
-            v = float64(flat[k])
-            total += v * v
-            k += cuda.gridsize(1)
+    k = cuda.grid(1)
+    while k < flat.shape[0]:
+        v = float64(flat[k])
+        total += v * v
+        k += cuda.gridsize(1)
     _block_sum(total, partials)
 
 
 @cuda.jit
-def _masked_sum_squares_kernel(rows_arrays, masks, partials):
-    """partials[block] = Σ rows[r, i]² over the marked rows of the block's grid-stride share (a warp's
-    x-threads per row) of every (rows, mask) of the tuples ``rows_arrays`` and ``masks``, in float64."""
+def _masked_sum_squares_kernel(rows, mask, partials):
+    """partials[block] = Σ rows[r, i]² over the marked rows of the block's grid-stride share (x-threads
+    along a row), in float64."""
     total = 0.0
-    for a in range(len(rows_arrays)):
-        rows = rows_arrays[a]
-        mask = masks[a]
-        R, m = rows.shape
-        r = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
-        while r < R:
-            if mask[r]:
-                i = cuda.threadIdx.x
-                while i < m:
-                    v = float64(rows[r, i])
-                    total += v * v
-                    i += cuda.blockDim.x
-            r += cuda.gridDim.x * cuda.blockDim.y
+    R, m = rows.shape
+    r = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+    while r < R:
+        if mask[r]:
+            i = cuda.threadIdx.x
+            while i < m:
+                v = float64(rows[r, i])
+                total += v * v
+                i += cuda.blockDim.x
+        r += cuda.gridDim.x * cuda.blockDim.y
     _block_sum(total, partials)
 
 
@@ -1110,21 +1090,19 @@ def grad_sq_sum(pairs):
     """Σ of the squares of every (array, mask) in ``pairs`` as a float: all of an array when mask is None,
     else the rows r (array (R, m), any layout) with mask[r] set (mask uint8 (R,)).
 
-    One launch per group of arrays of one type (usually one for the dense arrays and one for the masked),
+    One launch per array (plain array arguments: numba-cuda dispatches tuples of arrays far more slowly),
     each block's float64 partial sum in one device buffer, brought to the host and added there in a fixed
     order: the gradient norm costs one synchronization per step, not one per parameter.
     """
     launches = []
-    dense = [_flat(array) for array, mask in pairs if mask is None]
-    for flats in _grouped(dense, _array_key):
-        blocks, threads = _spread(sum(flat.size for flat in flats), _REDUCE_THREADS)
-        launches.append((_sum_squares_kernel, min(blocks, 4 * _sm_count()), threads, (tuple(flats),)))
-    masked = [(rows, mask) for rows, mask in pairs if mask is not None]
-    for group in _grouped(masked, lambda pair: (_array_key(pair[0]), _array_key(pair[1]))):
-        R, m = max(rows.shape[0] for rows, _ in group), max(rows.shape[1] for rows, _ in group)
-        blocks, threads = _row_grid(R, m)
-        args = tuple(rows for rows, _ in group), tuple(mask for _, mask in group)
-        launches.append((_masked_sum_squares_kernel, blocks, threads, args))
+    for array, mask in pairs:
+        if mask is None:
+            flat = _flat(array)
+            blocks, threads = _spread(flat.size, _REDUCE_THREADS)
+            launches.append((_sum_squares_kernel, min(blocks, 4 * _sm_count()), threads, (flat,)))
+        else:
+            blocks, threads = _row_grid(*array.shape)
+            launches.append((_masked_sum_squares_kernel, blocks, threads, (array, mask)))
     if not launches:
         return 0.0
     partials = _workspace("sums of squares", (sum(blocks for _, blocks, _, _ in launches),), np.float64)
@@ -1146,15 +1124,12 @@ def masked_sum_squares(rows, mask):
 
 
 @cuda.jit
-def _sgd_kernel(params, grads, step, shrink):
-    """params[a] = shrink · params[a] - step · grads[a] for every a (tuples of flat arrays; grid-stride)."""
-    for a in range(len(params)):
-        param = params[a]
-        grad = grads[a]
-        k = cuda.grid(1)
-        while k < param.shape[0]:
-            param[k] = shrink * param[k] - step * grad[k]
-            k += cuda.gridsize(1)
+def _sgd_kernel(param, grad, step, shrink):
+    """param = shrink · param - step · grad over flat arrays (grid-stride)."""
+    k = cuda.grid(1)
+    while k < param.shape[0]:
+        param[k] = shrink * param[k] - step * grad[k]
+        k += cuda.gridsize(1)
 
 
 def sgd_update(param, grad, step, shrink):
@@ -1165,18 +1140,14 @@ def sgd_update(param, grad, step, shrink):
     """
     flat = _flat(param)
     blocks, threads = _elementwise_grid(flat.size)
-    _sgd_kernel[blocks, threads]((flat,), (_flat(grad),), step, shrink)
+    _sgd_kernel[blocks, threads](flat, _flat(grad), step, shrink)
 
 
 def sgd_updates(pairs, step, shrink):
-    """``sgd_update`` on every (param, grad) of ``pairs`` with step and shrink (floats) in each param's
-    dtype: one launch per group of arrays of one type (usually one for all dense parameters)."""
-    flats = [(_flat(param), _flat(grad)) for param, grad in pairs]
-    for group in _grouped(flats, lambda pair: (_array_key(pair[0]), _array_key(pair[1]))):
-        dtype = group[0][0].dtype.type
-        blocks, threads = _elementwise_grid(max(param.size for param, _ in group))
-        params, grads = tuple(param for param, _ in group), tuple(grad for _, grad in group)
-        _sgd_kernel[blocks, threads](params, grads, dtype(step), dtype(shrink))
+    """``sgd_update`` on every (param, grad) of ``pairs`` with step and shrink (floats) in each param's dtype."""
+    for param, grad in pairs:
+        dtype = param.dtype.type
+        sgd_update(param, grad, dtype(step), dtype(shrink))
 
 
 @cuda.jit
