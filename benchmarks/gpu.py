@@ -39,6 +39,7 @@ from rnnlm import step
 from rnnlm.backends import get_backend
 from rnnlm.model import frequency_classes, init_params, word_classes
 from rnnlm.optim import make_optimizer
+from torch_rnn import TorchRNN  # beside this script
 
 LR = 0.01  # small: the parameters barely move, so every block does the same work
 CLIP = 1.0
@@ -86,57 +87,17 @@ class Rnnlm:
         self.ops.synchronize()
 
 
-class Torch:
-    """The same model in PyTorch on the GPU (see benchmarks/throughput.py's TorchImpl for the mapping)."""
+class Torch(TorchRNN):
+    """The same model in PyTorch (see benchmarks/torch_rnn.py) on the GPU, TF32 off as rnnlm has none."""
 
     name = "torch"
 
     def __init__(self, params, windows, T, B):
         import torch
-        from torch import nn
-        from torch.nn import functional
 
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-        self.torch, self.F, self.nn = torch, functional, nn
-        m, V = params["W_s"].shape[0], params["W_o"].shape[0]
-        dev = torch.device("cuda")
-        self.m = m
-        self.emb, self.rnn, self.out = nn.Embedding(V, m), nn.RNN(m, m, nonlinearity="tanh"), nn.Linear(m, V)
-        with torch.no_grad():
-            self.emb.weight.copy_(torch.from_numpy(np.ascontiguousarray(params["W_x"].T)))
-            self.rnn.weight_ih_l0.copy_(torch.eye(m))
-            self.rnn.bias_ih_l0.zero_()
-            self.rnn.weight_hh_l0.copy_(torch.from_numpy(params["W_s"]))
-            self.rnn.bias_hh_l0.copy_(torch.from_numpy(params["b_s"]))
-            self.out.weight.copy_(torch.from_numpy(params["W_o"]))
-            self.out.bias.copy_(torch.from_numpy(params["b_o"]))
-        for module in (self.emb, self.rnn, self.out):
-            module.to(dev)
-        self.parameters = [*self.emb.parameters(), *self.rnn.parameters(), *self.out.parameters()]
-        self.opt = torch.optim.SGD(self.parameters, lr=LR)
-        self.h = torch.zeros(1, B, m, device=dev)
-        self.data = [
-            (torch.from_numpy(x.astype(np.int64)).to(dev), torch.from_numpy(y.reshape(-1).astype(np.int64)).to(dev))
-            for x, y in windows
-        ]
-
-    def train(self, k):
-        x, y = self.data[k]
-        self.opt.zero_grad()
-        states, h = self.rnn(self.emb(x), self.h)
-        loss = self.F.cross_entropy(self.out(states.reshape(-1, self.m)), y)
-        loss.backward()
-        self.nn.utils.clip_grad_norm_(self.parameters, CLIP)
-        self.opt.step()
-        self.h = h.detach()
-        loss.item()  # rnnlm brings its loss to the host every window too
-
-    def eval(self, k):
-        x, y = self.data[k]
-        with self.torch.no_grad():
-            states, self.h = self.rnn(self.emb(x), self.h)
-            self.F.cross_entropy(self.out(states.reshape(-1, self.m)), y, reduction="sum").item()
+        super().__init__(params, windows, B, LR, CLIP, device="cuda")
 
     def sync(self):
         self.torch.cuda.synchronize()

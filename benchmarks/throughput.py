@@ -38,6 +38,7 @@ from rnnlm import _env, reference, step
 from rnnlm.backends import get_backend
 from rnnlm.model import frequency_classes, init_params, word_classes
 from rnnlm.optim import make_optimizer
+from torch_rnn import TorchRNN  # beside this script
 
 LR = 0.01  # small: the parameters barely move, so every block does the same work
 CLIP = 1.0
@@ -178,59 +179,13 @@ class NumpyImpl:
         pass
 
 
-class TorchImpl:
-    """The same model (full softmax) in PyTorch, written the usual way.
-
-    nn.Embedding(V, m) holds W_xᵀ (the lookup is W_x times the one-hot input), nn.RNN(m, m, tanh) the
-    recurrence (its W_ih starts as the identity, its two biases sum to b_s), nn.Linear(m, V) the output
-    layer; mean F.cross_entropy, clip_grad_norm_, torch.optim.SGD; the state is carried with .detach().
-    It starts from the same parameters, so its first losses equal the others'.
-    """
+class TorchImpl(TorchRNN):
+    """The same model in PyTorch (see benchmarks/torch_rnn.py), on the CPU."""
 
     name = "torch"
 
     def __init__(self, params, cfg, windows):
-        import torch
-        from torch import nn
-        from torch.nn import functional
-
-        self.torch, self.F, self.nn = torch, functional, nn
-        m, V = cfg.hidden, cfg.vocab
-        self.m = m
-        self.emb = nn.Embedding(V, m)
-        self.rnn = nn.RNN(input_size=m, hidden_size=m, nonlinearity="tanh")
-        self.out = nn.Linear(m, V)
-        with torch.no_grad():
-            self.emb.weight.copy_(torch.from_numpy(np.ascontiguousarray(params["W_x"].T)))
-            self.rnn.weight_ih_l0.copy_(torch.eye(m))
-            self.rnn.bias_ih_l0.zero_()
-            self.rnn.weight_hh_l0.copy_(torch.from_numpy(params["W_s"]))
-            self.rnn.bias_hh_l0.copy_(torch.from_numpy(params["b_s"]))
-            self.out.weight.copy_(torch.from_numpy(params["W_o"]))
-            self.out.bias.copy_(torch.from_numpy(params["b_o"]))
-        self.parameters = [*self.emb.parameters(), *self.rnn.parameters(), *self.out.parameters()]
-        self.opt = torch.optim.SGD(self.parameters, lr=LR)
-        self.h = torch.zeros(1, cfg.batch, m)
-        self.data = [(torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.reshape(-1).astype(np.int64)))
-                     for x, y in zip(windows[0], windows[1], strict=True)]
-
-    def train(self, k):
-        x, y = self.data[k]
-        self.opt.zero_grad()
-        states, h = self.rnn(self.emb(x), self.h)
-        loss = self.F.cross_entropy(self.out(states.reshape(-1, self.m)), y)
-        loss.backward()
-        self.nn.utils.clip_grad_norm_(self.parameters, CLIP)
-        self.opt.step()
-        self.h = h.detach()
-        return loss.item() * y.shape[0]
-
-    def eval(self, k):
-        x, y = self.data[k]
-        with self.torch.no_grad():
-            states, self.h = self.rnn(self.emb(x), self.h)
-            loss = self.F.cross_entropy(self.out(states.reshape(-1, self.m)), y, reduction="sum")
-        return loss.item()
+        super().__init__(params, zip(windows[0], windows[1], strict=True), cfg.batch, LR, CLIP)
 
     def sync(self):
         pass

@@ -248,9 +248,9 @@ class Trainer:
         self.grads = step.zero_grads(ops, model.params)
         self.window = step.Window(ops, config.bptt, config.batch, model.hidden, model.vocab_size,
                                   dropout=config.dropout, **model.structure)
-        self.trainable = list(step.trainable(self.params, self.window))
-        self.optimizer = make_optimizer(config.optimizer, ops, step.trainable(self.params, self.window),
-                                        clip=config.clip, l2=config.l2)
+        trainable = step.trainable(self.params, self.window)
+        self.trainable = list(trainable)
+        self.optimizer = make_optimizer(config.optimizer, ops, trainable, clip=config.clip, l2=config.l2)
         self.rng = np.random.default_rng(config.seed + 1)  # dropout masks
         # schedule and cursor: everything a checkpoint must carry besides arrays
         self.state = {

@@ -152,7 +152,7 @@ def test_masked_row_updates():
     marked = mask[:, None] == 1
     dev = [ops.asarray(a) for a in (rows, grads, mask, other, other_mask)]
     rows_dev, grads_dev, mask_dev, other_dev, other_mask_dev = dev
-    assert ops.masked_sum_squares(grads_dev, mask_dev) == pytest.approx((grads[mask == 1] ** 2).sum(), rel=1e-12)
+    assert ops.grad_sq_sum([(grads_dev, mask_dev)]) == pytest.approx((grads[mask == 1] ** 2).sum(), rel=1e-12)
     ops.masked_add_rows(other_dev, grads_dev, mask_dev, other_mask_dev)
     np.testing.assert_allclose(ops.to_numpy(other_dev), np.where(marked, other + grads, other), rtol=1e-12)
     np.testing.assert_array_equal(ops.to_numpy(grads_dev), np.where(marked, 0.0, grads))

@@ -441,7 +441,7 @@ def class_xent(S_next, W_o, b_o, targets, target_classes, class_bounds):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def sum_squares(array):
+def _sum_squares(array):
     """Σ array² as float64 (for the gradient norm)."""
     flat = array.reshape(-1)
     total = 0.0
@@ -463,7 +463,7 @@ def sgd_update(param, grad, step, shrink):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def masked_sum_squares(rows, mask):
+def _masked_sum_squares(rows, mask):
     """Σ rows[r]² over the rows r with mask[r] set, as float64. rows (R, m) any layout; mask uint8 (R,)."""
     R, m = rows.shape
     total = 0.0
@@ -509,8 +509,8 @@ def adam_update(param, grad, moment1, moment2, lr_t, grad_scale, decay, beta1, b
 
 def grad_sq_sum(pairs):
     """Σ of the squares of several gradients as one float: pairs of (array, mask) where mask is None
-    for a dense array and a uint8 row mask for sparse rows (see ``masked_sum_squares``)."""
-    return sum(sum_squares(a) if mask is None else masked_sum_squares(a, mask) for a, mask in pairs)
+    for a dense array and a uint8 row mask for sparse rows (see ``_masked_sum_squares``)."""
+    return sum(_sum_squares(a) if mask is None else _masked_sum_squares(a, mask) for a, mask in pairs)
 
 
 def sgd_updates(pairs, step, shrink):

@@ -1113,16 +1113,6 @@ def grad_sq_sum(pairs):
     return _sum(partials)
 
 
-def sum_squares(array):
-    """Σ array² as a float (see ``grad_sq_sum``)."""
-    return grad_sq_sum([(array, None)])
-
-
-def masked_sum_squares(rows, mask):
-    """Σ rows[r]² over the rows r with mask[r] set, as a float. rows (R, m) any layout; mask uint8 (R,)."""
-    return grad_sq_sum([(rows, mask)])
-
-
 @cuda.jit
 def _sgd_kernel(param, grad, step, shrink):
     """param = shrink · param - step · grad over flat arrays (grid-stride)."""
