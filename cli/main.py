@@ -83,8 +83,9 @@ def tokenize(text, out_dir, level, min_count, max_vocab, lowercase, vocab_file, 
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=DEFAULTS.optimizer,
               help="SGD on the mean loss plus the L2 term, or Adam.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
-              help="Learning-rate schedule: mikolov (halve after a stall, stop at the next) or plateau "
-                   "(halve at every stall, stop after three) [default: mikolov for sgd, plateau for adam].")
+              help="Learning-rate schedule: mikolov (halve after a stall, stop at the next), plateau "
+                   "(halve at every stall, stop after three) or cosine (anneal to 0 by the last epoch or the "
+                   "--time-budget) [default: mikolov for sgd, plateau for adam].")
 @click.option("--lr", type=float, default=None, help="Initial learning rate η [default: 1.0 for sgd, 0.002 for adam].")
 @click.option("--epochs", default=DEFAULTS.epochs, help="At most this many passes over TEXT.")
 @click.option("--clip", default=DEFAULTS.clip, help="Clip the gradient's global norm to this (0: off).")

@@ -5,7 +5,9 @@ epoch. After every epoch the model is evaluated on the validation text; the best
 written to the model file. Schedules: ``mikolov`` (SGD's default) halves the learning rate once the
 validation perplexity improves by less than 0.3%, rolls back an epoch that made it worse, and stops when
 it stalls again; ``plateau`` (Adam's default) rolls back and halves the rate on every such stall and
-stops after three.
+stops after three; ``cosine`` lowers the rate after every window along half a cosine, from lr to 0 at
+the end of the last epoch or of the time budget, whichever comes first (a run with a time budget then
+depends on the clock, and so is not reproducible to the bit).
 
 Checkpoints (at every epoch end, every ``checkpoint_every`` minutes, and on SIGINT/SIGTERM) hold
 everything the run needs to continue — weights, the best weights, optimizer state, schedule, data
@@ -37,7 +39,7 @@ HELD_OUT_SHARE = 0.05
 MAX_DIVERGENCES = 3
 PLATEAU_STOPS = 3
 LOGS_PER_EPOCH = 10
-SCHEDULES = ("mikolov", "plateau")
+SCHEDULES = ("mikolov", "plateau", "cosine")
 
 
 @dataclass
@@ -299,7 +301,7 @@ class Trainer:
                 self.recover_from_divergence(loss / (T * B))
                 start, first = time.perf_counter(), 0
                 continue
-            self.optimizer.update(self.params, self.grads, window, state["lr"])
+            self.optimizer.update(self.params, self.grads, window, self.current_lr())
             window.carry_state()
             state["window"] += 1
             state["epoch_loss"] += loss
@@ -323,6 +325,16 @@ class Trainer:
         state["tokens_per_s"] = (state["window"] - first) * T * B / max(time.perf_counter() - start, 1e-9)
         return True
 
+    def current_lr(self):
+        """The learning rate of the next window: the schedule's rate, annealed by ``cosine``."""
+        state, config = self.state, self.config
+        if config.schedule != "cosine":
+            return state["lr"]
+        progress = state["tokens_seen"] / (config.epochs * self.n_windows * config.bptt * config.batch)
+        if self.options.time_budget is not None:
+            progress = max(progress, (time.perf_counter() - self.clock) / (self.options.time_budget * 60))
+        return state["lr"] * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
     def over_budget(self):
         budget = self.options.time_budget
         return budget is not None and time.perf_counter() - self.clock >= budget * 60
@@ -343,10 +355,10 @@ class Trainer:
             self.pull_params()
             model.save(self.sources["model"])
             state["best"] = valid_ppl
-        else:  # an epoch that made validation worse is rolled back
+        elif config.schedule != "cosine":  # an epoch that made validation worse is rolled back
             self.push_params()
         stop = self.over_budget() or state["epoch"] >= config.epochs
-        if not improved:
+        if not improved and config.schedule != "cosine":
             if config.schedule == "mikolov":
                 stop = stop or state["halving"]
                 state["halving"] = True
@@ -378,7 +390,7 @@ class Trainer:
     def log(self, fields_):
         """Append a record to the training log (and the checkpointed history); returns it."""
         state = self.state
-        record = {"epoch": state["epoch"], "tokens_seen": state["tokens_seen"], "lr": state["lr"], **fields_,
+        record = {"epoch": state["epoch"], "tokens_seen": state["tokens_seen"], "lr": self.current_lr(), **fields_,
                   "elapsed_s": time.perf_counter() - self.clock}
         state["records"].append(record)
         with open(self.log_path, "a", encoding="utf-8") as f:

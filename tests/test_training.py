@@ -254,3 +254,11 @@ def test_schedules_halve_the_rate_after_a_stall(tmp_path, repetitive, schedule):
     assert rates[0] == 0.5 and min(rates) < 0.5
     assert all(later <= earlier for earlier, later in zip(rates, rates[1:], strict=False))
     assert len(records) < 8  # and it stopped on its own
+
+
+def test_cosine_schedule_anneals_to_zero_over_the_epochs(tmp_path, repetitive):
+    """No stall stops or halves it: the rate at the end of epoch e is lr · (1 + cos(π e / epochs)) / 2."""
+    config = rnnlm.TrainConfig(hidden=16, bptt=5, batch=4, lr=0.5, epochs=4, schedule="cosine")
+    records = rnnlm.train(repetitive, tmp_path / "model.npz", valid=repetitive, config=config)
+    expected = [0.5 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(1, 5)]
+    assert [r["lr"] for r in records] == pytest.approx(expected, abs=1e-12)
