@@ -12,12 +12,20 @@ OPTIMIZERS = ("sgd", "adam")
 
 
 def grad_norm(ops, grads, window):
-    """Global L2 norm of all gradients (sparse ones over their marked rows), as a float."""
+    """Global L2 norm of all gradients (sparse ones over their marked rows), as a float.
+
+    The class softmax's dW_o enters through the norm class_xent_grad computed (a one-element array whose
+    square is its sum of squares), unless tying has since added W_x's rows to it.
+    """
     sparse = sparse_names(window)
-    pairs = [
-        (rows(name, grads[name]), sparse[name]) if name in sparse else (grads[name], None)
-        for name in trainable(grads, window)
-    ]
+    pairs = []
+    for name in trainable(grads, window):
+        if name == "W_o" and window.dW_o_norm is not None and not window.tied:
+            pairs.append((window.dW_o_norm, None))
+        elif name in sparse:
+            pairs.append((rows(name, grads[name]), sparse[name]))
+        else:
+            pairs.append((grads[name], None))
     return float(np.sqrt(ops.grad_sq_sum(pairs)))
 
 

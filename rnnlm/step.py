@@ -47,8 +47,9 @@ class Window:
     Per layer: S (T + 1, B, m) states, S[0] the state carried in; U (T, B, m) the input term; D (T, B, m)
     the dropped-out output (dropout only); dL_ds_out (T, B, m) the gradient reaching s_t from above;
     dL_da (T, B, m). Z (T·B, V), or (T·B, C) with the class softmax: logits, then dL/dz. touched_W_x,
-    touched_W_o (V,) uint8: the sparse gradients' masks. Dropout masks: mask_in (T, B, m) and one
-    mask_out per layer, refilled by ``draw_masks``.
+    touched_W_o (V,) uint8: the sparse gradients' masks. dW_o_norm (1,) float64, class softmax only:
+    the norm of the window's dW_o rows as class_xent_grad leaves them. Dropout masks: mask_in (T, B, m)
+    and one mask_out per layer, refilled by ``draw_masks``.
     """
 
     def __init__(self, ops, T, B, m, V, dtype=np.float32, class_bounds=None, layers=1, tied=False, dropout=0.0):
@@ -67,6 +68,7 @@ class Window:
         self.touched_W_x = ops.zeros(V, np.uint8)
         self.touched_W_o = ops.zeros(V, np.uint8)
         self.class_bounds = None if class_bounds is None else ops.asarray(class_bounds, np.int32)
+        self.dW_o_norm = None if class_bounds is None else ops.zeros(1, np.float64)
 
     def draw_masks(self, rng):
         """New dropout masks (0 or 1/(1 - p)) from the numpy Generator ``rng``."""
@@ -165,7 +167,7 @@ def output_backward(ops, params, grads, window, s, targets, target_classes, scal
     ops.matmul_tn(Z, s, grads["W_c"])
     ops.matmul_nn(Z, params["W_c"], dL_ds)
     return loss + ops.class_xent_grad(s, params["W_o"], params["b_o"], targets, classes, window.class_bounds,
-                                      scale, grads["W_o"], grads["b_o"], dL_ds, window.touched_W_o)
+                                      scale, grads["W_o"], grads["b_o"], dL_ds, window.touched_W_o, window.dW_o_norm)
 
 
 def window_loss(ops, params, window, inputs, targets, target_classes=None):

@@ -118,7 +118,8 @@ def test_softmax_rows_wider_than_a_block():
 
 
 def test_class_softmax_with_an_unused_class_equals_cpu():
-    """Rows sharing classes, class 2 unused (its db_o zeroed, its rows left untouched), dL_ds accumulated."""
+    """Rows sharing classes, class 2 unused (its db_o zeroed, its rows left untouched), dL_ds accumulated,
+    and the norm of the dW_o rows written."""
     rng = np.random.default_rng(4)
     N, m = 6, 5
     class_bounds = np.array([0, 3, 10, 25, 40], np.int32)
@@ -130,6 +131,7 @@ def test_class_softmax_with_an_unused_class_equals_cpu():
         "db_o": np.full(40, 7.0),
         "dL_ds": random(rng, N, m),
         "touched": np.zeros(40, np.uint8),
+        "dW_o_norm": np.zeros(1),
     }
     dev = {k: ops.asarray(v) for k, v in host.items()}
     args = (targets, target_classes, class_bounds)
@@ -139,6 +141,7 @@ def test_class_softmax_with_an_unused_class_equals_cpu():
     for name, array in host.items():
         np.testing.assert_allclose(ops.to_numpy(dev[name]), array, rtol=1e-12, atol=1e-15, err_msg=name)
     assert not host["touched"][10:25].any() and host["touched"][25:].all()
+    assert host["dW_o_norm"][0] == pytest.approx(np.linalg.norm(host["dW_o"]), rel=1e-12)
     eval_loss = ops.class_xent(*(ops.asarray(a) for a in (S_next, W_o, b_o, *args)))
     assert eval_loss == pytest.approx(cpu.class_xent(S_next, W_o, b_o, *args), rel=1e-12)
 

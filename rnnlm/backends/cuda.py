@@ -988,14 +988,16 @@ def _class_scratch(S_next, class_bounds):
     return _workspace("class logits", (S_next.shape[0], width), S_next.dtype), _row_losses(S_next.shape[0]), bounds
 
 
-def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, touched):
+def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, touched,
+                    dW_o_norm):
     """Word half of the class-based softmax, p(w) = p(class(w)) · p(w | class(w)), with its gradient.
 
     Row r predicts targets[r] from s = S_next[r] (N, m) with a softmax over the words of its class
     c = target_classes[r], ids class_bounds[c] ≤ w < class_bounds[c + 1]: z = W_o[w] s + b_o[w].
     Adds scale · dL/dz ⊗ s to those rows of dW_o (V, m) and W_o[class]ᵀ dL/dz to dL_ds[r] (N, m);
     overwrites db_o (V,); marks touched[w] = 1 for the rows of every class it used. dW_o must be zero
-    in the rows of those classes on entry (the sparse update leaves it so). Returns Σ -log p(w | c).
+    in the rows of those classes on entry (the sparse update leaves it so). dW_o_norm (1,) float64
+    receives the Euclidean norm of those rows of dW_o. Returns Σ -log p(w | c).
     One block per row computes its class's logits, loss and dL/dz into a scratch array; then one
     thread per (word, unit) sums over the rows of the word's class, linked into a list: deterministic.
     """
@@ -1011,6 +1013,10 @@ def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, sca
     tx, ty = _threads(m, 32), _threads(V, 8)
     grid = (_blocks(m, tx), _blocks(V, ty))
     class_weight_grads[grid, (tx, ty)](S_next, G, next_row, first_row, class_bounds, dW_o, db_o, touched)
+    blocks, threads = _row_grid(V, m)
+    partials = _workspace("class gradient norm", (blocks,), np.float64)
+    _masked_sum_squares_kernel[blocks, threads](dW_o, touched, partials)
+    _root_of_sum_kernel[1, 1](partials, dW_o_norm)
     return _sum(losses)
 
 
@@ -1077,6 +1083,15 @@ def _masked_sum_squares_kernel(rows, mask, partials):
                 i += cuda.blockDim.x
         r += cuda.gridDim.x * cuda.blockDim.y
     _block_sum(total, partials)
+
+
+@cuda.jit
+def _root_of_sum_kernel(partials, out):
+    """out[0] = √(Σ partials), added in order by one thread."""
+    total = 0.0
+    for k in range(partials.shape[0]):
+        total += partials[k]
+    out[0] = math.sqrt(total)
 
 
 def _row_grid(R, m):
