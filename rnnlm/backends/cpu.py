@@ -352,6 +352,7 @@ def _softmax_xent(Z, b_o, targets, n_threads):
 # ---------------------------------------------------------------------------------------- class softmax
 
 
+@njit(parallel=True, fastmath=True, cache=True)
 def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, touched,
                     dW_o_norm):
     """Word half of the class-based softmax, p(w) = p(class(w)) · p(w | class(w)), with its gradient.
@@ -361,124 +362,61 @@ def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, sca
     Adds scale · dL/dz ⊗ s to those rows of dW_o (V, m) and W_o[class]ᵀ dL/dz to dL_ds[r] (N, m);
     overwrites db_o (V,); marks touched[w] = 1 for the rows of every class it used. dW_o must be zero
     in the rows of those classes on entry (the sparse update leaves it so). dW_o_norm (1,) float64
-    receives the Euclidean norm of those rows of dW_o, for the gradient norm without another pass over
-    them. Returns Σ -log p(w | c).
+    receives the Euclidean norm of those rows of dW_o, summed while they are in cache, so that the
+    gradient norm needs no second pass over them. Rows are grouped by class and each class is one
+    thread's, so no two threads write the same rows. Returns Σ -log p(w | c).
     """
-    return _class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds,
-                            touched, dW_o_norm, numba.get_num_threads())
-
-
-_ROW_BLOCK = 4  # rows of one class that share each read of a W_o row
-
-
-@njit(cache=True)
-def _group_by_class(target_classes, n_classes, n_chunks, class_bounds):
-    """Rows grouped by class and classes split into chunks of similar work (rows × words).
-
-    Returns start (C + 1,): class c's rows are order[start[c]:start[c + 1]]; order (N,); chunk_start
-    (n_chunks + 1,): chunk k holds classes chunk_start[k] ≤ c < chunk_start[k + 1].
-    """
-    N = target_classes.shape[0]
-    start = np.zeros(n_classes + 1, np.int64)
+    N, m = S_next.shape
+    C = class_bounds.shape[0] - 1
+    db_o[:] = 0
+    start = np.zeros(C + 1, np.int64)
     for r in range(N):
         start[target_classes[r] + 1] += 1
-    for c in range(n_classes):
+    for c in range(C):
         start[c + 1] += start[c]
     order = np.empty(N, np.int64)
-    fill = start[:n_classes].copy()
+    fill = start[:C].copy()
     for r in range(N):
         c = target_classes[r]
         order[fill[c]] = r
         fill[c] += 1
-    work = np.zeros(n_classes + 1)
-    for c in range(n_classes):
-        work[c + 1] = work[c] + (start[c + 1] - start[c]) * (class_bounds[c + 1] - class_bounds[c] + 8)
-    chunk_start = np.full(n_chunks + 1, n_classes, np.int64)
-    chunk_start[0] = 0
-    c = 0
-    for k in range(1, n_chunks):
-        while c < n_classes and work[c] < work[n_classes] * k / n_chunks:
-            c += 1
-        chunk_start[k] = c
-    return start, order, chunk_start
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def _class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, touched,
-                     dW_o_norm, n_threads):
-    # Each class is one thread's, so no two threads write the same rows; chunks of classes balance the
-    # work. A class's rows are gathered into blocks of _ROW_BLOCK (zero-padded) so that every W_o and
-    # dW_o row is read once per block rather than once per row.
-    N, m = S_next.shape
-    C = class_bounds.shape[0] - 1
-    dtype = S_next.dtype
-    n_chunks = min(n_threads, C)
-    start, order, chunk_start = _group_by_class(target_classes, C, n_chunks, class_bounds)
-    db_o[:] = 0
     losses = np.zeros(C)
     squares = np.zeros(C)
-    for chunk in prange(n_chunks):
-        for c in range(chunk_start[chunk], chunk_start[chunk + 1]):
-            n_rows = start[c + 1] - start[c]
-            if n_rows == 0:
-                continue
-            lo, hi = class_bounds[c], class_bounds[c + 1]
-            n_words = hi - lo
-            padded = (n_rows + _ROW_BLOCK - 1) // _ROW_BLOCK * _ROW_BLOCK
-            s = np.zeros((padded, m), dtype)
-            dz = np.zeros((padded, n_words), dtype)  # logits, then scale · dL/dz
-            ds = np.zeros((padded, m), dtype)
-            bits = np.empty(n_words, np.int32)
-            for j in range(n_rows):
-                s[j] = S_next[order[start[c] + j]]
-            for j in range(0, padded, _ROW_BLOCK):
-                s0, s1, s2, s3 = s[j], s[j + 1], s[j + 2], s[j + 3]
-                for w in range(n_words):
-                    W_row = W_o[lo + w]
-                    z0 = z1 = z2 = z3 = dtype.type(0)
-                    for i in range(m):
-                        z0 += W_row[i] * s0[i]
-                        z1 += W_row[i] * s1[i]
-                        z2 += W_row[i] * s2[i]
-                        z3 += W_row[i] * s3[i]
-                    dz[j, w] = z0
-                    dz[j + 1, w] = z1
-                    dz[j + 2, w] = z2
-                    dz[j + 3, w] = z3
-            b_class = b_o[lo:hi]
-            for j in range(n_rows):
-                z = dz[j]
-                y = targets[order[start[c] + j]] - lo
-                z_y = z[y] + b_class[y]
-                top = _biased_max(z, b_class)
-                total = _exp_shifted_row(z, b_class, top, bits)
-                losses[c] += top + np.log(total) - z_y
-                inv = dtype.type(scale / total)
-                for w in range(n_words):
-                    z[w] *= inv
-                z[y] -= scale
-                for w in range(n_words):
-                    db_o[lo + w] += z[w]
-            for w in range(n_words):
-                W_row, dW_row = W_o[lo + w], dW_o[lo + w]
-                for j in range(0, padded, _ROW_BLOCK):
-                    g0, g1, g2, g3 = dz[j, w], dz[j + 1, w], dz[j + 2, w], dz[j + 3, w]
-                    s0, s1, s2, s3 = s[j], s[j + 1], s[j + 2], s[j + 3]
-                    ds0, ds1, ds2, ds3 = ds[j], ds[j + 1], ds[j + 2], ds[j + 3]
-                    for i in range(m):
-                        W_i = W_row[i]
-                        dW_row[i] += g0 * s0[i] + g1 * s1[i] + g2 * s2[i] + g3 * s3[i]
-                        ds0[i] += g0 * W_i
-                        ds1[i] += g1 * W_i
-                        ds2[i] += g2 * W_i
-                        ds3[i] += g3 * W_i
+    for c in prange(C):
+        if start[c] == start[c + 1]:
+            continue
+        lo, hi = class_bounds[c], class_bounds[c + 1]
+        W_class, b_class, dW_class = W_o[lo:hi], b_o[lo:hi], dW_o[lo:hi]
+        z = np.empty(hi - lo, S_next.dtype)
+        bits = np.empty(hi - lo, np.int32)
+        touched[lo:hi] = 1
+        for k in range(start[c], start[c + 1]):
+            r = order[k]
+            s = S_next[r]
+            for w in range(hi - lo):
+                acc = S_next.dtype.type(0)
                 for i in range(m):
-                    squares[c] += dW_row[i] * dW_row[i]
-            for j in range(n_rows):
-                dL_ds_r = dL_ds[order[start[c] + j]]
+                    acc += W_class[w, i] * s[i]
+                z[w] = acc
+            y = targets[r] - lo
+            z_y = z[y] + b_class[y]
+            top = _biased_max(z, b_class)
+            total = _exp_shifted_row(z, b_class, top, bits)
+            losses[c] += top + np.log(total) - z_y
+            inv = S_next.dtype.type(scale / total)
+            for w in range(hi - lo):
+                z[w] *= inv
+            z[y] -= scale
+            dL_ds_r = dL_ds[r]
+            for w in range(hi - lo):
+                g = z[w]
+                db_o[lo + w] += g
                 for i in range(m):
-                    dL_ds_r[i] += ds[j, i]
-            touched[lo:hi] = 1
+                    dW_class[w, i] += g * s[i]
+                    dL_ds_r[i] += g * W_class[w, i]
+        for w in range(hi - lo):
+            for i in range(m):
+                squares[c] += dW_class[w, i] * dW_class[w, i]
     dW_o_norm[0] = np.sqrt(squares.sum())
     return losses.sum()
 
