@@ -138,6 +138,29 @@ def test_gradients_equal_central_differences(ops, structure):
         assert error < 1e-7, (name, error)
 
 
+@pytest.mark.parametrize("streams, units", [(9, 7), (1, 5)])
+def test_recurrence_with_uneven_stream_bands_and_odd_state_size(ops, streams, units):
+    """forward and backward against the formulas looped in numpy, where the streams do not split into
+    the CPU kernel's blocks of four per thread and the state size is odd (its row pairs)."""
+    rng = np.random.default_rng(8)
+    W_s, b_s = rng.standard_normal((units, units)) / 2, rng.standard_normal(units)
+    U, dL_ds_out = rng.standard_normal((2, T, streams, units))
+    S = np.zeros((T + 1, streams, units))
+    S[0] = rng.standard_normal((streams, units))
+    for t in range(T):
+        S[t + 1] = np.tanh(S[t] @ W_s.T + U[t] + b_s)
+    dL_da = np.zeros((T, streams, units))
+    for t in range(T - 1, -1, -1):
+        dL_ds = dL_ds_out[t] + (dL_da[t + 1] @ W_s if t + 1 < T else 0)
+        dL_da[t] = (1 - S[t + 1] ** 2) * dL_ds
+    S_dev, dL_da_dev = ops.asarray(S), ops.zeros(dL_da.shape, np.float64)
+    ops.copy_into(np.zeros_like(S[1:]), S_dev[1:])
+    ops.forward(ops.asarray(W_s), ops.asarray(b_s), ops.asarray(U), S_dev)
+    ops.backward(ops.asarray(W_s), S_dev, ops.asarray(dL_ds_out), dL_da_dev)
+    np.testing.assert_allclose(ops.to_numpy(S_dev), S, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(ops.to_numpy(dL_da_dev), dL_da, rtol=1e-12, atol=1e-15)
+
+
 def test_window_loss_equals_reference_without_dropout(ops, structure):
     problem = Problem(np.float32, structure, seed=2)
     P, window, tokens = problem.on_device(ops)

@@ -103,28 +103,78 @@ def embed(W_x, inputs, U):
             U[t, b, i] = W_x[i, x]
 
 
-@njit(parallel=True, fastmath=True, cache=True)
 def forward(W_s, b_s, U, S):
     """Run the recurrence over a window: S[t + 1] = tanh(W_s S[t] + U[t] + b_s).
 
     W_s (m, m), b_s (m,); U (T, B, m): the input term (W_x x_{t-1} for the first layer, W_in times the
     layer below's output for the others); S (T + 1, B, m): S[0] holds the carried state on entry,
-    S[1:] is written. The B streams are independent: one parallel region, each thread running whole
-    streams.
+    S[1:] is written. The B streams are independent: each thread runs a band of whole streams.
     """
+    _forward(W_s, b_s, U, S, numba.get_num_threads())
+
+
+def backward(W_s, S, dL_ds_out, dL_da):
+    """Backpropagation through time over a window, from the output layer's gradient.
+
+    S (T + 1, B, m) from ``forward``; dL_ds_out (T, B, m) = W_oᵀ dL/dz per step.
+    Writes dL_da (T, B, m): dL/ds_t = dL_ds_out[t] + W_sᵀ dL/da_{t+1}, dL/da_t = (1 - s_t²) ⊙ dL/ds_t.
+    The state carried into the window gets no gradient (truncated BPTT). Parallel over the streams.
+    """
+    _backward(W_s, S, dL_ds_out, dL_da, numba.get_num_threads())
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _matvecs(M, X, add, out, b, end):
+    """out[k] = M X[k] + add[k] for the four streams k = b .. b + 3, those ≥ end standing in for end - 1.
+
+    M (m, m); X, add, out (B, m), a row per stream. Each pass over a row pair of M feeds eight
+    accumulators (two rows times four streams), so every element loaded serves two or four multiply-adds:
+    a matrix-vector product per stream would load two elements per multiply-add and reread M from L2
+    for every stream. A stand-in stream writes its row again with the same values; an odd m repeats
+    its last row the same way.
+    """
+    m = M.shape[0]
+    k0, k1, k2, k3 = b, min(b + 1, end - 1), min(b + 2, end - 1), min(b + 3, end - 1)
+    x0, x1, x2, x3 = X[k0], X[k1], X[k2], X[k3]
+    for i in range(0, m, 2):
+        i2 = min(i + 1, m - 1)
+        row, row2 = M[i], M[i2]
+        a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = M.dtype.type(0)
+        for j in range(m):
+            w, v = row[j], row2[j]
+            y0, y1, y2, y3 = x0[j], x1[j], x2[j], x3[j]
+            a0 += w * y0
+            a1 += w * y1
+            a2 += w * y2
+            a3 += w * y3
+            c0 += v * y0
+            c1 += v * y1
+            c2 += v * y2
+            c3 += v * y3
+        out[k3, i2] = c3 + add[k3, i2]
+        out[k2, i2] = c2 + add[k2, i2]
+        out[k1, i2] = c1 + add[k1, i2]
+        out[k0, i2] = c0 + add[k0, i2]
+        out[k3, i] = a3 + add[k3, i]
+        out[k2, i] = a2 + add[k2, i]
+        out[k1, i] = a1 + add[k1, i]
+        out[k0, i] = a0 + add[k0, i]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _forward(W_s, b_s, U, S, n_threads):
     T, B, m = U.shape
-    for b in prange(B):
-        for t in range(T):
-            s_prev = S[t, b]
-            s_t = S[t + 1, b]
-            u_t = U[t, b]
-            for i in range(m):
-                W_s_row = W_s[i]
-                a_t = b_s[i] + u_t[i]
-                for j in range(m):
-                    a_t += W_s_row[j] * s_prev[j]
-                s_t[i] = a_t
-            _tanh_inplace(s_t)
+    n_bands = min(B, n_threads)
+    for band in prange(n_bands):
+        end = (band + 1) * B // n_bands
+        for b in range(band * B // n_bands, end, 4):
+            for t in range(T):
+                _matvecs(W_s, S[t], U[t], S[t + 1], b, end)  # a_t - b_s = W_s s_{t-1} + W_x x_{t-1}
+                for k in range(b, min(b + 4, end)):
+                    s_t = S[t + 1, k]
+                    for i in range(m):
+                        s_t[i] += b_s[i]
+                    _tanh_inplace(s_t)
 
 
 @njit(fastmath=True, cache=True, inline="always")
@@ -145,28 +195,24 @@ def _tanh_inplace(row):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def backward(W_s, S, dL_ds_out, dL_da):
-    """Backpropagation through time over a window, from the output layer's gradient.
-
-    S (T + 1, B, m) from ``forward``; dL_ds_out (T, B, m) = W_oᵀ dL/dz per step.
-    Writes dL_da (T, B, m): dL/ds_t = dL_ds_out[t] + W_sᵀ dL/da_{t+1}, dL/da_t = (1 - s_t²) ⊙ dL/ds_t.
-    The state carried into the window gets no gradient (truncated BPTT). Parallel over the streams.
-    """
+def _backward(W_s, S, dL_ds_out, dL_da, n_threads):
     T, B, m = dL_da.shape
-    for b in prange(B):
-        dL_ds = np.empty(m, dL_da.dtype)
-        for t in range(T - 1, -1, -1):
-            dL_ds[:] = dL_ds_out[t, b]
-            if t + 1 < T:
-                dL_da_next = dL_da[t + 1, b]
-                for i in range(m):
-                    W_s_row = W_s[i]
-                    g = dL_da_next[i]
-                    for j in range(m):
-                        dL_ds[j] += W_s_row[j] * g
-            s_t = S[t + 1, b]
-            for i in range(m):
-                dL_da[t, b, i] = (1 - s_t[i] * s_t[i]) * dL_ds[i]
+    W_sT = np.ascontiguousarray(W_s.T)
+    n_bands = min(B, n_threads)
+    for band in prange(n_bands):
+        end = (band + 1) * B // n_bands
+        for b in range(band * B // n_bands, end, 4):
+            last = min(b + 4, end)
+            for t in range(T - 1, -1, -1):  # dL/ds_t, held in dL_da[t] until scaled by 1 - s_t²
+                if t == T - 1:
+                    dL_da[t, b:last] = dL_ds_out[t, b:last]
+                else:  # dL/ds_t = dL_ds_out[t] + W_sᵀ dL/da_{t+1}
+                    _matvecs(W_sT, dL_da[t + 1], dL_ds_out[t], dL_da[t], b, end)
+                for k in range(b, last):
+                    s_t = S[t + 1, k]
+                    dL_da_t = dL_da[t, k]
+                    for i in range(m):
+                        dL_da_t[i] *= 1 - s_t[i] * s_t[i]
 
 
 @njit(parallel=True, cache=True)
