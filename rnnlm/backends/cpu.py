@@ -215,26 +215,34 @@ def _backward(W_s, S, dL_ds_out, dL_da, n_threads):
                         dL_da_t[i] *= 1 - s_t[i] * s_t[i]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True)
 def input_grads(inputs, dL_dU, dW_x, touched):
     """dW_x[:, x_{t-1}] += dL/dU_t over the window and touched[x_{t-1}] = 1.
 
     inputs (T, B) int32; dL_dU (T, B, m): the gradient of the first layer's input term (dL/da_t, times
-    the input dropout mask when there is one); dW_x (m, V), zero in every column not marked in touched
-    (uint8 (V,)) on entry. Each thread owns a band of rows of dW_x, so repeated tokens never race.
+    the input dropout mask when there is one); dW_x (m, V) column-major, zero in every column not marked
+    in touched (uint8 (V,)) on entry. The window's positions are sorted by token and each token's column
+    is one thread's, summed in one contiguous pass: repeated tokens never race, and the order of their
+    sum is fixed.
     """
     T, B, m = dL_dU.shape
-    n_bands = min(m, 8)
-    for band in prange(n_bands):
-        lo, hi = band * m // n_bands, (band + 1) * m // n_bands
-        for t in range(T):
-            for b in range(B):
-                x = inputs[t, b]
-                g = dL_dU[t, b]
-                for i in range(lo, hi):
-                    dW_x[i, x] += g[i]
-                if band == 0:
-                    touched[x] = 1
+    tokens = inputs.reshape(T * B)
+    rows = dL_dU.reshape(T * B, m)
+    columns = dW_x.T  # (V, m): token x's column as a contiguous row
+    order = np.argsort(tokens, kind="mergesort")
+    firsts = [0]
+    for k in range(1, T * B):
+        if tokens[order[k]] != tokens[order[k - 1]]:
+            firsts.append(k)
+    firsts.append(T * B)
+    for run in prange(len(firsts) - 1):
+        x = tokens[order[firsts[run]]]
+        column = columns[x]
+        for k in range(firsts[run], firsts[run + 1]):
+            g = rows[order[k]]
+            for i in range(m):
+                column[i] += g[i]
+        touched[x] = 1
 
 
 @njit(parallel=True, cache=True)
