@@ -27,7 +27,7 @@ RECIPES = {
     "ptb": [
         (0, ["--softmax", "class", "--hidden", "200", "--bptt", "20", "--batch", "20", "--optimizer", "adam",
              "--lr", "0.003", "--clip", "1.0", "--dropout", "0.2", "--schedule", "mikolov", "--epochs", "40"]),
-        (60, ["--softmax", "full", "--hidden", "512", "--bptt", "35", "--batch", "20", "--optimizer", "adam",
+        (60, ["--softmax", "full", "--hidden", "600", "--bptt", "35", "--batch", "20", "--optimizer", "adam",
               "--lr", "0.002", "--clip", "1.0", "--dropout", "0.5", "--schedule", "mikolov", "--epochs", "60"]),
     ],
     "shakespeare": [
