@@ -33,6 +33,8 @@ RECIPES = {
     "shakespeare": [
         (0, ["--level", "char", "--hidden", "256", "--bptt", "64", "--batch", "32", "--optimizer", "adam",
              "--lr", "0.003", "--clip", "1.0", "--epochs", "50"]),
+        (20, ["--level", "char", "--hidden", "512", "--bptt", "100", "--batch", "32", "--optimizer", "adam",
+              "--lr", "0.002", "--clip", "1.0", "--dropout", "0.1", "--schedule", "cosine", "--epochs", "100"]),
     ],
 }
 # seconds kept aside from the training budget for start-up, the last validation and the test evaluation
