@@ -221,7 +221,7 @@ def input_grads(inputs, dL_dU, dW_x, touched):
 
     inputs (T, B) int32; dL_dU (T, B, m): the gradient of the first layer's input term (dL/da_t, times
     the input dropout mask when there is one); dW_x (m, V) column-major, zero in every column not marked
-    in touched (uint8 (V,)) on entry. The window's positions are sorted by token and each token's column
+    in touched (uint8 (V,)) on entry. The window's positions are grouped by token and each token's column
     is one thread's, summed in one contiguous pass: repeated tokens never race, and the order of their
     sum is fixed.
     """
@@ -229,20 +229,34 @@ def input_grads(inputs, dL_dU, dW_x, touched):
     tokens = inputs.reshape(T * B)
     rows = dL_dU.reshape(T * B, m)
     columns = dW_x.T  # (V, m): token x's column as a contiguous row
-    order = np.argsort(tokens, kind="mergesort")
-    firsts = [0]
-    for k in range(1, T * B):
-        if tokens[order[k]] != tokens[order[k - 1]]:
-            firsts.append(k)
-    firsts.append(T * B)
-    for run in prange(len(firsts) - 1):
-        x = tokens[order[firsts[run]]]
+    start, order = _group_by(tokens, touched.shape[0])
+    present = np.nonzero(start[1:] > start[:-1])[0]
+    for k in prange(present.shape[0]):
+        x = present[k]
         column = columns[x]
-        for k in range(firsts[run], firsts[run + 1]):
-            g = rows[order[k]]
+        for p in range(start[x], start[x + 1]):
+            g = rows[order[p]]
             for i in range(m):
                 column[i] += g[i]
         touched[x] = 1
+
+
+@njit(cache=True, inline="always")
+def _group_by(keys, n_keys):
+    """Positions grouped by key, a stable counting sort: key k's positions, in increasing order, are
+    order[start[k]:start[k + 1]]. keys (N,) ints in [0, n_keys); start (n_keys + 1,), order (N,) int64."""
+    N = keys.shape[0]
+    start = np.zeros(n_keys + 1, np.int64)
+    for r in range(N):
+        start[keys[r] + 1] += 1
+    for k in range(n_keys):
+        start[k + 1] += start[k]
+    order = np.empty(N, np.int64)
+    fill = start[:n_keys].copy()
+    for r in range(N):
+        order[fill[keys[r]]] = r
+        fill[keys[r]] += 1
+    return start, order
 
 
 @njit(parallel=True, cache=True)
@@ -420,20 +434,10 @@ def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, sca
     gradient norm needs no second pass over them. Rows are grouped by class and each class is one
     thread's, so no two threads write the same rows. Returns Σ -log p(w | c).
     """
-    N, m = S_next.shape
+    m = S_next.shape[1]
     C = class_bounds.shape[0] - 1
     db_o[:] = 0
-    start = np.zeros(C + 1, np.int64)
-    for r in range(N):
-        start[target_classes[r] + 1] += 1
-    for c in range(C):
-        start[c + 1] += start[c]
-    order = np.empty(N, np.int64)
-    fill = start[:C].copy()
-    for r in range(N):
-        c = target_classes[r]
-        order[fill[c]] = r
-        fill[c] += 1
+    start, order = _group_by(target_classes, C)
     losses = np.zeros(C)
     squares = np.zeros(C)
     for c in prange(C):
