@@ -431,11 +431,15 @@ def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, sca
     overwrites db_o (V,); marks touched[w] = 1 for the rows of every class it used. dW_o must be zero
     in the rows of those classes on entry (the sparse update leaves it so). dW_o_norm (1,) float64
     receives the Euclidean norm of those rows of dW_o, summed while they are in cache, so that the
-    gradient norm needs no second pass over them. Rows are grouped by class and each class is one
-    thread's, so no two threads write the same rows. Returns Σ -log p(w | c).
+    gradient norm needs no second pass over them. Returns Σ -log p(w | c).
+
+    Rows are grouped by class and each class is one thread's, so no two threads write the same rows.
+    A class's rows are taken four at a time, so that each pass over W_o[class] and dW_o[class] serves
+    four of them (a class of the rare words holds hundreds of words, more than the cache keeps).
     """
     m = S_next.shape[1]
     C = class_bounds.shape[0] - 1
+    zero = S_next.dtype.type(0)
     db_o[:] = 0
     start, order = _group_by(target_classes, C)
     losses = np.zeros(C)
@@ -445,33 +449,56 @@ def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, sca
             continue
         lo, hi = class_bounds[c], class_bounds[c + 1]
         W_class, b_class, dW_class = W_o[lo:hi], b_o[lo:hi], dW_o[lo:hi]
-        z = np.empty(hi - lo, S_next.dtype)
-        bits = np.empty(hi - lo, np.int32)
         touched[lo:hi] = 1
-        for k in range(start[c], start[c + 1]):
-            r = order[k]
-            s = S_next[r]
+        # four rows' states, their logits (then scale · dL/dz, zero for a missing fourth) and dL/ds
+        S_four = np.zeros((4, m), S_next.dtype)
+        Z_four = np.zeros((4, hi - lo), S_next.dtype)
+        dS_four = np.empty((4, m), S_next.dtype)
+        bits = np.empty(hi - lo, np.int32)
+        s0, s1, s2, s3 = S_four[0], S_four[1], S_four[2], S_four[3]
+        d0, d1, d2, d3 = dS_four[0], dS_four[1], dS_four[2], dS_four[3]
+        for first in range(start[c], start[c + 1], 4):
+            n_rows = min(4, start[c + 1] - first)
+            for j in range(n_rows):
+                S_four[j] = S_next[order[first + j]]
             for w in range(hi - lo):
-                acc = S_next.dtype.type(0)
+                a0 = a1 = a2 = a3 = zero
                 for i in range(m):
-                    acc += W_class[w, i] * s[i]
-                z[w] = acc
-            y = targets[r] - lo
-            z_y = z[y] + b_class[y]
-            top = _biased_max(z, b_class)
-            total = _exp_shifted_row(z, b_class, top, bits)
-            losses[c] += top + np.log(total) - z_y
-            inv = S_next.dtype.type(scale / total)
+                    x = W_class[w, i]
+                    a0 += x * s0[i]
+                    a1 += x * s1[i]
+                    a2 += x * s2[i]
+                    a3 += x * s3[i]
+                Z_four[0, w], Z_four[1, w], Z_four[2, w], Z_four[3, w] = a0, a1, a2, a3
+            for j in range(4):
+                z = Z_four[j]
+                if j >= n_rows:
+                    z[:] = 0
+                    continue
+                y = targets[order[first + j]] - lo
+                z_y = z[y] + b_class[y]
+                top = _biased_max(z, b_class)
+                total = _exp_shifted_row(z, b_class, top, bits)
+                losses[c] += top + np.log(total) - z_y
+                inv = S_next.dtype.type(scale / total)
+                for w in range(hi - lo):
+                    z[w] *= inv
+                z[y] -= scale
+            dS_four[:] = 0
             for w in range(hi - lo):
-                z[w] *= inv
-            z[y] -= scale
-            dL_ds_r = dL_ds[r]
-            for w in range(hi - lo):
-                g = z[w]
-                db_o[lo + w] += g
+                g0, g1, g2, g3 = Z_four[0, w], Z_four[1, w], Z_four[2, w], Z_four[3, w]
+                db_o[lo + w] += g0 + g1 + g2 + g3
                 for i in range(m):
-                    dW_class[w, i] += g * s[i]
-                    dL_ds_r[i] += g * W_class[w, i]
+                    x = W_class[w, i]
+                    dW_class[w, i] += g0 * s0[i] + g1 * s1[i] + g2 * s2[i] + g3 * s3[i]
+                    d0[i] += g0 * x
+                    d1[i] += g1 * x
+                    d2[i] += g2 * x
+                    d3[i] += g3 * x
+            for j in range(n_rows):
+                dL_ds_r = dL_ds[order[first + j]]
+                for i in range(m):
+                    dL_ds_r[i] += dS_four[j, i]
         for w in range(hi - lo):
             for i in range(m):
                 squares[c] += dW_class[w, i] * dW_class[w, i]
