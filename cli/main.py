@@ -81,12 +81,15 @@ def tokenize(text, out_dir, level, min_count, max_vocab, lowercase, vocab_file, 
 @click.option("--bptt", default=DEFAULTS.bptt, help="Window length T of truncated backpropagation.")
 @click.option("--batch", default=DEFAULTS.batch, help="Number B of parallel streams.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=DEFAULTS.optimizer,
-              help="SGD on the mean loss plus the L2 term, or Adam.")
+              help="SGD on the mean loss plus the L2 term, Adam, or lazy Adam (Adam that steps only the "
+                   "rows of W_x and of the class softmax's W_o that a window touched: much faster with "
+                   "--softmax class).")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
               help="Learning-rate schedule: mikolov (halve after a stall, stop at the next), plateau "
                    "(halve at every stall, stop after three) or cosine (anneal to 0 by the last epoch or the "
-                   "--time-budget) [default: mikolov for sgd, plateau for adam].")
-@click.option("--lr", type=float, default=None, help="Initial learning rate η [default: 1.0 for sgd, 0.002 for adam].")
+                   "--time-budget) [default: mikolov for sgd, plateau for adam and lazyadam].")
+@click.option("--lr", type=float, default=None,
+              help="Initial learning rate η [default: 1.0 for sgd, 0.002 for adam and lazyadam].")
 @click.option("--epochs", default=DEFAULTS.epochs, help="At most this many passes over TEXT.")
 @click.option("--clip", default=DEFAULTS.clip, help="Clip the gradient's global norm to this (0: off).")
 @click.option("--l2", default=DEFAULTS.l2, help="Weight λ of the penalty λ‖θ‖².")

@@ -1,6 +1,6 @@
-"""Optimizers over backend arrays: SGD (with the lecture's L2 term) and Adam.
+"""Optimizers over backend arrays: SGD (with the lecture's L2 term), Adam and lazy Adam.
 
-Both clip the gradient's global norm first (``clip`` = 0: off) and treat the sparse gradients of
+All clip the gradient's global norm first (``clip`` = 0: off) and treat the sparse gradients of
 ``rnnlm.step`` (W_x's columns, the class softmax's W_o rows) by their masks, leaving them zero.
 """
 
@@ -8,7 +8,7 @@ import numpy as np
 
 from rnnlm.step import rows, sparse_names, trainable
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "lazyadam")
 
 
 def grad_norm(ops, grads, window):
@@ -72,6 +72,7 @@ class Adam:
     """Adam (Kingma & Ba) on the clipped gradient plus 2λθ, with bias-corrected moments."""
 
     name = "adam"
+    lazy = False
 
     def __init__(self, ops, params, clip=0.0, l2=0.0, beta1=0.9, beta2=0.999, eps=1e-8):
         """params: the trainable parameters (``step.trainable``), for the moments' shapes."""
@@ -93,8 +94,13 @@ class Adam:
         for name, param in trainable(params, window).items():
             dtype = param.dtype.type
             param_rows, grad_rows = rows(name, param), rows(name, grads[name])
-            ops.adam_update(param_rows, grad_rows, self.moment1[name], self.moment2[name], dtype(lr_t),
-                            dtype(scale), dtype(2.0 * self.l2), dtype(self.beta1), dtype(self.beta2), dtype(eps_t))
+            moments = self.moment1[name], self.moment2[name]
+            scalars = (dtype(lr_t), dtype(scale), dtype(2.0 * self.l2), dtype(self.beta1), dtype(self.beta2),
+                       dtype(eps_t))
+            if name in sparse and self.lazy:
+                ops.masked_adam_update(param_rows, grad_rows, *moments, sparse[name], *scalars)
+                continue
+            ops.adam_update(param_rows, grad_rows, *moments, *scalars)
             if name in sparse:  # leave the sparse gradient zero for the next window
                 ops.masked_sgd_update(param_rows, grad_rows, sparse[name], dtype(0))
         return norm
@@ -111,5 +117,15 @@ class Adam:
         self.t = int(scalars["t"])
 
 
+class LazyAdam(Adam):
+    """Adam that steps a sparse gradient's rows (W_x's columns, the class softmax's W_o rows) only where
+    the window touched them, moments included, like TensorFlow's LazyAdam and PyTorch's SparseAdam. The
+    dense Adam's pass over every row of W_x, W_o and their moments at every step is what bounds the
+    class softmax's speed; an untouched row here keeps its weights and moments until its token returns."""
+
+    name = "lazyadam"
+    lazy = True
+
+
 def make_optimizer(name, ops, params, clip=0.0, l2=0.0):
-    return {"sgd": SGD, "adam": Adam}[name](ops, params, clip=clip, l2=l2)
+    return {"sgd": SGD, "adam": Adam, "lazyadam": LazyAdam}[name](ops, params, clip=clip, l2=l2)

@@ -11,6 +11,7 @@ import pytest
 import rnnlm
 from rnnlm.corpus import batchify, stream_pairs
 from rnnlm.model import Model, param_shapes
+from rnnlm.optim import OPTIMIZERS
 from rnnlm.tokenizer import build_vocab
 
 from .conftest import reference_perplexity
@@ -55,6 +56,14 @@ def test_training_on_a_repetitive_text_reaches_perplexity_near_one(tmp_path, rep
     model = rnnlm.load(tmp_path / "m.npz")
     assert rnnlm.perplexity(model, repetitive)["perplexity"] < 1.1
     assert model.hparams["hidden"] == 16 and model.hparams["bptt"] == 10
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_every_optimizer_learns_a_repetitive_text_with_the_class_softmax(tmp_path, repetitive, optimizer):
+    lr = {"sgd": 1.0}.get(optimizer, 0.01)
+    config = rnnlm.TrainConfig(**SMALL, epochs=4, optimizer=optimizer, lr=lr, softmax="class", classes=3)
+    records = rnnlm.train(repetitive, tmp_path / "m.npz", config=config)
+    assert min(r["valid_perplexity"] for r in records) < 1.1
 
 
 def test_untrained_model_is_far_from_one(tmp_path, repetitive):

@@ -600,6 +600,24 @@ def adam_update(param, grad, moment1, moment2, lr_t, grad_scale, decay, beta1, b
         p[k] -= lr_t * m1[k] / (np.sqrt(m2[k]) + eps)
 
 
+@njit(parallel=True, fastmath=True, cache=True)
+def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, grad_scale, decay, beta1, beta2, eps):
+    """``adam_update`` on the rows marked in mask alone, their moments included, then zero those gradient
+    rows and the mask: lazy Adam on a sparse gradient. param_rows, grad_rows (R, m) any layout (W_x's
+    columns passed transposed); moment1, moment2 (R, m) C-contiguous; mask (R,) uint8."""
+    R, m = param_rows.shape
+    one = param_rows.dtype.type(1)
+    for r in prange(R):
+        if mask[r]:
+            for i in range(m):
+                g_i = grad_scale * grad_rows[r, i] + decay * param_rows[r, i]
+                moment1[r, i] = beta1 * moment1[r, i] + (one - beta1) * g_i
+                moment2[r, i] = beta2 * moment2[r, i] + (one - beta2) * g_i * g_i
+                param_rows[r, i] -= lr_t * moment1[r, i] / (np.sqrt(moment2[r, i]) + eps)
+                grad_rows[r, i] = 0
+            mask[r] = 0
+
+
 def grad_sq_sum(pairs):
     """Σ of the squares of several gradients as one float: pairs of (array, mask) where mask is None
     for a dense array and a uint8 row mask for sparse rows (see ``_masked_sum_squares``)."""

@@ -1188,6 +1188,40 @@ def masked_sgd_update(param_rows, grad_rows, mask, step):
 
 
 @cuda.jit
+def _masked_adam_kernel(param_rows, grad_rows, moment1, moment2, mask, lr_t, grad_scale, decay, beta1, rest1, beta2,
+                        rest2, eps):
+    """The lazy Adam step of ``masked_adam_update``, its rows swept as in ``_masked_sgd_kernel``."""
+    R, m = param_rows.shape
+    r0 = cuda.blockIdx.x * cuda.blockDim.y
+    while r0 < R:  # the same trip count for every thread of the block
+        r = r0 + cuda.threadIdx.y
+        marked = r < R and mask[r] != 0
+        cuda.syncthreads()
+        if marked:
+            i = cuda.threadIdx.x
+            while i < m:
+                g = grad_scale * grad_rows[r, i] + decay * param_rows[r, i]
+                moment1[r, i] = beta1 * moment1[r, i] + rest1 * g
+                moment2[r, i] = beta2 * moment2[r, i] + rest2 * g * g
+                param_rows[r, i] -= lr_t * moment1[r, i] / (math.sqrt(moment2[r, i]) + eps)
+                grad_rows[r, i] = 0
+                i += cuda.blockDim.x
+            if cuda.threadIdx.x == 0:
+                mask[r] = 0
+        r0 += cuda.gridDim.x * cuda.blockDim.y
+
+
+def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, grad_scale, decay, beta1, beta2, eps):
+    """``adam_update`` on the rows marked in mask alone, their moments included, then zero those gradient
+    rows and the mask: lazy Adam on a sparse gradient. param_rows, grad_rows (R, m) any layout (W_x's
+    columns passed transposed); moment1, moment2 (R, m) C-contiguous; mask (R,) uint8."""
+    one = param_rows.dtype.type(1)
+    blocks, threads = _row_grid(*param_rows.shape)
+    _masked_adam_kernel[blocks, threads](param_rows, grad_rows, moment1, moment2, mask, lr_t, grad_scale, decay,
+                                         beta1, one - beta1, beta2, one - beta2, eps)
+
+
+@cuda.jit
 def _adam_kernel(param, grad, moment1, moment2, lr_t, grad_scale, decay, beta1, rest1, beta2, rest2, eps):
     """The Adam step of ``adam_update`` on flat arrays (grid-stride); rest1 = 1 - β1, rest2 = 1 - β2."""
     k = cuda.grid(1)
