@@ -582,6 +582,15 @@ def masked_sgd_update(param_rows, grad_rows, mask, step):
             mask[r] = 0
 
 
+@njit(fastmath=True, cache=True, inline="always")
+def _adam_element(param, grad, moment1, moment2, k, lr_t, grad_scale, decay, beta1, rest1, beta2, rest2, eps):
+    """The Adam step of element k of 1-D arrays (see ``adam_update``); rest1 = 1 - β1, rest2 = 1 - β2."""
+    g = grad_scale * grad[k] + decay * param[k]
+    moment1[k] = beta1 * moment1[k] + rest1 * g
+    moment2[k] = beta2 * moment2[k] + rest2 * g * g
+    param[k] -= lr_t * moment1[k] / (np.sqrt(moment2[k]) + eps)
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def adam_update(param, grad, moment1, moment2, lr_t, grad_scale, decay, beta1, beta2, eps):
     """One Adam step on arrays of one shape (C-contiguous): g = grad_scale · grad + decay · param,
@@ -594,10 +603,7 @@ def adam_update(param, grad, moment1, moment2, lr_t, grad_scale, decay, beta1, b
     m2 = moment2.reshape(-1)
     one = param.dtype.type(1)
     for k in prange(p.shape[0]):
-        g_k = grad_scale * g[k] + decay * p[k]
-        m1[k] = beta1 * m1[k] + (one - beta1) * g_k
-        m2[k] = beta2 * m2[k] + (one - beta2) * g_k * g_k
-        p[k] -= lr_t * m1[k] / (np.sqrt(m2[k]) + eps)
+        _adam_element(p, g, m1, m2, k, lr_t, grad_scale, decay, beta1, one - beta1, beta2, one - beta2, eps)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -609,12 +615,11 @@ def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, grad
     one = param_rows.dtype.type(1)
     for r in prange(R):
         if mask[r]:
+            p, g = param_rows[r], grad_rows[r]
+            m1, m2 = moment1[r], moment2[r]
             for i in range(m):
-                g_i = grad_scale * grad_rows[r, i] + decay * param_rows[r, i]
-                moment1[r, i] = beta1 * moment1[r, i] + (one - beta1) * g_i
-                moment2[r, i] = beta2 * moment2[r, i] + (one - beta2) * g_i * g_i
-                param_rows[r, i] -= lr_t * moment1[r, i] / (np.sqrt(moment2[r, i]) + eps)
-                grad_rows[r, i] = 0
+                _adam_element(p, g, m1, m2, i, lr_t, grad_scale, decay, beta1, one - beta1, beta2, one - beta2, eps)
+                g[i] = 0
             mask[r] = 0
 
 

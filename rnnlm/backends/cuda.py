@@ -1187,6 +1187,15 @@ def masked_sgd_update(param_rows, grad_rows, mask, step):
     _masked_sgd_kernel[blocks, threads](param_rows, grad_rows, mask, step)
 
 
+@cuda.jit(device=True)
+def _adam_element(param, grad, moment1, moment2, k, lr_t, grad_scale, decay, beta1, rest1, beta2, rest2, eps):
+    """The Adam step of element k of 1-D arrays (see ``adam_update``); rest1 = 1 - β1, rest2 = 1 - β2."""
+    g = grad_scale * grad[k] + decay * param[k]
+    moment1[k] = beta1 * moment1[k] + rest1 * g
+    moment2[k] = beta2 * moment2[k] + rest2 * g * g
+    param[k] -= lr_t * moment1[k] / (math.sqrt(moment2[k]) + eps)
+
+
 @cuda.jit
 def _masked_adam_kernel(param_rows, grad_rows, moment1, moment2, mask, lr_t, grad_scale, decay, beta1, rest1, beta2,
                         rest2, eps):
@@ -1200,10 +1209,8 @@ def _masked_adam_kernel(param_rows, grad_rows, moment1, moment2, mask, lr_t, gra
         if marked:
             i = cuda.threadIdx.x
             while i < m:
-                g = grad_scale * grad_rows[r, i] + decay * param_rows[r, i]
-                moment1[r, i] = beta1 * moment1[r, i] + rest1 * g
-                moment2[r, i] = beta2 * moment2[r, i] + rest2 * g * g
-                param_rows[r, i] -= lr_t * moment1[r, i] / (math.sqrt(moment2[r, i]) + eps)
+                _adam_element(param_rows[r], grad_rows[r], moment1[r], moment2[r], i, lr_t, grad_scale, decay,
+                              beta1, rest1, beta2, rest2, eps)
                 grad_rows[r, i] = 0
                 i += cuda.blockDim.x
             if cuda.threadIdx.x == 0:
@@ -1226,10 +1233,7 @@ def _adam_kernel(param, grad, moment1, moment2, lr_t, grad_scale, decay, beta1, 
     """The Adam step of ``adam_update`` on flat arrays (grid-stride); rest1 = 1 - β1, rest2 = 1 - β2."""
     k = cuda.grid(1)
     while k < param.shape[0]:
-        g = grad_scale * grad[k] + decay * param[k]
-        moment1[k] = beta1 * moment1[k] + rest1 * g
-        moment2[k] = beta2 * moment2[k] + rest2 * g * g
-        param[k] -= lr_t * moment1[k] / (math.sqrt(moment2[k]) + eps)
+        _adam_element(param, grad, moment1, moment2, k, lr_t, grad_scale, decay, beta1, rest1, beta2, rest2, eps)
         k += cuda.gridsize(1)
 
 
