@@ -25,16 +25,18 @@ SHARED = REPO.parent / "shared" / "data"
 # The recipes, by the smallest budget (minutes) each is meant for; README.md quotes their results.
 RECIPES = {
     "ptb": [
-        (0, ["--softmax", "class", "--hidden", "200", "--bptt", "20", "--batch", "20", "--optimizer", "adam",
-             "--lr", "0.003", "--clip", "1.0", "--dropout", "0.2", "--schedule", "mikolov", "--epochs", "40"]),
+        (0, ["--softmax", "class", "--classes", "40", "--hidden", "200", "--bptt", "20", "--batch", "20",
+             "--optimizer", "lazyadam", "--lr", "0.003", "--clip", "1.0", "--dropout", "0.2", "--schedule", "mikolov",
+             "--epochs", "40"]),
         (60, ["--softmax", "full", "--hidden", "600", "--bptt", "35", "--batch", "20", "--optimizer", "adam",
               "--lr", "0.002", "--clip", "1.0", "--dropout", "0.5", "--schedule", "mikolov", "--epochs", "60"]),
     ],
     "shakespeare": [
         (0, ["--level", "char", "--hidden", "256", "--bptt", "64", "--batch", "32", "--optimizer", "adam",
              "--lr", "0.003", "--clip", "1.0", "--epochs", "50"]),
-        (20, ["--level", "char", "--hidden", "512", "--bptt", "100", "--batch", "32", "--optimizer", "adam",
-              "--lr", "0.002", "--clip", "1.0", "--dropout", "0.1", "--schedule", "cosine", "--epochs", "100"]),
+        (20, ["--level", "char", "--hidden", "384", "--layers", "2", "--bptt", "100", "--batch", "32",
+              "--optimizer", "adam", "--lr", "0.002", "--clip", "1.0", "--dropout", "0.1", "--schedule", "cosine",
+              "--epochs", "100"]),
     ],
 }
 # seconds kept aside from the training budget for start-up, the last validation and the test evaluation
