@@ -99,8 +99,8 @@ class Adam:
                        dtype(eps_t))
             if name in sparse and self.lazy:
                 ops.masked_adam_update(param_rows, grad_rows, *moments, sparse[name], *scalars)
-                continue
-            ops.adam_update(param_rows, grad_rows, *moments, *scalars)
+            else:
+                ops.adam_update(param_rows, grad_rows, *moments, *scalars)
             if name in sparse:  # leave the sparse gradient zero for the next window
                 ops.masked_sgd_update(param_rows, grad_rows, sparse[name], dtype(0))
         return norm

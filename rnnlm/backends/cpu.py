@@ -608,9 +608,10 @@ def adam_update(param, grad, moment1, moment2, lr_t, grad_scale, decay, beta1, b
 
 @njit(parallel=True, fastmath=True, cache=True)
 def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, grad_scale, decay, beta1, beta2, eps):
-    """``adam_update`` on the rows marked in mask alone, their moments included, then zero those gradient
-    rows and the mask: lazy Adam on a sparse gradient. param_rows, grad_rows (R, m) any layout (W_x's
-    columns passed transposed); moment1, moment2 (R, m) C-contiguous; mask (R,) uint8."""
+    """``adam_update`` on the rows marked in mask alone, their moments included: lazy Adam on a sparse
+    gradient (``masked_sgd_update`` with step 0 then clears the gradient and the mask). param_rows,
+    grad_rows (R, m) any layout (W_x's columns passed transposed); moment1, moment2 (R, m) C-contiguous;
+    mask (R,) uint8."""
     R, m = param_rows.shape
     one = param_rows.dtype.type(1)
     for r in prange(R):
@@ -619,8 +620,6 @@ def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, grad
             m1, m2 = moment1[r], moment2[r]
             for i in range(m):
                 _adam_element(p, g, m1, m2, i, lr_t, grad_scale, decay, beta1, one - beta1, beta2, one - beta2, eps)
-                g[i] = 0
-            mask[r] = 0
 
 
 def grad_sq_sum(pairs):

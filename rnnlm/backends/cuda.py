@@ -1199,29 +1199,25 @@ def _adam_element(param, grad, moment1, moment2, k, lr_t, grad_scale, decay, bet
 @cuda.jit
 def _masked_adam_kernel(param_rows, grad_rows, moment1, moment2, mask, lr_t, grad_scale, decay, beta1, rest1, beta2,
                         rest2, eps):
-    """The lazy Adam step of ``masked_adam_update``, its rows swept as in ``_masked_sgd_kernel``."""
+    """The lazy Adam step of ``masked_adam_update``: blockDim.y rows per block (grid-stride), x-threads
+    along a row. The mask is only read, so no barrier is needed (compare ``_masked_sgd_kernel``)."""
     R, m = param_rows.shape
-    r0 = cuda.blockIdx.x * cuda.blockDim.y
-    while r0 < R:  # the same trip count for every thread of the block
-        r = r0 + cuda.threadIdx.y
-        marked = r < R and mask[r] != 0
-        cuda.syncthreads()
-        if marked:
+    r = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+    while r < R:
+        if mask[r] != 0:
             i = cuda.threadIdx.x
             while i < m:
                 _adam_element(param_rows[r], grad_rows[r], moment1[r], moment2[r], i, lr_t, grad_scale, decay,
                               beta1, rest1, beta2, rest2, eps)
-                grad_rows[r, i] = 0
                 i += cuda.blockDim.x
-            if cuda.threadIdx.x == 0:
-                mask[r] = 0
-        r0 += cuda.gridDim.x * cuda.blockDim.y
+        r += cuda.gridDim.x * cuda.blockDim.y
 
 
 def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, grad_scale, decay, beta1, beta2, eps):
-    """``adam_update`` on the rows marked in mask alone, their moments included, then zero those gradient
-    rows and the mask: lazy Adam on a sparse gradient. param_rows, grad_rows (R, m) any layout (W_x's
-    columns passed transposed); moment1, moment2 (R, m) C-contiguous; mask (R,) uint8."""
+    """``adam_update`` on the rows marked in mask alone, their moments included: lazy Adam on a sparse
+    gradient (``masked_sgd_update`` with step 0 then clears the gradient and the mask). param_rows,
+    grad_rows (R, m) any layout (W_x's columns passed transposed); moment1, moment2 (R, m) C-contiguous;
+    mask (R,) uint8."""
     one = param_rows.dtype.type(1)
     blocks, threads = _row_grid(*param_rows.shape)
     _masked_adam_kernel[blocks, threads](param_rows, grad_rows, moment1, moment2, mask, lr_t, grad_scale, decay,
