@@ -75,9 +75,10 @@ class Rnnlm:
         self.data = [(ops.asarray(x), ops.asarray(y)) for x, y in windows]
 
     def train(self, k):
-        step.forward_backward(self.ops, self.params, self.grads, self.window, *self.data[k])
+        loss = step.forward_backward(self.ops, self.params, self.grads, self.window, *self.data[k])
         self.optimizer.update(self.params, self.grads, self.window, LR)
         self.window.carry_state()
+        return float(loss)  # read once the step is queued, as rnnlm.train does (and as torch's .item())
 
     def eval(self, k):
         step.window_loss(self.ops, self.params, self.window, *self.data[k])
@@ -265,7 +266,7 @@ def window_results(ops, params, window_data, structure, seed):
     bounds = structure["class_bounds"]
     classes = None if bounds is None else ops.asarray(word_classes(bounds)[y])
     P, G = step.to_device(ops, params, structure["tied"]), step.zero_grads(ops, params)
-    loss = step.forward_backward(ops, P, G, window, ops.asarray(x), ops.asarray(y), classes)
+    loss = float(step.forward_backward(ops, P, G, window, ops.asarray(x), ops.asarray(y), classes))
     out = {name: ops.to_numpy(g) for name, g in step.trainable(G, window).items()}
     for k, S in enumerate(window.S):
         out[f"S_T{k + 1}"] = ops.to_numpy(S[T])

@@ -11,8 +11,10 @@ from rnnlm.step import rows, sparse_names, trainable
 OPTIMIZERS = ("sgd", "adam", "lazyadam")
 
 
-def grad_norm(ops, grads, window):
-    """Global L2 norm of all gradients (sparse ones over their marked rows), as a float.
+def grad_norm(ops, grads, window, clip, clipping):
+    """clipping[:] = (‖g‖, min(1, clip / ‖g‖)): the global L2 norm of all gradients (sparse ones over
+    their marked rows) and the clipping factor (1 when clip = 0), in a (2,) float64 backend array that
+    the update kernels read, so that the host need not wait for the norm.
 
     The class softmax's dW_o enters through the norm class_xent_grad computed (a one-element array whose
     square is its sum of squares), unless tying has since added W_x's rows to it.
@@ -26,39 +28,45 @@ def grad_norm(ops, grads, window):
             pairs.append((rows(name, grads[name]), sparse[name]))
         else:
             pairs.append((grads[name], None))
-    return float(np.sqrt(ops.grad_sq_sum(pairs)))
+    ops.grad_norm(pairs, clip, clipping)
 
 
-def clip_scale(norm, clip):
-    """The factor min(1, clip / norm); clip = 0 means no clipping."""
-    return clip / norm if 0 < clip < norm else 1.0
+class _Clipped:
+    """The gradient norm of an optimizer's last step, kept on the device with its clipping factor."""
+
+    def __init__(self, ops):
+        self.ops = ops
+        self.clipping = ops.zeros(2, np.float64)
+
+    def last_norm(self):
+        """‖g‖ before clipping at the last step, as a float (waits for the device)."""
+        return float(self.ops.to_numpy(self.clipping)[0])
 
 
-class SGD:
+class SGD(_Clipped):
     """θ ← θ - lr (g · min(1, clip / ‖g‖) + 2λ θ): SGD on the mean loss plus λ‖θ‖²."""
 
     name = "sgd"
 
     def __init__(self, ops, params, clip=0.0, l2=0.0):
-        self.ops, self.clip, self.l2 = ops, clip, l2
+        super().__init__(ops)
+        self.clip, self.l2 = clip, l2
 
     def update(self, params, grads, window, lr):
-        """Apply one step; returns ‖g‖ before clipping."""
-        ops, sparse = self.ops, sparse_names(window)
-        norm = grad_norm(ops, grads, window)
-        step, shrink = lr * clip_scale(norm, self.clip), 1.0 - lr * 2.0 * self.l2
+        """Apply one step (queued on the device, like the kernels that computed grads)."""
+        ops, sparse, clipping = self.ops, sparse_names(window), self.clipping
+        grad_norm(ops, grads, window, self.clip, clipping)
+        shrink = 1.0 - lr * 2.0 * self.l2
         dense = []
         for name, param in trainable(params, window).items():
-            dtype = param.dtype.type
             param_rows, grad_rows = rows(name, param), rows(name, grads[name])
             if name in sparse:
                 if self.l2 > 0:
-                    ops.sgd_update(param_rows, grad_rows, dtype(0), dtype(shrink))
-                ops.masked_sgd_update(param_rows, grad_rows, sparse[name], dtype(step))
+                    ops.sgd_update(param_rows, grad_rows, 0.0, param.dtype.type(shrink), clipping)
+                ops.masked_sgd_update(param_rows, grad_rows, sparse[name], lr, clipping)
             else:
                 dense.append((param_rows, grad_rows))
-        ops.sgd_updates(dense, step, shrink)  # the dense parameters together (one launch on CUDA)
-        return norm
+        ops.sgd_updates(dense, lr, shrink, clipping)
 
     def state(self):
         """Arrays and scalars a checkpoint needs to continue exactly (none for SGD)."""
@@ -68,7 +76,7 @@ class SGD:
         """Restore what ``state`` returned."""
 
 
-class Adam:
+class Adam(_Clipped):
     """Adam (Kingma & Ba) on the clipped gradient plus 2λθ, with bias-corrected moments."""
 
     name = "adam"
@@ -76,17 +84,17 @@ class Adam:
 
     def __init__(self, ops, params, clip=0.0, l2=0.0, beta1=0.9, beta2=0.999, eps=1e-8):
         """params: the trainable parameters (``step.trainable``), for the moments' shapes."""
-        self.ops, self.clip, self.l2 = ops, clip, l2
+        super().__init__(ops)
+        self.clip, self.l2 = clip, l2
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.moment1 = {name: ops.zeros(rows(name, p).shape, p.dtype) for name, p in params.items()}
         self.moment2 = {name: ops.zeros(rows(name, p).shape, p.dtype) for name, p in params.items()}
         self.t = 0
 
     def update(self, params, grads, window, lr):
-        """Apply one step; returns ‖g‖ before clipping."""
-        ops, sparse = self.ops, sparse_names(window)
-        norm = grad_norm(ops, grads, window)
-        scale = clip_scale(norm, self.clip)
+        """Apply one step (queued on the device, like the kernels that computed grads)."""
+        ops, sparse, clipping = self.ops, sparse_names(window), self.clipping
+        grad_norm(ops, grads, window, self.clip, clipping)
         self.t += 1
         # bias corrections folded into the step: lr m̂ / (√v̂ + ε) = lr_t m / (√v + ε_t)
         lr_t = lr * np.sqrt(1 - self.beta2**self.t) / (1 - self.beta1**self.t)
@@ -95,15 +103,14 @@ class Adam:
             dtype = param.dtype.type
             param_rows, grad_rows = rows(name, param), rows(name, grads[name])
             moments = self.moment1[name], self.moment2[name]
-            scalars = (dtype(lr_t), dtype(scale), dtype(2.0 * self.l2), dtype(self.beta1), dtype(self.beta2),
+            scalars = (dtype(lr_t), clipping, dtype(2.0 * self.l2), dtype(self.beta1), dtype(self.beta2),
                        dtype(eps_t))
             if name in sparse and self.lazy:
                 ops.masked_adam_update(param_rows, grad_rows, *moments, sparse[name], *scalars)
             else:
                 ops.adam_update(param_rows, grad_rows, *moments, *scalars)
             if name in sparse:  # leave the sparse gradient zero for the next window
-                ops.masked_sgd_update(param_rows, grad_rows, sparse[name], dtype(0))
-        return norm
+                ops.masked_sgd_update(param_rows, grad_rows, sparse[name], 0.0, clipping)
 
     def state(self):
         arrays = {f"moment1/{k}": self.ops.to_numpy(v) for k, v in self.moment1.items()}

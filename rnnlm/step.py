@@ -120,7 +120,8 @@ def forward_backward(ops, params, grads, window, inputs, targets, target_classes
 
     params, grads: dicts of backend arrays from ``to_device`` and ``zero_grads``; inputs, targets:
     (T, B) int32 backend arrays (targets[t] = inputs[t + 1] in a stream); target_classes (T, B) int32,
-    the targets' classes, with the class softmax only. Returns Σ -log p_t(x̂_t) as a float. Dense
+    the targets' classes, with the class softmax only. Returns Σ -log p_t(x̂_t): a float, or (CUDA) a
+    number that ``float()`` brings from the device, waiting for it; read it before the next window. Dense
     gradients are overwritten; sparse ones accumulate into their marked rows (see ``rnnlm.optim``);
     window.S[k][T] holds the last states.
     """
@@ -149,7 +150,7 @@ def forward_backward(ops, params, grads, window, inputs, targets, target_classes
     ops.input_grads(inputs, dL_dU, grads["W_x"], window.touched_W_x)  # dW_x[:, x_{t-1}] += dL/dU_t
     if window.tied:  # one shared array: fold W_x's sparse gradient into W_o's
         ops.masked_add_rows(grads["W_o"], rows("W_x", grads["W_x"]), window.touched_W_x, window.touched_W_o)
-    return float(loss)
+    return loss
 
 
 def output_backward(ops, params, grads, window, s, targets, target_classes, scale, dL_ds):

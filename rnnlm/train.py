@@ -297,11 +297,12 @@ class Trainer:
             if config.dropout:
                 window.draw_masks(self.rng)
             loss = step.forward_backward(ops, self.params, self.grads, window, *(t[rows] for t in self.tokens))
-            if not loss / (T * B) < max_loss:  # NaN, inf, or far worse than guessing: diverged
-                self.recover_from_divergence(loss / (T * B))
+            self.optimizer.update(self.params, self.grads, window, self.current_lr())
+            loss = float(loss)  # the whole step is queued before the host waits for the device
+            if not loss / (T * B) < max_loss:  # NaN, inf, or far worse than guessing: diverged (the rollback
+                self.recover_from_divergence(loss / (T * B))  # undoes this step's update too)
                 start, first = time.perf_counter(), 0
                 continue
-            self.optimizer.update(self.params, self.grads, window, self.current_lr())
             window.carry_state()
             state["window"] += 1
             state["epoch_loss"] += loss

@@ -544,11 +544,13 @@ def _sum_squares(array):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def sgd_update(param, grad, step, shrink):
-    """param = shrink · param - step · grad, any shape; step and shrink have the param's dtype.
+def sgd_update(param, grad, lr, shrink, clipping):
+    """param = shrink · param - step · grad, any shape, with step = lr · clipping[1] in the param's dtype.
 
-    SGD on the clipped gradient plus the L2 term: step = lr · clip_scale, shrink = 1 - lr · 2λ.
+    SGD on the clipped gradient plus the L2 term: clipping (2,) float64 from ``grad_norm`` (the norm, the
+    clipping factor), lr a float, shrink = 1 - lr · 2λ in the param's dtype.
     """
+    step = param.dtype.type(lr * clipping[1])
     p = param.reshape(-1)
     g = grad.reshape(-1)
     for k in prange(p.shape[0]):
@@ -570,9 +572,11 @@ def _masked_sum_squares(rows, mask):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def masked_sgd_update(param_rows, grad_rows, mask, step):
+def masked_sgd_update(param_rows, grad_rows, mask, lr, clipping):
     """param_rows[r] -= step · grad_rows[r] for the rows marked in mask, then zero those gradient rows
-    and the mask: the sparse update of W_x's columns (passed transposed) and the class softmax's W_o."""
+    and the mask: the sparse update of W_x's columns (passed transposed) and the class softmax's W_o.
+    step = lr · clipping[1] in the rows' dtype (lr = 0 only clears)."""
+    step = param_rows.dtype.type(lr * clipping[1])
     R, m = param_rows.shape
     for r in prange(R):
         if mask[r]:
@@ -592,28 +596,31 @@ def _adam_element(param, grad, moment1, moment2, k, lr_t, grad_scale, decay, bet
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def adam_update(param, grad, moment1, moment2, lr_t, grad_scale, decay, beta1, beta2, eps):
-    """One Adam step on arrays of one shape (C-contiguous): g = grad_scale · grad + decay · param,
+def adam_update(param, grad, moment1, moment2, lr_t, clipping, decay, beta1, beta2, eps):
+    """One Adam step on arrays of one shape (C-contiguous): g = clipping[1] · grad + decay · param,
     moment1 = β1 moment1 + (1 - β1) g, moment2 = β2 moment2 + (1 - β2) g², param -= lr_t moment1 /
-    (√moment2 + eps), lr_t carrying the bias correction. Scalars have the arrays' dtype."""
+    (√moment2 + eps), lr_t carrying the bias correction. clipping (2,) float64 from ``grad_norm``; the
+    other scalars have the arrays' dtype."""
     # one view per statement: a tuple assignment of reshaped views loses the writes under parallel=True
     p = param.reshape(-1)
     g = grad.reshape(-1)
     m1 = moment1.reshape(-1)
     m2 = moment2.reshape(-1)
     one = param.dtype.type(1)
+    grad_scale = param.dtype.type(clipping[1])
     for k in prange(p.shape[0]):
         _adam_element(p, g, m1, m2, k, lr_t, grad_scale, decay, beta1, one - beta1, beta2, one - beta2, eps)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, grad_scale, decay, beta1, beta2, eps):
+def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, clipping, decay, beta1, beta2, eps):
     """``adam_update`` on the rows marked in mask alone, their moments included: lazy Adam on a sparse
     gradient (``masked_sgd_update`` with step 0 then clears the gradient and the mask). param_rows,
     grad_rows (R, m) any layout (W_x's columns passed transposed); moment1, moment2 (R, m) C-contiguous;
     mask (R,) uint8."""
     R, m = param_rows.shape
     one = param_rows.dtype.type(1)
+    grad_scale = param_rows.dtype.type(clipping[1])
     for r in prange(R):
         if mask[r]:
             p, g = param_rows[r], grad_rows[r]
@@ -622,14 +629,18 @@ def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, grad
                 _adam_element(p, g, m1, m2, i, lr_t, grad_scale, decay, beta1, one - beta1, beta2, one - beta2, eps)
 
 
-def grad_sq_sum(pairs):
-    """Σ of the squares of several gradients as one float: pairs of (array, mask) where mask is None
-    for a dense array and a uint8 row mask for sparse rows (see ``_masked_sum_squares``)."""
-    return sum(_sum_squares(a) if mask is None else _masked_sum_squares(a, mask) for a, mask in pairs)
+def grad_norm(pairs, clip, clipping):
+    """clipping[:] = (‖g‖, min(1, clip / ‖g‖)) for the gradients g in pairs (clip = 0: factor 1).
+
+    pairs: (array, mask) with mask None for a dense array, a uint8 row mask for sparse rows (see
+    ``_masked_sum_squares``); clipping (2,) float64, which the update kernels read.
+    """
+    norm = math.sqrt(sum(_sum_squares(a) if mask is None else _masked_sum_squares(a, mask) for a, mask in pairs))
+    clipping[0] = norm
+    clipping[1] = clip / norm if 0 < clip < norm else 1.0
 
 
-def sgd_updates(pairs, step, shrink):
-    """``sgd_update`` on every (param, grad) pair, step and shrink given as Python floats."""
+def sgd_updates(pairs, lr, shrink, clipping):
+    """``sgd_update`` on every (param, grad) pair, lr and shrink given as Python floats."""
     for param, grad in pairs:
-        dtype = param.dtype.type
-        sgd_update(param, grad, dtype(step), dtype(shrink))
+        sgd_update(param, grad, lr, param.dtype.type(shrink), clipping)

@@ -19,10 +19,13 @@ atomics: results do not change from run to run.
 - Softmax: one block per row, an online max/sum in one pass, the gradient in a second.
 - Scatter-adds (W_x's columns by input token, the class softmax's W_o rows by class): the positions of
   each key are linked into a list on the device, and one thread sums each list in position order.
-- Optimizer: the gradient norm launches one kernel per parameter into one buffer of block sums and
-  copies it to the host once per step. Plain array arguments: numba-cuda dispatched tuples of arrays
-  so slowly on the H200 that fusing the launches cost more than it saved. Per-step launches and host
-  synchronizations, not arithmetic, bound the step at small sizes.
+- Optimizer: the gradient norm launches one kernel per parameter into one buffer of block sums, which
+  one block adds into the norm and the clipping factor on the device; the update kernels read the factor
+  there. Plain array arguments: numba-cuda dispatched tuples of arrays so slowly on the H200 that fusing
+  the launches cost more than it saved.
+- No host synchronization inside a training step: the loss comes back as a ``DeviceSum`` that the caller
+  reads once the whole step is queued, so the host's kernel launches (tens of microseconds each in
+  numba-cuda) overlap the device's work instead of adding to it.
 
 Hot loops are ``while`` loops and tile offsets come from shifts and masks: numba's ``range`` lowering and
 signed floor division keep LLVM from proving indices non-negative, and then every array access carries
@@ -837,13 +840,21 @@ def _row_threads(n):
     return _spread(n, _REDUCE_THREADS)[1]
 
 
-def _row_losses(N):
-    return _workspace("row losses", (N,), np.float64)
+class DeviceSum:
+    """Σ of the values of float64 device arrays (a window's row losses), added on the host in float64 when
+    ``float()`` asks for it: a training step is queued whole before the host waits for the device.
 
+    The arrays are workspaces that the next window's kernels overwrite: read the sum before that.
+    """
 
-def _sum(losses):
-    """Σ of a device array's values, added on the host in float64."""
-    return float(losses.copy_to_host().sum())
+    def __init__(self, *arrays):
+        self.arrays = arrays
+
+    def __add__(self, other):
+        return DeviceSum(*self.arrays, *other.arrays)
+
+    def __float__(self):
+        return float(sum(array.copy_to_host().sum() for array in self.arrays))
 
 
 def softmax_xent_grad(Z, b_o, targets, scale, db_o):
@@ -851,23 +862,23 @@ def softmax_xent_grad(Z, b_o, targets, scale, db_o):
 
     Z (N, V): logits W_o s_t without the bias on entry; on return Z = scale · dL/dz = scale · (p_t -
     onehot(x̂_t)). b_o (V,); targets (N,) int32; db_o (V,) is overwritten with Σ_rows of the new Z.
-    Returns Σ_rows -log p_t(x̂_t) as a float (the rows' losses added in float64).
+    Returns Σ_rows -log p_t(x̂_t) as a DeviceSum (the rows' losses added in float64).
     """
     N, V = Z.shape
     xent_grad, _ = _softmax_kernels(Z.dtype)
-    losses = _row_losses(N)
+    losses = _workspace("softmax row losses", (N,), np.float64)
     xent_grad[N, _row_threads(V)](Z, b_o, targets, Z.dtype.type(scale), losses)
     _column_sums(Z, db_o)
-    return _sum(losses)
+    return DeviceSum(losses)
 
 
 def softmax_xent(Z, b_o, targets):
-    """Σ_rows -log softmax(Z + b_o)[target] for evaluation; Z (N, V) is left unchanged."""
+    """Σ_rows -log softmax(Z + b_o)[target] for evaluation, a DeviceSum; Z (N, V) is left unchanged."""
     N, V = Z.shape
     _, xent = _softmax_kernels(Z.dtype)
-    losses = _row_losses(N)
+    losses = _workspace("softmax row losses", (N,), np.float64)
     xent[N, _row_threads(V)](Z, b_o, targets, losses)
-    return _sum(losses)
+    return DeviceSum(losses)
 
 
 # ---------------------------------------------------------------------------------------- class softmax
@@ -985,7 +996,8 @@ def _class_scratch(S_next, class_bounds):
     """(G, losses, bounds): scratch for every row's class logits, and the class bounds on the host."""
     bounds = class_bounds.copy_to_host()
     width = int(np.diff(bounds).max())
-    return _workspace("class logits", (S_next.shape[0], width), S_next.dtype), _row_losses(S_next.shape[0]), bounds
+    G = _workspace("class logits", (S_next.shape[0], width), S_next.dtype)
+    return G, _workspace("class row losses", (S_next.shape[0],), np.float64), bounds
 
 
 def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, touched,
@@ -997,7 +1009,7 @@ def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, sca
     Adds scale · dL/dz ⊗ s to those rows of dW_o (V, m) and W_o[class]ᵀ dL/dz to dL_ds[r] (N, m);
     overwrites db_o (V,); marks touched[w] = 1 for the rows of every class it used. dW_o must be zero
     in the rows of those classes on entry (the sparse update leaves it so). dW_o_norm (1,) float64
-    receives the Euclidean norm of those rows of dW_o. Returns Σ -log p(w | c).
+    receives the Euclidean norm of those rows of dW_o. Returns Σ -log p(w | c) as a DeviceSum.
     One block per row computes its class's logits, loss and dL/dz into a scratch array; then one
     thread per (word, unit) sums over the rows of the word's class, linked into a list: deterministic.
     """
@@ -1017,16 +1029,17 @@ def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, sca
     partials = _workspace("class gradient norm", (blocks,), np.float64)
     _masked_sum_squares_kernel[blocks, threads](dW_o, touched, partials)
     _root_of_sum_kernel[1, 1](partials, dW_o_norm)
-    return _sum(losses)
+    return DeviceSum(losses)
 
 
 def class_xent(S_next, W_o, b_o, targets, target_classes, class_bounds):
-    """Σ_r -log p(targets[r] | its class) for evaluation (see ``class_xent_grad``); one block per row."""
+    """Σ_r -log p(targets[r] | its class) for evaluation, a DeviceSum (see ``class_xent_grad``); one block
+    per row."""
     _, class_loss, _ = _class_kernels(S_next.dtype)
     G, losses, _ = _class_scratch(S_next, class_bounds)
     threads = _row_threads(G.shape[1])
     class_loss[S_next.shape[0], threads](S_next, W_o, b_o, targets, target_classes, class_bounds, G, losses)
-    return _sum(losses)
+    return DeviceSum(losses)
 
 
 # ---------------------------------------------------------------------------------------- update
@@ -1094,6 +1107,24 @@ def _root_of_sum_kernel(partials, out):
     out[0] = math.sqrt(total)
 
 
+@cuda.jit
+def _norm_and_factor_kernel(partials, clip, clipping):
+    """clipping[:] = (‖g‖, min(1, clip / ‖g‖)) from the partial sums of g² (clip = 0: factor 1).
+
+    One block: each thread adds a strided share of the partials, then the block's tree (fixed order).
+    """
+    total = 0.0
+    k = cuda.threadIdx.x
+    while k < partials.shape[0]:
+        total += partials[k]
+        k += cuda.blockDim.x
+    _block_sum(total, clipping)  # clipping[0] = Σ g²
+    if cuda.threadIdx.x == 0:
+        norm = math.sqrt(clipping[0])
+        clipping[0] = norm
+        clipping[1] = clip / norm if 0 < clip < norm else 1.0
+
+
 def _row_grid(R, m):
     """(blocks, (tx, ty)) for kernels over rows (R, m): x-threads along a row, y-threads over rows."""
     tx = _threads(m, 32)
@@ -1101,13 +1132,14 @@ def _row_grid(R, m):
     return min(blocks, 4 * _sm_count()), (tx, ty)
 
 
-def grad_sq_sum(pairs):
-    """Σ of the squares of every (array, mask) in ``pairs`` as a float: all of an array when mask is None,
-    else the rows r (array (R, m), any layout) with mask[r] set (mask uint8 (R,)).
+def grad_norm(pairs, clip, clipping):
+    """clipping[:] = (‖g‖, min(1, clip / ‖g‖)) for the gradients g in pairs (clip = 0: factor 1), on the
+    device: the update kernels read the factor there, so a training step never waits for the device.
 
-    One launch per array (plain array arguments: numba-cuda dispatches tuples of arrays far more slowly),
-    each block's float64 partial sum in one device buffer, brought to the host and added there in a fixed
-    order: the gradient norm costs one synchronization per step, not one per parameter.
+    pairs: (array, mask) with mask None for a whole array, else uint8 (R,) marking the rows r of an
+    array (R, m), any layout, that count. clipping (2,) float64. One launch per array (plain array
+    arguments: numba-cuda dispatches tuples of arrays far more slowly), each block's float64 partial sum
+    in one buffer, which one block then adds in a fixed order.
     """
     launches = []
     for array, mask in pairs:
@@ -1118,51 +1150,51 @@ def grad_sq_sum(pairs):
         else:
             blocks, threads = _row_grid(*array.shape)
             launches.append((_masked_sum_squares_kernel, blocks, threads, (array, mask)))
-    if not launches:
-        return 0.0
     partials = _workspace("sums of squares", (sum(blocks for _, blocks, _, _ in launches),), np.float64)
     offset = 0
     for kernel, blocks, threads, args in launches:
         kernel[blocks, threads](*args, partials[offset : offset + blocks])
         offset += blocks
-    return _sum(partials)
+    _norm_and_factor_kernel[1, _threads(partials.size, _REDUCE_THREADS)](partials, float(clip), clipping)
 
 
 @cuda.jit
-def _sgd_kernel(param, grad, step, shrink):
-    """param = shrink · param - step · grad over flat arrays (grid-stride)."""
+def _sgd_kernel(param, grad, lr, shrink, clipping):
+    """param = shrink · param - lr · clipping[1] · grad over flat arrays (grid-stride)."""
+    step = param.dtype.type(lr * clipping[1])
     k = cuda.grid(1)
     while k < param.shape[0]:
         param[k] = shrink * param[k] - step * grad[k]
         k += cuda.gridsize(1)
 
 
-def sgd_update(param, grad, step, shrink):
-    """param = shrink · param - step · grad, any shape; step and shrink have the param's dtype.
+def sgd_update(param, grad, lr, shrink, clipping):
+    """param = shrink · param - step · grad, any shape, with step = lr · clipping[1] in the param's dtype.
 
-    SGD on the clipped gradient plus the L2 term: step = lr · clip_scale, shrink = 1 - lr · 2λ.
-    param and grad are laid out alike (C or F).
+    SGD on the clipped gradient plus the L2 term: clipping (2,) float64 from ``grad_norm`` (the norm, the
+    clipping factor), lr a float, shrink = 1 - lr · 2λ in the param's dtype. param and grad are laid out
+    alike (C or F).
     """
     flat = _flat(param)
     blocks, threads = _elementwise_grid(flat.size)
-    _sgd_kernel[blocks, threads](flat, _flat(grad), step, shrink)
+    _sgd_kernel[blocks, threads](flat, _flat(grad), float(lr), shrink, clipping)
 
 
-def sgd_updates(pairs, step, shrink):
-    """``sgd_update`` on every (param, grad) of ``pairs`` with step and shrink (floats) in each param's dtype."""
+def sgd_updates(pairs, lr, shrink, clipping):
+    """``sgd_update`` on every (param, grad) pair, lr and shrink given as Python floats."""
     for param, grad in pairs:
-        dtype = param.dtype.type
-        sgd_update(param, grad, dtype(step), dtype(shrink))
+        sgd_update(param, grad, lr, param.dtype.type(shrink), clipping)
 
 
 @cuda.jit
-def _masked_sgd_kernel(param_rows, grad_rows, mask, step):
-    """param_rows[r] -= step · grad_rows[r], grad_rows[r] = 0, mask[r] = 0 for the marked rows.
+def _masked_sgd_kernel(param_rows, grad_rows, mask, lr, clipping):
+    """param_rows[r] -= lr · clipping[1] · grad_rows[r], grad_rows[r] = 0, mask[r] = 0 for the marked rows.
 
     A block takes blockDim.y rows per sweep (grid-stride), x-threads along a row; every thread of the block
     runs every sweep, reads its row's mark before the sweep's barrier, and the mark is cleared after it:
     no thread clears a mark another has yet to read, and one launch suffices.
     """
+    step = param_rows.dtype.type(lr * clipping[1])
     R, m = param_rows.shape
     r0 = cuda.blockIdx.x * cuda.blockDim.y
     while r0 < R:  # the same trip count for every thread of the block
@@ -1180,11 +1212,12 @@ def _masked_sgd_kernel(param_rows, grad_rows, mask, step):
         r0 += cuda.gridDim.x * cuda.blockDim.y
 
 
-def masked_sgd_update(param_rows, grad_rows, mask, step):
+def masked_sgd_update(param_rows, grad_rows, mask, lr, clipping):
     """param_rows[r] -= step · grad_rows[r] for the rows marked in mask, then zero those gradient rows
-    and the mask: the sparse update of W_x's columns (passed transposed) and the class softmax's W_o."""
+    and the mask: the sparse update of W_x's columns (passed transposed) and the class softmax's W_o.
+    step = lr · clipping[1] in the rows' dtype (lr = 0 only clears)."""
     blocks, threads = _row_grid(*param_rows.shape)
-    _masked_sgd_kernel[blocks, threads](param_rows, grad_rows, mask, step)
+    _masked_sgd_kernel[blocks, threads](param_rows, grad_rows, mask, float(lr), clipping)
 
 
 @cuda.jit(device=True)
@@ -1197,10 +1230,11 @@ def _adam_element(param, grad, moment1, moment2, k, lr_t, grad_scale, decay, bet
 
 
 @cuda.jit
-def _masked_adam_kernel(param_rows, grad_rows, moment1, moment2, mask, lr_t, grad_scale, decay, beta1, rest1, beta2,
+def _masked_adam_kernel(param_rows, grad_rows, moment1, moment2, mask, lr_t, clipping, decay, beta1, rest1, beta2,
                         rest2, eps):
     """The lazy Adam step of ``masked_adam_update``: blockDim.y rows per block (grid-stride), x-threads
     along a row. The mask is only read, so no barrier is needed (compare ``_masked_sgd_kernel``)."""
+    grad_scale = param_rows.dtype.type(clipping[1])
     R, m = param_rows.shape
     r = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
     while r < R:
@@ -1213,34 +1247,36 @@ def _masked_adam_kernel(param_rows, grad_rows, moment1, moment2, mask, lr_t, gra
         r += cuda.gridDim.x * cuda.blockDim.y
 
 
-def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, grad_scale, decay, beta1, beta2, eps):
+def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, clipping, decay, beta1, beta2, eps):
     """``adam_update`` on the rows marked in mask alone, their moments included: lazy Adam on a sparse
     gradient (``masked_sgd_update`` with step 0 then clears the gradient and the mask). param_rows,
     grad_rows (R, m) any layout (W_x's columns passed transposed); moment1, moment2 (R, m) C-contiguous;
     mask (R,) uint8."""
     one = param_rows.dtype.type(1)
     blocks, threads = _row_grid(*param_rows.shape)
-    _masked_adam_kernel[blocks, threads](param_rows, grad_rows, moment1, moment2, mask, lr_t, grad_scale, decay,
+    _masked_adam_kernel[blocks, threads](param_rows, grad_rows, moment1, moment2, mask, lr_t, clipping, decay,
                                          beta1, one - beta1, beta2, one - beta2, eps)
 
 
 @cuda.jit
-def _adam_kernel(param, grad, moment1, moment2, lr_t, grad_scale, decay, beta1, rest1, beta2, rest2, eps):
+def _adam_kernel(param, grad, moment1, moment2, lr_t, clipping, decay, beta1, rest1, beta2, rest2, eps):
     """The Adam step of ``adam_update`` on flat arrays (grid-stride); rest1 = 1 - β1, rest2 = 1 - β2."""
+    grad_scale = param.dtype.type(clipping[1])
     k = cuda.grid(1)
     while k < param.shape[0]:
         _adam_element(param, grad, moment1, moment2, k, lr_t, grad_scale, decay, beta1, rest1, beta2, rest2, eps)
         k += cuda.gridsize(1)
 
 
-def adam_update(param, grad, moment1, moment2, lr_t, grad_scale, decay, beta1, beta2, eps):
-    """One Adam step on arrays of one shape (C-contiguous): g = grad_scale · grad + decay · param,
+def adam_update(param, grad, moment1, moment2, lr_t, clipping, decay, beta1, beta2, eps):
+    """One Adam step on arrays of one shape (C-contiguous): g = clipping[1] · grad + decay · param,
     moment1 = β1 moment1 + (1 - β1) g, moment2 = β2 moment2 + (1 - β2) g², param -= lr_t moment1 /
-    (√moment2 + eps), lr_t carrying the bias correction. Scalars have the arrays' dtype."""
+    (√moment2 + eps), lr_t carrying the bias correction. clipping (2,) float64 from ``grad_norm``; the
+    other scalars have the arrays' dtype."""
     one = param.dtype.type(1)
     flat = _flat(param)
     blocks, threads = _elementwise_grid(flat.size)
     moments = _flat(moment1), _flat(moment2)
     _adam_kernel[blocks, threads](
-        flat, _flat(grad), *moments, lr_t, grad_scale, decay, beta1, one - beta1, beta2, one - beta2, eps
+        flat, _flat(grad), *moments, lr_t, clipping, decay, beta1, one - beta1, beta2, one - beta2, eps
     )
