@@ -51,12 +51,9 @@ def small_recurrence_blocks(monkeypatch):
     ops._recurrence_kernels.cache_clear()
 
 
-@pytest.mark.parametrize("streams", [1, 2, 4])
-def test_recurrence_in_passes_and_chunks(monkeypatch, small_recurrence_blocks, streams):
-    """Forward and backward against the CPU backend; B = 3 streams in blocks of 1, 2 or 4 (partial)."""
-    monkeypatch.setattr(ops, "_streams_per_block", lambda B: streams)
+def check_recurrence(T, B, m):
+    """Forward and backward over a window against the CPU backend."""
     rng = np.random.default_rng(1)
-    T, B, m = 3, 3, 40
     W_s, b_s, U = random(rng, m, m) / np.sqrt(m), random(rng, m), random(rng, T, B, m)
     S = np.zeros((T + 1, B, m))
     S[0] = random(rng, B, m)
@@ -69,6 +66,21 @@ def test_recurrence_in_passes_and_chunks(monkeypatch, small_recurrence_blocks, s
     cpu.backward(W_s, S, dL_ds_out, dL_da)
     np.testing.assert_allclose(ops.to_numpy(S_dev), S, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(ops.to_numpy(dL_da_dev), dL_da, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("streams", [1, 2, 4])
+def test_recurrence_in_passes_and_chunks(monkeypatch, small_recurrence_blocks, streams):
+    """Streams split over blocks: B = 3 streams in blocks of 1, 2 or 4 (partial)."""
+    monkeypatch.setattr(ops, "_streams_per_block", lambda B: streams)
+    check_recurrence(3, 3, 40)
+
+
+@pytest.mark.parametrize("B", [3, 11])
+def test_recurrence_with_units_split_over_blocks(monkeypatch, B):
+    """Units split over blocks (the large-m kernels): 40 units in 5 groups of 8 on the simulator's one block,
+    streams in groups of 8 (the last partial), each lane's share of j over one or two passes."""
+    monkeypatch.setattr(ops, "_SPLIT_MIN_M", 0)
+    check_recurrence(3, B, 40)
 
 
 def test_embedding_and_its_gradient_over_long_token_lists():

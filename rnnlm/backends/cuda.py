@@ -499,6 +499,114 @@ def _recurrence_kernels(dtype, streams_per_block):
     return transpose, forward, backward
 
 
+_SPLIT_WARPS = 8  # state units a block of the unit-split recurrence takes at a time: one per warp
+_SPLIT_STREAMS = 8  # streams a lane of the unit-split recurrence accumulates at once
+_SPLIT_MIN_M = 400  # state size from which the recurrence splits the units, not the streams, over blocks
+
+
+@functools.cache
+def _split_recurrence_kernels(dtype):
+    """(forward, backward) kernels of the unit-split recurrence for one float dtype.
+
+    The blocks share the state units, all streams each: a warp computes unit i for every stream, its
+    lanes along j (M[i, j] and the vectors' [b, j] read coalesced), each lane adding a share of the
+    products; the block adds the 32 shares of each (unit, stream) in order through shared memory. So W_s
+    is read once per step over the whole GPU (the stream-split kernels read all of it once per block),
+    at the price of one grid-wide barrier per step: a cooperative launch whose blocks all fit on the GPU
+    at once. Forward multiplies by W_s directly, backward by W_sᵀ through its transposed copy.
+    """
+    dt = from_dtype(np.dtype(dtype))
+    NW, BG = _SPLIT_WARPS, _SPLIT_STREAMS
+    stream_bits = _shift(BG)
+    one = np.dtype(dtype).type(1)
+
+    @cuda.jit(device=True)
+    def lane_products(M, vecs, i, lane, b0, partial):
+        """partial[warp, r, lane] = Σ_{j ≡ lane (mod 32)} M[i, j] vecs[b0 + r, j] for r < BG (0 if i ≥ m;
+        streams past the last repeat it, their sums unused). M (m, m), vecs (B, m)."""
+        m = M.shape[1]
+        last = vecs.shape[0] - 1
+        acc = cuda.local.array(BG, dt)
+        for r in range(BG):
+            acc[r] = 0
+        if i < m:
+            j = lane
+            while j < m:
+                w = M[i, j]
+                for r in range(BG):
+                    acc[r] += w * vecs[min(b0 + r, last), j]
+                j += 32
+        warp = cuda.threadIdx.x >> 5
+        for r in range(BG):
+            partial[warp, r, lane] = acc[r]
+
+    @cuda.jit(device=True)
+    def shares_total(partial):
+        """The 32 shares of thread tid's (unit, stream), partial[tid // BG, tid % BG, :], added in order."""
+        w, r = cuda.threadIdx.x >> stream_bits, cuda.threadIdx.x & (BG - 1)
+        total = partial[w, r, 0]
+        for k in range(1, 32):
+            total += partial[w, r, k]
+        return total
+
+    @cuda.jit
+    def forward(W_s, b_s, U, S):
+        """S[t + 1] = tanh(W_s S[t] + U[t] + b_s) for t < T: W_s (m, m), b_s (m,), U (T, B, m), S (T + 1, B, m)."""
+        T, B, m = U.shape
+        grid = cuda.cg.this_grid()
+        partial = cuda.shared.array((NW, BG, 33), dt)
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        for t in range(T):
+            u0 = cuda.blockIdx.x * NW
+            while u0 < m:  # the same trip counts for every thread of the block
+                b0 = 0
+                while b0 < B:
+                    lane_products(W_s, S[t], u0 + (tid >> 5), lane, b0, partial)
+                    cuda.syncthreads()
+                    i, b = u0 + (tid >> stream_bits), b0 + (tid & (BG - 1))  # the sum thread tid makes
+                    if tid < NW * BG and i < m and b < B:
+                        S[t + 1, b, i] = math.tanh(shares_total(partial) + U[t, b, i] + b_s[i])
+                    cuda.syncthreads()
+                    b0 += BG
+                u0 += cuda.gridDim.x * NW
+            grid.sync()
+
+    @cuda.jit
+    def backward(W_sT, S, dL_ds_out, dL_da):
+        """dL_da[t] = (1 - S[t+1]²) ⊙ (dL_ds_out[t] + W_sᵀ dL_da[t+1]), t from T-1 down to 0; W_sT (m, m) = W_sᵀ."""
+        T, B, m = dL_da.shape
+        grid = cuda.cg.this_grid()
+        partial = cuda.shared.array((NW, BG, 33), dt)
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        for t in range(T - 1, -1, -1):
+            later = dL_da[min(t + 1, T - 1)]
+            u0 = cuda.blockIdx.x * NW
+            while u0 < m:  # the same trip counts for every thread of the block
+                b0 = 0
+                while b0 < B:
+                    # the last step has no later one: unit m, none, gives zero products
+                    lane_products(W_sT, later, u0 + (tid >> 5) if t + 1 < T else m, lane, b0, partial)
+                    cuda.syncthreads()
+                    i, b = u0 + (tid >> stream_bits), b0 + (tid & (BG - 1))  # the sum thread tid makes
+                    if tid < NW * BG and i < m and b < B:
+                        s_t = S[t + 1, b, i]
+                        dL_da[t, b, i] = (one - s_t * s_t) * (dL_ds_out[t, b, i] + shares_total(partial))
+                    cuda.syncthreads()
+                    b0 += BG
+                u0 += cuda.gridDim.x * NW
+            grid.sync()
+
+    return forward, backward
+
+
+def _split_launch(m, dtype):
+    """(forward, backward), blocks, threads of the unit-split recurrence: at most one block per SM, so
+    that every block of the cooperative launch is resident at once."""
+    return _split_recurrence_kernels(dtype), min(_sm_count(), _blocks(m, _SPLIT_WARPS)), 32 * _SPLIT_WARPS
+
+
 def _streams_per_block(B):
     """Streams per block: 1 while the B blocks fit on half the SMs, else more (up to 8), so that each read of
     W_s serves several streams."""
@@ -524,11 +632,22 @@ def forward(W_s, b_s, U, S):
     products read it coalesced).
     """
     T, B, m = U.shape
-    (transpose, forward_kernel, _), grid, threads = _recurrence_launch(B, m, S.dtype)
+    if m >= _SPLIT_MIN_M:
+        (forward_kernel, _), grid, threads = _split_launch(m, S.dtype)
+        forward_kernel[grid, threads](W_s, b_s, U, S)
+        return
+    (_, forward_kernel, _), grid, threads = _recurrence_launch(B, m, S.dtype)
+    forward_kernel[grid, threads](_transposed(W_s), b_s, U, S)
+
+
+def _transposed(W_s):
+    """W_sᵀ (m, m) in a workspace."""
+    m = W_s.shape[0]
     W_sT = _workspace("W_s transposed", (m, m), W_s.dtype)
     side = _threads(m, 32)
+    transpose = _recurrence_kernels(W_s.dtype, 1)[0]
     transpose[(_blocks(m, side), _blocks(m, side)), (side, _threads(side, 8))](W_s, W_sT)
-    forward_kernel[grid, threads](W_sT, b_s, U, S)
+    return W_sT
 
 
 def backward(W_s, S, dL_ds_out, dL_da):
@@ -539,6 +658,10 @@ def backward(W_s, S, dL_ds_out, dL_da):
     The state carried into the window gets no gradient (truncated BPTT). One launch for all T steps.
     """
     T, B, m = dL_da.shape
+    if m >= _SPLIT_MIN_M:
+        (_, backward_kernel), grid, threads = _split_launch(m, S.dtype)
+        backward_kernel[grid, threads](_transposed(W_s), S, dL_ds_out, dL_da)
+        return
     (_, _, backward_kernel), grid, threads = _recurrence_launch(B, m, S.dtype)
     backward_kernel[grid, threads](W_s, S, dL_ds_out, dL_da)
 
