@@ -43,7 +43,7 @@ part() {  # part NAME TIMEOUT COMMAND...: run, report, remember a failure
 main() {
     part machine 60 bash -c 'nvidia-smi; python3 --version; python3 - <<EOF
 import importlib.metadata as md
-for name in ("numpy", "numba", "numba-cuda", "cuda-bindings", "torch", "pytest"):
+for name in ("numpy", "numba", "numba-cuda", "cuda-bindings", "cuda-core", "torch", "pytest"):
     try:
         print(f"{name} {md.version(name)}")
     except md.PackageNotFoundError:

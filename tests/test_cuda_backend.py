@@ -78,9 +78,15 @@ def test_recurrence_in_passes_and_chunks(monkeypatch, small_recurrence_blocks, s
 @pytest.mark.parametrize("B", [3, 11])
 def test_recurrence_with_units_split_over_blocks(monkeypatch, B):
     """Units split over blocks (the large-m kernels): 40 units in 5 groups of 8 on the simulator's one block,
-    streams in groups of 8 (the last partial), each lane's share of j over one or two passes."""
+    streams in groups of 8 (the last partial), the vectors staged 16 values at a time (three chunks, the last
+    partial), a lane's share of a chunk one value or none."""
     monkeypatch.setattr(ops, "_SPLIT_MIN_M", 0)
-    check_recurrence(3, B, 40)
+    monkeypatch.setattr(ops, "_SPLIT_STAGE_BYTES", 8 * 16 * 8)
+    ops._split_recurrence_kernels.cache_clear()  # the chunk is a constant of the built kernels
+    try:
+        check_recurrence(3, B, 40)
+    finally:
+        ops._split_recurrence_kernels.cache_clear()
 
 
 def test_embedding_and_its_gradient_over_long_token_lists():

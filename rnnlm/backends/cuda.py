@@ -80,6 +80,83 @@ def _launch_bounds(max_threads, min_blocks=1):
     return {} if config.ENABLE_CUDASIM else {"launch_bounds": (max_threads, min_blocks)}
 
 
+if config.ENABLE_CUDASIM:
+
+    def _launch(kernel, griddim, blockdim, *args):
+        """kernel[griddim, blockdim](*args)."""
+        kernel[griddim, blockdim](*args)
+
+else:
+    import ctypes
+
+    from cuda.core import LaunchConfig, launch
+    from numba.cuda import types as nb_types
+    from numba.cuda._compat import CUDA_CORE_GE_1_0
+    from numba.cuda.cudadrv import driver
+
+    _SCALARS = {nb_types.float32: ctypes.c_float, nb_types.float64: ctypes.c_double, nb_types.int64: ctypes.c_int64,
+                nb_types.int32: ctypes.c_int32, nb_types.uint8: ctypes.c_uint8}
+    _prepared = {}  # (kernel, argument kinds) -> (compiled kernel, cooperative, ctypes per scalar) or None
+    _configs = {}
+
+    def _kind(arg):
+        """What selects the compiled kernel for an argument: a device array's numba type, else its Python type."""
+        return getattr(arg, "_numba_type_", None) or type(arg)
+
+    def _prepare(kernel, args):
+        """(compiled kernel, cooperative, per argument: None for a device array, else its ctypes type), or None
+        when an argument is neither (numba's own launch then handles it)."""
+        overload = kernel.overloads.get(tuple(kernel.typeof_pyval(a) for a in args))
+        if overload is None:
+            return None
+        packers = []
+        for arg, ty in zip(args, overload.argument_types, strict=True):
+            if isinstance(ty, nb_types.Array) and hasattr(arg, "gpu_data"):
+                packers.append(None)
+            elif ty in _SCALARS:
+                packers.append(_SCALARS[ty])
+            else:
+                return None
+        return overload._codelibrary.get_cufunc().kernel, overload.cooperative, packers
+
+    def _launch(kernel, griddim, blockdim, *args):
+        """kernel[griddim, blockdim](*args), without numba-cuda's per-call typing and argument marshalling.
+
+        numba-cuda spends tens of microseconds of host time per launch (measured on an H100: 34 µs for a
+        five-argument kernel), which bounds a training step at small sizes. The first launch of a kernel
+        with arguments of given types goes through numba (compiling it); later ones pass the compiled
+        kernel and its parameters, laid out as numba lays them out (a device array as meminfo, parent,
+        size, itemsize, data, shape, strides), to cuda.core's launch on the default stream.
+        """
+        key = (kernel, *map(_kind, args))
+        entry = _prepared.get(key, False)
+        if entry is False:
+            kernel[griddim, blockdim](*args)
+            _prepared[key] = _prepare(kernel, args)
+            return
+        if entry is None:
+            kernel[griddim, blockdim](*args)
+            return
+        compiled, cooperative, packers = entry
+        params = []
+        for arg, pack in zip(args, packers, strict=True):
+            if pack is None:
+                pointer = arg.device_ctypes_pointer.value or 0
+                params += (0, 0, arg.size, arg.dtype.itemsize, pointer, *arg.shape, *arg.strides)
+            else:
+                params.append(pack(arg))
+        config_key = (griddim, blockdim, cooperative)
+        launch_config = _configs.get(config_key)
+        if launch_config is None:
+            flag = "is_cooperative" if CUDA_CORE_GE_1_0 else "cooperative_launch"  # as numba-cuda builds it
+            launch_config = _configs[config_key] = LaunchConfig(grid=griddim, block=blockdim, **{flag: cooperative})
+        launch(_default_stream(), launch_config, compiled, *params)
+
+    @functools.cache
+    def _default_stream():
+        return driver._to_core_stream(0)
+
+
 _workspaces = {}
 
 
@@ -179,7 +256,7 @@ def _fill_kernel(flat, value):
 def _fill(array, value):
     flat = _flat(array)
     blocks, threads = _elementwise_grid(flat.size)
-    _fill_kernel[blocks, threads](flat, value)
+    _launch(_fill_kernel, blocks, threads, flat, value)
 
 
 # ---------------------------------------------------------------------------------------- GEMMs
@@ -354,12 +431,12 @@ def _gemm(A, B, out, K, a_k_contiguous, b_k_contiguous):
     kernel = _gemm_kernel(out.dtype, tile, a_k_contiguous, b_k_contiguous)
     grid = (_blocks(p, tile.BM), _blocks(n, tile.BM), splits)
     if splits == 1:
-        kernel[grid, tile.threads](A, B, out.reshape(1, n, p), K, k_chunk)
+        _launch(kernel, grid, tile.threads, A, B, out.reshape(1, n, p), K, k_chunk)
         return
     partials = _workspace("gemm splits", (splits, n, p), out.dtype)
-    kernel[grid, tile.threads](A, B, partials, K, k_chunk)
+    _launch(kernel, grid, tile.threads, A, B, partials, K, k_chunk)
     blocks, threads = _elementwise_grid(n * p)
-    _sum_splits_kernel[blocks, threads](partials.reshape(splits, n * p), out.reshape(n * p))
+    _launch(_sum_splits_kernel, blocks, threads, partials.reshape(splits, n * p), out.reshape(n * p))
 
 
 def matmul_nt(A, B, out):
@@ -501,7 +578,9 @@ def _recurrence_kernels(dtype, streams_per_block):
 
 _SPLIT_WARPS = 8  # state units a block of the unit-split recurrence takes at a time: one per warp
 _SPLIT_STREAMS = 8  # streams a lane of the unit-split recurrence accumulates at once
-_SPLIT_MIN_M = 400  # state size from which the recurrence splits the units, not the streams, over blocks
+_SPLIT_STAGE_BYTES = 24576  # shared memory for the vectors a block of the unit-split recurrence stages
+_SPLIT_MIN_M = 400  # the recurrence splits the units, not the streams, over blocks from this state size
+_SPLIT_MAX_B = 64  # up to this many streams
 
 
 @functools.cache
@@ -509,33 +588,48 @@ def _split_recurrence_kernels(dtype):
     """(forward, backward) kernels of the unit-split recurrence for one float dtype.
 
     The blocks share the state units, all streams each: a warp computes unit i for every stream, its
-    lanes along j (M[i, j] and the vectors' [b, j] read coalesced), each lane adding a share of the
-    products; the block adds the 32 shares of each (unit, stream) in order through shared memory. So W_s
+    lanes along j (M[i, j] read coalesced, the vectors staged by the block in shared memory), each lane
+    adding a share of the products; the block adds the 32 shares of each (unit, stream) in order through
+    shared memory. So W_s
     is read once per step over the whole GPU (the stream-split kernels read all of it once per block),
     at the price of one grid-wide barrier per step: a cooperative launch whose blocks all fit on the GPU
     at once. Forward multiplies by W_s directly, backward by W_sᵀ through its transposed copy.
     """
     dt = from_dtype(np.dtype(dtype))
     NW, BG = _SPLIT_WARPS, _SPLIT_STREAMS
+    chunk = _SPLIT_STAGE_BYTES // (BG * np.dtype(dtype).itemsize)
     stream_bits = _shift(BG)
     one = np.dtype(dtype).type(1)
 
     @cuda.jit(device=True)
-    def lane_products(M, vecs, i, lane, b0, partial):
+    def lane_products(M, vecs, i, lane, b0, staged, partial):
         """partial[warp, r, lane] = Σ_{j ≡ lane (mod 32)} M[i, j] vecs[b0 + r, j] for r < BG (0 if i ≥ m;
-        streams past the last repeat it, their sums unused). M (m, m), vecs (B, m)."""
+        streams past the last repeat it, their sums unused). M (m, m), vecs (B, m). The block stages the
+        BG vectors in shared memory, ``chunk`` values of each at a time; every thread of the block calls this.
+        """
         m = M.shape[1]
         last = vecs.shape[0] - 1
         acc = cuda.local.array(BG, dt)
         for r in range(BG):
             acc[r] = 0
-        if i < m:
-            j = lane
-            while j < m:
-                w = M[i, j]
-                for r in range(BG):
-                    acc[r] += w * vecs[min(b0 + r, last), j]
-                j += 32
+        j0 = 0
+        while j0 < m:
+            width = min(chunk, m - j0)
+            cuda.syncthreads()  # the block's reads of the previous chunk are done
+            for r in range(BG):
+                jj = cuda.threadIdx.x
+                while jj < width:
+                    staged[r, jj] = vecs[min(b0 + r, last), j0 + jj]
+                    jj += cuda.blockDim.x
+            cuda.syncthreads()
+            if i < m:
+                jj = lane
+                while jj < width:
+                    w = M[i, j0 + jj]
+                    for r in range(BG):
+                        acc[r] += w * staged[r, jj]
+                    jj += 32
+            j0 += chunk
         warp = cuda.threadIdx.x >> 5
         for r in range(BG):
             partial[warp, r, lane] = acc[r]
@@ -555,6 +649,7 @@ def _split_recurrence_kernels(dtype):
         T, B, m = U.shape
         grid = cuda.cg.this_grid()
         partial = cuda.shared.array((NW, BG, 33), dt)
+        staged = cuda.shared.array((BG, chunk), dt)
         tid = cuda.threadIdx.x
         lane = tid & 31
         for t in range(T):
@@ -562,7 +657,7 @@ def _split_recurrence_kernels(dtype):
             while u0 < m:  # the same trip counts for every thread of the block
                 b0 = 0
                 while b0 < B:
-                    lane_products(W_s, S[t], u0 + (tid >> 5), lane, b0, partial)
+                    lane_products(W_s, S[t], u0 + (tid >> 5), lane, b0, staged, partial)
                     cuda.syncthreads()
                     i, b = u0 + (tid >> stream_bits), b0 + (tid & (BG - 1))  # the sum thread tid makes
                     if tid < NW * BG and i < m and b < B:
@@ -578,6 +673,7 @@ def _split_recurrence_kernels(dtype):
         T, B, m = dL_da.shape
         grid = cuda.cg.this_grid()
         partial = cuda.shared.array((NW, BG, 33), dt)
+        staged = cuda.shared.array((BG, chunk), dt)
         tid = cuda.threadIdx.x
         lane = tid & 31
         for t in range(T - 1, -1, -1):
@@ -587,7 +683,7 @@ def _split_recurrence_kernels(dtype):
                 b0 = 0
                 while b0 < B:
                     # the last step has no later one: unit m, none, gives zero products
-                    lane_products(W_sT, later, u0 + (tid >> 5) if t + 1 < T else m, lane, b0, partial)
+                    lane_products(W_sT, later, u0 + (tid >> 5) if t + 1 < T else m, lane, b0, staged, partial)
                     cuda.syncthreads()
                     i, b = u0 + (tid >> stream_bits), b0 + (tid & (BG - 1))  # the sum thread tid makes
                     if tid < NW * BG and i < m and b < B:
@@ -632,12 +728,12 @@ def forward(W_s, b_s, U, S):
     products read it coalesced).
     """
     T, B, m = U.shape
-    if m >= _SPLIT_MIN_M:
+    if m >= _SPLIT_MIN_M and B <= _SPLIT_MAX_B:
         (forward_kernel, _), grid, threads = _split_launch(m, S.dtype)
-        forward_kernel[grid, threads](W_s, b_s, U, S)
+        _launch(forward_kernel, grid, threads, W_s, b_s, U, S)
         return
     (_, forward_kernel, _), grid, threads = _recurrence_launch(B, m, S.dtype)
-    forward_kernel[grid, threads](_transposed(W_s), b_s, U, S)
+    _launch(forward_kernel, grid, threads, _transposed(W_s), b_s, U, S)
 
 
 def _transposed(W_s):
@@ -646,7 +742,7 @@ def _transposed(W_s):
     W_sT = _workspace("W_s transposed", (m, m), W_s.dtype)
     side = _threads(m, 32)
     transpose = _recurrence_kernels(W_s.dtype, 1)[0]
-    transpose[(_blocks(m, side), _blocks(m, side)), (side, _threads(side, 8))](W_s, W_sT)
+    _launch(transpose, (_blocks(m, side), _blocks(m, side)), (side, _threads(side, 8)), W_s, W_sT)
     return W_sT
 
 
@@ -658,12 +754,12 @@ def backward(W_s, S, dL_ds_out, dL_da):
     The state carried into the window gets no gradient (truncated BPTT). One launch for all T steps.
     """
     T, B, m = dL_da.shape
-    if m >= _SPLIT_MIN_M:
+    if m >= _SPLIT_MIN_M and B <= _SPLIT_MAX_B:
         (_, backward_kernel), grid, threads = _split_launch(m, S.dtype)
-        backward_kernel[grid, threads](_transposed(W_s), S, dL_ds_out, dL_da)
+        _launch(backward_kernel, grid, threads, _transposed(W_s), S, dL_ds_out, dL_da)
         return
     (_, _, backward_kernel), grid, threads = _recurrence_launch(B, m, S.dtype)
-    backward_kernel[grid, threads](W_s, S, dL_ds_out, dL_da)
+    _launch(backward_kernel, grid, threads, W_s, S, dL_ds_out, dL_da)
 
 
 # ---------------------------------------------------------------------------------------- scatter-adds
@@ -704,7 +800,7 @@ def _link(keys, n_keys, absent=True):
     if absent:
         _fill(first, N)
     threads = _threads(N, _ELEMENTWISE_THREADS)
-    _link_kernel[_blocks(N, threads), threads](keys, next_pos, first)
+    _launch(_link_kernel, _blocks(N, threads), threads, keys, next_pos, first)
     return next_pos, first
 
 
@@ -767,7 +863,7 @@ def _column_sums(X, out):
     N, V = X.shape
     tx = _threads(V, 32)
     ty = _threads(_blocks(N, 16), 32)
-    _column_sums_kernel(X.dtype)[_blocks(V, tx), (tx, ty)](X, out)
+    _launch(_column_sums_kernel(X.dtype), _blocks(V, tx), (tx, ty), X, out)
 
 
 @cuda.jit
@@ -793,7 +889,7 @@ def embed(W_x, inputs, U):
     """
     T, B, m = U.shape
     grid, block = _unit_position_grid(m, T * B)
-    _embed_kernel[grid, block](W_x, inputs.reshape(T * B), U.reshape(T * B, m))
+    _launch(_embed_kernel, grid, block, W_x, inputs.reshape(T * B), U.reshape(T * B, m))
 
 
 def input_grads(inputs, dL_dU, dW_x, touched):
@@ -808,7 +904,7 @@ def input_grads(inputs, dL_dU, dW_x, touched):
     tokens = inputs.reshape(N)
     next_pos, first = _link(tokens, dW_x.shape[1], absent=False)  # only the tokens' own entries are read
     grid, block = _unit_position_grid(m, N)
-    _scatter_columns_kernel[grid, block](tokens, next_pos, first, dL_dU.reshape(N, m), dW_x, touched)
+    _launch(_scatter_columns_kernel, grid, block, tokens, next_pos, first, dL_dU.reshape(N, m), dW_x, touched)
 
 
 def bias_grad(dL_da, db):
@@ -828,7 +924,7 @@ def multiply(a, mask, out):
     """out = a ⊙ mask, elementwise over C-contiguous arrays of one shape (out may be a)."""
     flat = _flat(out)
     blocks, threads = _elementwise_grid(flat.size)
-    _multiply_kernel[blocks, threads](_flat(a), _flat(mask), flat)
+    _launch(_multiply_kernel, blocks, threads, _flat(a), _flat(mask), flat)
 
 
 @cuda.jit
@@ -857,7 +953,7 @@ def masked_add_rows(dst_rows, src_rows, src_mask, dst_mask):
     """dst_rows[r] += src_rows[r] and src_rows[r] = 0 for the rows marked in src_mask, which is cleared
     and merged into dst_mask: tied weights fold W_x's sparse gradient into W_o's."""
     blocks, threads = _row_grid(*dst_rows.shape)
-    _add_rows_kernel[blocks, threads](dst_rows, src_rows, src_mask, dst_mask)
+    _launch(_add_rows_kernel, blocks, threads, dst_rows, src_rows, src_mask, dst_mask)
 
 
 # ---------------------------------------------------------------------------------------- softmax
@@ -990,7 +1086,7 @@ def softmax_xent_grad(Z, b_o, targets, scale, db_o):
     N, V = Z.shape
     xent_grad, _ = _softmax_kernels(Z.dtype)
     losses = _workspace("softmax row losses", (N,), np.float64)
-    xent_grad[N, _row_threads(V)](Z, b_o, targets, Z.dtype.type(scale), losses)
+    _launch(xent_grad, N, _row_threads(V), Z, b_o, targets, Z.dtype.type(scale), losses)
     _column_sums(Z, db_o)
     return DeviceSum(losses)
 
@@ -1000,7 +1096,7 @@ def softmax_xent(Z, b_o, targets):
     N, V = Z.shape
     _, xent = _softmax_kernels(Z.dtype)
     losses = _workspace("softmax row losses", (N,), np.float64)
-    xent[N, _row_threads(V)](Z, b_o, targets, losses)
+    _launch(xent, N, _row_threads(V), Z, b_o, targets, losses)
     return DeviceSum(losses)
 
 
@@ -1141,17 +1237,17 @@ def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, sca
     class_grad, _, class_weight_grads = _class_kernels(S_next.dtype)
     G, losses, bounds = _class_scratch(S_next, class_bounds)
     threads = _row_threads(max(G.shape[1], m))
-    class_grad[N, threads](
+    _launch(class_grad, N, threads,
         S_next, W_o, b_o, targets, target_classes, class_bounds, S_next.dtype.type(scale), G, losses, dL_ds
     )
     next_row, first_row = _link(target_classes, len(bounds) - 1)
     tx, ty = _threads(m, 32), _threads(V, 8)
     grid = (_blocks(m, tx), _blocks(V, ty))
-    class_weight_grads[grid, (tx, ty)](S_next, G, next_row, first_row, class_bounds, dW_o, db_o, touched)
+    _launch(class_weight_grads, grid, (tx, ty), S_next, G, next_row, first_row, class_bounds, dW_o, db_o, touched)
     blocks, threads = _row_grid(V, m)
     partials = _workspace("class gradient norm", (blocks,), np.float64)
-    _masked_sum_squares_kernel[blocks, threads](dW_o, touched, partials)
-    _root_of_sum_kernel[1, 1](partials, dW_o_norm)
+    _launch(_masked_sum_squares_kernel, blocks, threads, dW_o, touched, partials)
+    _launch(_root_of_sum_kernel, 1, 1, partials, dW_o_norm)
     return DeviceSum(losses)
 
 
@@ -1161,7 +1257,7 @@ def class_xent(S_next, W_o, b_o, targets, target_classes, class_bounds):
     _, class_loss, _ = _class_kernels(S_next.dtype)
     G, losses, _ = _class_scratch(S_next, class_bounds)
     threads = _row_threads(G.shape[1])
-    class_loss[S_next.shape[0], threads](S_next, W_o, b_o, targets, target_classes, class_bounds, G, losses)
+    _launch(class_loss, S_next.shape[0], threads, S_next, W_o, b_o, targets, target_classes, class_bounds, G, losses)
     return DeviceSum(losses)
 
 
@@ -1276,9 +1372,9 @@ def grad_norm(pairs, clip, clipping):
     partials = _workspace("sums of squares", (sum(blocks for _, blocks, _, _ in launches),), np.float64)
     offset = 0
     for kernel, blocks, threads, args in launches:
-        kernel[blocks, threads](*args, partials[offset : offset + blocks])
+        _launch(kernel, blocks, threads, *args, partials[offset : offset + blocks])
         offset += blocks
-    _norm_and_factor_kernel[1, _threads(partials.size, _REDUCE_THREADS)](partials, float(clip), clipping)
+    _launch(_norm_and_factor_kernel, 1, _threads(partials.size, _REDUCE_THREADS), partials, float(clip), clipping)
 
 
 @cuda.jit
@@ -1300,7 +1396,7 @@ def sgd_update(param, grad, lr, shrink, clipping):
     """
     flat = _flat(param)
     blocks, threads = _elementwise_grid(flat.size)
-    _sgd_kernel[blocks, threads](flat, _flat(grad), float(lr), shrink, clipping)
+    _launch(_sgd_kernel, blocks, threads, flat, _flat(grad), float(lr), shrink, clipping)
 
 
 def sgd_updates(pairs, lr, shrink, clipping):
@@ -1340,7 +1436,7 @@ def masked_sgd_update(param_rows, grad_rows, mask, lr, clipping):
     and the mask: the sparse update of W_x's columns (passed transposed) and the class softmax's W_o.
     step = lr · clipping[1] in the rows' dtype (lr = 0 only clears)."""
     blocks, threads = _row_grid(*param_rows.shape)
-    _masked_sgd_kernel[blocks, threads](param_rows, grad_rows, mask, float(lr), clipping)
+    _launch(_masked_sgd_kernel, blocks, threads, param_rows, grad_rows, mask, float(lr), clipping)
 
 
 @cuda.jit(device=True)
@@ -1377,7 +1473,7 @@ def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, clip
     mask (R,) uint8."""
     one = param_rows.dtype.type(1)
     blocks, threads = _row_grid(*param_rows.shape)
-    _masked_adam_kernel[blocks, threads](param_rows, grad_rows, moment1, moment2, mask, lr_t, clipping, decay,
+    _launch(_masked_adam_kernel, blocks, threads, param_rows, grad_rows, moment1, moment2, mask, lr_t, clipping, decay,
                                          beta1, one - beta1, beta2, one - beta2, eps)
 
 
@@ -1400,6 +1496,5 @@ def adam_update(param, grad, moment1, moment2, lr_t, clipping, decay, beta1, bet
     flat = _flat(param)
     blocks, threads = _elementwise_grid(flat.size)
     moments = _flat(moment1), _flat(moment2)
-    _adam_kernel[blocks, threads](
-        flat, _flat(grad), *moments, lr_t, clipping, decay, beta1, one - beta1, beta2, one - beta2, eps
-    )
+    _launch(_adam_kernel, blocks, threads, flat, _flat(grad), *moments, lr_t, clipping, decay, beta1, one - beta1,
+            beta2, one - beta2, eps)
