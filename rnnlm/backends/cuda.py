@@ -579,8 +579,8 @@ def _recurrence_kernels(dtype, streams_per_block):
 _SPLIT_WARPS = 8  # state units a block of the unit-split recurrence takes at a time: one per warp
 _SPLIT_STREAMS = 8  # streams a lane of the unit-split recurrence accumulates at once
 _SPLIT_STAGE_BYTES = 24576  # shared memory for the vectors a block of the unit-split recurrence stages
-_SPLIT_MIN_M = 400  # the recurrence splits the units, not the streams, over blocks from this state size
-_SPLIT_MAX_B = 64  # up to this many streams
+_SPLIT_MIN_M = 900  # the recurrence splits the units, not the streams, over blocks from this state size
+_SPLIT_MAX_B = 32  # up to this many streams (measured on an H100: faster at m=1024 B=20, slower at 650 x 20, 1024 x 64)
 
 
 @functools.cache
