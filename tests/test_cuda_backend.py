@@ -232,11 +232,14 @@ assert type(t) is ops._DeviceArray and t.gpu_data is a.gpu_data
 assert t.shape == (3, 2) and t.strides == (4, 12) and t.is_f_contiguous()
 assert t.T.shape == (2, 3) and t.T.is_c_contiguous()
 assert ops._flat(t).shape == (6,) and type(ops._flat(t)) is ops._DeviceArray
+assert a.T is t and ops._flat(t) is ops._flat(t) and a.reshape(3, 2) is a.reshape(3, 2)
+assert t.launch_params == (0, 0, 6, 4, 0, 3, 2, 4, 12)  # as numba-cuda passes it (no memory here: pointer 0)
 """
 
 
 def test_device_arrays_transpose_as_views():
     """Without the simulator (and without a GPU: no memory is touched), a backend array's .T is a view
-    sharing its memory, as rnnlm.step needs for W_x; numba's own DeviceNDArray.T would copy."""
+    sharing its memory, as rnnlm.step needs for W_x; numba's own DeviceNDArray.T would copy. Views are
+    built once per array."""
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0", "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", VIEW_TRANSPOSE], env=env, check=True)

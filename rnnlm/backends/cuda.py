@@ -111,7 +111,7 @@ else:
             return None
         packers = []
         for arg, ty in zip(args, overload.argument_types, strict=True):
-            if isinstance(ty, nb_types.Array) and hasattr(arg, "gpu_data"):
+            if isinstance(ty, nb_types.Array) and isinstance(arg, _DeviceArray):
                 packers.append(None)
             elif ty in _SCALARS:
                 packers.append(_SCALARS[ty])
@@ -125,8 +125,8 @@ else:
         numba-cuda spends tens of microseconds of host time per launch (measured on an H100: 34 µs for a
         five-argument kernel), which bounds a training step at small sizes. The first launch of a kernel
         with arguments of given types goes through numba (compiling it); later ones pass the compiled
-        kernel and its parameters, laid out as numba lays them out (a device array as meminfo, parent,
-        size, itemsize, data, shape, strides), to cuda.core's launch on the default stream.
+        kernel and its parameters, laid out as numba lays them out (see ``_DeviceArray.launch_params``), to
+        cuda.core's launch on the default stream.
         """
         key = (kernel, *map(_kind, args))
         entry = _prepared.get(key, False)
@@ -141,8 +141,7 @@ else:
         params = []
         for arg, pack in zip(args, packers, strict=True):
             if pack is None:
-                pointer = arg.device_ctypes_pointer.value or 0
-                params += (0, 0, arg.size, arg.dtype.itemsize, pointer, *arg.shape, *arg.strides)
+                params += arg.launch_params
             else:
                 params.append(pack(arg))
         config_key = (griddim, blockdim, cooperative)
@@ -170,7 +169,7 @@ def _workspace(purpose, shape, dtype):
     key = (purpose, tuple(shape), np.dtype(dtype))
     array = _workspaces.get(key)
     if array is None:
-        array = _workspaces[key] = cuda.device_array(shape, dtype)
+        array = _workspaces[key] = _viewing(cuda.device_array(shape, dtype))
     return array
 
 
@@ -185,18 +184,61 @@ if config.ENABLE_CUDASIM:
 else:
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
 
+    def _index_key(item):
+        """A hashable stand-in for an index (slices are unhashable before Python 3.12)."""
+        if isinstance(item, slice):
+            return "slice", item.start, item.stop, item.step
+        if isinstance(item, tuple):
+            return tuple(map(_index_key, item))
+        return item
+
     class _DeviceArray(DeviceNDArray):
-        """A device array whose transpose is a view, as a numpy array's is.
+        """A device array whose transpose is a view, as a numpy array's is, and whose views are built once.
 
         numba's ``DeviceNDArray.T`` launches a transpose kernel into a new array; ``rnnlm.step`` keeps
         W_x column-major as ``asarray(W_xᵀ).T`` and updates it through ``W_x.T``, which need views.
-        Slices and reshapes keep the class (numba builds them with ``type(self)``).
+        Building a view costs numba-cuda tens of microseconds of host time, and a training step asks for
+        the same views of the same buffers at every window: each transpose, reshape and slice is kept on
+        the array it was taken from. Slices and reshapes keep the class (numba builds them with
+        ``type(self)``).
         """
+
+        @functools.cached_property
+        def _views(self):
+            return {}
+
+        @functools.cached_property
+        def launch_params(self):
+            """The array as a kernel parameter, as numba-cuda passes it: meminfo, parent, size, itemsize, data
+            pointer, shape, strides (bytes)."""
+            pointer = self.device_ctypes_pointer.value or 0
+            return (0, 0, self.size, self.dtype.itemsize, pointer, *self.shape, *self.strides)
 
         def transpose(self, axes=None):
             if self.ndim != 2 or (axes is not None and tuple(axes) != (1, 0)):
                 raise NotImplementedError("only 2-D device arrays are transposed (as views)")
-            return _DeviceArray(self.shape[::-1], self.strides[::-1], self.dtype, self.stream, self.gpu_data)
+            view = self._views.get("T")
+            if view is None:
+                view = self._views["T"] = _DeviceArray(
+                    self.shape[::-1], self.strides[::-1], self.dtype, self.stream, self.gpu_data
+                )
+            return view
+
+        def reshape(self, *newshape, **kws):
+            key = "reshape", newshape, tuple(sorted(kws.items()))
+            view = self._views.get(key)
+            if view is None:
+                view = self._views[key] = super().reshape(*newshape, **kws)
+            return view
+
+        def __getitem__(self, item):
+            key = _index_key(item)
+            view = self._views.get(key)
+            if view is None:
+                view = super().__getitem__(item)
+                if isinstance(view, DeviceNDArray):  # not an element, which is a copy of a value
+                    self._views[key] = view
+            return view
 
     def _viewing(array):
         """``array`` as a _DeviceArray sharing its memory."""
