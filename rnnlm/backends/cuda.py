@@ -308,8 +308,9 @@ class _Tile:
     """A GEMM blocking: block tile (BM x BM outputs), k-slice BK, micro-tile TM x TM per thread.
 
     All powers of two. Derived: the block's (BM/TM)² threads, the elements of each operand's tile a
-    thread stages, the padded shared row width (a warp's transposing stores of a k-contiguous tile hit
-    32 distinct banks) and the shifts that replace divisions.
+    thread stages, and the padded shared row width (a multiple of _VECTOR, so that rows stay aligned
+    for vector loads, and not of 32, which spreads a warp's transposing stores of a k-contiguous tile
+    over several banks).
     """
 
     def __init__(self, BM, BK, TM):
@@ -317,10 +318,11 @@ class _Tile:
         self.grid = BM // TM
         self.threads = self.grid * self.grid
         self.loads = BM * BK // self.threads
-        self.width = BM + 2
+        self.width = BM + _VECTOR
         self.size = BK * self.width
 
 
+_VECTOR = 4  # values a thread reads at once from a shared tile (one 16-byte load in float32)
 _LARGE_TILE = _Tile(BM=128, BK=16, TM=8)  # 256 threads
 _SMALL_TILE = _Tile(BM=32, BK=16, TM=4)  # 64 threads, for products with ≤ 32 rows or columns
 _MIN_K_PER_SPLIT = 64  # shortest k-range worth a block of its own when k is split (4 slices)
@@ -375,13 +377,18 @@ def _gemm_kernel(dtype, tile, a_k_contiguous, b_k_contiguous):
 
     op(A) (n, K) is A (n, K) when ``a_k_contiguous`` else Aᵀ with A (K, n); op(B) (K, p) is Bᵀ with
     B (p, K) when ``b_k_contiguous`` else B (K, p). C (splits, n, p). Grid (⌈p/BM⌉, ⌈n/BM⌉, splits),
-    tile.threads threads; thread (tx, ty) of the (BM/TM)² grid owns rows ty + (BM/TM) r and columns
-    tx + (BM/TM) c (r, c < TM) of the block's tile, so its shared-memory reads are broadcasts or
-    conflict-free.
+    tile.threads threads; thread (tx, ty) of the (BM/TM)² grid owns TM rows and TM columns of the block's
+    tile in runs of _VECTOR: rows _VECTOR·ty + (BM/TM)·_VECTOR·g + v (g < TM/_VECTOR, v < _VECTOR), the
+    columns likewise with tx. Each run is one aligned vector load from a shared tile, and a warp's loads
+    are broadcasts (A) or contiguous (B).
     """
     dt = from_dtype(np.dtype(dtype))
     BM, BK, TM, grid_m, width, size, loads = (tile.BM, tile.BK, tile.TM, tile.grid, tile.width, tile.size, tile.loads)
     grid_shift = _shift(grid_m)
+    VEC, run_stride = _VECTOR, grid_m * _VECTOR  # a run's length; from one of a thread's runs to the next
+    vec_shift = _shift(VEC)
+    RUNS = TM // VEC
+    vector_bytes = None if config.ENABLE_CUDASIM else VEC * np.dtype(dtype).itemsize  # the simulator takes none
     origin_A, load_A, store_A = _tile_loader(tile, a_k_contiguous)
     origin_B, load_B, store_B = _tile_loader(tile, b_k_contiguous)
 
@@ -390,8 +397,8 @@ def _gemm_kernel(dtype, tile, a_k_contiguous, b_k_contiguous):
     @cuda.jit(**_launch_bounds(tile.threads, 2 if np.dtype(dtype).itemsize == 4 else 1))
     def gemm(A, B, C, K, k_chunk):
         n, p = C.shape[1], C.shape[2]
-        tile_A = cuda.shared.array(size, dt)
-        tile_B = cuda.shared.array(size, dt)
+        tile_A = cuda.shared.array(size, dt, alignment=vector_bytes)
+        tile_B = cuda.shared.array(size, dt, alignment=vector_bytes)
         regs_A = cuda.local.array(loads, dt)
         regs_B = cuda.local.array(loads, dt)
         frag_A = cuda.local.array(TM, dt)
@@ -420,12 +427,12 @@ def _gemm_kernel(dtype, tile, a_k_contiguous, b_k_contiguous):
             if k0 < k_end:  # prefetch the next slice while this one is multiplied
                 load_A(A, regs_A, row0 + row_A, k0 + kk_A, n, k_end)
                 load_B(B, regs_B, col0 + row_B, k0 + kk_B, p, k_end)
-            a, b = ty, tx  # this thread's first A and B values of slice kk in the flat tiles
+            a, b = ty << vec_shift, tx << vec_shift  # this thread's first A and B values of slice kk
             while a < size:
-                for r in range(TM):
-                    frag_A[r] = tile_A[a + grid_m * r]
-                for c in range(TM):
-                    frag_B[c] = tile_B[b + grid_m * c]
+                for g in range(RUNS):
+                    for v in range(VEC):
+                        frag_A[g * VEC + v] = tile_A[a + g * run_stride + v]
+                        frag_B[g * VEC + v] = tile_B[b + g * run_stride + v]
                 for r in range(TM):
                     for c in range(TM):
                         acc[r, c] += frag_A[r] * frag_B[c]
@@ -433,9 +440,9 @@ def _gemm_kernel(dtype, tile, a_k_contiguous, b_k_contiguous):
                 b += width
             cuda.syncthreads()
         for r in range(TM):
-            i = row0 + ty + grid_m * r
+            i = row0 + (ty << vec_shift) + run_stride * (r >> vec_shift) + (r & (VEC - 1))
             for c in range(TM):
-                j = col0 + tx + grid_m * c
+                j = col0 + (tx << vec_shift) + run_stride * (c >> vec_shift) + (c & (VEC - 1))
                 if i < n and j < p:
                     C[split, i, j] = acc[r, c]
 
