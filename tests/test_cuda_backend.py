@@ -189,6 +189,8 @@ def test_masked_row_updates():
     multiplied = ops.zeros((9, 40), np.float64)
     ops.multiply(ops.asarray(rows), ops.asarray(grads), multiplied)
     np.testing.assert_array_equal(ops.to_numpy(multiplied), rows * grads)
+    ops.copy_into(ops.asarray(grads).T, multiplied.T)  # device to device, column-major
+    np.testing.assert_array_equal(ops.to_numpy(multiplied), grads)
 
 
 def test_grad_norm_and_sgd_updates_over_several_arrays():

@@ -262,10 +262,14 @@ def zeros(shape, dtype=np.float32):
 
 
 def copy_into(src, dst):
-    """dst[...] = src; src a host array (any layout) or a device array laid out like dst."""
+    """dst[...] = src; src a host array (any layout) or a device array laid out like dst (copied by a
+    kernel: numba-cuda's device-to-device copy costs several times a launch in host time)."""
     if isinstance(src, np.ndarray):
-        src = np.asarray(src, dtype=dst.dtype)
-    dst.copy_to_device(src)
+        dst.copy_to_device(np.asarray(src, dtype=dst.dtype))
+        return
+    flat = _flat(dst)
+    blocks, threads = _elementwise_grid(flat.size)
+    _launch(_copy_kernel, blocks, threads, _flat(src), flat)
 
 
 def synchronize():
@@ -292,6 +296,15 @@ def _fill_kernel(flat, value):
     k = cuda.grid(1)
     while k < flat.shape[0]:
         flat[k] = value
+        k += cuda.gridsize(1)
+
+
+@cuda.jit
+def _copy_kernel(src, dst):
+    """dst[:] = src[:] over flat arrays (grid-stride)."""
+    k = cuda.grid(1)
+    while k < dst.shape[0]:
+        dst[k] = src[k]
         k += cuda.gridsize(1)
 
 
