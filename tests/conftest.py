@@ -19,6 +19,19 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 REPO = Path(__file__).resolve().parents[1]
 
 
+if os.environ.get("RNNLM_LAUNCH_LOG"):
+
+    @pytest.fixture(autouse=True, scope="session")
+    def record_launches():
+        """Every CUDA kernel launch of the session, noted for the PTX compile check (tests/launch_log.py)."""
+        from tests.launch_log import Recorder
+
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            recorder = Recorder(monkeypatch)
+            yield
+            recorder.write(os.environ["RNNLM_LAUNCH_LOG"])
+
+
 @pytest.fixture(params=["cpu", "cuda"])
 def ops(request):
     """Each backend's kernel module; the CUDA one at toy sizes under the simulator in CI."""
