@@ -1282,12 +1282,24 @@ def _class_kernels(dtype):
     return class_grad, class_loss, class_weight_grads
 
 
+_class_shapes = {}  # id(class bounds) -> (that array, the widest class's size, the number of classes)
+
+
 def _class_scratch(S_next, class_bounds):
-    """(G, losses, bounds): scratch for every row's class logits, and the class bounds on the host."""
-    bounds = class_bounds.copy_to_host()
-    width = int(np.diff(bounds).max())
-    G = _workspace("class logits", (S_next.shape[0], width), S_next.dtype)
-    return G, _workspace("class row losses", (S_next.shape[0],), np.float64), bounds
+    """(G, losses, C): scratch for every row's class logits and loss, and the number of classes.
+
+    The class bounds are read from the device once per array (they are uploaded once, by ``step.Window``,
+    and never written): a read stops the host until the device has caught up, in the middle of a step.
+    The array stays referenced from its entry, so that its id is not reused.
+    """
+    entry = _class_shapes.get(id(class_bounds))
+    if entry is None:
+        bounds = class_bounds.copy_to_host()
+        entry = _class_shapes[id(class_bounds)] = class_bounds, int(np.diff(bounds).max()), len(bounds) - 1
+    _, width, n_classes = entry
+    N = S_next.shape[0]
+    G = _workspace("class logits", (N, width), S_next.dtype)
+    return G, _workspace("class row losses", (N,), np.float64), n_classes
 
 
 def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, touched,
@@ -1306,12 +1318,11 @@ def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, sca
     N, m = S_next.shape
     V = W_o.shape[0]
     class_grad, _, class_weight_grads = _class_kernels(S_next.dtype)
-    G, losses, bounds = _class_scratch(S_next, class_bounds)
+    G, losses, n_classes = _class_scratch(S_next, class_bounds)
     threads = _row_threads(max(G.shape[1], m))
-    _launch(class_grad, N, threads,
-        S_next, W_o, b_o, targets, target_classes, class_bounds, S_next.dtype.type(scale), G, losses, dL_ds
-    )
-    next_row, first_row = _link(target_classes, len(bounds) - 1)
+    _launch(class_grad, N, threads, S_next, W_o, b_o, targets, target_classes, class_bounds,
+            S_next.dtype.type(scale), G, losses, dL_ds)
+    next_row, first_row = _link(target_classes, n_classes)
     tx, ty = _threads(m, 32), _threads(V, 8)
     grid = (_blocks(m, tx), _blocks(V, ty))
     _launch(class_weight_grads, grid, (tx, ty), S_next, G, next_row, first_row, class_bounds, dW_o, db_o, touched)
@@ -1544,8 +1555,8 @@ def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, clip
     mask (R,) uint8."""
     one = param_rows.dtype.type(1)
     blocks, threads = _row_grid(*param_rows.shape)
-    _launch(_masked_adam_kernel, blocks, threads, param_rows, grad_rows, moment1, moment2, mask, lr_t, clipping, decay,
-                                         beta1, one - beta1, beta2, one - beta2, eps)
+    _launch(_masked_adam_kernel, blocks, threads, param_rows, grad_rows, moment1, moment2, mask, lr_t, clipping,
+            decay, beta1, one - beta1, beta2, one - beta2, eps)
 
 
 @cuda.jit
