@@ -9,7 +9,7 @@
 # 3. benchmarks/gpu.py --json $OUT/gpu.json (rnnlm vs PyTorch tokens/s, and the CPU/GPU parity check).
 # Every part runs even when an earlier one failed, each under its own time limit (TEST_TIMEOUT,
 # BENCH_TIMEOUT seconds); everything is also written to $OUT/log.txt; the exit status is non-zero when
-# any part failed. Measured on an H200 (2026-11-26): 29 s of tests (mostly numba compiling), 66 s of
+# any part failed. Measured on an H100 (2026-11-26): 55 s of tests (mostly numba compiling), 79 s of
 # benchmark; the limits (2 and 3 minutes) keep even a hanging run within about 6 minutes. The package is not
 # installed there: PYTHONPATH is the repository.
 
