@@ -31,7 +31,7 @@ Host time, not the device's, bounds a training step at small sizes (m=200, B=20:
 kernels that each run for microseconds). So: no host synchronization inside a step (the loss comes back
 as a ``DeviceSum`` that the caller reads once the whole step is queued, and the host's launches overlap
 the device's work); kernels launched through ``_launch``, which skips numba-cuda's per-call typing and
-argument marshalling (measured on an H100: 19 µs against 53 µs for a five-argument kernel); and device
+argument marshalling (measured on an H100: 19 µs against 34–53 µs for a five-argument kernel); and device
 arrays that keep their views and their kernel parameters, since numba-cuda builds a view in tens of
 microseconds. Plain array arguments throughout: numba-cuda dispatched tuples of arrays so slowly that
 fusing launches that way cost more than it saved.
@@ -131,8 +131,9 @@ else:
     def _launch(kernel, griddim, blockdim, *args):
         """kernel[griddim, blockdim](*args), without numba-cuda's per-call typing and argument marshalling.
 
-        numba-cuda spends tens of microseconds of host time per launch (measured on an H100: 34 µs for a
-        five-argument kernel), which bounds a training step at small sizes. The first launch of a kernel
+        numba-cuda spends tens of microseconds of host time per launch (measured on an H100 for a
+        five-argument kernel: 34 and 53 µs in two runs, against 19 µs through here), which bounds a training
+        step at small sizes. The first launch of a kernel
         with arguments of given types goes through numba (compiling it); later ones pass the compiled
         kernel and its parameters, laid out as numba lays them out (see ``_DeviceArray.launch_params``), to
         cuda.core's launch on the default stream.
