@@ -1,4 +1,5 @@
-"""Library-level training, evaluation and model-file tests on tiny texts (fast, CPU only)."""
+"""Library-level training, evaluation and model-file tests on tiny texts (fast; the CPU backend, and the
+CUDA one under the simulator where a test says so)."""
 
 import json
 import math
@@ -271,3 +272,22 @@ def test_cosine_schedule_anneals_to_zero_over_the_epochs(tmp_path, repetitive):
     records = rnnlm.train(repetitive, tmp_path / "model.npz", valid=repetitive, config=config)
     expected = [0.5 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(1, 5)]
     assert [r["lr"] for r in records] == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("softmax", ["full", "class"])
+def test_a_short_run_on_the_cuda_backend_gives_the_cpus_losses(tmp_path, softmax):
+    """Two epochs through the whole training loop (Adam, dropout, two layers, validation, checkpoints) on
+    the CUDA backend (the simulator in CI) and on the CPU: the same losses and the same model, to float32
+    tolerance."""
+    text = write(tmp_path / "t.txt", "the cat sat on the mat\nthe dog ran\na cat ran on\n" * 6)
+    config = rnnlm.TrainConfig(hidden=8, layers=2, dropout=0.2, bptt=4, batch=3, epochs=2, optimizer="adam",
+                               lr=0.01, softmax=softmax, classes=3)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        records = rnnlm.train(text, tmp_path / f"{device}.npz", config=config, options=rnnlm.RunOptions(device=device))
+        runs[device] = records, rnnlm.load(tmp_path / f"{device}.npz")
+    (cpu_records, cpu_model), (gpu_records, gpu_model) = runs["cpu"], runs["cuda"]
+    for key in ("train_loss", "valid_perplexity"):
+        np.testing.assert_allclose([r[key] for r in gpu_records], [r[key] for r in cpu_records], rtol=1e-5)
+    for name, array in cpu_model.params.items():
+        np.testing.assert_allclose(gpu_model.params[name], array, rtol=1e-4, atol=1e-6, err_msg=name)
