@@ -12,7 +12,9 @@ tensor-core path). Both see the same random Zipf-distributed token windows (V=10
 compiled and every allocation made in a warm-up; then blocks of windows, timed with a device synchronize
 at each end, alternate between the implementations for --repeats rounds, and the medians are reported in
 tokens/s, with rnnlm's useful TFLOP/s (6·m·(V + m) per training token, 2·m·(V + m) per evaluated one), and then
-the time of each of rnnlm's kernels in a training window (with the GEMMs' TFLOP/s).
+the host's time to queue a training window against the window's whole time (when they are close, the host
+bounds the step, not the GPU), and the time of each of rnnlm's kernels in a training window (with the
+GEMMs' TFLOP/s).
 
 The parity check runs one window (m=200, B=20 and B=256) through the CPU and the CUDA backends from the same
 float32 parameters and compares the losses, every gradient and the last states (max |Δ| / max |g|), for three
@@ -51,7 +53,8 @@ PARITY_GRAD_RTOL = 1e-3
 FULL_SIZES = [(m, B) for m in (200, 650, 1024) for B in (20, 64, 256)]
 QUICK_SIZES = [(200, 20), (200, 64)]
 PARITY_SIZES = [(200, 20), (200, 256)]  # one stream per block, and several (see cuda._streams_per_block)
-SIMULATOR = {"sizes": [(8, 2)], "vocab": 50, "bptt": 3, "parity": [(8, 2), (8, 9)], "classes": 5}
+SIMULATOR = {"sizes": [(8, 2)], "vocab": 50, "bptt": 3, "parity": [(8, 2), (8, 9)], "classes": 5, "host_windows": 2}
+HOST_WINDOWS = 20  # training windows that host_time times
 
 
 def zipf_windows(rng, V, T, B):
@@ -74,11 +77,15 @@ class Rnnlm:
         self.window = step.Window(ops, T, B, m, V)
         self.data = [(ops.asarray(x), ops.asarray(y)) for x, y in windows]
 
-    def train(self, k):
+    def queue(self, k):
+        """Queue a training window on the device; returns its loss unread."""
         loss = step.forward_backward(self.ops, self.params, self.grads, self.window, *self.data[k])
         self.optimizer.update(self.params, self.grads, self.window, LR)
         self.window.carry_state()
-        return float(loss)  # read once the step is queued, as rnnlm.train does (and as torch's .item())
+        return loss
+
+    def train(self, k):
+        return float(self.queue(k))  # read once the step is queued, as rnnlm.train does (and torch's .item())
 
     def eval(self, k):
         step.window_loss(self.ops, self.params, self.window, *self.data[k])
@@ -152,6 +159,21 @@ def breakdown(params, windows, T, B, n_windows=3):
     return out
 
 
+def host_time(impl, n_windows):
+    """{"queue_ms", "window_ms"}: medians over training windows of the host's time to queue one and of
+    the window's whole time, its loss read. Close to each other, the host bounds the step, not the GPU."""
+    impl.sync()
+    queued, whole = [], []
+    for k in range(n_windows):
+        t0 = time.perf_counter()
+        loss = impl.queue(k % POOL)
+        t1 = time.perf_counter()
+        float(loss)
+        queued.append(t1 - t0)
+        whole.append(time.perf_counter() - t0)
+    return {"queue_ms": 1e3 * statistics.median(queued), "window_ms": 1e3 * statistics.median(whole)}
+
+
 def format_breakdown(ops):
     parts = []
     for name, r in ops.items():
@@ -206,6 +228,7 @@ def bench_size(m, B, args, with_torch):
                 times[impl.name].append(timed_block(impl, kind, n, r * n) / n)
         for name, samples in times.items():
             result.setdefault(name, {})[kind] = tokens / statistics.median(samples)
+    result["host"] = host_time(impls[0], args.host_windows)
     result["breakdown"] = breakdown(params, windows, T, B)
     return result
 
@@ -338,6 +361,7 @@ def parse_args(argv):
     args.bptt = args.bptt or (SIMULATOR["bptt"] if sim else 35)
     args.parity = SIMULATOR["parity"] if sim else PARITY_SIZES
     args.classes = SIMULATOR["classes"] if sim else 100
+    args.host_windows = SIMULATOR["host_windows"] if sim else HOST_WINDOWS
     if args.vocab < 2 or args.bptt < 1 or (args.repeats is not None and args.repeats < 1):
         p.error("--vocab must be at least 2, --bptt and --repeats at least 1")
     return args
@@ -380,9 +404,12 @@ def main(argv=None):
         save()
     if with_torch:
         print("ratio = rnnlm tokens/s / torch tokens/s (> 1: rnnlm faster)")
-    print("\nrnnlm's training window, kernel by kernel (synchronized after each call):")
+    print("\nrnnlm's training window: the host's time to queue it, of the whole; then kernel by kernel")
+    print("(synchronized after each call):")
     for row in results["results"]:
-        print(f"  m={row['m']} B={row['B']}: {format_breakdown(row['breakdown'])}")
+        host = row["host"]
+        print(f"  m={row['m']} B={row['B']}: queued in {host['queue_ms']:.2f} of {host['window_ms']:.2f} ms; "
+              + format_breakdown(row["breakdown"]))
     print(f"({time.perf_counter() - t_start:.0f} s)\n", flush=True)
     passed = True
     if args.parity_check:
