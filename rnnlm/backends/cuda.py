@@ -224,31 +224,28 @@ else:
             pointer = self.device_ctypes_pointer.value or 0
             return (0, 0, self.size, self.dtype.itemsize, pointer, *self.shape, *self.strides)
 
+        def _view(self, key, build):
+            """The view cached under key, built by build() the first time (an element, which is a copy of a
+            value and not an array, is not kept)."""
+            view = self._views.get(key)
+            if view is None:
+                view = build()
+                if isinstance(view, DeviceNDArray):
+                    self._views[key] = view
+            return view
+
         def transpose(self, axes=None):
             if self.ndim != 2 or (axes is not None and tuple(axes) != (1, 0)):
                 raise NotImplementedError("only 2-D device arrays are transposed (as views)")
-            view = self._views.get("T")
-            if view is None:
-                view = self._views["T"] = _DeviceArray(
-                    self.shape[::-1], self.strides[::-1], self.dtype, self.stream, self.gpu_data
-                )
-            return view
+            return self._view("T", lambda: _DeviceArray(
+                self.shape[::-1], self.strides[::-1], self.dtype, self.stream, self.gpu_data))
 
         def reshape(self, *newshape, **kws):
             key = "reshape", newshape, tuple(sorted(kws.items()))
-            view = self._views.get(key)
-            if view is None:
-                view = self._views[key] = super().reshape(*newshape, **kws)
-            return view
+            return self._view(key, lambda: DeviceNDArray.reshape(self, *newshape, **kws))
 
         def __getitem__(self, item):
-            key = _index_key(item)
-            view = self._views.get(key)
-            if view is None:
-                view = super().__getitem__(item)
-                if isinstance(view, DeviceNDArray):  # not an element, which is a copy of a value
-                    self._views[key] = view
-            return view
+            return self._view(_index_key(item), lambda: DeviceNDArray.__getitem__(self, item))
 
     def _viewing(array):
         """``array`` as a _DeviceArray sharing its memory."""
@@ -1330,7 +1327,7 @@ def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, sca
     blocks, threads = _row_grid(V, m)
     partials = _workspace("class gradient norm", (blocks,), np.float64)
     _launch(_masked_sum_squares_kernel, blocks, threads, dW_o, touched, partials)
-    _launch(_root_of_sum_kernel, 1, 1, partials, dW_o_norm)
+    _norm(partials, 0.0, dW_o_norm)
     return DeviceSum(losses)
 
 
@@ -1401,17 +1398,9 @@ def _masked_sum_squares_kernel(rows, mask, partials):
 
 
 @cuda.jit
-def _root_of_sum_kernel(partials, out):
-    """out[0] = √(Σ partials), added in order by one thread."""
-    total = 0.0
-    for k in range(partials.shape[0]):
-        total += partials[k]
-    out[0] = math.sqrt(total)
-
-
-@cuda.jit
-def _norm_and_factor_kernel(partials, clip, clipping):
-    """clipping[:] = (‖g‖, min(1, clip / ‖g‖)) from the partial sums of g² (clip = 0: factor 1).
+def _norm_kernel(partials, clip, out):
+    """out[0] = √(Σ partials), the norm of a gradient from the partial sums of its squares; when out has
+    a second element, out[1] = min(1, clip / norm), the clipping factor (clip = 0: 1).
 
     One block: each thread adds a strided share of the partials, then the block's tree (fixed order).
     """
@@ -1420,11 +1409,17 @@ def _norm_and_factor_kernel(partials, clip, clipping):
     while k < partials.shape[0]:
         total += partials[k]
         k += cuda.blockDim.x
-    _block_sum(total, clipping)  # clipping[0] = Σ g²
+    _block_sum(total, out)  # out[0] = Σ partials
     if cuda.threadIdx.x == 0:
-        norm = math.sqrt(clipping[0])
-        clipping[0] = norm
-        clipping[1] = clip / norm if 0 < clip < norm else 1.0
+        norm = math.sqrt(out[0])
+        out[0] = norm
+        if out.shape[0] > 1:
+            out[1] = clip / norm if 0 < clip < norm else 1.0
+
+
+def _norm(partials, clip, out):
+    """``_norm_kernel`` on float64 partials (n,) into out (1,) or (2,)."""
+    _launch(_norm_kernel, 1, _threads(partials.size, _REDUCE_THREADS), partials, float(clip), out)
 
 
 def _row_grid(R, m):
@@ -1457,7 +1452,7 @@ def grad_norm(pairs, clip, clipping):
     for kernel, blocks, threads, args in launches:
         _launch(kernel, blocks, threads, *args, partials[offset : offset + blocks])
         offset += blocks
-    _launch(_norm_and_factor_kernel, 1, _threads(partials.size, _REDUCE_THREADS), partials, float(clip), clipping)
+    _norm(partials, clip, clipping)
 
 
 @cuda.jit
