@@ -138,10 +138,11 @@ def test_gradients_equal_central_differences(ops, structure):
         assert error < 1e-7, (name, error)
 
 
-@pytest.mark.parametrize("streams, units", [(9, 7), (1, 5)])
+@pytest.mark.parametrize("streams, units", [(9, 7), (1, 5), (6, 37)])
 def test_recurrence_with_uneven_stream_bands_and_odd_state_size(ops, streams, units):
     """forward and backward against the formulas looped in numpy, where the streams do not split into
-    the CPU kernel's blocks of four per thread and the state size is odd (its row pairs)."""
+    the CPU kernel's blocks of four per thread, the state size is odd (its row pairs) and not a multiple
+    of 16 (37: the CPU kernel's dot products over 32 columns, then 5 columns of the transpose)."""
     rng = np.random.default_rng(8)
     W_s, b_s = rng.standard_normal((units, units)) / 2, rng.standard_normal(units)
     U, dL_ds_out = rng.standard_normal((2, T, streams, units))
@@ -159,6 +160,29 @@ def test_recurrence_with_uneven_stream_bands_and_odd_state_size(ops, streams, un
     ops.backward(ops.asarray(W_s), S_dev, ops.asarray(dL_ds_out), dL_da_dev)
     np.testing.assert_allclose(ops.to_numpy(S_dev), S, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(ops.to_numpy(dL_da_dev), dL_da, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("offset", [-110.0, 110.0])
+def test_softmax_of_logits_far_from_zero(ops, offset):
+    """float32 logits around ±110, where exp overflows or underflows unless shifted by the exact row
+    maximum (the CPU kernel finds it by comparing the floats' bits as integers, negatives included)."""
+    rng = np.random.default_rng(9)
+    Z = (offset + 5 * rng.standard_normal((5, 37))).astype(np.float32)
+    Z[0, :3] = -0.0
+    b = rng.standard_normal(37).astype(np.float32)
+    targets = rng.integers(0, 37, 5).astype(np.int32)
+    biased = Z.astype(np.float64) + b
+    top = biased.max(axis=1, keepdims=True)
+    log_p = biased - top - np.log(np.exp(biased - top).sum(axis=1, keepdims=True))
+    expected = -log_p[np.arange(5), targets].sum()
+    loss = ops.softmax_xent(ops.asarray(Z), ops.asarray(b), ops.asarray(targets))
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    Z_dev, db = ops.asarray(Z), ops.zeros(37, np.float32)
+    loss = ops.softmax_xent_grad(Z_dev, ops.asarray(b), ops.asarray(targets), 1.0, db)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    dL_dz = np.exp(log_p)
+    dL_dz[np.arange(5), targets] -= 1
+    np.testing.assert_allclose(ops.to_numpy(Z_dev), dL_dz, atol=1e-5)
 
 
 def test_window_loss_equals_reference_without_dropout(ops, structure):
