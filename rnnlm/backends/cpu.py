@@ -328,10 +328,16 @@ def _biased_max(row, b_o, bits):
     top = _INT32_MIN
     for j in range(row.shape[0]):
         biased[j] = row[j] + b_o[j]
-        k = bits[j]
-        top = max(top, k ^ ((k >> 31) & _INT32_MAX))
-    bits[0] = top ^ ((top >> 31) & _INT32_MAX)
+        top = max(top, _ordered_bits(bits[j]))
+    bits[0] = _ordered_bits(top)  # its own inverse: back to the float's bits
     return biased[0]
+
+
+@njit(cache=True, inline="always")
+def _ordered_bits(k):
+    """A float32's int32 bits k with the magnitude bits flipped when negative, which makes the int32 order
+    the float order; applied twice it gives k back."""
+    return k ^ ((k >> 31) & _INT32_MAX)
 
 
 @njit(fastmath=True, cache=True, inline="always")
