@@ -51,7 +51,7 @@ def recipe(corpus, minutes):
 def rnnlm_command():
     """How to run the CLI: the console script when installed, else the module."""
     script = shutil.which("rnnlm")
-    return [script] if script else [sys.executable, "-c", "from cli.main import main; main()"]
+    return [script] if script else [sys.executable, "-m", "rnnlm"]
 
 
 def shakespeare_split(workdir):

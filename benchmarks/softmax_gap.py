@@ -33,7 +33,7 @@ RECIPES = {
 def train(recipe, softmax, args, workdir):
     """One training run; returns its epoch records (dicts of ``rnnlm train --json``) or raises."""
     output = Path(workdir) / f"{recipe}-{softmax}.npz"
-    command = [sys.executable, "-c", "from cli.main import main; main()", "train", str(args.data / "train.txt"),
+    command = [sys.executable, "-m", "rnnlm", "train", str(args.data / "train.txt"),
                "--valid", str(args.data / "valid.txt"), "-o", str(output), "--device", args.device,
                "--epochs", str(args.epochs), "--softmax", softmax, *COMMON, *RECIPES[recipe]]
     if softmax == "class":

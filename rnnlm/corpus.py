@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from rnnlm.errors import RnnlmError
-from rnnlm.tokenizer import build_vocab, encode_file, load_token_dir
+from rnnlm.tokenizer import encode_file, load_token_dir, tokenize_text
 
 
 def load_corpus(path, vocab=None, level="word", min_count=1, max_vocab=None, lowercase=False):
@@ -14,13 +14,14 @@ def load_corpus(path, vocab=None, level="word", min_count=1, max_vocab=None, low
     With ``vocab`` given, a text file is encoded with it and a token directory must have been encoded
     with the same token list. Returns (ids (N,) unsigned ints, vocab).
     """
-    if Path(path).is_dir():
+    if str(path) != "-" and Path(path).is_dir():
         ids, dir_vocab = load_token_dir(path)
         if vocab is not None and dir_vocab.tokens != vocab.tokens:
             raise RnnlmError(f"{path} was tokenized with another vocabulary than the model's")
         return ids, dir_vocab
     if vocab is None:
-        vocab = build_vocab(path, level=level, min_count=min_count, max_vocab=max_vocab, lowercase=lowercase)
+        ids, vocab, _ = tokenize_text(path, level, min_count, max_vocab, lowercase)
+        return ids, vocab
     ids, _ = encode_file(path, vocab)
     return ids, vocab
 

@@ -18,12 +18,13 @@ import json
 import os
 import zipfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from rnnlm.errors import RnnlmError
+from rnnlm.textio import display_name, iter_pieces
 
 UNK = "<unk>"
 EOS = "<eos>"
@@ -92,11 +93,12 @@ class Vocab:
             line = line.lower()
         return line.split() if self.level == "word" else line
 
-    def encode_line(self, line: str) -> tuple[list[int], int]:
-        """Encode one line given without its trailing newline.
+    def encode_line(self, line: str, ends_line: bool = True) -> tuple[list[int], int]:
+        """Encode one line given without its trailing newline (or a piece of a long line: ``ends_line``
+        False, as ``textio.iter_pieces`` cuts them).
 
         Returns:
-            (ids, unknown): ``ids`` is a list of ints ending with ``boundary_id``;
+            (ids, unknown): ``ids`` is a list of ints ending with ``boundary_id`` when ``ends_line``;
             ``unknown`` counts tokens missing from the vocabulary that became
             ``unk_id`` (a literal ``"<unk>"`` word is in the vocabulary and is not counted).
         """
@@ -107,7 +109,8 @@ class Vocab:
         unknown = 0
         if unk_id in ids:  # tell unknown tokens from literal "<unk>" ones
             unknown = sum(token not in index for token in tokens)
-        ids.append(self.boundary_id)
+        if ends_line:
+            ids.append(self.boundary_id)
         return ids, unknown
 
     def encode_text(self, text: str) -> tuple[np.ndarray, int]:
@@ -214,45 +217,25 @@ class Vocab:
             raise RnnlmError(f"{path}: {e}") from None
 
 
-def iter_lines(path: str | os.PathLike) -> Iterator[str]:
-    """Stream a UTF-8 text file line by line, without the ``"\\n"`` or ``"\\r\\n"`` ending.
-
-    The path is checked at once (missing, directory, empty); NUL bytes and
-    invalid UTF-8 are reported while streaming, with the absolute byte offset
-    of the offending byte. Never holds more than one line in memory.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise RnnlmError(f"no such file: {path}")
-    if path.is_dir():
-        raise RnnlmError(f"{path} is a directory, expected a text file")
-    if path.stat().st_size == 0:
-        raise RnnlmError(f"{path} is empty")
-    return _stream_lines(path)
+def _check_cutoffs(min_count: int, max_vocab: int | None) -> None:
+    if min_count < 1:
+        raise RnnlmError(f"min_count must be at least 1, got {min_count}")
+    if max_vocab is not None and max_vocab < 2:
+        raise RnnlmError(f"max_vocab must be at least 2 (<unk> and the boundary), got {max_vocab}")
 
 
-def _stream_lines(path: Path) -> Iterator[str]:
-    """The generator behind :func:`iter_lines`."""
-    offset = 0
-    try:
-        with open(path, "rb") as f:
-            for raw in f:
-                nul = raw.find(b"\0")
-                if nul >= 0:
-                    raise RnnlmError(f"{path} looks binary (NUL byte at offset {offset + nul})")
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise RnnlmError(f"{path} is not valid UTF-8 (byte offset {offset + e.start})") from None
-                offset += len(raw)
-                if line.endswith("\r\n"):
-                    yield line[:-2]
-                elif line.endswith("\n"):
-                    yield line[:-1]
-                else:
-                    yield line
-    except OSError as e:
-        raise RnnlmError(f"cannot read {path}: {e.strerror}") from None
+def _vocab_from_counts(counts: Counter, source, level, min_count, max_vocab, lowercase) -> Vocab:
+    """The vocabulary of token counts (the boundary's included): ids by count descending, ties by token."""
+    if set(counts) <= {_boundary_token(level)}:
+        raise RnnlmError(f"{display_name(source)} contains no tokens (only blank lines)")
+    counts.setdefault(UNK, 0)
+    always = {UNK, _boundary_token(level)}
+    ranked = sorted(counts, key=lambda token: (-counts[token], token))
+    regular = [t for t in ranked if t not in always and counts[t] >= min_count]
+    if max_vocab is not None:
+        regular = regular[: max_vocab - len(always)]
+    keep = always.union(regular)
+    return Vocab([t for t in ranked if t in keep], level, bool(lowercase))
 
 
 def build_vocab(
@@ -262,7 +245,7 @@ def build_vocab(
     max_vocab: int | None = None,
     lowercase: bool = False,
 ) -> Vocab:
-    """Build a vocabulary from a text file in one streaming pass.
+    """Build a vocabulary from a text source (see ``rnnlm.textio``) in one streaming pass.
 
     Ids are ordered by count descending, ties by token string ascending.
     ``<unk>`` (counted by its literal occurrences, possibly 0) and the boundary
@@ -271,29 +254,46 @@ def build_vocab(
     most frequent (``max_vocab`` includes ``<unk>`` and the boundary).
     """
     _check_level(level)
-    if min_count < 1:
-        raise RnnlmError(f"min_count must be at least 1, got {min_count}")
-    if max_vocab is not None and max_vocab < 2:
-        raise RnnlmError(f"max_vocab must be at least 2 (<unk> and the boundary), got {max_vocab}")
+    _check_cutoffs(min_count, max_vocab)
     counts: Counter[str] = Counter()
     n_lines = 0
-    for line in iter_lines(path):
+    for piece, ends_line in iter_pieces(path):
         if lowercase:
-            line = line.lower()
-        counts.update(line.split() if level == "word" else line)
-        n_lines += 1
-    if not counts:
-        raise RnnlmError(f"{path} contains no tokens (only blank lines)")
+            piece = piece.lower()
+        counts.update(piece.split() if level == "word" else piece)
+        n_lines += ends_line
+    counts[_boundary_token(level)] += n_lines
+    return _vocab_from_counts(counts, path, level, min_count, max_vocab, lowercase)
+
+
+def tokenize_text(
+    source, level: str = "word", min_count: int = 1, max_vocab: int | None = None, lowercase: bool = False
+) -> tuple[np.ndarray, Vocab, int]:
+    """Build the vocabulary of ``source`` and encode it with it in a single pass (standard input and
+    pipes can be read only once): tokens get provisional ids by first occurrence, renumbered at the end.
+
+    Returns (ids, vocab, unknown) as ``build_vocab`` and ``encode_file`` together would.
+    """
+    _check_level(level)
+    _check_cutoffs(min_count, max_vocab)
     boundary = _boundary_token(level)
-    counts[boundary] += n_lines
-    counts.setdefault(UNK, 0)
-    always = {UNK, boundary}
-    ranked = sorted(counts, key=lambda token: (-counts[token], token))
-    regular = [t for t in ranked if t not in always and counts[t] >= min_count]
-    if max_vocab is not None:
-        regular = regular[: max_vocab - len(always)]
-    keep = always.union(regular)
-    return Vocab([t for t in ranked if t in keep], level, bool(lowercase))
+    first_seen = {boundary: 0}
+    provisional = array.array("I")
+    for piece, ends_line in iter_pieces(source):
+        if lowercase:
+            piece = piece.lower()
+        tokens = piece.split() if level == "word" else piece
+        provisional.extend([first_seen.setdefault(token, len(first_seen)) for token in tokens])
+        if ends_line:
+            provisional.append(0)
+    provisional = np.frombuffer(provisional, np.uint32)
+    seen = list(first_seen)
+    counts = Counter(dict(zip(seen, np.bincount(provisional, minlength=len(seen)).tolist(), strict=True)))
+    vocab = _vocab_from_counts(counts, source, level, min_count, max_vocab, lowercase)
+    final = np.array([vocab.index.get(token, vocab.unk_id) for token in seen], smallest_uint_dtype(len(vocab)))
+    ids = final[provisional]
+    dropped = np.array([token not in vocab.index for token in seen])
+    return ids, vocab, int(np.count_nonzero(dropped[provisional]))
 
 
 def smallest_uint_dtype(vocab_size: int) -> np.dtype:
@@ -320,10 +320,10 @@ def encode_file(path: str | os.PathLike, vocab: Vocab) -> tuple[np.ndarray, int]
     # compact buffer becomes the result without a copy.
     ids = array.array(dtype.char)
     unknown = 0
-    for line in iter_lines(path):
-        line_ids, line_unknown = vocab.encode_line(line)
-        ids.extend(line_ids)
-        unknown += line_unknown
+    for piece, ends_line in iter_pieces(path):
+        piece_ids, piece_unknown = vocab.encode_line(piece, ends_line)
+        ids.extend(piece_ids)
+        unknown += piece_unknown
     return np.frombuffer(ids, dtype=dtype), unknown
 
 
@@ -348,10 +348,11 @@ def tokenize_file(
         ``unk / tokens``.
     """
     if vocab is None:
-        vocab = build_vocab(path, level, min_count, max_vocab, lowercase)
+        ids, vocab, unknown = tokenize_text(path, level, min_count, max_vocab, lowercase)
     elif not isinstance(vocab, Vocab):
         raise RnnlmError(f"vocab must be a Vocab, got {type(vocab).__name__}")
-    ids, unknown = encode_file(path, vocab)
+    else:
+        ids, unknown = encode_file(path, vocab)
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

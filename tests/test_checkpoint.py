@@ -22,7 +22,7 @@ SETTINGS = ["--hidden", "16", "--bptt", "8", "--batch", "4", "--epochs", "3", "-
 
 
 def cli(*args):
-    return [sys.executable, "-c", "from cli.main import main; main()", *map(str, args)]
+    return [sys.executable, "-m", "rnnlm", *map(str, args)]
 
 
 @pytest.fixture(scope="module")

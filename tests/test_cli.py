@@ -16,9 +16,9 @@ import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from rnnlm.cli import cli
 
 import rnnlm
-from cli.main import cli
 from rnnlm.corpus import load_corpus
 
 from .conftest import reference_perplexity
@@ -70,8 +70,20 @@ def work(tmp_path_factory):
     return d
 
 
-def epoch_records(stdout):
+def json_records(stdout, kind):
+    """The JSON Lines records of ``stdout``, each of type ``kind``, without their "type" field."""
     records = [json.loads(line) for line in stdout.splitlines()]
+    assert all(record.pop("type") == kind for record in records), stdout
+    return records
+
+
+def json_record(stdout, kind):
+    (record,) = json_records(stdout, kind)
+    return record
+
+
+def epoch_records(stdout):
+    records = json_records(stdout, "epoch")
     for i, record in enumerate(records, 1):
         assert set(record) >= EPOCH_KEYS
         assert record["epoch"] == i
@@ -92,17 +104,17 @@ def test_tokenize_writes_vocab_and_tokens(work, tmp_path):
     saved = json.loads((tmp_path / "tok" / "vocab.json").read_text(encoding="utf-8"))
     assert saved["tokens"] == vocab.tokens and saved["level"] == "word"
 
-    summary = json.loads(ok("tokenize", work / "train.txt", "-o", tmp_path / "tok2", "--json").stdout)
+    summary = json_record(ok("tokenize", work / "train.txt", "-o", tmp_path / "tok2", "--json").stdout, "tokenize")
     assert summary == {"tokens": len(ids), "vocab_size": len(vocab), "unk": 0, "unk_share": 0.0}
 
 
 def test_tokenize_options(work, tmp_path):
-    summary = json.loads(ok("tokenize", work / "train.txt", "-o", tmp_path / "t", "--max-vocab", "5",
-                            "--json").stdout)
+    summary = json_record(ok("tokenize", work / "train.txt", "-o", tmp_path / "t", "--max-vocab", "5",
+                            "--json").stdout, "tokenize")
     assert summary["vocab_size"] == 5 and summary["unk"] > 0
     assert summary["unk_share"] == pytest.approx(summary["unk"] / summary["tokens"])
-    chars = json.loads(ok("tokenize", work / "train.txt", "-o", tmp_path / "c", "--level", "char",
-                          "--json").stdout)
+    chars = json_record(ok("tokenize", work / "train.txt", "-o", tmp_path / "c", "--level", "char",
+                          "--json").stdout, "tokenize")
     assert chars["tokens"] == len((work / "train.txt").read_text(encoding="utf-8"))
 
 
@@ -143,12 +155,12 @@ def test_train_with_valid(work, tmp_path):
     records = epoch_records(ok("train", work / "train.txt", "--valid", work / "test.txt", "-o",
                                tmp_path / "m.npz", *SMALL, "--epochs", "2", "--json").stdout)
     best = min(r["valid_perplexity"] for r in records)
-    result = json.loads(ok("perplexity", tmp_path / "m.npz", work / "test.txt", "--json").stdout)
+    result = json_record(ok("perplexity", tmp_path / "m.npz", work / "test.txt", "--json").stdout, "perplexity")
     assert result["perplexity"] == pytest.approx(best, rel=1e-6)
 
 
 def test_perplexity_json(work):
-    result = json.loads(ok("perplexity", work / "model.npz", work / "test.txt", "--json").stdout)
+    result = json_record(ok("perplexity", work / "model.npz", work / "test.txt", "--json").stdout, "perplexity")
     assert set(result) == {"perplexity", "bits_per_token", "tokens", "unk"}
     ids, _ = load_corpus(work / "test.txt", vocab=rnnlm.load(work / "model.npz").vocab)
     assert result["tokens"] == len(ids)
@@ -163,7 +175,7 @@ def test_perplexity_json(work):
 
 
 def test_cli_perplexity_equals_the_numpy_reference(work):
-    result = json.loads(ok("perplexity", work / "model.npz", work / "test.txt", "--json").stdout)
+    result = json_record(ok("perplexity", work / "model.npz", work / "test.txt", "--json").stdout, "perplexity")
     assert result["perplexity"] == pytest.approx(reference_perplexity(work / "model.npz", work / "test.txt"),
                                                  rel=1e-5)
 
@@ -181,22 +193,24 @@ def test_sample(work):
 
 
 def test_sample_json_prompt_and_options(work):
-    texts = json.loads(ok("sample", work / "model.npz", "--num", "3", "--length", "12", "--json",
-                          "--prompt", "the cat", "--top-k", "3", "--temperature", "0.7").stdout)
+    texts = [r["text"] for r in json_records(ok("sample", work / "model.npz", "--num", "3", "--length", "12",
+                                                "--json", "--prompt", "the cat", "--top-k", "3",
+                                                "--temperature", "0.7").stdout, "sample")]
     assert len(texts) == 3
     for text in texts:
         assert text.startswith("the cat")
         assert len(text.split()) == 2 + 12 - text.count("\n")  # 12 tokens drawn; <eos> shows as a newline
     # without --length a word sample stops at the end of a sentence: one line
-    one = json.loads(ok("sample", work / "model.npz", "--json", "--top-p", "0.9").stdout)
+    one = [r["text"] for r in json_records(ok("sample", work / "model.npz", "--json", "--top-p", "0.9").stdout,
+                                           "sample")]
     assert len(one) == 1 and "\n" not in one[0]
 
 
 def test_tokenize_with_the_vocabulary_of_a_model(work, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("the cat sees a zebra\nunknown words here\n", encoding="utf-8")
-    summary = json.loads(ok("tokenize", other, "-o", tmp_path / "tok", "--vocab", work / "model.npz",
-                            "--json").stdout)
+    summary = json_record(ok("tokenize", other, "-o", tmp_path / "tok", "--vocab", work / "model.npz",
+                            "--json").stdout, "tokenize")
     model = rnnlm.load(work / "model.npz")
     assert summary["vocab_size"] == len(model.vocab)
     assert summary["tokens"] == 5 + 1 + 3 + 1
@@ -207,7 +221,7 @@ def test_tokenize_with_the_vocabulary_of_a_model(work, tmp_path):
     assert ids[:3].tolist() == [model.vocab.index[w] for w in ("the", "cat", "sees")]
     assert ids[4] == model.vocab.unk_id
     # and the token directory is accepted by perplexity with that model
-    result = json.loads(ok("perplexity", work / "model.npz", tmp_path / "tok", "--json").stdout)
+    result = json_record(ok("perplexity", work / "model.npz", tmp_path / "tok", "--json").stdout, "perplexity")
     assert result["tokens"] == 10 and result["unk"] == 3
 
 
@@ -227,7 +241,7 @@ def test_char_level_train_and_sample(char_model):
     assert model.vocab.level == "char"
     assert {"é", "日", "😀", "🎉"} <= set(model.vocab.tokens)
     out = ok("sample", char_model, "--length", "60", "--seed", "3", "--json").stdout
-    (text,) = json.loads(out)
+    text = json_record(out, "sample")["text"]
     assert len(text) == 60  # characters (code points), not bytes
     assert set(text) <= set(CHAR_TEXT) | {"\ufffd"}
     result = ok("sample", char_model, "--length", "20", "--prompt", "日本")
@@ -239,7 +253,7 @@ def test_char_prompt_with_an_unseen_character_warns(char_model):
     result = ok("sample", char_model, "--prompt", "Ωcafé", "--length", "10", "--json")
     assert result.stderr.startswith("warning") and "<unk>" in result.stderr
     assert re.search(r"\b1\b", result.stderr)  # one token of the prompt
-    (text,) = json.loads(result.stdout)
+    text = json_record(result.stdout, "sample")["text"]
     assert text.startswith("\ufffdcafé")  # the unknown character is read (and shown) as <unk>
     assert len(text) == 5 + 10
 
@@ -269,8 +283,8 @@ BAD_CALLS = {
     "train empty file": (["train", "{d}/empty.txt", "-o", "{d}/m.npz"], "empty"),
     "tokenize empty file": (["tokenize", "{d}/empty.txt", "-o", "{d}/tok"], "empty"),
     "perplexity empty file": (["perplexity", "{w}/model.npz", "{d}/empty.txt"], "empty"),
-    "train binary file": (["train", "{d}/binary.txt", "-o", "{d}/m.npz"], "NUL byte at offset 14"),
-    "tokenize binary file": (["tokenize", "{d}/binary.txt", "-o", "{d}/tok"], "NUL byte at offset 14"),
+    "train binary file": (["train", "{d}/binary.txt", "-o", "{d}/m.npz"], "NUL byte at line 2, offset 14"),
+    "tokenize binary file": (["tokenize", "{d}/binary.txt", "-o", "{d}/tok"], "NUL byte at line 2, offset 14"),
     "train non-UTF-8 file": (["train", "{d}/latin1.txt", "-o", "{d}/m.npz"], "byte offset 15"),
     "perplexity non-UTF-8 file": (["perplexity", "{w}/model.npz", "{d}/latin1.txt"], "byte offset 15"),
     "train directory as TEXT": (["train", "{d}/adir", "-o", "{d}/m.npz"], "adir"),
@@ -285,16 +299,8 @@ BAD_CALLS = {
     "perplexity directory as model": (["perplexity", "{d}/adir", "{w}/test.txt"], "directory"),
     "train output under a file": (["train", "{w}/train.txt", "-o", "{w}/train.txt/m.npz", *SMALL],
                                   "train.txt"),
-    "hidden 0": (["train", "{w}/train.txt", "-o", "{d}/m.npz", "--hidden", "0"], "--hidden"),
-    "bptt 0": (["train", "{w}/train.txt", "-o", "{d}/m.npz", "--bptt", "0"], "--bptt"),
-    "negative lr": (["train", "{w}/train.txt", "-o", "{d}/m.npz", "--lr", "-1"], "--lr"),
     "too short for batch x bptt": (["train", "{w}/test.txt", "-o", "{d}/m.npz", "--batch", "400"],
                                    "too short"),
-    "top-p 1.5": (["sample", "{w}/model.npz", "--top-p", "1.5"], "--top-p"),
-    "top-k 0": (["sample", "{w}/model.npz", "--top-k", "0"], "--top-k"),
-    "temperature 0": (["sample", "{w}/model.npz", "--temperature", "0"], "--temperature"),
-    "length 0": (["sample", "{w}/model.npz", "--length", "0"], "--length"),
-    "num 0": (["sample", "{w}/model.npz", "--num", "0"], "--num"),
 }
 
 
@@ -312,10 +318,39 @@ def test_bad_input_is_a_one_line_error(name, bad, work):
     assert not (bad / "m.npz").exists()
 
 
+BAD_NUMBERS = {
+    "hidden 0": (["train", "{w}/train.txt", "-o", "{d}/m.npz", "--hidden", "0"], "--hidden"),
+    "bptt 0": (["train", "{w}/train.txt", "-o", "{d}/m.npz", "--bptt", "0"], "--bptt"),
+    "negative lr": (["train", "{w}/train.txt", "-o", "{d}/m.npz", "--lr", "-1"], "--lr"),
+    "top-p 1.5": (["sample", "{w}/model.npz", "--top-p", "1.5"], "--top-p"),
+    "top-k 0": (["sample", "{w}/model.npz", "--top-k", "0"], "--top-k"),
+    "temperature 0": (["sample", "{w}/model.npz", "--temperature", "0"], "--temperature"),
+    "length 0": (["sample", "{w}/model.npz", "--length", "0"], "--length"),
+    "num 0": (["sample", "{w}/model.npz", "--num", "0"], "--num"),
+    "nan clip": (["train", "{w}/train.txt", "-o", "{d}/m.npz", "--clip", "nan"], "--clip"),
+    "inf l2": (["train", "{w}/train.txt", "-o", "{d}/m.npz", "--l2", "inf"], "--l2"),
+    "inf lr": (["train", "{w}/train.txt", "-o", "{d}/m.npz", "--lr", "inf"], "--lr"),
+    "negative seed": (["train", "{w}/train.txt", "-o", "{d}/m.npz", "--seed", "-1"], "--seed"),
+    "huge hidden": (["train", "{w}/train.txt", "-o", "{d}/m.npz", "--hidden", "1000000"], "--hidden"),
+    "huge length": (["sample", "{w}/model.npz", "--length", str(10**15)], "--length"),
+    "huge num": (["sample", "{w}/model.npz", "--num", str(10**10)], "--num"),
+    "tiny temperature": (["sample", "{w}/model.npz", "--temperature", "1e-320"], "--temperature"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_NUMBERS))
+def test_a_bad_number_is_a_usage_error_naming_the_option(name, bad, work):
+    args, option = BAD_NUMBERS[name]
+    result = invoke(*(a.format(d=bad, w=work) for a in args))
+    assert result.exit_code == 2 and "Traceback" not in result.output and result.stdout == ""
+    assert result.stderr.splitlines()[-1].startswith("Error: Invalid value for '" + option)
+    assert not (bad / "m.npz").exists()
+
+
 def test_usage_errors(work):
     result = invoke("train", work / "train.txt")  # no -o
-    assert result.exit_code != 0 and "Traceback" not in result.output
-    assert result.stderr.startswith("Error: ") and "-o" in result.stderr
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.splitlines()[-1].startswith("Error: ") and "-o" in result.stderr
     result = invoke("train", work / "train.txt", "-o", work / "x.npz", "--hidden", "many")
     assert result.exit_code == 2 and "'many' is not a valid integer" in result.stderr
     assert not (work / "x.npz").exists()
@@ -327,7 +362,7 @@ def test_usage_errors(work):
 def interrupt_training(model_path, started):
     """Run `rnnlm train` on the demo text in a subprocess, wait until started(model_path, first stdout
     line or None) is true, send SIGINT; returns (exit code, stdout, stderr)."""
-    command = [sys.executable, "-c", "from cli.main import main; main()", "train",
+    command = [sys.executable, "-m", "rnnlm", "train",
                str(REPO / "data" / "demo" / "train.txt"), "-o", str(model_path), *SMALL,
                "--epochs", "1000", "--json"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -405,7 +440,7 @@ def test_help_lists_every_option_with_its_default(command):
             continue
         assert "[default: " in entries[name], f"{command} {name}: no default shown: {entries[name]!r}"
         if param.default is not None and not isinstance(param.default, str):
-            assert f"[default: {param.default}]" in entries[name]
+            assert re.search(re.escape(f"[default: {param.default}") + "[];]", entries[name]), entries[name]
 
 
 def help_entries(text):
@@ -430,14 +465,14 @@ def test_help_shows_the_train_defaults():
     text = " ".join(ok("train", "--help").stdout.split())
     for expected in ("[default: 200]", "[default: 20]", "[default: 1.0]", "[default: word]",
                      "[default: cpu]", "[default: all cores]", "[default: the last 5% of TEXT, held out]"):
-        assert expected in text
+        assert re.search(re.escape(expected[:-1]) + "[];]", text), expected
 
 
 def test_device_cuda_without_a_gpu_is_a_clear_error(work):
     """No simulator and no visible GPU: --device cuda says what is missing instead of failing deep inside."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(
-        [sys.executable, "-c", "from cli.main import main; main()", "perplexity", str(work / "model.npz"),
+        [sys.executable, "-m", "rnnlm", "perplexity", str(work / "model.npz"),
          str(work / "test.txt"), "--device", "cuda"],
         capture_output=True, text=True, env=env, timeout=120,
     )

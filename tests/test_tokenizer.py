@@ -13,7 +13,6 @@ from rnnlm.tokenizer import (
     Vocab,
     build_vocab,
     encode_file,
-    iter_lines,
     load_token_dir,
     load_vocab_source,
     smallest_uint_dtype,
@@ -30,49 +29,6 @@ def write(tmp_path, content, name="corpus.txt"):
         content = content.encode("utf-8")
     path.write_bytes(content)
     return path
-
-
-# --- iter_lines ---------------------------------------------------------------
-
-
-def test_iter_lines_strips_lf_and_crlf(tmp_path):
-    path = write(tmp_path, b"a b\r\nc\n\nlast")
-    assert list(iter_lines(path)) == ["a b", "c", "", "last"]
-
-
-def test_iter_lines_missing_file(tmp_path):
-    with pytest.raises(RnnlmError, match="no such file: .*nope.txt"):
-        iter_lines(tmp_path / "nope.txt")
-
-
-def test_iter_lines_directory(tmp_path):
-    with pytest.raises(RnnlmError, match="is a directory, expected a text file"):
-        iter_lines(tmp_path)
-
-
-def test_iter_lines_empty_file(tmp_path):
-    with pytest.raises(RnnlmError, match="corpus.txt is empty"):
-        iter_lines(write(tmp_path, b""))
-
-
-def test_iter_lines_nul_byte(tmp_path):
-    path = write(tmp_path, b"ok line\nab\x00cd\n")
-    with pytest.raises(RnnlmError, match=r"looks binary \(NUL byte at offset 10\)"):
-        list(iter_lines(path))
-
-
-@pytest.mark.parametrize(
-    ("data", "offset"),
-    [
-        (b"hello\nw\xffrld", 7),
-        (b"\xffabc\n", 0),
-        ("h\u00e9llo\n".encode() + b"ab\xc3\n", 9),  # truncated 2-byte sequence
-    ],
-)
-def test_iter_lines_invalid_utf8_reports_absolute_offset(tmp_path, data, offset):
-    path = write(tmp_path, data)
-    with pytest.raises(RnnlmError, match=rf"is not valid UTF-8 \(byte offset {offset}\)$"):
-        list(iter_lines(path))
 
 
 # --- round trips --------------------------------------------------------------

@@ -1,0 +1,127 @@
+"""``rnnlm train``."""
+
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import click
+
+import rnnlm
+from rnnlm.model import INITS
+from rnnlm.optim import OPTIMIZERS
+from rnnlm.tokenizer import LEVELS
+from rnnlm.train import SCHEDULES
+
+from .common import (
+    EXIT_INTERRUPTED,
+    Command,
+    FiniteFloat,
+    Progress,
+    device_option,
+    emit_json,
+    json_option,
+    threads_option,
+)
+
+DEFAULTS = rnnlm.TrainConfig()
+MINUTES = FiniteFloat(min=0, min_open=True)
+
+
+@click.command(cls=Command)
+@click.argument("text", required=False)
+@click.option("-o", "--output", "model_path", type=click.Path(path_type=Path),
+              help="Model file to write (.npz): the best model by validation perplexity.  [required unless --resume]")
+@click.option("--valid", default=None,
+              help="Validation text or token directory [default: the last 5% of TEXT, held out].")
+@click.option("--level", type=click.Choice(LEVELS), default=DEFAULTS.level,
+              help="Tokens of a raw TEXT: words or characters.")
+@click.option("--min-count", type=click.IntRange(min=1), default=DEFAULTS.min_count,
+              help="Words seen fewer times become <unk>.")
+@click.option("--max-vocab", type=click.IntRange(min=2), default=DEFAULTS.max_vocab,
+              help="Keep at most this many tokens [default: all].")
+@click.option("--lowercase", is_flag=True, help="Lowercase a raw TEXT first.")
+@click.option("--hidden", type=click.IntRange(1, 16384), default=DEFAULTS.hidden, help="State size m.")
+@click.option("--layers", type=click.IntRange(1, 64), default=DEFAULTS.layers,
+              help="Number of stacked recurrent layers.")
+@click.option("--dropout", type=FiniteFloat(0, 1, max_open=True), default=DEFAULTS.dropout,
+              help="Dropout on the recurrent layers' input and output (not the recurrent connection).")
+@click.option("--tied", is_flag=True, help="Tie the output weights to the input weights (W_o = W_xᵀ).")
+@click.option("--bptt", type=click.IntRange(1, 100_000), default=DEFAULTS.bptt,
+              help="Window length T of truncated backpropagation.")
+@click.option("--batch", type=click.IntRange(1, 100_000), default=DEFAULTS.batch, help="Number B of parallel streams.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=DEFAULTS.optimizer,
+              help="SGD on the mean loss plus the L2 term, Adam, or lazy Adam (Adam that steps only the "
+                   "rows of W_x and of the class softmax's W_o that a window touched: much faster with "
+                   "--softmax class).")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
+              help="Learning-rate schedule: mikolov (halve after a stall, stop at the next), plateau "
+                   "(halve at every stall, stop after three) or cosine (anneal to 0 by the last epoch or the "
+                   "--time-budget) [default: mikolov for sgd, plateau for adam and lazyadam].")
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True, max=1e4), default=None,
+              help="Initial learning rate η [default: 1.0 for sgd, 0.002 for adam and lazyadam].")
+@click.option("--epochs", type=click.IntRange(1, 1_000_000), default=DEFAULTS.epochs,
+              help="At most this many passes over TEXT.")
+@click.option("--clip", type=FiniteFloat(min=0), default=DEFAULTS.clip,
+              help="Clip the gradient's global norm to this (0: off).")
+@click.option("--l2", type=FiniteFloat(min=0), default=DEFAULTS.l2, help="Weight λ of the penalty λ‖θ‖².")
+@click.option("--init", type=click.Choice(INITS), default=DEFAULTS.init,
+              help="Initialization: fanin N(0, 1/fan-in), orthogonal or identity W_s, or zero (to see why not).")
+@click.option("--softmax", type=click.Choice(["full", "class"]), default=DEFAULTS.softmax,
+              help="Output layer: full softmax, or Mikolov's class-based factorization (much faster).")
+@click.option("--classes", type=click.IntRange(min=1), default=DEFAULTS.classes,
+              help="Number of word classes of --softmax class [default: √V].")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=DEFAULTS.seed,
+              help="Random seed of the initialization.")
+@device_option
+@threads_option
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Checkpoint file, written at every epoch end and on Ctrl-C/SIGTERM [default: MODEL.ckpt.npz].")
+@click.option("--checkpoint-every", type=MINUTES, default=None,
+              help="Also write the checkpoint every this many minutes [default: only at epoch ends].")
+@click.option("--time-budget", type=MINUTES, default=None,
+              help="Stop training after this many minutes (then validate and keep the best) [default: none].")
+@click.option("--log", type=click.Path(path_type=Path), default=None,
+              help="Training log, JSON lines [default: MODEL.log.jsonl].")
+@click.option("--resume", type=click.Path(path_type=Path), default=None,
+              help="Continue the run that wrote this checkpoint (TEXT and settings come from it) [default: none].")
+@json_option('one {"type": "epoch", ...} record per epoch')
+def train(text, model_path, resume, as_json, valid, device, threads, checkpoint, checkpoint_every, time_budget, log,
+          **settings):
+    """Train a model on TEXT (a text file, - for standard input, a compressed file, or a token directory)."""
+    options = rnnlm.RunOptions(device=device, threads=threads, checkpoint=checkpoint and str(checkpoint),
+                               checkpoint_every=checkpoint_every, time_budget=time_budget, log=log and str(log))
+    if resume is None and (text is None or model_path is None):
+        raise click.UsageError("train needs TEXT and -o MODEL (or --resume CHECKPOINT)")
+    progress = Progress("training")
+
+    def on_window(done, total, stats):
+        progress.update(done, total, f"{stats['tokens_per_s']:,.0f} tok/s  loss {stats['loss']:.3f}  "
+                                     f"ppl {stats['perplexity']:.1f}")
+
+    def on_epoch(record):
+        progress.close()
+        if as_json:
+            emit_json("epoch", **record)
+        else:
+            click.echo(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, valid perplexity "
+                       f"{record['valid_perplexity']:.2f}, lr {record['lr']:g}, {record['tokens_per_s']:,.0f} "
+                       f"tokens/s, {record['elapsed_s']:.1f} s")
+
+    try:
+        if resume is not None:
+            records = rnnlm.resume(resume, options=options, on_window=on_window, on_epoch=on_epoch)
+        else:
+            config = rnnlm.TrainConfig(**{f.name: settings[f.name] for f in fields(rnnlm.TrainConfig)})
+            records = rnnlm.train(text, model_path, valid=valid, config=config, options=options,
+                                  on_window=on_window, on_epoch=on_epoch)
+    except rnnlm.TrainingInterrupted as stop:
+        progress.close()
+        click.echo(f"\ninterrupted in epoch {stop.epoch}; checkpoint written to {stop.checkpoint}; "
+                   f"resume with: rnnlm train --resume {stop.checkpoint}\n"
+                   f"the best model so far is in {stop.model_path}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    finally:
+        progress.close()
+    if not as_json and records:
+        best = min(r["valid_perplexity"] for r in records)
+        click.echo(f"best valid perplexity {best:.2f}; model written to {model_path or 'the checkpoint model path'}")

@@ -1,0 +1,5 @@
+"""``python -m rnnlm``: the ``rnnlm`` command."""
+
+from rnnlm.cli import main
+
+main()
