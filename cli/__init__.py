@@ -7,6 +7,7 @@ import rnnlm  # noqa: I001  (first: sets the thread environment before numpy and
 import click
 
 from .common import Group
+from .fetch import fetch
 from .perplexity import perplexity
 from .plot import plot
 from .sample import sample
@@ -20,7 +21,7 @@ def cli():
     """Recurrent-neural-network language models: tokenize, train, score, sample."""
 
 
-for command in (tokenize, train, perplexity, sample, plot):
+for command in (fetch, tokenize, train, perplexity, sample, plot):
     cli.add_command(command)
 
 
