@@ -258,6 +258,26 @@ def test_a_complete_corpus_is_skipped_unless_forced(server, serve, monkeypatch, 
     assert leftovers(tmp_path / "ptb") == []
 
 
+def test_ctrl_c_while_refetching_leaves_the_earlier_corpus(server, serve, monkeypatch, tmp_path):
+    splits = serve("ptb")
+    assert fetch(server, tmp_path, "ptb").exit_code == 0
+    target = tmp_path / "ptb"
+    before = {path: path.read_bytes() for path in target.rglob("*") if path.is_file()}
+    server.files["ptb.train.txt"] = text(8)
+    register(monkeypatch, "ptb", server.files)
+
+    def interrupt(label, done, total):
+        if label == "tokenizing valid.txt":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        registry.fetch("ptb", tmp_path, url_base=server.url, force=True, progress=interrupt)
+    assert {path: path.read_bytes() for path in target.rglob("*") if path.is_file() and "downloaded" not in
+            path.parts} == before
+    assert (target / "train.txt").read_bytes() == splits["train"]
+    assert leftovers(target) == []
+
+
 def test_files_it_did_not_write_are_refused_unless_forced(server, serve, tmp_path):
     splits = serve("ptb")
     mine = tmp_path / "ptb" / "train.txt"
