@@ -316,6 +316,12 @@ def _complete(target: Path, tokenize: bool) -> dict | None:
     return manifest if complete else None
 
 
+def _remove_empty(*directories: Path) -> None:
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+
+
 def _check_target(corpus: Corpus, target: Path, names: list[str]) -> None:
     """Refuse to replace files that an earlier fetch did not write."""
     if (target / MANIFEST).is_file():
@@ -350,10 +356,14 @@ def fetch(name: str, root: str | os.PathLike = "data", url_base: str | None = No
         _check_target(corpus, target, names if tokenize else names[:-1])
     url_base = url_base or os.environ.get(URL_BASE_ENV)
     downloads, sources = {}, []
-    for source in corpus.downloads:
-        url = f"{url_base.rstrip('/')}/{source.file}" if url_base else source.url
-        downloads[source.file] = download(source, target / DOWNLOADS, url, progress)
-        sources.append({"url": url, "file": source.file, "size": source.size, "sha256": source.sha256})
+    try:
+        for source in corpus.downloads:
+            url = f"{url_base.rstrip('/')}/{source.file}" if url_base else source.url
+            downloads[source.file] = download(source, target / DOWNLOADS, url, progress)
+            sources.append({"url": url, "file": source.file, "size": source.size, "sha256": source.sha256})
+    except BaseException:
+        _remove_empty(target / DOWNLOADS, target)
+        raise
     new = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target))
     try:
         extract(corpus, downloads, new, progress)
@@ -370,6 +380,5 @@ def fetch(name: str, root: str | os.PathLike = "data", url_base: str | None = No
     if not keep_download:
         for path in downloads.values():
             path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            (target / DOWNLOADS).rmdir()
+        _remove_empty(target / DOWNLOADS)
     return {**manifest, "skipped": False}
