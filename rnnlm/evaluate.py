@@ -6,6 +6,7 @@ predicted and counted, every ``<eos>`` too.
 """
 
 import math
+import sys
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from rnnlm.errors import RnnlmError
 from rnnlm.model import word_classes
 
 EVAL_WINDOW = 256
+LOG_FLOAT_MAX = math.log(sys.float_info.max)  # a mean loss above this is an infinite perplexity
 
 
 def stream_loss(ops, params, ids, boundary_id, structure, window=EVAL_WINDOW):
@@ -60,7 +62,7 @@ def perplexity(model, text, device="cpu"):
     nats = stream_loss(ops, params, ids, model.vocab.boundary_id, model.structure)
     per_token = nats / len(ids)
     return {
-        "perplexity": math.exp(per_token),
+        "perplexity": math.inf if per_token > LOG_FLOAT_MAX else math.exp(per_token),
         "bits_per_token": per_token / math.log(2),
         "tokens": int(len(ids)),
         "unk": int(np.count_nonzero(ids == model.vocab.unk_id)),

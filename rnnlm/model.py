@@ -21,6 +21,7 @@ Tied weights: W_o is W_xᵀ, one shared array.
 """
 
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -30,9 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from rnnlm.errors import RnnlmError
-from rnnlm.tokenizer import Vocab
+from rnnlm.tokenizer import Vocab, vocab_of
+from rnnlm.untrusted import FLOATS, INTEGERS, Npz, check_fits, checked, finite_float32
 
 FORMAT_VERSION = 1
+MAX_HIDDEN = 16384
+MAX_LAYERS = 64
 
 
 def layer_names(k):
@@ -172,36 +176,52 @@ class Model:
 
     @classmethod
     def load(cls, path):
-        """Read a model file; RnnlmError when it is missing, truncated or not a rnnlm model."""
-        arrays = load_npz(path)
-        if "meta" not in arrays:
-            raise RnnlmError(f"{path} is not a rnnlm model (no 'meta' entry)")
-        try:
-            meta = json.loads(str(arrays["meta"]))
-            vocab = Vocab(meta["vocab"], meta["level"], meta["lowercase"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise RnnlmError(f"{path} has a malformed 'meta' entry ({exc})") from None
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise RnnlmError(f"{path} has model format {meta.get('format_version')}, expected {FORMAT_VERSION}")
-        class_bounds = arrays.get("class_bounds")
-        if meta.get("softmax", "full") == "class":
-            V = len(vocab)
-            if (class_bounds is None or class_bounds.ndim != 1 or len(class_bounds) < 2 or class_bounds[0] != 0
-                    or class_bounds[-1] != V or np.any(np.diff(class_bounds) < 1)):
-                raise RnnlmError(f"{path} is not a valid rnnlm model (bad class_bounds)")
-            class_bounds = class_bounds.astype(np.int32)
-        else:
+        """Read a model file, trusting nothing in it; RnnlmError naming the file when it is missing, not a
+        regular file, truncated, not a rnnlm model, or out of bounds.
+
+        Only ``meta`` is read before its fields are checked (format_version 1; level, lowercase and a
+        vocabulary as ``tokenizer.vocab_of``; hidden 1..MAX_HIDDEN; layers 1..MAX_LAYERS; tied a bool;
+        softmax full or class; hparams an object); then the members must be exactly those fields imply,
+        class_bounds must bin 0..V-1 into non-empty classes, and every weight is read at its expected
+        shape, as float32, and must be finite.
+        """
+        with Npz(path, "model file") as npz:
+            if "meta" not in npz.names:
+                raise RnnlmError(f"{path} is not a rnnlm model (no 'meta' member)")
+            meta = npz.read_json("meta")
+            where = f"{path}: meta"
+            if not isinstance(meta, dict):
+                raise RnnlmError(f"{where} is not a JSON object")
+            checked(meta, "format_version", where, (int,), choices=(FORMAT_VERSION,))
+            vocab = vocab_of(meta, where)
+            hidden = checked(meta, "hidden", where, (int,), low=1, high=MAX_HIDDEN)
+            layers = checked(meta, "layers", where, (int,), default=1, low=1, high=MAX_LAYERS)
+            tied = checked(meta, "tied", where, (bool,), default=False)
+            softmax = checked(meta, "softmax", where, (str,), default="full", choices=("full", "class"))
+            hparams = checked(meta, "hparams", where, (dict,), default={})
+            shapes = param_shapes(len(vocab), hidden, None, layers)
+            optional = () if softmax == "full" else ("class_bounds", "W_c", "b_c")
+            npz.check_members(["meta", *shapes], optional)
             class_bounds = None
-        n_classes = None if class_bounds is None else len(class_bounds) - 1
-        layers, tied = int(meta.get("layers", 1)), bool(meta.get("tied", False))
-        params = {}
-        for name, shape in param_shapes(len(vocab), meta.get("hidden", 0), n_classes, layers).items():
-            if name not in arrays or arrays[name].shape != shape:
-                raise RnnlmError(f"{path} is not a valid rnnlm model ({name} missing or not of shape {shape})")
-            params[name] = np.ascontiguousarray(arrays[name], np.float32)
+            if softmax == "class":
+                class_bounds = read_class_bounds(npz, len(vocab))
+                shapes = param_shapes(len(vocab), hidden, len(class_bounds) - 1, layers)
+                npz.check_members(["meta", "class_bounds", *shapes])
+            check_fits(4 * sum(math.prod(shape) for shape in shapes.values()), f"{path}'s weights")
+            params = {name: finite_float32(npz.read_array(name, FLOATS, shape), f"{path}: member {name + '.npy'!r}")
+                      for name, shape in shapes.items()}
         if tied:
             params["W_x"] = params["W_o"].T
-        return cls(params, vocab, meta.get("hparams", {}), class_bounds, layers, tied)
+        return cls(params, vocab, hparams, class_bounds, layers, tied)
+
+
+def read_class_bounds(npz, vocab_size):
+    """The class bounds (C + 1,) int32 of an .npz: 0 = b_0 < b_1 < ... < b_C = V."""
+    bounds = npz.read_array("class_bounds", INTEGERS, max_length=vocab_size + 1)
+    if (len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != vocab_size or np.any(bounds[1:] <= bounds[:-1])):
+        raise RnnlmError(f"{npz.path} is not a valid rnnlm model (class_bounds do not bin 0..{vocab_size - 1} "
+                         "into non-empty classes)")
+    return bounds.astype(np.int32)
 
 
 def write_npz(file, arrays):

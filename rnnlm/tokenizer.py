@@ -16,7 +16,6 @@ from __future__ import annotations
 import array
 import json
 import os
-import zipfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 
 from rnnlm.errors import RnnlmError
 from rnnlm.textio import display_name, iter_pieces
+from rnnlm.untrusted import Npz, checked, open_regular, read_json_file, read_npy_file
 
 UNK = "<unk>"
 EOS = "<eos>"
@@ -34,6 +34,8 @@ FORMAT_VERSION = 1
 VOCAB_FILE = "vocab.json"
 TOKENS_FILE = "tokens.npy"
 UNK_CHAR = "\ufffd"
+MAX_VOCAB_SIZE = 1 << 22
+MAX_TOKEN_CHARS = 1 << 16
 
 
 def _boundary_token(level: str) -> str:
@@ -175,20 +177,12 @@ class Vocab:
         }
 
     @classmethod
-    def from_dict(cls, d: object) -> Vocab:
-        """Inverse of :meth:`to_dict`; raises RnnlmError if ``d`` is malformed."""
+    def from_dict(cls, d: object, where: str = "vocabulary") -> Vocab:
+        """Inverse of :meth:`to_dict`; raises RnnlmError naming ``where`` if ``d`` is malformed."""
         if not isinstance(d, dict):
-            raise RnnlmError("vocabulary must be a JSON object")
-        keys = ("format_version", "level", "lowercase", "tokens")
-        missing = [key for key in keys if key not in d]
-        if missing:
-            raise RnnlmError(f"vocabulary lacks the key(s): {', '.join(missing)}")
-        if d["format_version"] != FORMAT_VERSION:
-            raise RnnlmError(
-                f"unsupported vocabulary format_version {d['format_version']!r} "
-                f"(this version reads {FORMAT_VERSION})"
-            )
-        return cls(d["tokens"], d["level"], d["lowercase"])
+            raise RnnlmError(f"{where} must be a JSON object")
+        checked(d, "format_version", where, (int,), choices=(FORMAT_VERSION,))
+        return vocab_of(d, where, tokens_key="tokens")
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the vocabulary as UTF-8 JSON (non-ASCII tokens kept readable)."""
@@ -198,23 +192,30 @@ class Vocab:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocab:
-        """Read a file written by :meth:`save`; RnnlmError if missing or malformed."""
-        path = Path(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise RnnlmError(f"no such file: {path}") from None
-        except IsADirectoryError:
-            raise RnnlmError(f"{path} is a directory, expected a vocab.json file") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RnnlmError(f"{path} is not a valid vocabulary JSON file ({e})") from None
-        except OSError as e:
-            raise RnnlmError(f"cannot read {path}: {e.strerror}") from None
-        try:
-            return cls.from_dict(d)
-        except RnnlmError as e:
-            raise RnnlmError(f"{path}: {e}") from None
+        """Read a file written by :meth:`save`; RnnlmError if missing, malformed or out of bounds."""
+        return cls.from_dict(read_json_file(path, "vocab.json file"), str(path))
+
+
+def vocab_of(record: dict, where: str, tokens_key: str = "vocab") -> Vocab:
+    """The vocabulary described by an untrusted JSON object (a vocab.json or a model's meta): ``level``,
+    ``lowercase`` and the token list under ``tokens_key``, at most MAX_VOCAB_SIZE unique, non-empty,
+    valid Unicode strings of at most MAX_TOKEN_CHARS characters, besides :class:`Vocab`'s own checks."""
+    level = checked(record, "level", where, (str,), choices=LEVELS)
+    lowercase = checked(record, "lowercase", where, (bool,))
+    tokens = checked(record, tokens_key, where, (list,))
+    if not 2 <= len(tokens) <= MAX_VOCAB_SIZE:
+        raise RnnlmError(f"{where} has {len(tokens):,} tokens, expected 2 to {MAX_VOCAB_SIZE:,}")
+    too_long = next((t for t in tokens if not isinstance(t, str) or len(t) > MAX_TOKEN_CHARS), None)
+    if too_long is not None:
+        raise RnnlmError(f"{where} has a token that is not a string of at most {MAX_TOKEN_CHARS:,} characters")
+    try:
+        "".join(tokens).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RnnlmError(f"{where} has a token that is not valid Unicode (a lone surrogate)") from None
+    try:
+        return Vocab(tokens, level, lowercase)
+    except RnnlmError as exc:
+        raise RnnlmError(f"{where}: {exc}") from None
 
 
 def _check_cutoffs(min_count: int, max_vocab: int | None) -> None:
@@ -371,48 +372,40 @@ def tokenize_file(
 def load_vocab_source(path: str | os.PathLike) -> Vocab:
     """Load a vocabulary from a ``vocab.json`` or from a model ``.npz``.
 
-    A model ``.npz`` holds a ``meta`` entry: a JSON string with (at least) the
-    keys ``level``, ``lowercase`` and ``vocab`` (the token list).
+    A model ``.npz`` holds a ``meta`` member: a JSON string with (at least) the keys ``level``,
+    ``lowercase`` and ``vocab`` (the token list); only that member is read.
     """
-    path = Path(path)
-    if not path.is_file():
-        if path.is_dir():
-            raise RnnlmError(f"{path} is a directory, expected a vocab.json or model .npz file")
-        raise RnnlmError(f"no such file: {path}")
-    if not zipfile.is_zipfile(path):
+    with open_regular(path, "vocab.json or model .npz file") as f:
+        head = f.read(6)
+    if head[:4] != b"PK\x03\x04" and head != b"\x93NUMPY":
         return Vocab.load(path)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            meta = json.loads(str(archive["meta"][()]))
-        return Vocab(meta["vocab"], meta["level"], meta["lowercase"])
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, RnnlmError) as e:
-        raise RnnlmError(f"{path} is neither a vocab.json nor a model .npz with a vocabulary ({e})") from None
+    with Npz(path, "model file") as npz:
+        if "meta" not in npz.names:
+            raise RnnlmError(f"{path} is neither a vocab.json nor a model .npz with a vocabulary (no 'meta' member)")
+        meta = npz.read_json("meta")
+    if not isinstance(meta, dict):
+        raise RnnlmError(f"{path}: member 'meta.npy' is not a JSON object")
+    return vocab_of(meta, f"{path}: meta")
 
 
 def load_token_dir(path: str | os.PathLike) -> tuple[np.ndarray, Vocab]:
     """Read a directory written by :func:`tokenize_file`.
 
     Returns:
-        (ids, vocab): ``ids`` is the 1-D unsigned integer array of
-        ``tokens.npy``, all below ``len(vocab)``.
+        (ids, vocab): ``ids`` is the 1-D unsigned integer array of ``tokens.npy`` (native byte order),
+        all below ``len(vocab)``; ``tokens.npy``'s size must match its header exactly.
     """
     path = Path(path)
     if not path.is_dir():
         raise RnnlmError(f"no such token directory: {path}")
-    if not (path / VOCAB_FILE).is_file():
+    if not (path / VOCAB_FILE).exists():
         raise RnnlmError(
             f"{path} is a directory, expected a text file or a token directory from `rnnlm tokenize` (no vocab.json)"
         )
     vocab = Vocab.load(path / VOCAB_FILE)
     tokens_path = path / TOKENS_FILE
-    if not tokens_path.is_file():
-        raise RnnlmError(f"no such file: {tokens_path}")
-    try:
-        ids = np.load(tokens_path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise RnnlmError(f"{tokens_path} is not a valid .npy file ({e})") from None
-    if not isinstance(ids, np.ndarray) or ids.ndim != 1 or ids.dtype.kind != "u":
-        raise RnnlmError(f"{tokens_path} must hold a 1-D array of unsigned integer ids")
+    ids = read_npy_file(tokens_path, "token file (tokens.npy)", {"u": (1, 2, 4, 8)})
+    ids = ids.astype(ids.dtype.newbyteorder("="), copy=False)
     if ids.size == 0:
         raise RnnlmError(f"{tokens_path} holds no tokens")
     if int(ids.max()) >= len(vocab):

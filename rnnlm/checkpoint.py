@@ -1,0 +1,189 @@
+"""A training checkpoint read as untrusted data: ``read_checkpoint(path) -> (arrays, meta)``.
+
+What ``read_checkpoint`` guarantees when it returns (anything else is one RnnlmError naming the file):
+
+meta, the JSON object of the ``meta`` member (at most ``untrusted.MAX_JSON_CHARS`` characters, nested at
+most ``untrusted.MAX_JSON_DEPTH`` deep, no NaN or infinity):
+  kind     "rnnlm-checkpoint"
+  config   exactly the fields of ``train.TrainConfig``, each of its annotated type (an int is no bool),
+           accepted by ``TrainConfig.check``, with hidden ≤ MAX_HIDDEN, layers ≤ MAX_LAYERS,
+           bptt and batch ≤ MAX_WINDOW, schedule set
+  options  exactly the fields of ``train.RunOptions``, each of its type, accepted by ``RunOptions.check``
+  sources  {"text": str, "valid": str or null, "model": str}: non-empty, without NUL characters
+           (data only: where a resume may read and write is the caller's decision)
+  vocab    a token list as ``tokenizer.vocab_of`` accepts it with the config's level and lowercase
+  state    epoch int in [1, config.epochs + 1]; window int ≥ 0 (``check_cursor`` bounds it by the data);
+           epoch_loss, elapsed_s finite ≥ 0; lr finite ≥ 0; halving bool; stalls, tokens_seen int ≥ 0;
+           divergences int in [0, train.MAX_DIVERGENCES]; best null or finite > 0; tokens_per_s, when
+           present, finite ≥ 0; records a list of objects of JSON scalars; optimizer and
+           epoch_start_optimizer {} for SGD, {"t": int ≥ 0} for Adam; rng a PCG64 state that numpy takes.
+arrays, name -> array, exactly these members (no other is read; each read at its expected shape only
+after its zip and .npy headers agree on the size), all float32, finite and C-contiguous but class_bounds:
+  params/N, epoch_start/params/N       for every trainable parameter N (all but W_x when tied)
+  best/N                               for every parameter of ``model.param_shapes``
+  optimizer/momentK/N, epoch_start/optimizer/momentK/N (K = 1, 2; Adam only): N's rows, W_x's as (V, m)
+  carried_state/k                      (batch, hidden) for layers k = 0 .. layers - 1
+  class_bounds (class softmax only)    (C + 1,) int32 binning ids 0..V-1 into non-empty classes
+"""
+
+import math
+import typing
+
+import numpy as np
+
+from rnnlm.errors import RnnlmError
+from rnnlm.model import MAX_HIDDEN, MAX_LAYERS, param_shapes, read_class_bounds
+from rnnlm.tokenizer import vocab_of
+from rnnlm.untrusted import FLOATS, Npz, check_fits, checked, finite_float32
+
+KIND = "rnnlm-checkpoint"
+MAX_WINDOW = 100_000
+STATE_FIELDS = {
+    "epoch": (int,), "window": (int,), "epoch_loss": (float,), "lr": (float,), "halving": (bool,),
+    "stalls": (int,), "best": (float, type(None)), "divergences": (int,), "tokens_seen": (int,),
+    "elapsed_s": (float,), "records": (list,), "optimizer": (dict,), "epoch_start_optimizer": (dict,),
+    "rng": (dict,),
+}
+SCALARS = (str, int, float, bool, type(None))
+
+
+def read_checkpoint(path):
+    """(arrays, meta) of the checkpoint at ``path``, every field and array checked as the module says."""
+    with Npz(path, "checkpoint") as npz:
+        if "meta" not in npz.names:
+            raise RnnlmError(f"{path} is not a rnnlm checkpoint (no 'meta' member)")
+        meta = npz.read_json("meta")
+        where = f"{path}: meta"
+        if not isinstance(meta, dict) or meta.get("kind") != KIND:
+            raise RnnlmError(f"{path} is not a rnnlm checkpoint (its meta is not of kind {KIND!r})")
+        config = check_config(meta.get("config"), f"{where}.config")
+        check_options(meta.get("options"), f"{where}.options")
+        check_sources(meta.get("sources"), f"{where}.sources")
+        vocab = vocab_of({"level": config.level, "lowercase": config.lowercase, "vocab": meta.get("vocab")}, where)
+        check_state(meta.get("state"), config, f"{where}.state")
+        shapes = param_shapes(len(vocab), config.hidden, None, config.layers)
+        class_bounds = None
+        if config.softmax == "class":
+            class_bounds = read_class_bounds(npz, len(vocab))
+            shapes = param_shapes(len(vocab), config.hidden, len(class_bounds) - 1, config.layers)
+        expected = member_shapes(shapes, config)
+        npz.check_members(["meta", *expected] + ([] if class_bounds is None else ["class_bounds"]))
+        check_fits(4 * sum(math.prod(shape) for shape in expected.values()), f"{path}'s arrays")
+        arrays = {name: finite_float32(npz.read_array(name, FLOATS, shape), f"{path}: member {name + '.npy'!r}")
+                  for name, shape in expected.items()}
+    if class_bounds is not None:
+        arrays["class_bounds"] = class_bounds
+    return arrays, meta
+
+
+def check_cursor(meta, n_windows, path):
+    """RnnlmError unless the checkpoint's window cursor lies within an epoch of ``n_windows`` windows."""
+    window = meta["state"]["window"]
+    if window > n_windows:
+        raise RnnlmError(f"{path}: meta.state has 'window' = {window}, beyond the {n_windows} windows of an epoch "
+                         "of its text")
+
+
+def member_shapes(shapes, config):
+    """The float arrays' names and shapes of a checkpoint of a model with parameter ``shapes``."""
+    trainable = [name for name in shapes if not (config.tied and name == "W_x")]
+    rows = {name: shapes[name][::-1] if name == "W_x" else shapes[name] for name in trainable}
+    expected = {}
+    for prefix in ("params/", "epoch_start/params/"):
+        expected.update({prefix + name: shapes[name] for name in trainable})
+    expected.update({"best/" + name: shape for name, shape in shapes.items()})
+    if config.optimizer != "sgd":
+        for prefix in ("optimizer/", "epoch_start/optimizer/"):
+            for moment in ("moment1/", "moment2/"):
+                expected.update({prefix + moment + name: shape for name, shape in rows.items()})
+    expected.update({f"carried_state/{k}": (config.batch, config.hidden) for k in range(config.layers)})
+    return expected
+
+
+def _dataclass(record, cls, where):
+    """An instance of the dataclass ``cls`` from a JSON object holding exactly its fields, each of its type."""
+    if not isinstance(record, dict):
+        raise RnnlmError(f"{where} is not a JSON object")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(record) - set(hints), key=str)
+    if unknown:
+        raise RnnlmError(f"{where} has an unknown field {unknown[0][:40]!r}")
+    for name, hint in hints.items():
+        checked(record, name, where, typing.get_args(hint) or (hint,))
+    instance = cls(**record)
+    try:
+        instance.check()
+    except RnnlmError as exc:
+        raise RnnlmError(f"{where}: {exc}") from None
+    return instance
+
+
+def check_config(record, where):
+    """The ``train.TrainConfig`` of a checkpoint's meta, checked."""
+    from rnnlm.train import TrainConfig  # rnnlm.train imports this module
+
+    config = _dataclass(record, TrainConfig, where)
+    for name, high in (("hidden", MAX_HIDDEN), ("layers", MAX_LAYERS), ("bptt", MAX_WINDOW), ("batch", MAX_WINDOW)):
+        checked(record, name, where, (int,), low=1, high=high)
+    checked(record, "schedule", where, (str,))
+    return config
+
+
+def check_options(record, where):
+    from rnnlm.train import RunOptions  # rnnlm.train imports this module
+
+    _dataclass(record, RunOptions, where)
+
+
+def check_sources(record, where):
+    if not isinstance(record, dict):
+        raise RnnlmError(f"{where} is not a JSON object")
+    for name in ("text", "valid", "model"):
+        value = checked(record, name, where, (str, type(None)) if name == "valid" else (str,))
+        if value is not None and (not value or "\0" in value):
+            raise RnnlmError(f"{where} has {name!r} = {value[:40]!r}, expected a path")
+
+
+def check_state(state, config, where):
+    """The schedule, cursor, optimizer scalars and RNG state of a checkpoint's meta, checked."""
+    from rnnlm.train import MAX_DIVERGENCES  # rnnlm.train imports this module
+
+    if not isinstance(state, dict):
+        raise RnnlmError(f"{where} is not a JSON object")
+    unknown = sorted(set(state) - set(STATE_FIELDS) - {"tokens_per_s"}, key=str)
+    if unknown:
+        raise RnnlmError(f"{where} has an unknown field {unknown[0][:40]!r}")
+    for name, types in STATE_FIELDS.items():
+        checked(state, name, where, types, low=0 if float in types or int in types else None)
+    checked(state, "epoch", where, (int,), low=1, high=config.epochs + 1)
+    checked(state, "divergences", where, (int,), low=0, high=MAX_DIVERGENCES)
+    checked(state, "best", where, (float, type(None)), low=math.ulp(0.0))
+    checked(state, "tokens_per_s", where, (float, type(None)), default=None, low=0)
+    if not all(isinstance(r, dict) and all(isinstance(v, SCALARS) for v in r.values()) for r in state["records"]):
+        raise RnnlmError(f"{where} has 'records' that are not all objects of numbers, strings and nulls")
+    for name in ("optimizer", "epoch_start_optimizer"):
+        scalars = state[name]
+        if config.optimizer == "sgd" and scalars:
+            raise RnnlmError(f"{where} has optimizer fields {sorted(scalars)[:3]} for SGD, which has none")
+        if config.optimizer != "sgd":
+            if set(scalars) != {"t"}:
+                raise RnnlmError(f"{where}.{name} must hold exactly 't' for {config.optimizer}")
+            checked(scalars, "t", f"{where}.{name}", (int,), low=0)
+    check_rng(state["rng"], f"{where}.rng")
+
+
+def check_rng(rng, where):
+    """RnnlmError unless ``rng`` is a PCG64 bit generator state (as numpy writes it) that numpy accepts."""
+    if set(rng) != {"bit_generator", "state", "has_uint32", "uinteger"} or rng["bit_generator"] != "PCG64":
+        raise RnnlmError(f"{where} is not a PCG64 random generator state")
+    inner = rng["state"]
+    if not isinstance(inner, dict) or set(inner) != {"state", "inc"}:
+        raise RnnlmError(f"{where}.state must hold exactly 'state' and 'inc'")
+    for name in ("state", "inc"):
+        checked(inner, name, f"{where}.state", (int,), low=0, high=2**128 - 1)
+    checked(rng, "has_uint32", where, (int,), low=0, high=1)
+    checked(rng, "uinteger", where, (int,), low=0, high=2**32 - 1)
+    try:
+        np.random.PCG64().state = rng
+    except (TypeError, ValueError, KeyError, OverflowError) as exc:
+        raise RnnlmError(f"{where} is not a state numpy accepts ({exc})") from None
