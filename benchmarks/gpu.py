@@ -52,7 +52,7 @@ PARITY_LOSS_RTOL = 1e-4  # float32, different summation orders on the two backen
 PARITY_GRAD_RTOL = 1e-3
 FULL_SIZES = [(m, B) for m in (200, 650, 1024) for B in (20, 64, 256)]
 QUICK_SIZES = [(200, 20), (200, 64)]
-PARITY_SIZES = [(200, 20), (200, 256)]  # one stream per block, and several (see cuda._streams_per_block)
+PARITY_SIZES = [(200, 20), (200, 256)]  # one stream per block, and several (see rnnlm.backends.cuda.recurrence._streams_per_block)
 SIMULATOR = {"sizes": [(8, 2)], "vocab": 50, "bptt": 3, "parity": [(8, 2), (8, 9)], "classes": 5, "host_windows": 2}
 HOST_WINDOWS = 20  # training windows that host_time times
 

@@ -15,6 +15,7 @@ import pytest
 
 from rnnlm.backends import cpu
 from rnnlm.backends import cuda as ops
+from rnnlm.backends.cuda import device, gemm, recurrence
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,11 +24,16 @@ def random(rng, *shape):
     return rng.standard_normal(shape)
 
 
+def clear_caches(*factories):
+    for factory in factories:
+        factory.cache_clear()
+
+
 @pytest.mark.parametrize("n, p, K", [(40, 20, 40), (40, 36, 20)], ids=["small-tile", "large-tile"])
 def test_gemms_with_k_split_over_blocks(monkeypatch, n, p, K):
     """Partial row and column tiles, k split into chunks of 16 (the last one partial), the three layouts."""
-    monkeypatch.setattr(ops, "_sm_count", lambda: 8)
-    monkeypatch.setattr(ops, "_MIN_K_PER_SPLIT", 8)
+    monkeypatch.setattr(device, "sm_count", lambda: 8)
+    monkeypatch.setattr(gemm, "MIN_K_PER_SPLIT", 8)
     rng = np.random.default_rng(0)
     A, B = random(rng, n, K), random(rng, p, K)
     cases = {
@@ -44,11 +50,11 @@ def test_gemms_with_k_split_over_blocks(monkeypatch, n, p, K):
 @pytest.fixture
 def small_recurrence_blocks(monkeypatch):
     """32 threads and 16-value stage chunks: m = 40 takes two row passes and three chunks, both partial."""
-    monkeypatch.setattr(ops, "_MAX_RECURRENCE_THREADS", 32)
-    monkeypatch.setattr(ops, "_STAGE_BYTES", 16 * 8)
-    ops._recurrence_kernels.cache_clear()  # the chunk is a constant of the built kernels
+    monkeypatch.setattr(recurrence, "MAX_RECURRENCE_THREADS", 32)
+    monkeypatch.setattr(recurrence, "STAGE_BYTES", 16 * 8)
+    clear_caches(recurrence._stream_matvec, recurrence._stream_kernel)  # the chunk is a constant of the kernels
     yield
-    ops._recurrence_kernels.cache_clear()
+    clear_caches(recurrence._stream_matvec, recurrence._stream_kernel)
 
 
 def check_recurrence(T, B, m):
@@ -71,7 +77,7 @@ def check_recurrence(T, B, m):
 @pytest.mark.parametrize("streams", [1, 2, 4])
 def test_recurrence_in_passes_and_chunks(monkeypatch, small_recurrence_blocks, streams):
     """Streams split over blocks: B = 3 streams in blocks of 1, 2 or 4 (partial)."""
-    monkeypatch.setattr(ops, "_streams_per_block", lambda B: streams)
+    monkeypatch.setattr(recurrence, "_streams_per_block", lambda B: streams)
     check_recurrence(3, 3, 40)
 
 
@@ -80,13 +86,13 @@ def test_recurrence_with_units_split_over_blocks(monkeypatch, B):
     """Units split over blocks (the large-m kernels): 40 units in 5 groups of 8 on the simulator's one block,
     streams in groups of 8 (the last partial), the vectors staged 16 values at a time (three chunks, the last
     partial), a lane's share of a chunk one value or none."""
-    monkeypatch.setattr(ops, "_SPLIT_MIN_M", 0)
-    monkeypatch.setattr(ops, "_SPLIT_STAGE_BYTES", 8 * 16 * 8)
-    ops._split_recurrence_kernels.cache_clear()  # the chunk is a constant of the built kernels
+    monkeypatch.setattr(recurrence, "SPLIT_MIN_M", 0)
+    monkeypatch.setattr(recurrence, "SPLIT_STAGE_BYTES", 8 * 16 * 8)
+    clear_caches(recurrence._split_lanes, recurrence._split_kernel)  # the chunk is a constant of the kernels
     try:
         check_recurrence(3, B, 40)
     finally:
-        ops._split_recurrence_kernels.cache_clear()
+        clear_caches(recurrence._split_lanes, recurrence._split_kernel)
 
 
 def test_embedding_and_its_gradient_over_long_token_lists():
@@ -226,15 +232,16 @@ def test_grad_norm_and_sgd_updates_over_several_arrays():
 
 VIEW_TRANSPOSE = """
 import numpy as np
-from rnnlm.backends import cuda as ops
+from rnnlm.backends.cuda.arrays import flat
+from rnnlm.backends.cuda.device import DeviceArray
 
-a = ops._DeviceArray((2, 3), (12, 4), np.float32, 0, object())
+a = DeviceArray((2, 3), (12, 4), np.float32, 0, object())
 t = a.T
-assert type(t) is ops._DeviceArray and t.gpu_data is a.gpu_data
+assert type(t) is DeviceArray and t.gpu_data is a.gpu_data
 assert t.shape == (3, 2) and t.strides == (4, 12) and t.is_f_contiguous()
 assert t.T.shape == (2, 3) and t.T.is_c_contiguous()
-assert ops._flat(t).shape == (6,) and type(ops._flat(t)) is ops._DeviceArray
-assert a.T is t and ops._flat(t) is ops._flat(t) and a.reshape(3, 2) is a.reshape(3, 2)
+assert flat(t).shape == (6,) and type(flat(t)) is DeviceArray
+assert a.T is t and flat(t) is flat(t) and a.reshape(3, 2) is a.reshape(3, 2)
 assert t.launch_params == (0, 0, 6, 4, 0, 3, 2, 4, 12)  # as numba-cuda passes it (no memory here: pointer 0)
 """
 

@@ -1,11 +1,106 @@
 """The kernels behind one interface: ``cpu`` (Numba ``@njit``) and ``cuda`` (``numba.cuda``).
 
-Both modules define the same functions with the same signatures; ``rnnlm.step`` composes them.
+Both backends define every op of ``OPS`` with the same parameters; ``rnnlm.step`` composes them. ``OPS`` is
+the contract, written once: each op's shapes, what it overwrites or accumulates, what it returns. The
+backends' own docstrings say how each side computes it. tests/test_backend_contract.py checks that both
+export every op with these parameters and agree on small random inputs.
+
+Arrays are backend arrays (numpy arrays on the CPU, device arrays on CUDA), C-contiguous unless an op says
+"any layout"; W_x (m, V) and its gradient are column-major (``rnnlm.step`` keeps them as transposed views
+of (V, m) arrays). Floats are float32 in training and float64 in the gradient checks; token ids and class
+bounds are int32; masks are uint8 (V,) or (R,) marking rows. A "loss" is Σ_rows -log p(target) as
+float64: a Python float on the CPU, a ``DeviceSum`` on CUDA (``float()`` reads it). Nothing returns unless
+a loss is listed.
 """
+
+from typing import NamedTuple
 
 from rnnlm.errors import RnnlmError
 
 DEVICES = ("cpu", "cuda", "auto")
+
+
+class Op(NamedTuple):
+    """One op of the contract: its parameters in order and what it computes."""
+
+    params: tuple
+    does: str
+
+
+def _op(params, does):
+    return Op(tuple(params.split()), does)
+
+
+OPS = {
+    # arrays
+    "asarray": _op("array dtype", "a new C-contiguous backend array holding a copy of the host array (dtype: "
+                   "None keeps the array's)"),
+    "to_numpy": _op("array", "a new numpy array holding a copy of the backend array"),
+    "zeros": _op("shape dtype", "a new backend array of zeros (dtype float32 by default)"),
+    "copy_into": _op("src dst", "dst[...] = src; src a host array (any layout) or a backend array laid out "
+                     "like dst"),
+    "synchronize": _op("", "returns once every op launched so far has finished"),
+    # GEMMs
+    "matmul_nt": _op("A B out", "out = A Bᵀ: A (n, k), B (p, k), out (n, p) overwritten"),
+    "matmul_nn": _op("A B out", "out = A B: A (n, k), B (k, p), out (n, p) overwritten"),
+    "matmul_tn": _op("A B out", "out = Aᵀ B: A (k, n), B (k, p), out (n, p) overwritten"),
+    # recurrence
+    "embed": _op("W_x inputs U", "U[t, b] = W_x[:, inputs[t, b]], the input term W_x x_{t-1}: W_x (m, V) "
+                 "column-major, inputs (T, B), U (T, B, m) overwritten"),
+    "forward": _op("W_s b_s U S", "S[t + 1] = tanh(W_s S[t] + U[t] + b_s) for t < T: W_s (m, m), b_s (m,), U (T, "
+                   "B, m) the input term (W_x x_{t-1} in the first layer, W_in times the layer below's output "
+                   "above it); S (T + 1, B, m): S[0] the carried state is read, S[1:] overwritten"),
+    "backward": _op("W_s S dL_ds_out dL_da", "backpropagation through time over the window: dL/ds_t = "
+                    "dL_ds_out[t] + W_sᵀ dL/da_{t+1} (no later term at t = T - 1), dL_da[t] = (1 - S[t + 1]²) ⊙ "
+                    "dL/ds_t; S (T + 1, B, m) from forward, dL_ds_out (T, B, m), dL_da (T, B, m) overwritten. The "
+                    "carried state gets no gradient (truncated BPTT)"),
+    "input_grads": _op("inputs dL_dU dW_x touched", "dW_x[:, inputs[t, b]] += dL_dU[t, b] over the window and "
+                       "touched[inputs[t, b]] = 1: inputs (T, B), dL_dU (T, B, m), dW_x (m, V) column-major and "
+                       "zero in the columns not marked in touched (V,) on entry; each column's sum in position order"),
+    "bias_grad": _op("dL_da db", "db = Σ_rows dL_da: dL_da (N, m), db (m,) overwritten"),
+    "multiply": _op("a mask out", "out = a ⊙ mask elementwise, arrays of one shape (out may be a)"),
+    "masked_add_rows": _op("dst_rows src_rows src_mask dst_mask", "for the rows r marked in src_mask: "
+                           "dst_rows[r] += src_rows[r], src_rows[r] = 0, dst_mask[r] = 1, src_mask[r] = 0 (tied "
+                           "weights fold W_x's sparse gradient into W_o's); rows (R, m) any layout"),
+    # softmax
+    "softmax_xent_grad": _op("Z b_o targets scale db_o", "Z (N, V) holds the logits without the bias on entry "
+                             "and scale · (softmax(Z + b_o) - onehot(targets)) on return; targets (N,); db_o (V,) "
+                             "overwritten with Σ_rows of the new Z. Returns the loss"),
+    "softmax_xent": _op("Z b_o targets", "returns the loss of softmax(Z + b_o) at targets; Z (N, V) is scratch "
+                        "(it may be overwritten)"),
+    # class softmax
+    "class_xent_grad": _op("S_next W_o b_o targets target_classes class_bounds scale dW_o db_o dL_ds touched "
+                           "dW_o_norm", "the word half of the class softmax, p(w | c) over the words "
+                           "class_bounds[c] ≤ w < class_bounds[c + 1] of row r's class c = target_classes[r], "
+                           "z = W_o[w] S_next[r] + b_o[w]: S_next, dL_ds (N, m); W_o, dW_o (V, m); b_o, db_o, "
+                           "touched (V,); targets, target_classes (N,); class_bounds (C + 1,). Adds scale · dL/dz "
+                           "⊗ S_next[r] to dW_o's rows of the class (zero on entry in the rows of every class used) "
+                           "and W_o[class]ᵀ (scale · dL/dz) to dL_ds[r]; overwrites db_o (zero outside the classes "
+                           "used); sets touched[w] = 1 for the words of every class used; dW_o_norm (1,) float64 "
+                           "overwritten with the norm of dW_o over the touched rows. Returns the loss of p(w | c)"),
+    "class_xent": _op("S_next W_o b_o targets target_classes class_bounds", "returns the loss of p(w | c) as in "
+                      "class_xent_grad, nothing written"),
+    # update
+    "grad_norm": _op("pairs clip clipping", "clipping (2,) float64 overwritten with (‖g‖, min(1, clip / ‖g‖)) "
+                     "(factor 1 when clip = 0) for the gradients of pairs (array, mask): mask None for a whole "
+                     "array, else uint8 (R,) marking the rows of an (R, m) array, any layout, that count"),
+    "sgd_update": _op("param grad lr shrink clipping", "param = shrink · param - step · grad, step = lr · "
+                      "clipping[1] in param's dtype; any shape, C-contiguous (CUDA: C or F, param and grad alike); shrink = 1 - lr · "
+                      "2λ in param's dtype"),
+    "sgd_updates": _op("pairs lr shrink clipping", "sgd_update on every (param, grad) of pairs, lr and shrink "
+                       "Python floats"),
+    "masked_sgd_update": _op("param_rows grad_rows mask lr clipping", "for the rows r marked in mask: "
+                             "param_rows[r] -= step · grad_rows[r], step = lr · clipping[1] in the rows' dtype, then "
+                             "grad_rows[r] = 0 and mask[r] = 0 (lr = 0 only clears); rows (R, m) any layout"),
+    "adam_update": _op("param grad moment1 moment2 lr_t clipping decay beta1 beta2 eps", "g = clipping[1] · grad "
+                       "+ decay · param, moment1 = β1 moment1 + (1 - β1) g, moment2 = β2 moment2 + (1 - β2) g², "
+                       "param -= lr_t moment1 / (√moment2 + eps), all overwritten in place; lr_t carries the bias "
+                       "correction; the scalars in the arrays' dtype"),
+    "masked_adam_update": _op("param_rows grad_rows moment1 moment2 mask lr_t clipping decay beta1 beta2 eps",
+                              "adam_update on the rows marked in mask alone, their moments included (lazy Adam); "
+                              "the gradient rows and the mask are left for masked_sgd_update with lr = 0 to clear; "
+                              "param_rows, grad_rows (R, m) any layout, moments (R, m) C-contiguous"),
+}
 
 
 def cuda_available():

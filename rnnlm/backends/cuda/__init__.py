@@ -1,0 +1,48 @@
+"""CUDA backend: ``numba.cuda`` kernels on device arrays, the twin of ``rnnlm.backends.cpu`` op for op.
+
+The ops and what each computes are listed once, in ``rnnlm.backends.OPS``; the docstrings here say how this
+side computes them. The modules follow the sections of cpu.py, in its order:
+
+- ``arrays``: host-device copies, zeros, flat views and grid-stride fills and copies;
+- ``gemm``: the three GEMM layouts through one tiled shared-memory kernel;
+- ``recurrence``: the window's forward and backward passes in one launch each, the first layer's input term
+  (``embed``) and the gradients that end in the recurrence;
+- ``softmax``: one block per row; the loss as a ``DeviceSum``;
+- ``class_softmax``: the word half of the class-based softmax, by row and then by word;
+- ``update``: the gradient norm and clipping factor on the device, SGD and Adam;
+
+and two that serve them: ``reductions`` (sums in a fixed order: block trees, column sums, linked lists of
+positions by key) and ``device``, the one module coupled to numba-cuda (launching, device arrays,
+workspaces, launch geometry; the numba-cuda versions it is written against).
+
+Arrays are numba device arrays, C-contiguous except W_x and its gradient, which ``rnnlm.step`` keeps
+column-major as transposed views; float32 in training (float64 works too, for the gradient checks); token
+ids are int32. Everything runs on the default stream, so kernels follow each other in launch order; only
+the scalars a caller asks for (a loss, a norm) come back to the host, and a training step is queued whole
+before the host waits for the device. Every sum runs in a fixed order, without floating-point atomics:
+results do not change from run to run. Kernels whose shared or local arrays need a compile-time element
+type are built by small factories cached per dtype (and per tile constant).
+"""
+
+from rnnlm.backends.cuda.arrays import asarray, copy_into, synchronize, to_numpy, zeros
+from rnnlm.backends.cuda.class_softmax import class_xent, class_xent_grad
+from rnnlm.backends.cuda.gemm import matmul_nn, matmul_nt, matmul_tn
+from rnnlm.backends.cuda.recurrence import backward, bias_grad, embed, forward, input_grads, masked_add_rows, multiply
+from rnnlm.backends.cuda.softmax import DeviceSum, softmax_xent, softmax_xent_grad
+from rnnlm.backends.cuda.update import (
+    adam_update,
+    grad_norm,
+    masked_adam_update,
+    masked_sgd_update,
+    sgd_update,
+    sgd_updates,
+)
+
+name = "cuda"
+
+__all__ = [
+    "DeviceSum", "adam_update", "asarray", "backward", "bias_grad", "class_xent", "class_xent_grad", "copy_into",
+    "embed", "forward", "grad_norm", "input_grads", "masked_adam_update", "masked_add_rows", "masked_sgd_update",
+    "matmul_nn", "matmul_nt", "matmul_tn", "multiply", "name", "sgd_update", "sgd_updates", "softmax_xent",
+    "softmax_xent_grad", "synchronize", "to_numpy", "zeros",
+]

@@ -1,0 +1,153 @@
+"""Update: the gradient norm and clipping factor on the device, SGD and Adam, dense and on marked rows.
+
+The norm launches one kernel per parameter into one buffer of block sums, which one block adds into the
+norm and the clipping factor on the device; the update kernels read the factor there, so that a training
+step never waits for the device. Plain array arguments throughout: numba-cuda dispatches tuples of arrays
+so slowly that fusing launches that way costs more than it saves.
+"""
+
+import math
+
+import numpy as np
+from numba import cuda
+
+from rnnlm.backends.cuda import device
+from rnnlm.backends.cuda.arrays import flat
+from rnnlm.backends.cuda.reductions import masked_sum_squares_kernel, norm, sum_squares_kernel
+
+
+def grad_norm(pairs, clip, clipping):
+    """Each array's block sums of squares (one launch per array) into one buffer, which one block adds in a
+    fixed order into the norm and the factor."""
+    launches = []
+    for array, mask in pairs:
+        if mask is None:
+            flat_array = flat(array)
+            blocks, threads = device.spread(flat_array.size, device.REDUCE_THREADS)
+            launches.append((sum_squares_kernel, min(blocks, 4 * device.sm_count()), threads, (flat_array,)))
+        else:
+            blocks, threads = device.row_grid(*array.shape)
+            launches.append((masked_sum_squares_kernel, blocks, threads, (array, mask)))
+    partials = device.workspace("sums of squares", (sum(blocks for _, blocks, _, _ in launches),), np.float64)
+    offset = 0
+    for kernel, blocks, threads, args in launches:
+        device.launch(kernel, blocks, threads, *args, partials[offset : offset + blocks])
+        offset += blocks
+    norm(partials, clip, clipping)
+
+
+@cuda.jit
+def _sgd_kernel(param, grad, lr, shrink, clipping):
+    """param = shrink · param - lr · clipping[1] · grad over flat arrays (grid-stride)."""
+    step = param.dtype.type(lr * clipping[1])
+    k = cuda.grid(1)
+    while k < param.shape[0]:
+        param[k] = shrink * param[k] - step * grad[k]
+        k += cuda.gridsize(1)
+
+
+def sgd_update(param, grad, lr, shrink, clipping):
+    """A grid-stride kernel over the flat arrays (param and grad laid out alike, C or F)."""
+    out = flat(param)
+    blocks, threads = device.elementwise_grid(out.size)
+    device.launch(_sgd_kernel, blocks, threads, out, flat(grad), float(lr), shrink, clipping)
+
+
+def sgd_updates(pairs, lr, shrink, clipping):
+    """One launch per pair."""
+    for param, grad in pairs:
+        sgd_update(param, grad, lr, param.dtype.type(shrink), clipping)
+
+
+@cuda.jit
+def _marked_rows_kernel(dst_rows, src_rows, src_mask, dst_mask, lr, clipping):
+    """dst_rows[r] -= lr · clipping[1] · src_rows[r], src_rows[r] = 0, dst_mask[r] = 1, then src_mask[r] = 0,
+    for the rows r marked in src_mask (dst_mask may be src_mask: the mark is then cleared).
+
+    A block takes blockDim.y rows per sweep (grid-stride), x-threads along a row; every thread of the block
+    runs every sweep, reads its row's mark before the sweep's barrier, and the mark is cleared after it:
+    no thread clears a mark another has yet to read, and one launch suffices.
+    """
+    step = dst_rows.dtype.type(lr * clipping[1])
+    R, m = dst_rows.shape
+    r0 = cuda.blockIdx.x * cuda.blockDim.y
+    while r0 < R:  # the same trip count for every thread of the block
+        r = r0 + cuda.threadIdx.y
+        marked = r < R and src_mask[r] != 0
+        cuda.syncthreads()
+        if marked:
+            i = cuda.threadIdx.x
+            while i < m:
+                dst_rows[r, i] -= step * src_rows[r, i]
+                src_rows[r, i] = 0
+                i += cuda.blockDim.x
+            if cuda.threadIdx.x == 0:
+                dst_mask[r] = 1
+                src_mask[r] = 0
+        r0 += cuda.gridDim.x * cuda.blockDim.y
+
+
+def marked_rows_update(dst_rows, src_rows, src_mask, dst_mask, lr, clipping):
+    """``_marked_rows_kernel`` in blocks of rows, x-threads along a row."""
+    blocks, threads = device.row_grid(*dst_rows.shape)
+    device.launch(_marked_rows_kernel, blocks, threads, dst_rows, src_rows, src_mask, dst_mask, float(lr), clipping)
+
+
+def masked_sgd_update(param_rows, grad_rows, mask, lr, clipping):
+    """Blocks of rows in sweeps, x-threads along a row, one launch (see ``_marked_rows_kernel``)."""
+    marked_rows_update(param_rows, grad_rows, mask, mask, lr, clipping)
+
+
+@cuda.jit(device=True)
+def _adam_element(param, grad, moment1, moment2, k, lr_t, grad_scale, decay, beta1, rest1, beta2, rest2, eps):
+    """The Adam step of element k of 1-D arrays; rest1 = 1 - β1, rest2 = 1 - β2."""
+    g = grad_scale * grad[k] + decay * param[k]
+    moment1[k] = beta1 * moment1[k] + rest1 * g
+    moment2[k] = beta2 * moment2[k] + rest2 * g * g
+    param[k] -= lr_t * moment1[k] / (math.sqrt(moment2[k]) + eps)
+
+
+@cuda.jit
+def _masked_adam_kernel(param_rows, grad_rows, moment1, moment2, mask, lr_t, clipping, decay, beta1, rest1, beta2,
+                        rest2, eps):
+    """The lazy Adam step of ``masked_adam_update``: blockDim.y rows per block (grid-stride), x-threads
+    along a row. The mask is only read, so no barrier is needed (compare ``_marked_rows_kernel``)."""
+    grad_scale = param_rows.dtype.type(clipping[1])
+    R, m = param_rows.shape
+    r = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+    while r < R:
+        if mask[r] != 0:
+            i = cuda.threadIdx.x
+            while i < m:
+                _adam_element(param_rows[r], grad_rows[r], moment1[r], moment2[r], i, lr_t, grad_scale, decay,
+                              beta1, rest1, beta2, rest2, eps)
+                i += cuda.blockDim.x
+        r += cuda.gridDim.x * cuda.blockDim.y
+
+
+def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, clipping, decay, beta1, beta2, eps):
+    """Blocks of rows, x-threads along a row; the mask is only read."""
+    one = param_rows.dtype.type(1)
+    blocks, threads = device.row_grid(*param_rows.shape)
+    device.launch(_masked_adam_kernel, blocks, threads, param_rows, grad_rows, moment1, moment2, mask, lr_t,
+                  clipping, decay, beta1, one - beta1, beta2, one - beta2, eps)
+
+
+@cuda.jit
+def _adam_kernel(param, grad, moment1, moment2, lr_t, clipping, decay, beta1, rest1, beta2, rest2, eps):
+    """The Adam step of ``adam_update`` on flat arrays (grid-stride); rest1 = 1 - β1, rest2 = 1 - β2."""
+    grad_scale = param.dtype.type(clipping[1])
+    k = cuda.grid(1)
+    while k < param.shape[0]:
+        _adam_element(param, grad, moment1, moment2, k, lr_t, grad_scale, decay, beta1, rest1, beta2, rest2, eps)
+        k += cuda.gridsize(1)
+
+
+def adam_update(param, grad, moment1, moment2, lr_t, clipping, decay, beta1, beta2, eps):
+    """A grid-stride kernel over the flat arrays."""
+    one = param.dtype.type(1)
+    out = flat(param)
+    blocks, threads = device.elementwise_grid(out.size)
+    moments = flat(moment1), flat(moment2)
+    device.launch(_adam_kernel, blocks, threads, out, flat(grad), *moments, lr_t, clipping, decay, beta1,
+                  one - beta1, beta2, one - beta2, eps)

@@ -1,0 +1,249 @@
+"""The backend contract (``rnnlm.backends.OPS``): both backends export exactly its ops with its parameters,
+and every op gives the same results on both for the same small random inputs (float64; the CUDA backend
+under the simulator), each output compared, whether overwritten, accumulated or returned."""
+
+import inspect
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rnnlm.backends import OPS, cpu, cuda
+from rnnlm.backends.cuda import device
+
+N, m, V, T, B = 6, 5, 9, 3, 2
+CLASS_BOUNDS = np.array([0, 2, 5, 7, 9], np.int32)  # class 3 unused by the targets below
+ROW_MASK = np.array([1, 0, 0, 1, 1, 0, 0, 0, 1], np.uint8)
+
+
+def public_ops(module):
+    """The functions a backend exports (numba's dispatchers included), by name."""
+    ops = {}
+    for name, value in vars(module).items():
+        function = getattr(value, "py_func", value)
+        if name.startswith("_") or not inspect.isfunction(function):
+            continue
+        if function.__module__.startswith(module.__name__):
+            ops[name] = function
+    return ops
+
+
+@pytest.mark.parametrize("backend", [cpu, cuda], ids=["cpu", "cuda"])
+def test_a_backend_exports_the_contracts_ops_with_its_parameters(backend):
+    ops = public_ops(backend)
+    assert sorted(ops) == sorted(OPS)
+    for name, function in ops.items():
+        assert tuple(inspect.signature(function).parameters) == OPS[name].params, name
+
+
+def test_the_numba_cuda_pin_is_the_one_the_device_module_is_written_against():
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    pins = [requirement for extra in ("dev", "cuda") for requirement in extras[extra] if "numba-cuda" in requirement]
+    assert pins and all(pin.endswith(device.NUMBA_CUDA) for pin in pins), pins
+
+
+def rand(rng, *shape):
+    return rng.standard_normal(shape)
+
+
+def column_major(ops, array):
+    """A backend copy of array (m, V) laid out column-major, as rnnlm.step keeps W_x."""
+    return ops.asarray(np.ascontiguousarray(array.T)).T
+
+
+def outputs(ops, result, **arrays):
+    """Every named backend array as numpy, and the op's result (a loss: read as a float)."""
+    out = {name: ops.to_numpy(array) for name, array in arrays.items()}
+    if result is not None:
+        out["result"] = float(result)
+    return out
+
+
+def case_asarray(ops, rng):
+    return {"float32": ops.to_numpy(ops.asarray(rand(rng, 3, 4), np.float32)),
+            "kept": ops.to_numpy(ops.asarray(np.asfortranarray(rand(rng, 3, 4))))}
+
+
+def case_to_numpy(ops, rng):
+    return {"copy": ops.to_numpy(ops.asarray(rand(rng, 2, 3)))}
+
+
+def case_zeros(ops, rng):
+    return {"float32": ops.to_numpy(ops.zeros((2, 3))), "uint8": ops.to_numpy(ops.zeros(4, np.uint8))}
+
+
+def case_copy_into(ops, rng):
+    from_host, from_device = ops.zeros((3, 4), np.float64), ops.zeros((4, 3), np.float64).T
+    ops.copy_into(rand(rng, 3, 4), from_host)
+    ops.copy_into(column_major(ops, rand(rng, 3, 4)), from_device)
+    return outputs(ops, None, from_host=from_host, from_device=from_device)
+
+
+def case_synchronize(ops, rng):
+    assert ops.synchronize() is None
+    return {}
+
+
+def matmul_case(name, a_shape, b_shape):
+    def case(ops, rng):
+        out = ops.zeros((4, 7), np.float64)
+        getattr(ops, name)(ops.asarray(rand(rng, *a_shape)), ops.asarray(rand(rng, *b_shape)), out)
+        return outputs(ops, None, out=out)
+
+    return case
+
+
+def case_embed(ops, rng):
+    U = ops.zeros((T, B, m), np.float64)
+    ops.embed(column_major(ops, rand(rng, m, V)), ops.asarray(rng.integers(0, 3, (T, B)), np.int32), U)
+    return outputs(ops, None, U=U)
+
+
+def case_forward(ops, rng):
+    S = np.zeros((T + 1, B, m))
+    S[0] = rand(rng, B, m)
+    S = ops.asarray(S)
+    ops.forward(ops.asarray(rand(rng, m, m) / 2), ops.asarray(rand(rng, m)), ops.asarray(rand(rng, T, B, m)), S)
+    return outputs(ops, None, S=S)
+
+
+def case_backward(ops, rng):
+    dL_da = ops.asarray(rand(rng, T, B, m))  # overwritten whole
+    S = ops.asarray(np.tanh(rand(rng, T + 1, B, m)))
+    ops.backward(ops.asarray(rand(rng, m, m) / 2), S, ops.asarray(rand(rng, T, B, m)), dL_da)
+    return outputs(ops, None, dL_da=dL_da)
+
+
+def case_input_grads(ops, rng):
+    inputs = rng.integers(0, 4, (T, B)).astype(np.int32)
+    dW_x = np.zeros((m, V))
+    dW_x[:, 7] = rand(rng, m)  # a column marked by an earlier window
+    touched = np.zeros(V, np.uint8)
+    touched[7] = 1
+    dW_x, touched = column_major(ops, dW_x), ops.asarray(touched)
+    ops.input_grads(ops.asarray(inputs), ops.asarray(rand(rng, T, B, m)), dW_x, touched)
+    return outputs(ops, None, dW_x=dW_x, touched=touched)
+
+
+def case_bias_grad(ops, rng):
+    db = ops.asarray(rand(rng, m))
+    ops.bias_grad(ops.asarray(rand(rng, N, m)), db)
+    return outputs(ops, None, db=db)
+
+
+def case_multiply(ops, rng):
+    out, a = ops.zeros((T, B, m), np.float64), ops.asarray(rand(rng, T, B, m))
+    ops.multiply(ops.asarray(rand(rng, T, B, m)), ops.asarray(rand(rng, T, B, m)), out)
+    ops.multiply(a, ops.asarray(rand(rng, T, B, m)), a)
+    return outputs(ops, None, out=out, in_place=a)
+
+
+def case_masked_add_rows(ops, rng):
+    dst, src = ops.asarray(rand(rng, V, m)), ops.asarray(rand(rng, V, m))
+    src_mask, dst_mask = ops.asarray(ROW_MASK), ops.asarray(np.roll(ROW_MASK, 1))
+    ops.masked_add_rows(dst, src, src_mask, dst_mask)
+    return outputs(ops, None, dst=dst, src=src, src_mask=src_mask, dst_mask=dst_mask)
+
+
+def softmax_args(ops, rng):
+    return ops.asarray(3 * rand(rng, N, V)), ops.asarray(rand(rng, V)), ops.asarray(rng.integers(0, V, N), np.int32)
+
+
+def case_softmax_xent_grad(ops, rng):
+    Z, b_o, targets = softmax_args(ops, rng)
+    db_o = ops.asarray(rand(rng, V))
+    return outputs(ops, ops.softmax_xent_grad(Z, b_o, targets, 0.5, db_o), Z=Z, db_o=db_o)
+
+
+def case_softmax_xent(ops, rng):
+    return outputs(ops, ops.softmax_xent(*softmax_args(ops, rng)))  # Z is scratch
+
+
+def class_args(ops, rng):
+    target_classes = np.array([1, 0, 2, 1, 1, 2], np.int32)
+    targets = np.array([rng.integers(CLASS_BOUNDS[c], CLASS_BOUNDS[c + 1]) for c in target_classes], np.int32)
+    S_next, W_o, b_o = rand(rng, N, m), rand(rng, V, m), rand(rng, V)
+    return [ops.asarray(a) for a in (S_next, W_o, b_o, targets, target_classes, CLASS_BOUNDS)]
+
+
+def case_class_xent_grad(ops, rng):
+    args = class_args(ops, rng)
+    written = {"dW_o": ops.zeros((V, m), np.float64), "db_o": ops.asarray(rand(rng, V)),
+               "dL_ds": ops.asarray(rand(rng, N, m)), "touched": ops.zeros(V, np.uint8),
+               "dW_o_norm": ops.zeros(1, np.float64)}
+    return outputs(ops, ops.class_xent_grad(*args, 0.25, *written.values()), **written)
+
+
+def case_class_xent(ops, rng):
+    return outputs(ops, ops.class_xent(*class_args(ops, rng)))
+
+
+def case_grad_norm(ops, rng):
+    dense, rows = ops.asarray(rand(rng, 3, 4)), column_major(ops, rand(rng, m, V)).T
+    clipping, unclipped = ops.zeros(2, np.float64), ops.zeros(2, np.float64)
+    pairs = [(dense, None), (rows, ops.asarray(ROW_MASK))]
+    ops.grad_norm(pairs, 1.0, clipping)
+    ops.grad_norm(pairs, 0.0, unclipped)
+    return outputs(ops, None, clipping=clipping, unclipped=unclipped)
+
+
+def clipping(ops):
+    return ops.asarray(np.array([4.0, 0.5]))
+
+
+def case_sgd_update(ops, rng):
+    param = ops.asarray(rand(rng, T, B, m))
+    ops.sgd_update(param, ops.asarray(rand(rng, T, B, m)), 0.1, np.float64(0.99), clipping(ops))
+    return outputs(ops, None, param=param)
+
+
+def case_sgd_updates(ops, rng):
+    params = [ops.asarray(rand(rng, 3, 4)), ops.asarray(rand(rng, 5))]
+    pairs = [(p, ops.asarray(rand(rng, *p.shape))) for p in params]
+    ops.sgd_updates(pairs, 0.1, 0.99, clipping(ops))
+    return outputs(ops, None, first=params[0], second=params[1])
+
+
+def case_masked_sgd_update(ops, rng):
+    param, grad, mask = ops.asarray(rand(rng, V, m)), ops.asarray(rand(rng, V, m)), ops.asarray(ROW_MASK)
+    ops.masked_sgd_update(param, grad, mask, 0.1, clipping(ops))
+    return outputs(ops, None, param=param, grad=grad, mask=mask)
+
+
+def adam_arrays(ops, rng, shape):
+    return [ops.asarray(a) for a in (rand(rng, *shape), rand(rng, *shape), rand(rng, *shape), rng.random(shape))]
+
+
+def case_adam_update(ops, rng):
+    param, grad, moment1, moment2 = adam_arrays(ops, rng, (3, 4))
+    scalars = [np.float64(s) for s in (0.01, 0.001, 0.9, 0.999, 1e-8)]
+    ops.adam_update(param, grad, moment1, moment2, scalars[0], clipping(ops), *scalars[1:])
+    return outputs(ops, None, param=param, moment1=moment1, moment2=moment2)
+
+
+def case_masked_adam_update(ops, rng):
+    param, grad, moment1, moment2 = adam_arrays(ops, rng, (V, m))
+    scalars = [np.float64(s) for s in (0.01, 0.001, 0.9, 0.999, 1e-8)]
+    mask = ops.asarray(ROW_MASK)
+    ops.masked_adam_update(param, grad, moment1, moment2, mask, scalars[0], clipping(ops), *scalars[1:])
+    return outputs(ops, None, param=param, grad=grad, moment1=moment1, moment2=moment2, mask=mask)
+
+
+CASES = {name[len("case_"):]: case for name, case in globals().items() if name.startswith("case_")}
+CASES.update(matmul_nt=matmul_case("matmul_nt", (4, 3), (7, 3)), matmul_nn=matmul_case("matmul_nn", (4, 3), (3, 7)),
+             matmul_tn=matmul_case("matmul_tn", (3, 4), (3, 7)))
+
+
+def test_every_op_has_a_parity_case():
+    assert sorted(CASES) == sorted(OPS)
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_both_backends_give_the_same_results(name):
+    on_cpu = CASES[name](cpu, np.random.default_rng(0))
+    on_cuda = CASES[name](cuda, np.random.default_rng(0))
+    assert sorted(on_cpu) == sorted(on_cuda)
+    for output, expected in on_cpu.items():
+        np.testing.assert_allclose(on_cuda[output], expected, rtol=1e-12, atol=1e-13, err_msg=output)
