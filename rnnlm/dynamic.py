@@ -1,0 +1,153 @@
+"""Per-token log-probabilities of a text, with or without dynamic evaluation.
+
+The text is one stream read as ``rnnlm perplexity`` reads it (zero state, the boundary token as the first
+input, every token a target). It is cut into segments of ``segment`` tokens (B = 1), scored in order.
+
+Dynamic evaluation (Mikolov 2010; Krause et al. 2018) adapts the model to the text as it is scored:
+after segment i is scored, one optimizer step on segment i's mean loss changes the weights that score
+segment i + 1, so a token's probability depends only on the tokens before it. The state is carried from
+segment to segment as in static evaluation. Rules:
+
+    sgd   θ ← θ - η g                        (Mikolov's dynamic RNNLM)
+    rms   θ ← θ - η g / (√v + ε),  v ← β₂ v + (1 - β₂) g²   (RMS-normalized steps, v bias-corrected and
+          estimated on the scored text itself: Adam with β₁ = 0, stepping sparse rows lazily)
+
+and with ``decay`` = d > 0, after each step θ ← θ + d (θ₀ - θ), pulling the weights back toward the
+trained ones θ₀ (Krause et al.'s regularization toward the trained weights). g is the gradient of the
+segment's mean loss, its global norm clipped at ``clip`` (0: off). Dropout is off. The same command
+gives the same numbers (with the same thread count on the CPU).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rnnlm import step
+from rnnlm.backends import get_backend
+from rnnlm.corpus import stream_pairs
+from rnnlm.errors import RnnlmError
+from rnnlm.model import word_classes
+from rnnlm.optim import SGD, LazyAdam
+
+STATIC_SEGMENT = 256
+RULES = ("sgd", "rms")
+
+
+@dataclass(frozen=True)
+class DynamicConfig:
+    """Dynamic evaluation's settings: learning rate η, segment length, decay d toward θ₀, rule, clip."""
+
+    lr: float
+    segment: int = 20
+    decay: float = 0.0
+    rule: str = "rms"
+    clip: float = 0.0
+    beta2: float = 0.999
+
+    def check(self):
+        """Raise RnnlmError for a setting out of range."""
+        if not (0 < self.lr < float("inf")):
+            raise RnnlmError(f"--dynamic must be a positive learning rate, got {self.lr}")
+        if not (isinstance(self.segment, int) and self.segment >= 1):
+            raise RnnlmError(f"--dynamic-segment must be a positive number of tokens, got {self.segment}")
+        if not (0 <= self.decay < 1):
+            raise RnnlmError(f"--dynamic-decay must be in [0, 1), got {self.decay}")
+        if self.rule not in RULES:
+            raise RnnlmError(f"--dynamic-rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        if not (0 <= self.clip < float("inf")) or not (0 <= self.beta2 < 1):
+            raise RnnlmError("the dynamic clip must be ≥ 0 and β₂ in [0, 1)")
+
+
+def log_softmax_at(Z, targets):
+    """ln softmax(Z[r])[targets[r]] for every row r of Z (R, K), in float64: (R,)."""
+    Z = np.asarray(Z, np.float64)
+    top = Z.max(axis=1, keepdims=True)
+    log_total = np.log(np.exp(Z - top).sum(axis=1)) + top[:, 0]
+    return Z[np.arange(len(Z)), targets] - log_total
+
+
+def window_log_probs(ops, params, window, s, targets, classes=None):
+    """ln p_t(x̂_t) of a window's T·B rows (float64 numpy, (T·B,)), from the top layer's outputs s
+    (T·B, m) that ``step.forward`` left. targets, classes: host int arrays (T·B,) (classes with the class
+    softmax only). The output layer runs on the device; the log-softmax of its logits on the host."""
+    Z = window.Z
+    if window.class_bounds is None:
+        ops.matmul_nt(s, params["W_o"], Z)
+        return log_softmax_at(ops.to_numpy(Z) + ops.to_numpy(params["b_o"]), targets)
+    ops.matmul_nt(s, params["W_c"], Z)
+    ln_p = log_softmax_at(ops.to_numpy(Z) + ops.to_numpy(params["b_c"]), classes)
+    s_host = ops.to_numpy(s).astype(np.float64)
+    bounds = ops.to_numpy(window.class_bounds)
+    for c in np.unique(classes):
+        members = np.flatnonzero(classes == c)
+        lo, hi = int(bounds[c]), int(bounds[c + 1])
+        z = s_host[members] @ ops.to_numpy(params["W_o"][lo:hi]).T.astype(np.float64)
+        ln_p[members] += log_softmax_at(z + ops.to_numpy(params["b_o"][lo:hi]), targets[members] - lo)
+    return ln_p
+
+
+class Adapter:
+    """The weight update of dynamic evaluation (see the module docstring) on backend parameters."""
+
+    def __init__(self, ops, params, window, config):
+        self.ops, self.params, self.config = ops, params, config
+        self.trainable = step.trainable(params, window)
+        self.grads = step.zero_grads(ops, params)
+        if config.rule == "sgd":
+            self.optimizer = SGD(ops, self.trainable, clip=config.clip)
+        else:
+            self.optimizer = LazyAdam(ops, self.trainable, clip=config.clip, beta1=0.0, beta2=config.beta2)
+        self.start = {}
+        if config.decay:
+            self.start = {name: ops.asarray(ops.to_numpy(step.rows(name, p))) for name, p in self.trainable.items()}
+            self.unclipped = ops.asarray(np.array([0.0, 1.0]))
+
+    def update(self, window, inputs, targets, classes=None):
+        """One step on the window's mean loss (device arrays (T, B) int32), then the decay toward θ₀."""
+        step.forward_backward(self.ops, self.params, self.grads, window, inputs, targets, classes)
+        self.optimizer.update(self.params, self.grads, window, self.config.lr)
+        d = self.config.decay
+        for name, start in self.start.items():
+            param = step.rows(name, self.trainable[name])
+            self.ops.sgd_update(param, start, -d, param.dtype.type(1 - d), self.unclipped)  # (1-d) θ + d θ₀
+
+
+def token_log_probs(model, ids, device="cpu", dynamic=None, progress=None):
+    """ln p(token) of every token of ``ids`` (N,) read as one stream: float64 (N,).
+
+    dynamic: a DynamicConfig to adapt the weights as the text is scored (the model's own arrays are not
+    changed), or None for static evaluation. progress: called as progress(tokens done, N) after each
+    segment, or None.
+    """
+    if dynamic is not None:
+        dynamic.check()
+    ops = get_backend(device)
+    params = step.to_device(ops, model.params, model.tied)
+    inputs, targets = stream_pairs(ids, model.vocab.boundary_id)
+    classes = None if model.class_bounds is None else word_classes(model.class_bounds)[targets]
+    m, V = model.hidden, model.vocab_size
+    dtype = model.params["W_s"].dtype
+    T = STATIC_SEGMENT if dynamic is None else dynamic.segment
+    ln_p = np.empty(len(targets))
+    windows, adapter = {}, None
+    states = [np.zeros((1, m), dtype)] * model.layers
+    for start in range(0, len(targets), T):
+        n = min(T, len(targets) - start)
+        if n not in windows:
+            windows[n] = step.Window(ops, n, 1, m, V, dtype, **model.structure)
+        window = windows[n]
+        if dynamic is not None and adapter is None:
+            adapter = Adapter(ops, params, window, dynamic)
+        for state, S in zip(states, window.S, strict=True):
+            ops.copy_into(state, S[0])
+        span = slice(start, start + n)
+        device_tokens = [ops.asarray(t[span].reshape(n, 1)) for t in (inputs, targets, classes) if t is not None]
+        s = step.forward(ops, params, window, device_tokens[0], training=False)
+        ln_p[span] = window_log_probs(ops, params, window, s, targets[span],
+                                      None if classes is None else classes[span])
+        if adapter is not None:
+            adapter.update(window, *device_tokens)
+        states = [ops.to_numpy(S[n]) for S in window.S]
+        if progress is not None:
+            progress(start + n, len(targets))
+    return ln_p

@@ -1,0 +1,94 @@
+"""Per-token log-probabilities and dynamic evaluation (rnnlm.dynamic), on both backends at toy sizes."""
+
+import math
+
+import numpy as np
+import pytest
+
+import rnnlm
+from rnnlm.corpus import load_corpus
+from rnnlm.dynamic import DynamicConfig, token_log_probs
+from rnnlm.model import Model, frequency_classes
+
+# a text that repeats itself, so that adapting to its first half helps on its second
+TEXT = "the cat sat on the mat\nthe dog ran to a cat\n" * 4
+
+
+def device_of(ops):
+    return ops.__name__.rsplit(".", 1)[-1]
+
+
+@pytest.fixture(params=["full", "class"])
+def model_and_ids(request, tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    ids, vocab = load_corpus(tmp_path / "text.txt")
+    bounds = None if request.param == "full" else frequency_classes(np.bincount(ids, minlength=len(vocab)), 3)
+    return Model.create(vocab, 8, seed=1, class_bounds=bounds), ids, tmp_path / "text.txt"
+
+
+def test_static_scores_sum_to_perplexity(ops, model_and_ids):
+    model, ids, path = model_and_ids
+    ln_p = token_log_probs(model, ids, device_of(ops))
+    assert ln_p.shape == (len(ids),) and (ln_p < 0).all()
+    assert math.exp(-ln_p.mean()) == pytest.approx(rnnlm.perplexity(model, path)["perplexity"], rel=1e-5)
+
+
+def assert_no_leak(model, ids, device, config):
+    """Changing token k changes no score before it (a step taken before scoring its segment would), the
+    later ones do, the model's own weights stay, and a second run gives the same numbers."""
+    ids = ids[:24]
+    before = model.params["W_o"].copy()
+    ln_p = token_log_probs(model, ids, device, config)
+    np.testing.assert_array_equal(model.params["W_o"], before)
+    k = 17  # inside the fourth segment of 5: a leak from that segment's own step would show on 15 and 16
+    changed = ids.copy()
+    changed[k] = (ids[k] + 1) % len(model.vocab)
+    ln_q = token_log_probs(model, changed, device, config)
+    np.testing.assert_array_equal(ln_p[:k], ln_q[:k])
+    assert not np.allclose(ln_p[k + 1:], ln_q[k + 1:])
+    np.testing.assert_array_equal(token_log_probs(model, ids, device, config), ln_p)
+
+
+@pytest.mark.parametrize("config", [DynamicConfig(lr=0.05, segment=5, rule="rms", decay=0.1),
+                                    DynamicConfig(lr=0.5, segment=5, rule="sgd", decay=0.1)])
+def test_a_later_token_never_changes_an_earlier_score(model_and_ids, config):
+    model, ids, _ = model_and_ids
+    assert_no_leak(model, ids, "cpu", config)
+
+
+@pytest.mark.slow
+def test_a_later_token_never_changes_an_earlier_score_on_cuda(model_and_ids):
+    model, ids, _ = model_and_ids
+    assert_no_leak(model, ids, "cuda", DynamicConfig(lr=0.05, segment=5, rule="rms", decay=0.1))
+
+
+def test_adaptation_helps_on_a_repeated_text(model_and_ids):
+    model, ids, _ = model_and_ids
+    static = token_log_probs(model, ids)
+    for config in (DynamicConfig(lr=1.0, segment=5, rule="sgd"), DynamicConfig(lr=0.05, segment=5, rule="rms")):
+        adapted = token_log_probs(model, ids, dynamic=config)
+        assert adapted[:5].tolist() == static[:5].tolist()  # the first segment is scored before any step
+        assert adapted.mean() > static.mean() + 0.1
+
+
+@pytest.mark.slow
+def test_both_backends_adapt_alike(model_and_ids):
+    model, ids, _ = model_and_ids
+    config = DynamicConfig(lr=0.05, segment=6, rule="rms", decay=0.05)
+    ids = ids[:24]
+    np.testing.assert_allclose(token_log_probs(model, ids, "cuda", config),
+                               token_log_probs(model, ids, "cpu", config), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"lr": 0.0}, "--dynamic must be a positive"),
+    ({"lr": -1.0}, "--dynamic must be a positive"),
+    ({"lr": float("nan")}, "--dynamic must be a positive"),
+    ({"lr": 0.1, "segment": 0}, "--dynamic-segment"),
+    ({"lr": 0.1, "decay": 1.0}, "--dynamic-decay"),
+    ({"lr": 0.1, "rule": "adam"}, "--dynamic-rule"),
+])
+def test_bad_settings_are_refused(settings, message, model_and_ids):
+    model, ids, _ = model_and_ids
+    with pytest.raises(rnnlm.RnnlmError, match=message):
+        token_log_probs(model, ids, dynamic=DynamicConfig(**settings))
