@@ -205,17 +205,17 @@ def vocab_of(record: dict, where: str, tokens_key: str = "vocab") -> Vocab:
     tokens = checked(record, tokens_key, where, (list,))
     if not 2 <= len(tokens) <= MAX_VOCAB_SIZE:
         raise RnnlmError(f"{where} has {len(tokens):,} tokens, expected 2 to {MAX_VOCAB_SIZE:,}")
-    too_long = next((t for t in tokens if not isinstance(t, str) or len(t) > MAX_TOKEN_CHARS), None)
-    if too_long is not None:
-        raise RnnlmError(f"{where} has a token that is not a string of at most {MAX_TOKEN_CHARS:,} characters")
+    try:
+        vocab = Vocab(tokens, level, lowercase)
+    except RnnlmError as exc:
+        raise RnnlmError(f"{where}: {exc}") from None
+    if max(map(len, tokens)) > MAX_TOKEN_CHARS:
+        raise RnnlmError(f"{where} has a token of more than {MAX_TOKEN_CHARS:,} characters")
     try:
         "".join(tokens).encode("utf-8")
     except UnicodeEncodeError:
         raise RnnlmError(f"{where} has a token that is not valid Unicode (a lone surrogate)") from None
-    try:
-        return Vocab(tokens, level, lowercase)
-    except RnnlmError as exc:
-        raise RnnlmError(f"{where}: {exc}") from None
+    return vocab
 
 
 def _check_cutoffs(min_count: int, max_vocab: int | None) -> None:

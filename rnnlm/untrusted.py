@@ -121,10 +121,10 @@ def parse_json(text, what, max_chars=MAX_JSON_CHARS, max_depth=MAX_JSON_DEPTH):
     """The value of the JSON ``text``; RnnlmError naming ``what`` if it is too long, too deep or invalid."""
     if len(text) > max_chars:
         raise RnnlmError(f"{what} holds {len(text):,} characters of JSON, more than the {max_chars:,} allowed")
-    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).encode("ascii")
-    if brackets:
+    if text.count("[") + text.count("{") > max_depth:  # else it cannot nest deeper: no need to look closer
+        brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).encode("ascii")
         opens = np.frombuffer(brackets, np.uint8)
-        depth = int(np.cumsum(np.where((opens == ord("[")) | (opens == ord("{")), 1, -1)).max())
+        depth = int(np.cumsum(np.where((opens == ord("[")) | (opens == ord("{")), 1, -1)).max(initial=0))
         if depth > max_depth:
             raise RnnlmError(f"{what} holds JSON nested {depth} deep, more than the {max_depth} allowed")
     try:
@@ -136,7 +136,7 @@ def parse_json(text, what, max_chars=MAX_JSON_CHARS, max_depth=MAX_JSON_DEPTH):
 def read_json_file(path, what, max_chars=MAX_JSON_CHARS):
     """The JSON value of a UTF-8 file of at most ``max_chars`` bytes."""
     with open_regular(path, what) as f:
-        data = f.read(max_chars + 1)
+        data = f.read(min(os.fstat(f.fileno()).st_size, max_chars) + 1)  # read(n) allocates n bytes
     if len(data) > max_chars:
         raise RnnlmError(f"{path} is larger than the {max_chars:,} bytes allowed for a {what}")
     try:
