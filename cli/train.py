@@ -1,14 +1,17 @@
 """``rnnlm train``."""
 
+import shlex
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 import rnnlm
 from rnnlm.model import INITS
 from rnnlm.optim import OPTIMIZERS
+from rnnlm.runplan import ResumeConflictError
 from rnnlm.tokenizer import LEVELS
 from rnnlm.train import SCHEDULES
 
@@ -83,7 +86,9 @@ MINUTES = FiniteFloat(min=0, min_open=True)
 @click.option("--log", type=click.Path(path_type=Path), default=None,
               help="Training log, JSON lines [default: MODEL.log.jsonl].")
 @click.option("--resume", type=click.Path(path_type=Path), default=None,
-              help="Continue the run that wrote this checkpoint (TEXT and settings come from it) [default: none].")
+              help="Continue the run that wrote this checkpoint, with its settings (only --epochs, --threads, "
+                   "--time-budget, --checkpoint-every and --device may change); its files are those inside the "
+                   "checkpoint's folder, any other must be given (TEXT, --valid, -o, --log) [default: none].")
 @json_option('one {"type": "epoch", ...} record per epoch')
 def train(text, model_path, resume, as_json, valid, device, threads, checkpoint, checkpoint_every, time_budget, log,
           **settings):
@@ -93,6 +98,7 @@ def train(text, model_path, resume, as_json, valid, device, threads, checkpoint,
     if resume is None and (text is None or model_path is None):
         raise click.UsageError("train needs TEXT and -o MODEL (or --resume CHECKPOINT)")
     progress = Progress("training")
+    written = {"model": model_path}
 
     def on_window(done, total, stats):
         progress.update(done, total, f"{stats['tokens_per_s']:,.0f} tok/s  loss {stats['loss']:.3f}  "
@@ -107,21 +113,56 @@ def train(text, model_path, resume, as_json, valid, device, threads, checkpoint,
                        f"{record['valid_perplexity']:.2f}, lr {record['lr']:g}, {record['tokens_per_s']:,.0f} "
                        f"tokens/s, {record['elapsed_s']:.1f} s")
 
+    def on_start(paths):
+        written.update(paths)
+        click.echo(f"resuming {resume}: model -> {paths['model']}, log -> {paths['log']}, checkpoint -> "
+                   f"{paths['checkpoint']}", err=True)
+
     try:
         if resume is not None:
-            records = rnnlm.resume(resume, options=options, on_window=on_window, on_epoch=on_epoch)
+            epochs = settings_for_resume(click.get_current_context(), settings)
+            records = rnnlm.resume(resume, options=options, on_window=on_window, on_epoch=on_epoch, text=text,
+                                   valid=valid, model_path=model_path, epochs=epochs, on_start=on_start)
         else:
             config = rnnlm.TrainConfig(**{f.name: settings[f.name] for f in fields(rnnlm.TrainConfig)})
             records = rnnlm.train(text, model_path, valid=valid, config=config, options=options,
                                   on_window=on_window, on_epoch=on_epoch)
+    except ResumeConflictError as conflict:
+        raise click.UsageError(str(conflict)) from None
     except rnnlm.TrainingInterrupted as stop:
         progress.close()
         click.echo(f"\ninterrupted in epoch {stop.epoch}; checkpoint written to {stop.checkpoint}; "
-                   f"resume with: rnnlm train --resume {stop.checkpoint}\n"
-                   f"the best model so far is in {stop.model_path}", err=True)
+                   f"resume with: {resume_command(stop)}\nthe best model so far is in {stop.model_path}", err=True)
         sys.exit(EXIT_INTERRUPTED)
     finally:
         progress.close()
-    if not as_json and records:
-        best = min(r["valid_perplexity"] for r in records)
-        click.echo(f"best valid perplexity {best:.2f}; model written to {model_path or 'the checkpoint model path'}")
+    if not as_json:
+        best = min((r["valid_perplexity"] for r in records), default=None)
+        done = "the run had already ended" if best is None else f"best valid perplexity {best:.2f}"
+        click.echo(f"{done}; model written to {written['model']}")
+
+
+SAFE_ON_RESUME = {"epochs"}
+
+
+def settings_for_resume(ctx, settings):
+    """The new --epochs of a resumed run, or None; a usage error for any other model setting given."""
+    for name in settings:
+        if name not in SAFE_ON_RESUME and ctx.get_parameter_source(name) is not ParameterSource.DEFAULT:
+            raise click.UsageError(f"--{name.replace('_', '-')} cannot be used with --resume: the run goes on with "
+                                   "the checkpoint's settings (only --epochs, --threads, --time-budget, "
+                                   "--checkpoint-every and --device may change)")
+    given = ctx.get_parameter_source("epochs") is not ParameterSource.DEFAULT
+    return settings["epochs"] if given else None
+
+
+def resume_command(stop):
+    """The command that continues an interrupted run, with the paths a resume cannot take from the checkpoint."""
+    words = ["rnnlm", "train"]
+    if "TEXT" in stop.needs:
+        words.append(stop.needs["TEXT"])
+    words += ["--resume", str(stop.checkpoint)]
+    for flag in ("--valid", "-o", "--log"):
+        if flag in stop.needs:
+            words += [flag, stop.needs[flag]]
+    return shlex.join(words)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from rnnlm.errors import RnnlmError
+from rnnlm.paths import atomic_directory, check_output_dir
 from rnnlm.textio import display_name, iter_pieces
 from rnnlm.untrusted import Npz, checked, open_regular, read_json_file, read_npy_file
 
@@ -343,24 +344,24 @@ def tokenize_file(
     ``max_vocab`` and ``lowercase`` are then ignored); otherwise a vocabulary is
     built from the file.
 
+    ``out_dir`` is checked before the text is read (``rnnlm.paths.check_output_dir``: absent, or a token
+    directory not holding ``path``) and replaced as a whole: a failure leaves the old one as it was.
+
     Returns:
         {"tokens": int, "vocab_size": int, "unk": int, "unk_share": float},
         where ``unk`` counts tokens that became ``<unk>`` and ``unk_share`` is
         ``unk / tokens``.
     """
+    check_output_dir("-o", out_dir, inputs=[("TEXT", path)], members=(VOCAB_FILE, TOKENS_FILE))
     if vocab is None:
         ids, vocab, unknown = tokenize_text(path, level, min_count, max_vocab, lowercase)
     elif not isinstance(vocab, Vocab):
         raise RnnlmError(f"vocab must be a Vocab, got {type(vocab).__name__}")
     else:
         ids, unknown = encode_file(path, vocab)
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        vocab.save(out_dir / VOCAB_FILE)
-        np.save(out_dir / TOKENS_FILE, ids)
-    except OSError as e:
-        raise RnnlmError(f"cannot write to {out_dir}: {e.strerror or e}") from None
+    with atomic_directory(out_dir) as tmp:
+        vocab.save(tmp / VOCAB_FILE)
+        np.save(tmp / TOKENS_FILE, ids)
     return {
         "tokens": int(ids.size),
         "vocab_size": len(vocab),

@@ -20,22 +20,23 @@ import math
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from rnnlm import step
+from rnnlm import runplan, step
 from rnnlm._env import set_threads
 from rnnlm.backends import get_backend
-from rnnlm.corpus import batchify, load_corpus
+from rnnlm.checkpoint import check_cursor, read_checkpoint
+from rnnlm.corpus import batchify
 from rnnlm.errors import RnnlmError
 from rnnlm.evaluate import stream_loss
-from rnnlm.model import INITS, Model, atomic_savez, frequency_classes, load_npz, word_classes
+from rnnlm.model import INITS, Model, atomic_savez, frequency_classes, word_classes
 from rnnlm.optim import OPTIMIZERS, make_optimizer
+from rnnlm.paths import atomic_output, naming_errors, save_atomically
 
 MIN_IMPROVEMENT = 0.003
-HELD_OUT_SHARE = 0.05
 MAX_DIVERGENCES = 3
 PLATEAU_STOPS = 3
 LOGS_PER_EPOCH = 10
@@ -74,22 +75,31 @@ class TrainConfig:
             self.lr = 1.0 if self.optimizer == "sgd" else 0.002
 
     def check(self):
-        """RnnlmError naming the first setting out of range."""
-        for name in ("hidden", "layers", "bptt", "batch", "epochs", "min_count"):
-            if getattr(self, name) < 1:
-                raise RnnlmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        """RnnlmError naming the first setting out of range (NaN and infinities included)."""
+        for name in ("hidden", "layers", "bptt", "batch", "epochs", "min_count", "seed", "max_vocab", "classes"):
+            least = {"seed": 0, "max_vocab": 2}.get(name, 1)
+            if getattr(self, name) is not None or name not in ("max_vocab", "classes"):
+                _check_number(name, getattr(self, name), least, integer=True)
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("init", INITS),
-                              ("softmax", ("full", "class"))):
+                              ("softmax", ("full", "class")), ("level", ("word", "char"))):
             if getattr(self, name) not in allowed:
                 raise RnnlmError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise RnnlmError(f"--lr must be positive, got {self.lr}")
-        if self.clip < 0 or self.l2 < 0:
-            raise RnnlmError("--clip and --l2 must not be negative")
-        if not 0 <= self.dropout < 1:
-            raise RnnlmError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.classes is not None and self.classes < 1:
-            raise RnnlmError(f"--classes must be at least 1, got {self.classes}")
+        _check_number("lr", self.lr, 0, above=True)
+        _check_number("clip", self.clip, 0)
+        _check_number("l2", self.l2, 0)
+        _check_number("dropout", self.dropout, 0, below=1)
+
+
+def _check_number(name, value, least, below=math.inf, integer=False, above=False):
+    """RnnlmError unless ``value`` is a number (an int if ``integer``) from ``least`` (or above it) to below
+    ``below``: written ``not`` of a comparison, so that NaN fails too."""
+    kind = int if integer else int | float
+    if not (isinstance(value, kind) and not isinstance(value, bool) and (value > least if above else value >= least)
+            and value < below):
+        bound = f"above {least}" if above else f"at least {least}"
+        limit = f" and below {below}" if below < math.inf else ""
+        raise RnnlmError(f"--{name.replace('_', '-')} must be {'an integer' if integer else 'a finite number'} "
+                         f"{bound}{limit}, got {value!r}")
 
 
 @dataclass
@@ -104,28 +114,24 @@ class RunOptions:
     log: str | None = None
 
     def check(self):
-        if self.threads is not None and self.threads < 1:
-            raise RnnlmError(f"--threads must be at least 1, got {self.threads}")
+        if self.threads is not None:
+            _check_number("threads", self.threads, 1, integer=True)
         for name in ("checkpoint_every", "time_budget"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise RnnlmError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            if getattr(self, name) is not None:
+                _check_number(name, getattr(self, name), 0, above=True)
 
 
 class TrainingInterrupted(Exception):  # noqa: N818  (an outcome, not an error)
-    """SIGINT or SIGTERM during training: a checkpoint was written to ``checkpoint``."""
+    """SIGINT or SIGTERM during training: a checkpoint was written to ``checkpoint``.
 
-    def __init__(self, model_path, checkpoint, epoch):
+    needs: the paths a resume must be given on its command line, by option ("TEXT", "--valid", "-o",
+    "--log"): those outside the checkpoint's folder, which ``resume`` does not take from the checkpoint.
+    """
+
+    def __init__(self, paths, epoch):
         super().__init__(f"training interrupted in epoch {epoch}")
-        self.model_path, self.checkpoint, self.epoch = model_path, checkpoint, epoch
-
-
-def default_paths(model_path, options):
-    """The checkpoint and log paths: MODEL.ckpt.npz and MODEL.log.jsonl unless given."""
-    model_path = Path(model_path)
-    checkpoint = Path(options.checkpoint) if options.checkpoint else model_path.with_suffix(".ckpt.npz")
-    log = Path(options.log) if options.log else model_path.with_suffix(".log.jsonl")
-    return checkpoint, log
+        self.model_path, self.checkpoint, self.epoch = paths["model"], paths["checkpoint"], epoch
+        self.needs = runplan.resume_needs(paths)
 
 
 def train(text, model_path, valid=None, config=None, options=None, on_window=None, on_epoch=None):
@@ -135,78 +141,71 @@ def train(text, model_path, valid=None, config=None, options=None, on_window=Non
     on_window(done, total, stats) is called after every window with stats {"loss", "perplexity",
     "tokens_per_s"} of the epoch so far; on_epoch(record) after every epoch with {"epoch",
     "tokens_seen", "train_loss", "valid_perplexity", "lr", "tokens_per_s", "elapsed_s"}.
-    Returns the list of epoch records. Raises TrainingInterrupted on SIGINT/SIGTERM.
+    Every path is checked before any work (see ``rnnlm.paths``). Returns the list of epoch records.
+    Raises TrainingInterrupted on SIGINT/SIGTERM.
     """
     config, options = config or TrainConfig(), options or RunOptions()
     config.check()
     options.check()
+    checkpoint, log = runplan.default_paths(model_path, options)
+    paths = {"text": text, "valid": valid, "model": Path(model_path), "checkpoint": checkpoint, "log": log}
+    runplan.check_run_paths(paths, options)
     set_threads(options.threads)
     ops = get_backend(options.device)
-    train_ids, valid_ids, vocab = load_data(text, valid, config)
+    train_ids, valid_ids, vocab = runplan.load_data(text, valid, config)
+    runplan.check_memory(config, len(vocab))
     class_bounds = None
     if config.softmax == "class":
         n_classes = config.classes or round(np.sqrt(len(vocab)))
         class_bounds = frequency_classes(np.bincount(train_ids, minlength=len(vocab)), n_classes)
     model = Model.create(vocab, config.hidden, seed=config.seed, hparams=asdict(config), class_bounds=class_bounds,
                          init=config.init, layers=config.layers, tied=config.tied)
-    sources = {"text": str(text), "valid": None if valid is None else str(valid), "model": str(model_path)}
-    trainer = Trainer(ops, model, config, options, train_ids, valid_ids, sources)
-    try:
-        for path in (Path(model_path), trainer.checkpoint_path, trainer.log_path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-        trainer.log_path.write_text("", encoding="utf-8")
-    except OSError as exc:
-        raise RnnlmError(f"cannot write beside {model_path}: {exc.strerror or exc}") from None
+    trainer = Trainer(ops, model, config, options, train_ids, valid_ids, paths)
+    trainer.start_log()
     return trainer.run(on_window, on_epoch)
 
 
-def resume(checkpoint, options=None, on_window=None, on_epoch=None):
+def resume(checkpoint, options=None, on_window=None, on_epoch=None, text=None, valid=None, model_path=None,
+           epochs=None, on_start=None):
     """Continue the run that wrote ``checkpoint``; ends as the uninterrupted run would have.
 
-    options: device and checkpoint cadence may change; the thread count is the checkpoint's unless given
-    (another count can change the float sums, and so the bytes of the result).
+    The checkpoint's paths are read relative to its folder and used only inside it; text, valid,
+    model_path and options.log name the files explicitly (required for those the checkpoint places
+    elsewhere). options: device, threads, cadence and time budget may change (another thread count can
+    change the float sums, and so the bytes of the result); epochs: a new number of epochs.
+    on_start(paths) is called with the paths the run reads and writes ({"text", "valid", "model",
+    "checkpoint", "log"}) once they are checked.
     """
-    arrays = load_npz(checkpoint)
-    try:
-        meta = json.loads(str(arrays.pop("meta")))
-        config = TrainConfig(**meta["config"])
-        saved = RunOptions(**meta["options"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise RnnlmError(f"{checkpoint} is not a rnnlm checkpoint ({exc})") from None
+    arrays, meta = read_checkpoint(checkpoint)
+    config = TrainConfig(**meta["config"])
+    if epochs is not None:
+        config.epochs = epochs
     options = options or RunOptions()
-    for f in fields(RunOptions):
-        if getattr(options, f.name) is None:
-            setattr(options, f.name, getattr(saved, f.name))
-    options.checkpoint = options.checkpoint or str(checkpoint)
+    saved = RunOptions(**meta["options"])
+    for name in ("device", "threads", "checkpoint_every", "time_budget"):
+        if getattr(options, name) is None:
+            setattr(options, name, getattr(saved, name))
+    config.check()
     options.check()
+    paths = runplan.resume_paths(checkpoint, meta, options, text, valid, model_path)
+    runplan.check_run_paths(paths, options, resumed=checkpoint)
+    runplan.check_memory(config, len(meta["vocab"]))
+    if on_start:
+        on_start(paths)
     set_threads(options.threads)
     ops = get_backend(options.device)
-    sources = meta["sources"]
-    train_ids, valid_ids, vocab = load_data(sources["text"], sources["valid"], config)
+    train_ids, valid_ids, vocab = runplan.load_data(paths["text"], paths["valid"], config)
     if vocab.tokens != meta["vocab"]:
-        raise RnnlmError(f"{sources['text']} changed since the checkpoint was written")
+        raise RnnlmError(f"{paths['text']} is not the text of {checkpoint} (its vocabulary differs)")
     class_bounds = arrays.pop("class_bounds", None)
     best = {name[len("best/"):]: arrays[name] for name in arrays if name.startswith("best/")}
     if config.tied:
         best["W_x"] = best["W_o"].T
     model = Model(best, vocab, asdict(config), class_bounds, config.layers, config.tied)
-    trainer = Trainer(ops, model, config, options, train_ids, valid_ids, sources)
+    trainer = Trainer(ops, model, config, options, train_ids, valid_ids, paths)
+    check_cursor(meta, trainer.n_windows, checkpoint)
     trainer.restore(arrays, meta["state"])
     return trainer.run(on_window, on_epoch)
-
-
-def load_data(text, valid, config):
-    """(train ids, validation ids, vocabulary) for a run."""
-    ids, vocab = load_corpus(text, level=config.level, min_count=config.min_count,
-                                max_vocab=config.max_vocab, lowercase=config.lowercase)
-    if valid is not None:
-        valid_ids, _ = load_corpus(valid, vocab=vocab)
-    else:
-        n_valid = max(1, int(len(ids) * HELD_OUT_SHARE))
-        ids, valid_ids = ids[:-n_valid], ids[-n_valid:]
-    if len(valid_ids) == 0:
-        raise RnnlmError(f"{valid} has no tokens")
-    return ids, valid_ids, vocab
 
 
 class _Signals:
@@ -233,13 +232,13 @@ class _Signals:
 class Trainer:
     """The state of one run: device parameters and gradients, optimizer, windows, schedule, cursor."""
 
-    def __init__(self, ops, model, config, options, train_ids, valid_ids, sources):
+    def __init__(self, ops, model, config, options, train_ids, valid_ids, paths):
         self.ops, self.model, self.config, self.options = ops, model, config, options
-        self.valid_ids, self.sources = valid_ids, sources
-        self.checkpoint_path, self.log_path = default_paths(sources["model"], options)
+        self.valid_ids, self.paths = valid_ids, paths
+        self.checkpoint_path, self.log_path = paths["checkpoint"], paths["log"]
         windows = batchify(train_ids, model.vocab.boundary_id, config.batch, config.bptt)
         if windows is None:
-            raise RnnlmError(f"{sources['text']} is too short for --batch {config.batch} x --bptt {config.bptt} "
+            raise RnnlmError(f"{paths['text']} is too short for --batch {config.batch} x --bptt {config.bptt} "
                              f"({len(train_ids)} training tokens)")
         inputs, targets = windows
         self.tokens = [ops.asarray(inputs), ops.asarray(targets)]
@@ -248,7 +247,7 @@ class Trainer:
         self.n_windows = inputs.shape[0] // config.bptt
         self.params = step.to_device(ops, model.params, model.tied)
         self.grads = step.zero_grads(ops, model.params)
-        self.window = step.Window(ops, config.bptt, config.batch, model.hidden, model.vocab_size,
+        self.window = step.Window(ops, config.bptt, inputs.shape[1], model.hidden, model.vocab_size,
                                   dropout=config.dropout, **model.structure)
         trainable = step.trainable(self.params, self.window)
         self.trainable = list(trainable)
@@ -277,8 +276,8 @@ class Trainer:
                 if not finished:  # a signal: checkpoint written
                     if state["best"] is None:  # no epoch has ended yet: keep what there is as the model
                         self.pull_params()
-                        self.model.save(self.sources["model"])
-                    raise TrainingInterrupted(self.sources["model"], str(self.checkpoint_path), state["epoch"])
+                        self.save_model()
+                    raise TrainingInterrupted(self.paths, state["epoch"])
                 stop = self.end_epoch(on_epoch)
                 self.write_checkpoint()
                 if stop:
@@ -344,7 +343,11 @@ class Trainer:
         """Validate, keep the best model, apply the schedule; True when training should stop."""
         state, model, config = self.state, self.model, self.config
         nats = stream_loss(self.ops, self.params, self.valid_ids, model.vocab.boundary_id, model.structure)
-        valid_ppl = math.exp(nats / len(self.valid_ids))
+        valid_loss = nats / len(self.valid_ids)
+        if not valid_loss < math.log(model.vocab_size) + 3:  # NaN, inf or worse than guessing: diverged
+            self.recover_from_divergence(valid_loss)
+            return False
+        valid_ppl = math.exp(valid_loss)
         done = max(state["window"], 1)
         record = self.log({"train_loss": state["epoch_loss"] / (done * config.bptt * config.batch),
                            "valid_perplexity": valid_ppl, "tokens_per_s": state.pop("tokens_per_s", None)})
@@ -354,7 +357,7 @@ class Trainer:
         improved = best is None or math.log(best) - math.log(valid_ppl) >= MIN_IMPROVEMENT
         if best is None or valid_ppl < best:
             self.pull_params()
-            model.save(self.sources["model"])
+            self.save_model()
             state["best"] = valid_ppl
         elif config.schedule != "cosine":  # an epoch that made validation worse is rolled back
             self.push_params()
@@ -377,8 +380,10 @@ class Trainer:
         state = self.state
         state["divergences"] += 1
         if state["divergences"] > MAX_DIVERGENCES:
-            raise RnnlmError(f"training diverged {MAX_DIVERGENCES + 1} times (window loss {loss:.3g} nats/token); "
-                             f"the best model so far is in {self.sources['model']}; try a lower --lr or --clip")
+            kept = (f"the best model so far is in {self.paths['model']}" if state["best"] is not None
+                    else f"no model was written to {self.paths['model']}")
+            raise RnnlmError(f"training diverged {MAX_DIVERGENCES + 1} times (loss {loss:.3g} nats/token); "
+                             f"{kept}; try a lower --lr or a --clip above 0")
         self.restore_snapshot(self.epoch_start)
         state.update(window=0, epoch_loss=0.0, lr=state["lr"] / 2)
         self.window.reset_state()
@@ -389,14 +394,24 @@ class Trainer:
         self.log({"event": "diverged", "loss": loss, "lr": state["lr"]})
 
     def log(self, fields_):
-        """Append a record to the training log (and the checkpointed history); returns it."""
+        """Append a record to the training log (and the checkpointed history); returns it. A NaN or
+        infinite number (a diverged loss) is written as null: JSON has no such numbers."""
         state = self.state
         record = {"epoch": state["epoch"], "tokens_seen": state["tokens_seen"], "lr": self.current_lr(), **fields_,
                   "elapsed_s": time.perf_counter() - self.clock}
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         state["records"].append(record)
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        with naming_errors(self.log_path), open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         return record
+
+    def start_log(self):
+        """Write the log afresh: the records of the run so far (none for a new run)."""
+        with atomic_output(self.log_path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in self.state["records"])
+
+    def save_model(self):
+        save_atomically(self.paths["model"], self.model.save)
 
     # ------------------------------------------------------------------ parameters and checkpoints
 
@@ -437,14 +452,15 @@ class Trainer:
             arrays[f"carried_state/{k}"] = self.ops.to_numpy(S[0])
         if self.model.class_bounds is not None:
             arrays["class_bounds"] = self.model.class_bounds
+        sources, options = runplan.stored_paths(self.paths, asdict(self.options))
         meta = {
-            "kind": "rnnlm-checkpoint", "config": asdict(self.config), "options": asdict(self.options),
-            "sources": self.sources, "vocab": self.model.vocab.tokens,
+            "kind": "rnnlm-checkpoint", "config": asdict(self.config), "options": options,
+            "sources": sources, "vocab": self.model.vocab.tokens,
             "state": dict(state, optimizer=opt_scalars, epoch_start_optimizer=start_scalars,
                           rng=self.rng.bit_generator.state),
         }
-        arrays["meta"] = np.array(json.dumps(meta))
-        atomic_savez(self.checkpoint_path, arrays)
+        arrays["meta"] = np.array(json.dumps(meta, allow_nan=False))
+        save_atomically(self.checkpoint_path, lambda path: atomic_savez(path, arrays))
         self.last_checkpoint = time.perf_counter()
 
     def restore(self, arrays, state):
@@ -463,5 +479,6 @@ class Trainer:
             self.ops.copy_into(arrays[f"carried_state/{k}"], S[0])
         self.rng.bit_generator.state = state.pop("rng")
         self.state = state
-        with open(self.log_path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in state["records"])
+        self.start_log()
+        if state["best"] is not None:  # the model file may be another than the interrupted run's
+            self.save_model()

@@ -61,8 +61,9 @@ def test_sigkill_then_resume_gives_a_byte_identical_model(corpus, tmp_path):
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
 
-    resumed = subprocess.run(cli("train", "--resume", checkpoint, "--json"), check=True, capture_output=True,
-                             text=True, timeout=300)
+    # the text lies outside the checkpoint's folder: a resume is told where it is
+    resumed = subprocess.run(cli("train", corpus / "train.txt", "--valid", corpus / "valid.txt", "--resume",
+                                 checkpoint, "--json"), check=True, capture_output=True, text=True, timeout=300)
     assert [json.loads(line)["epoch"] for line in resumed.stdout.splitlines()] == [2, 3]
     if killed.read_bytes() != whole.read_bytes():  # say which arrays differ before failing
         with np.load(killed, allow_pickle=False) as a, np.load(whole, allow_pickle=False) as b:
@@ -78,9 +79,15 @@ def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(corpus, tmp_path):
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
-    assert f"rnnlm train --resume {model.with_suffix('.ckpt.npz')}" in stderr
+    command = (f"rnnlm train {corpus / 'train.txt'} --resume {model.with_suffix('.ckpt.npz')} "
+               f"--valid {corpus / 'valid.txt'}")
+    assert f"resume with: {command}\n" in stderr
     assert "Traceback" not in stderr
     rnnlm.load(model)
+    resumed = subprocess.run([sys.executable, "-m", *command.split(), "--json"], capture_output=True, text=True,
+                             timeout=300, cwd=tmp_path.parent)  # from another working directory
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout.splitlines()[-1])["epoch"] == 3
 
 
 def test_a_crash_while_writing_leaves_the_previous_file(tmp_path, monkeypatch):

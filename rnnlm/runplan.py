@@ -1,0 +1,137 @@
+"""Before a training run starts: where it reads and writes, and whether it fits in memory.
+
+A run writes its model (``-o``), its checkpoint and its log, and reads its text and validation text.
+All of them are checked before any work (``rnnlm.paths.check_outputs``). A checkpoint stores the paths
+relative to its own folder, as data: ``resume`` takes from it only the paths that stay inside that folder,
+and needs every other one on its command line.
+"""
+
+import math
+import os
+from pathlib import Path
+
+from rnnlm.corpus import load_corpus
+from rnnlm.errors import RnnlmError
+from rnnlm.paths import check_outputs, inside, relative_to, same_file
+from rnnlm.tokenizer import TOKENS_FILE, VOCAB_FILE
+
+HELD_OUT_SHARE = 0.05
+
+
+class ResumeConflictError(RnnlmError):
+    """An option that ``resume`` cannot honour: it names another file than the checkpoint's run read."""
+
+
+RESUME_FLAGS = {"TEXT": "text", "--valid": "valid", "-o": "model", "--log": "log"}
+
+
+def load_data(text, valid, config):
+    """(train ids, validation ids, vocabulary) for a run."""
+    ids, vocab = load_corpus(text, level=config.level, min_count=config.min_count,
+                                max_vocab=config.max_vocab, lowercase=config.lowercase)
+    if valid is not None:
+        valid_ids, _ = load_corpus(valid, vocab=vocab)
+    else:
+        n_valid = max(1, int(len(ids) * HELD_OUT_SHARE))
+        ids, valid_ids = ids[:-n_valid], ids[-n_valid:]
+    if len(valid_ids) == 0:
+        raise RnnlmError(f"{valid} has no tokens")
+    return ids, valid_ids, vocab
+
+
+def default_paths(model_path, options):
+    """The checkpoint and log paths: MODEL.ckpt.npz and MODEL.log.jsonl unless given."""
+    model_path = Path(model_path)
+    if model_path.name in ("", "..") or os.path.isdir(model_path):
+        raise RnnlmError(f"-o {model_path} is a directory, expected a model file name")
+    checkpoint = Path(options.checkpoint) if options.checkpoint else model_path.with_suffix(".ckpt.npz")
+    log = Path(options.log) if options.log else model_path.with_suffix(".log.jsonl")
+    return checkpoint, log
+
+
+def stored_paths(paths, options):
+    """(sources, options) as a checkpoint stores them: every path relative to the checkpoint's folder."""
+    folder = Path(paths["checkpoint"]).parent
+    sources = {key: relative_to(paths[key], folder) for key in ("text", "valid", "model")}
+    return sources, dict(options, checkpoint=Path(paths["checkpoint"]).name, log=relative_to(paths["log"], folder))
+
+
+def resume_needs(paths):
+    """The paths that a resume of this run must be given, by option: those outside the checkpoint's folder."""
+    folder = Path(paths["checkpoint"]).parent
+    return {flag: str(paths[key]) for flag, key in RESUME_FLAGS.items()
+            if paths[key] is not None and inside(folder, relative_to(paths[key], folder)) is None}
+
+
+def check_run_paths(paths, options, resumed=None):
+    """RnnlmError unless the model, checkpoint and log can be written without touching an input."""
+    inputs = [("TEXT", paths["text"]), ("--valid", paths["valid"])]
+    for label in ("TEXT", "--valid"):
+        source = paths[RESUME_FLAGS[label]]
+        if source is not None and str(source) != "-" and os.path.isdir(source):
+            inputs += [(label, Path(source) / VOCAB_FILE), (label, Path(source) / TOKENS_FILE)]
+    checkpoint_label = "--checkpoint" if options.checkpoint else "the checkpoint"
+    if resumed is not None:
+        inputs.append(("--resume", resumed))
+        if Path(paths["checkpoint"]) == Path(resumed) or not options.checkpoint:
+            checkpoint_label = "--resume"
+    check_outputs([("-o", paths["model"]), (checkpoint_label, paths["checkpoint"]),
+                   ("--log" if options.log else "the log", paths["log"])], inputs)
+
+
+def resume_paths(checkpoint, meta, options, text, valid, model_path):
+    """The files a resumed run reads and writes: those given, else the checkpoint's inside its folder."""
+    folder = Path(checkpoint).parent
+    sources = meta["sources"]
+
+    def stored(name, flag, given):
+        found = inside(folder, name)
+        if given is None:
+            if found is None:
+                raise RnnlmError(f"{checkpoint} places {flag} at {name!r}, outside its folder; "
+                                 f"give {flag} on the command line")
+            return found
+        if found is not None and found.exists() and not same_file(found, given):
+            raise ResumeConflictError(f"{flag} {given} is not the checkpoint's {flag} ({found})")
+        return Path(given)
+
+    if sources.get("valid") is None and valid is not None:
+        raise ResumeConflictError(f"--valid {valid}: the checkpoint's run held out the end of TEXT instead")
+    paths = {"text": stored(sources.get("text"), "TEXT", text),
+             "valid": None if sources.get("valid") is None else stored(sources["valid"], "--valid", valid)}
+    if model_path is not None:
+        paths["model"], paths["log"] = Path(model_path), default_paths(model_path, options)[1]
+    else:
+        paths["model"] = stored(sources.get("model"), "-o", None)
+        paths["log"] = stored(meta["options"].get("log"), "--log", None) if options.log is None else None
+    if options.log is not None:
+        paths["log"] = Path(options.log)
+    paths["checkpoint"] = Path(options.checkpoint or checkpoint)
+    return paths
+
+
+def memory_needed(config, vocab_size):
+    """A lower bound, in bytes, of the memory a run takes: float32 parameters kept four times (on the
+    device, their gradients, the best model, the epoch's start) and the optimizer's moments twice, plus
+    the window's buffers (T + 1 states and four more (T, B, m) arrays per layer, the (T·B, V) logits)."""
+    V, m, L, T, B = vocab_size, config.hidden, config.layers, config.bptt, config.batch
+    n_out = V if config.softmax == "full" else min(V, config.classes or round(math.sqrt(V)))
+    n_params = (1 if config.tied else 2) * V * m + V + (2 * L - 1) * m * m + L * m
+    if config.softmax == "class":
+        n_params += n_out * (m + 1)
+    moments = 0 if config.optimizer == "sgd" else 2
+    window = T * B * (5 * L * m + n_out)
+    return 4 * ((4 + 2 * moments) * n_params + window)
+
+
+def check_memory(config, vocab_size):
+    """RnnlmError, before anything is allocated, when the run cannot fit in this machine's memory."""
+    need = memory_needed(config, vocab_size)
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return
+    if need > have:
+        raise RnnlmError(f"--hidden {config.hidden} --layers {config.layers} --batch {config.batch} --bptt "
+                         f"{config.bptt} with a vocabulary of {vocab_size:,} needs at least {need / 2**30:,.1f} GiB "
+                         f"of memory; this machine has {have / 2**30:,.1f} GiB")
