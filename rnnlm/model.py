@@ -22,8 +22,6 @@ Tied weights: W_o is W_xᵀ, one shared array.
 
 import json
 import math
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from rnnlm.errors import RnnlmError
+from rnnlm.paths import atomic_output
 from rnnlm.tokenizer import Vocab, vocab_of
 from rnnlm.untrusted import FLOATS, INTEGERS, Npz, check_fits, checked, finite_float32
 
@@ -235,31 +234,17 @@ def write_npz(file, arrays):
 
 
 def atomic_savez(path, arrays):
-    """Write ``arrays`` as an .npz to ``path`` so that a crash leaves either the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make every model private
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_npz(f, arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write ``arrays`` as an .npz to ``path`` so that a crash leaves either the old file or the new one
+    (``rnnlm.paths.atomic_output``: a temporary file beside it, fsynced, renamed; RnnlmError naming the
+    file on a full disk)."""
+    with atomic_output(path) as f:
+        write_npz(f, arrays)
 
 
 def load_npz(path):
-    """All arrays of an .npz file as a dict, without pickles; RnnlmError for anything unreadable."""
+    """All arrays of a trusted .npz file (one this process wrote) as a dict, without pickles; RnnlmError for
+    anything unreadable. Every member is read whole: a user's file goes through ``Model.load`` or
+    ``checkpoint.read_checkpoint``, which bound and check each member before reading it."""
     path = Path(path)
     if not path.exists():
         raise RnnlmError(f"no such file: {path}")

@@ -6,7 +6,8 @@ another exception type, never a ``RecursionError`` or ``MemoryError`` from a cra
 
 * ``open_regular``: a regular file only (a FIFO, device or directory is refused without blocking).
 * ``parse_json``: at most ``MAX_JSON_CHARS`` characters nested at most ``MAX_JSON_DEPTH`` deep (checked
-  before parsing), no NaN or infinities; ``read_json_file`` reads at most ``MAX_JSON_CHARS`` bytes.
+  before parsing), no NaN or infinities (nor numbers that overflow to them); ``read_json_file`` reads at
+  most ``MAX_JSON_CHARS`` bytes.
 * ``Npz``: the zip central directory is bounded (``MAX_MEMBERS``, ``MAX_DIRECTORY_BYTES``) before it is
   parsed; members are only ``name.npy``, unique, stored or deflated, unencrypted. A member is opened
   only when asked for by name (``check_members`` rejects unknown ones unread); its .npy header is
@@ -61,7 +62,7 @@ def open_regular(path, what):
     except OSError as exc:
         raise RnnlmError(f"cannot read {path}: {exc.strerror or exc}") from None
     mode = os.fstat(fd).st_mode
-    if stat.S_ISDIR(mode) or not stat.S_ISREG(mode):
+    if not stat.S_ISREG(mode):
         os.close(fd)
         kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
         raise RnnlmError(f"{path} is {kind}, expected a {what}")
@@ -89,8 +90,9 @@ def checked(record, key, where, types, default=REQUIRED, low=None, high=None, ch
     if value is None and type(None) in types:
         return None
     ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
-    if float in types and int not in types and isinstance(value, int) and not isinstance(value, bool):
-        ok, value = abs(value) < 2**1000, float(value) if abs(value) < 2**1000 else value
+    if float in types and int not in types and type(value) is int:
+        ok = abs(value) < 2**1000  # float() of a larger int overflows
+        value = float(value) if ok else value
     if isinstance(value, float) and not math.isfinite(value):
         ok = False
     if ok and choices is not None:
@@ -117,6 +119,13 @@ def _refuse_constant(name):
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is beyond the range of floats")
+    return value
+
+
 def parse_json(text, what, max_chars=MAX_JSON_CHARS, max_depth=MAX_JSON_DEPTH):
     """The value of the JSON ``text``; RnnlmError naming ``what`` if it is too long, too deep or invalid."""
     if len(text) > max_chars:
@@ -128,7 +137,7 @@ def parse_json(text, what, max_chars=MAX_JSON_CHARS, max_depth=MAX_JSON_DEPTH):
         if depth > max_depth:
             raise RnnlmError(f"{what} holds JSON nested {depth} deep, more than the {max_depth} allowed")
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except ValueError as exc:  # JSONDecodeError, and integers of more digits than Python converts
         raise RnnlmError(f"{what} is not valid JSON ({exc})") from None
 
