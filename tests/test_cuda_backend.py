@@ -242,13 +242,50 @@ assert t.shape == (3, 2) and t.strides == (4, 12) and t.is_f_contiguous()
 assert t.T.shape == (2, 3) and t.T.is_c_contiguous()
 assert flat(t).shape == (6,) and type(flat(t)) is DeviceArray
 assert a.T is t and flat(t) is flat(t) and a.reshape(3, 2) is a.reshape(3, 2)
-assert t.launch_params == (0, 0, 6, 4, 0, 3, 2, 4, 12)  # as numba-cuda passes it (no memory here: pointer 0)
+
+# each view as a kernel parameter laid out as numba-cuda's own launch lays it out (no memory here: pointer 0)
+from types import SimpleNamespace
+from numba import typeof
+from numba.cuda.dispatcher import _Kernel
+for view in (a, t, a.reshape(6), flat(t), a.reshape(3, 2).T):
+    params = []
+    _Kernel._prepare_args(SimpleNamespace(extensions=[]), typeof(view), view, 0, [], params)
+    assert view.launch_params == tuple(p or 0 for p in params), (view.launch_params, params)
 """
 
 
 def test_device_arrays_transpose_as_views():
     """Without the simulator (and without a GPU: no memory is touched), a backend array's .T is a view
     sharing its memory, as rnnlm.step needs for W_x; numba's own DeviceNDArray.T would copy. Views are
-    built once per array."""
+    built once per array, and passed to a kernel as numba-cuda passes them."""
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0", "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", VIEW_TRANSPOSE], env=env, check=True)
+
+
+def test_a_blocks_threads_share_one_array_per_shared_array_call_in_the_simulator(monkeypatch):
+    """The simulator's threads allocate a shared array at their first call; with a thread switch between
+    looking the call site up and storing its array (forced here by a slow np.empty), numba-cuda's own
+    allocator gives each thread its own array, and kernel results depend on the interleaving."""
+    import threading
+    import time
+
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+
+    empty = np.empty
+
+    def slow_empty(*args, **kwargs):
+        time.sleep(0.01)
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(np, "empty", slow_empty)
+    shared, arrays = FakeCUDAShared(0), []
+
+    def thread():
+        arrays.append(shared.array(4, np.float64))
+
+    threads = [threading.Thread(target=thread) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(arrays) == 8 and all(a is arrays[0] for a in arrays)

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import stat
+import time
 
 import numpy as np
 import pytest
@@ -217,14 +218,19 @@ def test_with_valid_the_whole_text_is_trained_on(tmp_path, repetitive):
 
 
 def test_on_window_reports_progress(tmp_path, repetitive):
+    """Every window once, in order; the running mean loss ends at the epoch's train loss, and the speed
+    counts the tokens done over at most the run's wall time."""
     calls = []
-    rnnlm.train(repetitive, tmp_path / "m.npz", config=rnnlm.TrainConfig(**SMALL, epochs=1),
-                on_window=lambda done, total, stats: calls.append((done, total, stats)))
+    started = time.perf_counter()
+    records = rnnlm.train(repetitive, tmp_path / "m.npz", config=rnnlm.TrainConfig(**SMALL, epochs=1),
+                          on_window=lambda done, total, stats: calls.append((done, total, stats)))
+    wall = time.perf_counter() - started
     assert [c[0] for c in calls] == list(range(1, calls[0][1] + 1))
-    for _, _, stats in calls:
+    for done, _, stats in calls:
         assert set(stats) == {"loss", "perplexity", "tokens_per_s"}
         assert stats["perplexity"] == pytest.approx(math.exp(stats["loss"]))
-        assert stats["tokens_per_s"] > 0
+        assert stats["tokens_per_s"] >= done * SMALL["bptt"] * SMALL["batch"] / wall
+    assert calls[-1][2]["loss"] == pytest.approx(records[-1]["train_loss"], rel=1e-12)
 
 
 def test_invalid_settings_raise_before_writing(tmp_path, repetitive):
@@ -234,14 +240,51 @@ def test_invalid_settings_raise_before_writing(tmp_path, repetitive):
     assert not (tmp_path / "m.npz").exists()
 
 
-def test_same_seed_same_model(tmp_path, repetitive):
-    config = dict(**SMALL, epochs=1)
-    rnnlm.train(repetitive, tmp_path / "a.npz", config=rnnlm.TrainConfig(**config))
-    rnnlm.train(repetitive, tmp_path / "b.npz", config=rnnlm.TrainConfig(**config))
-    rnnlm.train(repetitive, tmp_path / "c.npz", config=rnnlm.TrainConfig(**{**config, "seed": 1}))
-    a, b, c = (rnnlm.load(tmp_path / f"{x}.npz") for x in "abc")
-    np.testing.assert_allclose(a.params["W_o"], b.params["W_o"], rtol=1e-5, atol=1e-6)
-    assert not np.allclose(a.params["W_o"], c.params["W_o"])
+def test_same_seed_same_model_file_byte_for_byte(tmp_path, repetitive):
+    """Two runs with one seed (and one thread count) write the same bytes; another seed, another model."""
+    config = dict(**SMALL, epochs=1, dropout=0.1)
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        rnnlm.train(repetitive, tmp_path / f"{name}.npz", config=rnnlm.TrainConfig(**config, seed=seed))
+    a, b, c = ((tmp_path / f"{x}.npz").read_bytes() for x in "abc")
+    assert a == b
+    assert not np.allclose(rnnlm.load(tmp_path / "a.npz").params["W_o"], rnnlm.load(tmp_path / "c.npz").params["W_o"])
+
+
+@pytest.mark.parametrize("init", ["identity", "orthogonal"])
+def test_init_sets_the_recurrent_weights_training_starts_from(tmp_path, repetitive, init):
+    """At a learning rate too small to move them, the trained W_s is the initial one: 0.9 I, or orthogonal."""
+    config = rnnlm.TrainConfig(**SMALL, epochs=1, lr=1e-9, init=init)
+    rnnlm.train(repetitive, tmp_path / "m.npz", config=config)
+    W_s = rnnlm.load(tmp_path / "m.npz").params["W_s"]
+    if init == "identity":
+        np.testing.assert_allclose(W_s, 0.9 * np.eye(16), atol=1e-6)
+    else:
+        np.testing.assert_allclose(W_s @ W_s.T, np.eye(16), atol=1e-5)
+
+
+def test_zero_init_stays_a_unigram_model(tmp_path, repetitive):
+    """With every weight zero the state is tanh(0) = 0 and no weight gets a gradient: only b_o learns (a
+    unigram model), which predicts the repetitive text far worse than the fan-in init's model."""
+    perplexities = {}
+    for init in ("zero", "fanin"):
+        rnnlm.train(repetitive, tmp_path / f"{init}.npz", config=rnnlm.TrainConfig(**SMALL, epochs=2, init=init))
+        model = rnnlm.load(tmp_path / f"{init}.npz")
+        perplexities[init] = rnnlm.perplexity(model, repetitive)["perplexity"]
+        if init == "zero":
+            assert not any(model.params[name].any() for name in ("W_x", "W_s", "W_o", "b_s"))
+            assert model.params["b_o"].any()
+    assert perplexities["zero"] > 5 > 1.5 > perplexities["fanin"]
+
+
+def test_time_budget_stops_the_run_after_the_window_that_spends_it(tmp_path, repetitive):
+    """A budget spent by the first window: one window, one (partial) epoch of five, and a model file."""
+    windows = []
+    records = rnnlm.train(repetitive, tmp_path / "m.npz", config=rnnlm.TrainConfig(**SMALL, epochs=5),
+                          options=rnnlm.RunOptions(time_budget=1e-9),
+                          on_window=lambda done, total, stats: windows.append(done))
+    assert windows == [1]
+    assert [r["epoch"] for r in records] == [1]
+    assert rnnlm.load(tmp_path / "m.npz").hidden == SMALL["hidden"]
 
 
 def test_divergence_rolls_back_halves_the_rate_and_gives_up_with_a_message(tmp_path, repetitive):

@@ -157,6 +157,33 @@ else:
 # ---------------------------------------------------------------------------------------- device arrays
 
 if SIMULATOR:
+    import sys
+    import threading
+
+    from numba.core.types import Type
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+    from numba.np.numpy_support import as_dtype
+
+    _shared_lock = threading.Lock()
+
+    def _shared_array(self, shape, dtype, alignment=None):
+        """The simulator's cuda.shared.array, one array per call site and block, allocated under a lock.
+
+        numba-cuda's own looks its call site up and stores a new array without a lock, and the stack walk in
+        between invites a thread switch: two threads of a block could then get different arrays, and a
+        kernel's result would depend on the interleaving of the simulator's threads.
+        """
+        if alignment is not None or shape == 0:
+            raise NotImplementedError("the backend's kernels use static, unaligned shared arrays in the simulator")
+        caller = sys._getframe(1)
+        key = caller.f_code.co_filename, caller.f_lineno
+        with _shared_lock:
+            array = self._allocations.get(key)
+            if array is None:
+                array = self._allocations[key] = np.empty(shape, as_dtype(dtype) if isinstance(dtype, Type) else dtype)
+        return array
+
+    FakeCUDAShared.array = _shared_array
 
     def viewing(array):
         """The simulator's arrays wrap numpy arrays: their transposes already are views."""
