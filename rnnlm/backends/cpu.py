@@ -1,8 +1,9 @@
 """CPU backend: Numba kernels (``@njit``, ``prange``) and numpy's BLAS for the three output-layer GEMMs.
 
-Every function here has a twin of the same name and signature in ``cuda.py``; ``rnnlm/step.py``
-composes them into a training or evaluation step once for both. Arrays are C-contiguous numpy arrays,
-float32 in training (float64 works too, for the gradient checks); token ids are int32.
+Every op here has a twin of the same name and signature in the ``cuda`` package; what each computes is
+written once, in ``rnnlm.backends.OPS``, and the docstrings here say how the CPU computes it.
+``rnnlm/step.py`` composes them into a training or evaluation step once for both. Arrays are numpy
+arrays, float32 in training (float64 works too, for the gradient checks); token ids are int32.
 
 All kernels live in this one file on purpose: Numba's cache hashes only the file of the decorated
 function, so a helper kept elsewhere could leave stale compiled callers behind. The helpers that kernels
@@ -48,43 +49,44 @@ _TANH_BETA = tuple(np.float32(c) for c in (
 
 
 def asarray(array, dtype=None):
-    """A C-contiguous backend array holding a copy of ``array``."""
+    """A C-ordered numpy copy."""
     return np.array(array, dtype=dtype, order="C")
 
 
 def to_numpy(array):
-    """A numpy copy of a backend array."""
+    """A numpy copy."""
     return np.array(array)
 
 
 def zeros(shape, dtype=np.float32):
+    """np.zeros."""
     return np.zeros(shape, dtype)
 
 
 def copy_into(src, dst):
-    """dst[...] = src."""
+    """numpy's assignment."""
     dst[...] = src
 
 
 def synchronize():
-    """CPU work is synchronous; the CUDA twin waits for the device."""
+    """Nothing to wait for: CPU work is synchronous."""
 
 
 # ---------------------------------------------------------------------------------------- GEMMs
 
 
 def matmul_nt(A, B, out):
-    """out = A Bᵀ.  A (n, k), B (p, k), out (n, p)."""
+    """numpy's matmul (BLAS) into out."""
     np.matmul(A, B.T, out=out)
 
 
 def matmul_nn(A, B, out):
-    """out = A B.  A (n, k), B (k, p), out (n, p)."""
+    """numpy's matmul (BLAS) into out."""
     np.matmul(A, B, out=out)
 
 
 def matmul_tn(A, B, out):
-    """out = Aᵀ B.  A (k, n), B (k, p), out (n, p)."""
+    """numpy's matmul (BLAS) into out."""
     np.matmul(A.T, B, out=out)
 
 
@@ -93,10 +95,7 @@ def matmul_tn(A, B, out):
 
 @njit(parallel=True, cache=True)
 def embed(W_x, inputs, U):
-    """U[t, b] = W_x[:, inputs[t, b]]: the input term W_x x_{t-1} of the first layer.
-
-    W_x (m, V) (column-major on the device: each column contiguous); inputs (T, B) int32; U (T, B, m).
-    """
+    """A parallel loop over the window's positions."""
     T, B, m = U.shape
     for k in prange(T * B):
         t, b = k // B, k % B
@@ -106,22 +105,13 @@ def embed(W_x, inputs, U):
 
 
 def forward(W_s, b_s, U, S):
-    """Run the recurrence over a window: S[t + 1] = tanh(W_s S[t] + U[t] + b_s).
-
-    W_s (m, m), b_s (m,); U (T, B, m): the input term (W_x x_{t-1} for the first layer, W_in times the
-    layer below's output for the others); S (T + 1, B, m): S[0] holds the carried state on entry,
-    S[1:] is written. The B streams are independent: each thread runs a band of whole streams.
-    """
+    """The B streams are independent: each thread runs a band of whole streams, four at a time through
+    ``_matvecs``; float32 tanh by a vectorizable rational approximation."""
     _forward(W_s, b_s, U, S, numba.get_num_threads())
 
 
 def backward(W_s, S, dL_ds_out, dL_da):
-    """Backpropagation through time over a window, from the output layer's gradient.
-
-    S (T + 1, B, m) from ``forward``; dL_ds_out (T, B, m) = W_oᵀ dL/dz per step.
-    Writes dL_da (T, B, m): dL/ds_t = dL_ds_out[t] + W_sᵀ dL/da_{t+1}, dL/da_t = (1 - s_t²) ⊙ dL/ds_t.
-    The state carried into the window gets no gradient (truncated BPTT). Parallel over the streams.
-    """
+    """Parallel over bands of streams, as ``forward``, multiplying by W_sᵀ through ``_matvecs``."""
     _backward(W_s, S, dL_ds_out, dL_da, numba.get_num_threads())
 
 
@@ -137,7 +127,7 @@ def _matvecs(M, M_T, X, add, out, b, end):
 
     The dot products run over the first m - m % 16 columns, whole float32 vectors of AVX-512, and the
     last m % 16 columns are added as columns of M_T (a loop over the rows, vectorized along them), which
-    leaves none to the compiler's scalar remainder loop: 5-15% faster at m = 100 and 200.
+    leaves none to the compiler's scalar remainder loop.
     """
     m = M.shape[0]
     body = m - m % 16
@@ -231,14 +221,8 @@ def _backward(W_s, S, dL_ds_out, dL_da, n_threads):
 
 @njit(parallel=True, fastmath=True, cache=True)
 def input_grads(inputs, dL_dU, dW_x, touched):
-    """dW_x[:, x_{t-1}] += dL/dU_t over the window and touched[x_{t-1}] = 1.
-
-    inputs (T, B) int32; dL_dU (T, B, m): the gradient of the first layer's input term (dL/da_t, times
-    the input dropout mask when there is one); dW_x (m, V) column-major, zero in every column not marked
-    in touched (uint8 (V,)) on entry. The window's positions are grouped by token and each token's column
-    is one thread's, summed in one contiguous pass: repeated tokens never race, and the order of their
-    sum is fixed.
-    """
+    """The window's positions are grouped by token and each token's column is one thread's, summed in one
+    contiguous pass: repeated tokens never race, and the order of their sum is fixed."""
     T, B, m = dL_dU.shape
     tokens = inputs.reshape(T * B)
     rows = dL_dU.reshape(T * B, m)
@@ -275,7 +259,7 @@ def _group_by(keys, n_keys):
 
 @njit(parallel=True, cache=True)
 def bias_grad(dL_da, db):
-    """db = Σ_rows dL_da: dL_da (N, m), db (m,) overwritten."""
+    """A parallel loop over the units, each summing its column."""
     N, m = dL_da.shape
     for i in prange(m):
         total = dL_da[0, i] * 0
@@ -286,7 +270,7 @@ def bias_grad(dL_da, db):
 
 @njit(parallel=True, fastmath=True, cache=True)
 def multiply(a, mask, out):
-    """out = a ⊙ mask, elementwise over C-contiguous arrays of one shape (out may be a)."""
+    """A parallel loop over the flat arrays."""
     x = a.reshape(-1)
     y = mask.reshape(-1)
     z = out.reshape(-1)
@@ -296,8 +280,7 @@ def multiply(a, mask, out):
 
 @njit(parallel=True, cache=True)
 def masked_add_rows(dst_rows, src_rows, src_mask, dst_mask):
-    """dst_rows[r] += src_rows[r] and src_rows[r] = 0 for the rows marked in src_mask, which is cleared
-    and merged into dst_mask: tied weights fold W_x's sparse gradient into W_o's."""
+    """A parallel loop over the rows."""
     R, m = dst_rows.shape
     for r in prange(R):
         if src_mask[r]:
@@ -373,12 +356,8 @@ def _exp_shifted_row(row, b_o, shift, bits):
 
 
 def softmax_xent_grad(Z, b_o, targets, scale, db_o):
-    """Fused softmax + cross-entropy + its gradient over all rows of a window.
-
-    Z (N, V): logits W_o s_t without the bias on entry; on return Z = scale · dL/dz = scale · (p_t -
-    onehot(x̂_t)). b_o (V,); targets (N,) int32; db_o (V,) is overwritten with Σ_rows of the new Z.
-    Returns Σ_rows -log p_t(x̂_t) as float64.
-    """
+    """Rows in one chunk per thread, each row's max, exponentials, loss and gradient in one pass over it;
+    db_o from the chunks' partial sums, added in chunk order."""
     return _softmax_xent_grad(Z, b_o, targets, scale, db_o, numba.get_num_threads())
 
 
@@ -441,19 +420,10 @@ def _softmax_xent(Z, b_o, targets, n_threads):
 @njit(parallel=True, fastmath=True, cache=True)
 def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, touched,
                     dW_o_norm):
-    """Word half of the class-based softmax, p(w) = p(class(w)) · p(w | class(w)), with its gradient.
-
-    Row r predicts targets[r] from s = S_next[r] (N, m) with a softmax over the words of its class
-    c = target_classes[r], ids class_bounds[c] ≤ w < class_bounds[c + 1]: z = W_o[w] s + b_o[w].
-    Adds scale · dL/dz ⊗ s to those rows of dW_o (V, m) and W_o[class]ᵀ dL/dz to dL_ds[r] (N, m);
-    overwrites db_o (V,); marks touched[w] = 1 for the rows of every class it used. dW_o must be zero
-    in the rows of those classes on entry (the sparse update leaves it so). dW_o_norm (1,) float64
-    receives the Euclidean norm of those rows of dW_o, summed while they are in cache, so that the
-    gradient norm needs no second pass over them. Returns Σ -log p(w | c).
-
-    Rows are grouped by class and each class is one thread's, so no two threads write the same rows.
+    """Rows are grouped by class and each class is one thread's, so no two threads write the same rows.
     A class's rows are taken four at a time, so that each pass over W_o[class] and dW_o[class] serves
-    four of them (a class of the rare words holds hundreds of words, more than the cache keeps).
+    four of them (a class of the rare words holds hundreds of words, more than the cache keeps). The norm
+    of dW_o's rows is summed while they are in cache, so that the gradient norm needs no second pass.
     """
     m = S_next.shape[1]
     C = class_bounds.shape[0] - 1
@@ -563,11 +533,7 @@ def _sum_squares(array):
 
 @njit(parallel=True, fastmath=True, cache=True)
 def sgd_update(param, grad, lr, shrink, clipping):
-    """param = shrink · param - step · grad, any shape, with step = lr · clipping[1] in the param's dtype.
-
-    SGD on the clipped gradient plus the L2 term: clipping (2,) float64 from ``grad_norm`` (the norm, the
-    clipping factor), lr a float, shrink = 1 - lr · 2λ in the param's dtype.
-    """
+    """A parallel loop over the flat arrays."""
     step = param.dtype.type(lr * clipping[1])
     p = param.reshape(-1)
     g = grad.reshape(-1)
@@ -591,9 +557,7 @@ def _masked_sum_squares(rows, mask):
 
 @njit(parallel=True, fastmath=True, cache=True)
 def masked_sgd_update(param_rows, grad_rows, mask, lr, clipping):
-    """param_rows[r] -= step · grad_rows[r] for the rows marked in mask, then zero those gradient rows
-    and the mask: the sparse update of W_x's columns (passed transposed) and the class softmax's W_o.
-    step = lr · clipping[1] in the rows' dtype (lr = 0 only clears)."""
+    """A parallel loop over the rows."""
     step = param_rows.dtype.type(lr * clipping[1])
     R, m = param_rows.shape
     for r in prange(R):
@@ -606,7 +570,7 @@ def masked_sgd_update(param_rows, grad_rows, mask, lr, clipping):
 
 @njit(fastmath=True, cache=True, inline="always")
 def _adam_element(param, grad, moment1, moment2, k, lr_t, grad_scale, decay, beta1, rest1, beta2, rest2, eps):
-    """The Adam step of element k of 1-D arrays (see ``adam_update``); rest1 = 1 - β1, rest2 = 1 - β2."""
+    """The Adam step of element k of 1-D arrays (``rnnlm.backends.OPS``); rest1 = 1 - β1, rest2 = 1 - β2."""
     g = grad_scale * grad[k] + decay * param[k]
     moment1[k] = beta1 * moment1[k] + rest1 * g
     moment2[k] = beta2 * moment2[k] + rest2 * g * g
@@ -615,10 +579,7 @@ def _adam_element(param, grad, moment1, moment2, k, lr_t, grad_scale, decay, bet
 
 @njit(parallel=True, fastmath=True, cache=True)
 def adam_update(param, grad, moment1, moment2, lr_t, clipping, decay, beta1, beta2, eps):
-    """One Adam step on arrays of one shape (C-contiguous): g = clipping[1] · grad + decay · param,
-    moment1 = β1 moment1 + (1 - β1) g, moment2 = β2 moment2 + (1 - β2) g², param -= lr_t moment1 /
-    (√moment2 + eps), lr_t carrying the bias correction. clipping (2,) float64 from ``grad_norm``; the
-    other scalars have the arrays' dtype."""
+    """A parallel loop over the flat arrays, each element by ``_adam_element``."""
     # one view per statement: a tuple assignment of reshaped views loses the writes under parallel=True
     p = param.reshape(-1)
     g = grad.reshape(-1)
@@ -632,10 +593,7 @@ def adam_update(param, grad, moment1, moment2, lr_t, clipping, decay, beta1, bet
 
 @njit(parallel=True, fastmath=True, cache=True)
 def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, clipping, decay, beta1, beta2, eps):
-    """``adam_update`` on the rows marked in mask alone, their moments included: lazy Adam on a sparse
-    gradient (``masked_sgd_update`` with step 0 then clears the gradient and the mask). param_rows,
-    grad_rows (R, m) any layout (W_x's columns passed transposed); moment1, moment2 (R, m) C-contiguous;
-    mask (R,) uint8."""
+    """A parallel loop over the rows, each marked row's elements by ``_adam_element``."""
     R, m = param_rows.shape
     one = param_rows.dtype.type(1)
     grad_scale = param_rows.dtype.type(clipping[1])
@@ -648,17 +606,13 @@ def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, clip
 
 
 def grad_norm(pairs, clip, clipping):
-    """clipping[:] = (‖g‖, min(1, clip / ‖g‖)) for the gradients g in pairs (clip = 0: factor 1).
-
-    pairs: (array, mask) with mask None for a dense array, a uint8 row mask for sparse rows (see
-    ``_masked_sum_squares``); clipping (2,) float64, which the update kernels read.
-    """
+    """One parallel sum of squares per array (marked rows alone for a mask), added on the host."""
     norm = math.sqrt(sum(_sum_squares(a) if mask is None else _masked_sum_squares(a, mask) for a, mask in pairs))
     clipping[0] = norm
     clipping[1] = clip / norm if 0 < clip < norm else 1.0
 
 
 def sgd_updates(pairs, lr, shrink, clipping):
-    """``sgd_update`` on every (param, grad) pair, lr and shrink given as Python floats."""
+    """One ``sgd_update`` per pair."""
     for param, grad in pairs:
         sgd_update(param, grad, lr, param.dtype.type(shrink), clipping)
