@@ -11,9 +11,9 @@
 
 ``check_output_dir`` does the same for a directory that a command replaces as a whole (``tokenize``).
 
-Atomic writes go to a temporary ``.NAME.XXXXXXXX.tmp`` beside the target (``tempfile.mkstemp``'s name, as
-``rnnlm.model.atomic_savez`` makes it), fsynced and renamed into place; a killed write leaves such a file
-behind, and the next write of the same path removes it. Every ``OSError`` while writing (a full disk, a
+Atomic writes (``atomic_output``, which ``rnnlm.model.atomic_savez`` uses, and ``atomic_directory``) go to a
+temporary ``.NAME.XXXXXXXX.tmp`` beside the target (``tempfile``'s name), fsynced and renamed into place; a
+killed write leaves such a file behind, and the next write of the same path removes it. Every ``OSError`` while writing (a full disk, a
 folder removed meanwhile) becomes one ``RnnlmError`` naming the file.
 """
 
@@ -220,6 +220,12 @@ def save_atomically(path, save):
         save(path)
 
 
+def _umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _fsync(path, flags=os.O_RDONLY):
     fd = os.open(path, flags)
     try:
@@ -237,9 +243,7 @@ def atomic_output(path, mode="wb", encoding=None):
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make every output private
         try:
             with os.fdopen(fd, mode, encoding=encoding) as f:
                 yield f
@@ -280,6 +284,7 @@ def atomic_directory(path):
         remove_stale_temporaries(path)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
         try:
+            tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the directory private
             yield tmp
             for member in tmp.iterdir():
                 _fsync(member)

@@ -99,7 +99,7 @@ def test_a_crash_while_writing_leaves_the_previous_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(np.lib.format, "write_array", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(rnnlm.RnnlmError, match=f"cannot write {path}: disk full"):
         atomic_savez(path, {"x": np.arange(5)})
     monkeypatch.undo()
     with np.load(path, allow_pickle=False) as npz:

@@ -230,6 +230,9 @@ def test_tokenize_on_a_full_disk_leaves_the_old_directory(d, monkeypatch):
     monkeypatch.undo()
     assert invoke("tokenize", d / "text.txt", "-o", tok).exit_code == 0  # replaced as a whole
     assert sorted(os.listdir(tok)) == ["tokens.npy", "vocab.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(tok.stat().st_mode) == 0o777 & ~umask  # not the temporary directory's 0700
     assert sorted(os.listdir(d)) == sorted(["adir", "other.npz", "text.txt", "tok", "valid.txt"])
 
 
