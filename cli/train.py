@@ -120,7 +120,7 @@ def train(text, model_path, resume, as_json, valid, device, threads, checkpoint,
 
     try:
         if resume is not None:
-            epochs = settings_for_resume(click.get_current_context(), settings)
+            epochs = settings_for_resume(click.get_current_context(), settings, options)
             records = rnnlm.resume(resume, options=options, on_window=on_window, on_epoch=on_epoch, text=text,
                                    valid=valid, model_path=model_path, epochs=epochs, on_start=on_start)
         else:
@@ -145,13 +145,16 @@ def train(text, model_path, resume, as_json, valid, device, threads, checkpoint,
 SAFE_ON_RESUME = {"epochs"}
 
 
-def settings_for_resume(ctx, settings):
-    """The new --epochs of a resumed run, or None; a usage error for any other model setting given."""
+def settings_for_resume(ctx, settings, options):
+    """The new --epochs of a resumed run, or None; a usage error for any other model setting given.
+    Without --device the run goes on where the checkpoint's ran."""
     for name in settings:
         if name not in SAFE_ON_RESUME and ctx.get_parameter_source(name) is not ParameterSource.DEFAULT:
             raise click.UsageError(f"--{name.replace('_', '-')} cannot be used with --resume: the run goes on with "
                                    "the checkpoint's settings (only --epochs, --threads, --time-budget, "
                                    "--checkpoint-every and --device may change)")
+    if ctx.get_parameter_source("device") is ParameterSource.DEFAULT:
+        options.device = None
     given = ctx.get_parameter_source("epochs") is not ParameterSource.DEFAULT
     return settings["epochs"] if given else None
 

@@ -309,11 +309,13 @@ def test_resume_refuses_a_model_that_is_the_checkpoint(d, run):
 
 def test_resume_writes_where_the_command_line_says_and_says_so(d, run, monkeypatch):
     monkeypatch.chdir(d / "adir")  # another working directory
-    result = invoke("train", "../text.txt", "--resume", "../run/m.ckpt.npz", "--epochs", "2", "-o", "../new.npz")
+    result = invoke("train", "../text.txt", "--resume", "../run/m.ckpt.npz", "--epochs", "2", "-o", "../new.npz",
+                    "--threads", "1", "--time-budget", "60", "--checkpoint-every", "30")
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[-1].endswith("model written to ../new.npz")
     rnnlm.load(d / "new.npz")
-    assert (d / "new.log.jsonl").exists()
+    log = [json.loads(line) for line in (d / "new.log.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["epoch"] for r in log if r.get("valid_perplexity")] == [1, 2]  # --epochs applied
     meta = json.loads(str(load_npz(run / "m.ckpt.npz")["meta"]))
     assert meta["sources"] == {"text": "../text.txt", "valid": None, "model": "../new.npz"}
 
