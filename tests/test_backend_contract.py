@@ -161,6 +161,12 @@ def case_softmax_xent(ops, rng):
     return outputs(ops, ops.softmax_xent(*softmax_args(ops, rng)))  # Z is scratch
 
 
+def case_softmax_log_probs(ops, rng):
+    out = ops.zeros(N, np.float64)
+    ops.softmax_log_probs(*softmax_args(ops, rng), out)
+    return outputs(ops, None, out=out)
+
+
 def class_args(ops, rng):
     target_classes = np.array([1, 0, 2, 1, 1, 2], np.int32)
     targets = np.array([rng.integers(CLASS_BOUNDS[c], CLASS_BOUNDS[c + 1]) for c in target_classes], np.int32)
@@ -178,6 +184,12 @@ def case_class_xent_grad(ops, rng):
 
 def case_class_xent(ops, rng):
     return outputs(ops, ops.class_xent(*class_args(ops, rng)))
+
+
+def case_class_log_probs(ops, rng):
+    out = ops.zeros(N, np.float64)
+    ops.class_log_probs(*class_args(ops, rng), out)
+    return outputs(ops, None, out=out)
 
 
 def case_grad_norm(ops, rng):

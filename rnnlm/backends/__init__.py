@@ -68,6 +68,9 @@ OPS = {
                              "overwritten with Σ_rows of the new Z. Returns the loss"),
     "softmax_xent": _op("Z b_o targets", "returns the loss of softmax(Z + b_o) at targets; Z (N, V) is scratch "
                         "(it may be overwritten)"),
+    "softmax_log_probs": _op("Z b_o targets out", "out[r] = log softmax(Z[r] + b_o)[targets[r]], each row's "
+                             "log-probability of its target (the per-row form of softmax_xent, whose loss is -Σ out): "
+                             "out (N,) float64 overwritten; Z (N, V) is scratch"),
     # class softmax
     "class_xent_grad": _op("S_next W_o b_o targets target_classes class_bounds scale dW_o db_o dL_ds touched "
                            "dW_o_norm", "the word half of the class softmax, p(w | c) over the words "
@@ -80,6 +83,9 @@ OPS = {
                            "overwritten with the norm of dW_o over the touched rows. Returns the loss of p(w | c)"),
     "class_xent": _op("S_next W_o b_o targets target_classes class_bounds", "returns the loss of p(w | c) as in "
                       "class_xent_grad, nothing written"),
+    "class_log_probs": _op("S_next W_o b_o targets target_classes class_bounds out", "out[r] = log p(targets[r] | "
+                           "target_classes[r]) as in class_xent_grad, the per-row form of class_xent: out (N,) "
+                           "float64 overwritten, nothing else written"),
     # update
     "grad_norm": _op("pairs clip clipping", "clipping (2,) float64 overwritten with (‖g‖, min(1, clip / ‖g‖)) "
                      "(factor 1 when clip = 0) for the gradients of pairs (array, mask): mask None for a whole "

@@ -361,9 +361,19 @@ def softmax_xent_grad(Z, b_o, targets, scale, db_o):
     return _softmax_xent_grad(Z, b_o, targets, scale, db_o, numba.get_num_threads())
 
 
+def softmax_log_probs(Z, b_o, targets, out):
+    """out[r] = log softmax(Z[r] + b_o)[targets[r]] for every row: the log-probability of each row's target.
+
+    Z (N, V) is used as scratch; b_o (V,); targets (N,) int32; out (N,) float64.
+    """
+    _softmax_log_probs(Z, b_o, targets, out, numba.get_num_threads())
+
+
 def softmax_xent(Z, b_o, targets):
-    """Σ_rows -log softmax(Z + b_o)[target] for evaluation; Z (N, V) is used as scratch."""
-    return _softmax_xent(Z, b_o, targets, numba.get_num_threads())
+    """Σ_rows -log softmax(Z + b_o)[target] for evaluation, from ``softmax_log_probs``; Z (N, V) is scratch."""
+    out = np.empty(Z.shape[0])
+    softmax_log_probs(Z, b_o, targets, out)
+    return -out.sum()
 
 
 # The thread count is an argument: calling numba.get_num_threads inside a kernel would stop caching.
@@ -400,9 +410,8 @@ def _softmax_xent_grad(Z, b_o, targets, scale, db_o, n_threads):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _softmax_xent(Z, b_o, targets, n_threads):
+def _softmax_log_probs(Z, b_o, targets, out, n_threads):
     N, V = Z.shape
-    losses = np.zeros(N)
     n_chunks = min(N, n_threads)
     for c in prange(n_chunks):
         bits = np.empty(V, np.int32)
@@ -410,8 +419,8 @@ def _softmax_xent(Z, b_o, targets, n_threads):
             row = Z[r]
             z_y = row[targets[r]] + b_o[targets[r]]
             top = _biased_max(row, b_o, bits)
-            losses[r] = top + np.log(_exp_shifted_row(row, b_o, top, bits)) - z_y
-    return losses.sum()
+            loss = top + np.log(_exp_shifted_row(row, b_o, top, bits)) - z_y
+            out[r] = -loss
 
 
 # ---------------------------------------------------------------------------------------- class softmax
@@ -494,11 +503,18 @@ def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, sca
     return losses.sum()
 
 
-@njit(parallel=True, fastmath=True, cache=True)
 def class_xent(S_next, W_o, b_o, targets, target_classes, class_bounds):
-    """Σ_r -log p(targets[r] | its class) for evaluation (see ``class_xent_grad``); rows in parallel."""
+    """Σ_r -log p(targets[r] | its class) for evaluation (see ``class_xent_grad``), from ``class_log_probs``."""
+    out = np.empty(S_next.shape[0])
+    class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out)
+    return -out.sum()
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out):
+    """out[r] = log p(targets[r] | its class), the word half of the class softmax (see ``class_xent_grad``),
+    for every row of S_next (N, m); out (N,) float64. Rows in parallel."""
     N, m = S_next.shape
-    losses = np.zeros(N)
     for r in prange(N):
         c = target_classes[r]
         lo, hi = class_bounds[c], class_bounds[c + 1]
@@ -514,8 +530,8 @@ def class_xent(S_next, W_o, b_o, targets, target_classes, class_bounds):
         y = targets[r] - lo
         z_y = z[y] + b_class[y]
         top = _biased_max(z, b_class, bits)
-        losses[r] = top + np.log(_exp_shifted_row(z, b_class, top, bits)) - z_y
-    return losses.sum()
+        loss = top + np.log(_exp_shifted_row(z, b_class, top, bits)) - z_y
+        out[r] = -loss
 
 
 # ---------------------------------------------------------------------------------------- update

@@ -68,8 +68,11 @@ def _class_row_kernels(dtype):
             i += cuda.blockDim.x
 
     @cuda.jit
-    def class_loss(S_next, W_o, b_o, targets, target_classes, class_bounds, G, losses):
-        row_loss(S_next, W_o, b_o, targets, target_classes, class_bounds, G, losses)
+    def class_loss(S_next, W_o, b_o, targets, target_classes, class_bounds, G, sign, out):
+        """out[r] = sign · -log p(targets[r] | class): the loss (sign 1) or the log-probability (sign -1)."""
+        row_loss(S_next, W_o, b_o, targets, target_classes, class_bounds, G, out)
+        if cuda.threadIdx.x == 0:
+            out[cuda.blockIdx.x] *= sign
 
     return class_grad, class_loss
 
@@ -169,8 +172,18 @@ def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, sca
 
 def class_xent(S_next, W_o, b_o, targets, target_classes, class_bounds):
     """One block per row; the loss is a DeviceSum."""
-    _, class_loss = _class_row_kernels(S_next.dtype)
     G, losses, _ = _class_scratch(S_next, class_bounds)
-    device.launch(class_loss, S_next.shape[0], row_threads(G.shape[1]), S_next, W_o, b_o, targets, target_classes,
-                  class_bounds, G, losses)
+    _class_rows(S_next, W_o, b_o, targets, target_classes, class_bounds, G, 1.0, losses)
     return DeviceSum(losses)
+
+
+def class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out):
+    """One block per row, the kernel of ``class_xent`` writing the rows' log-probabilities."""
+    G, _, _ = _class_scratch(S_next, class_bounds)
+    _class_rows(S_next, W_o, b_o, targets, target_classes, class_bounds, G, -1.0, out)
+
+
+def _class_rows(S_next, W_o, b_o, targets, target_classes, class_bounds, G, sign, out):
+    _, class_loss = _class_row_kernels(S_next.dtype)
+    device.launch(class_loss, S_next.shape[0], row_threads(G.shape[1]), S_next, W_o, b_o, targets, target_classes,
+                  class_bounds, G, np.float64(sign), out)

@@ -98,14 +98,15 @@ def _softmax_kernels(dtype):
         write_grad(Z, r, b_o, V, y, top, total, scale)
 
     @cuda.jit
-    def xent(Z, b_o, targets, losses):
-        """losses[r] = -log softmax(Z[r] + b_o)[targets[r]]; Z is left as it is."""
+    def xent(Z, b_o, targets, sign, out):
+        """out[r] = sign · -log softmax(Z[r] + b_o)[targets[r]]: the loss (sign 1) or the log-probability
+        (sign -1); Z is left as it is; out (N,) float64."""
         r = cuda.blockIdx.x
         y = targets[r]
         z_y = Z[r, y] + b_o[y]
         top, total = row_stats(Z, r, b_o, Z.shape[1])
         if cuda.threadIdx.x == 0:
-            losses[r] = top + math.log(total) - z_y
+            out[r] = sign * (top + math.log(total) - z_y)
 
     return xent_grad, xent
 
@@ -144,8 +145,18 @@ def softmax_xent_grad(Z, b_o, targets, scale, db_o):
 
 def softmax_xent(Z, b_o, targets):
     """One block per row; Z is left unchanged; the loss is a DeviceSum."""
+    losses = device.workspace("softmax row losses", (Z.shape[0],), np.float64)
+    _row_xent(Z, b_o, targets, 1.0, losses)
+    return DeviceSum(losses)
+
+
+def softmax_log_probs(Z, b_o, targets, out):
+    """One block per row, the kernel of ``softmax_xent`` writing the rows' log-probabilities; Z is left
+    unchanged."""
+    _row_xent(Z, b_o, targets, -1.0, out)
+
+
+def _row_xent(Z, b_o, targets, sign, out):
     N, V = Z.shape
     _, xent = _softmax_kernels(Z.dtype)
-    losses = device.workspace("softmax row losses", (N,), np.float64)
-    device.launch(xent, N, row_threads(V), Z, b_o, targets, losses)
-    return DeviceSum(losses)
+    device.launch(xent, N, row_threads(V), Z, b_o, targets, np.float64(sign), out)
