@@ -11,6 +11,7 @@ from .fetch import fetch
 from .perplexity import perplexity
 from .plot import plot
 from .sample import sample
+from .score import score
 from .tokenize import tokenize
 from .train import train
 
@@ -21,7 +22,7 @@ def cli():
     """Recurrent-neural-network language models: tokenize, train, score, sample."""
 
 
-for command in (fetch, tokenize, train, perplexity, sample, plot):
+for command in (fetch, tokenize, train, perplexity, score, sample, plot):
     cli.add_command(command)
 
 
