@@ -58,32 +58,19 @@ class DynamicConfig:
             raise RnnlmError("the dynamic clip must be ≥ 0 and β₂ in [0, 1)")
 
 
-def log_softmax_at(Z, targets):
-    """ln softmax(Z[r])[targets[r]] for every row r of Z (R, K), in float64: (R,)."""
-    Z = np.asarray(Z, np.float64)
-    top = Z.max(axis=1, keepdims=True)
-    log_total = np.log(np.exp(Z - top).sum(axis=1)) + top[:, 0]
-    return Z[np.arange(len(Z)), targets] - log_total
-
-
-def window_log_probs(ops, params, window, s, targets, classes=None):
-    """ln p_t(x̂_t) of a window's T·B rows (float64 numpy, (T·B,)), from the top layer's outputs s
-    (T·B, m) that ``step.forward`` left. targets, classes: host int arrays (T·B,) (classes with the class
-    softmax only). The output layer runs on the device; the log-softmax of its logits on the host."""
-    Z = window.Z
+def window_log_probs(ops, params, window, s, targets, classes, out):
+    """ln p_t(x̂_t) of a window's T·B rows as a float64 numpy (T·B,), from the top layer's outputs s
+    (T·B, m) that ``step.forward`` left. targets, classes: device int32 (T·B,) (classes None with the full
+    softmax); out: a device float64 (T·B,) scratch."""
     if window.class_bounds is None:
-        ops.matmul_nt(s, params["W_o"], Z)
-        return log_softmax_at(ops.to_numpy(Z) + ops.to_numpy(params["b_o"]), targets)
-    ops.matmul_nt(s, params["W_c"], Z)
-    ln_p = log_softmax_at(ops.to_numpy(Z) + ops.to_numpy(params["b_c"]), classes)
-    s_host = ops.to_numpy(s).astype(np.float64)
-    bounds = ops.to_numpy(window.class_bounds)
-    for c in np.unique(classes):
-        members = np.flatnonzero(classes == c)
-        lo, hi = int(bounds[c]), int(bounds[c + 1])
-        z = s_host[members] @ ops.to_numpy(params["W_o"][lo:hi]).T.astype(np.float64)
-        ln_p[members] += log_softmax_at(z + ops.to_numpy(params["b_o"][lo:hi]), targets[members] - lo)
-    return ln_p
+        ops.matmul_nt(s, params["W_o"], window.Z)
+        ops.softmax_log_probs(window.Z, params["b_o"], targets, out)
+        return ops.to_numpy(out)
+    ops.matmul_nt(s, params["W_c"], window.Z)
+    ops.softmax_log_probs(window.Z, params["b_c"], classes, out)
+    ln_p_class = ops.to_numpy(out)
+    ops.class_log_probs(s, params["W_o"], params["b_o"], targets, classes, window.class_bounds, out)
+    return ln_p_class + ops.to_numpy(out)
 
 
 class Adapter:
@@ -134,19 +121,18 @@ def token_log_probs(model, ids, device="cpu", dynamic=None, progress=None):
     for start in range(0, len(targets), T):
         n = min(T, len(targets) - start)
         if n not in windows:
-            windows[n] = step.Window(ops, n, 1, m, V, dtype, **model.structure)
-        window = windows[n]
+            windows[n] = step.Window(ops, n, 1, m, V, dtype, **model.structure), ops.zeros(n, np.float64)
+        window, out = windows[n]
         if dynamic is not None and adapter is None:
             adapter = Adapter(ops, params, window, dynamic)
         for state, S in zip(states, window.S, strict=True):
             ops.copy_into(state, S[0])
         span = slice(start, start + n)
-        device_tokens = [ops.asarray(t[span].reshape(n, 1)) for t in (inputs, targets, classes) if t is not None]
-        s = step.forward(ops, params, window, device_tokens[0], training=False)
-        ln_p[span] = window_log_probs(ops, params, window, s, targets[span],
-                                      None if classes is None else classes[span])
+        x, y, c = (None if t is None else ops.asarray(t[span].reshape(n, 1)) for t in (inputs, targets, classes))
+        s = step.forward(ops, params, window, x, training=False)
+        ln_p[span] = window_log_probs(ops, params, window, s, y.reshape(n), None if c is None else c.reshape(n), out)
         if adapter is not None:
-            adapter.update(window, *device_tokens)
+            adapter.update(window, x, y, c)
         states = [ops.to_numpy(S[n]) for S in window.S]
         if progress is not None:
             progress(start + n, len(targets))
