@@ -53,7 +53,7 @@ def refused(folder, *args, code=1, names=(), outputs=()):
     assert result.exit_code == code, result.output
     assert "Traceback" not in result.output
     assert outputs or result.stdout == ""  # a run that trained first has printed its epochs
-    lines = result.stderr.splitlines()
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("training ")]  # progress
     if code == 1:
         assert len(lines) == 1, result.stderr
     assert lines[-1].startswith("Error: ")
@@ -228,6 +228,8 @@ def test_tokenize_on_a_full_disk_leaves_the_old_directory(d, monkeypatch):
     ids, _ = load_corpus(tok)
     assert len(ids) == len(load_corpus(d / "valid.txt")[0])
     monkeypatch.undo()
+    (d / ".tok.abcd1234.tmp").mkdir()  # what a killed tokenize leaves
+    (d / ".tok.abcd1234.tmp" / "tokens.npy").write_bytes(b"half")
     assert invoke("tokenize", d / "text.txt", "-o", tok).exit_code == 0  # replaced as a whole
     assert sorted(os.listdir(tok)) == ["tokens.npy", "vocab.json"]
     umask = os.umask(0)
