@@ -13,8 +13,8 @@
 
 Atomic writes (``atomic_output``, which ``rnnlm.model.atomic_savez`` uses, and ``atomic_directory``) go to a
 temporary ``.NAME.XXXXXXXX.tmp`` beside the target (``tempfile``'s name), fsynced and renamed into place; a
-killed write leaves such a file behind, and the next write of the same path removes it. Every ``OSError`` while writing (a full disk, a
-folder removed meanwhile) becomes one ``RnnlmError`` naming the file.
+killed write leaves such a file behind, and the next write of the same path removes it. Every ``OSError``
+while writing (a full disk, a folder removed meanwhile) becomes one ``RnnlmError`` naming the file.
 """
 
 import contextlib
@@ -153,7 +153,10 @@ def check_output_dir(label, given, inputs=(), members=()):
     if Path.cwd().resolve().is_relative_to(resolved):
         raise RnnlmError(f"{label} {given} is the working directory or holds it; name a new directory")
     if _lstat(path) is not None:
-        others = sorted(set(os.listdir(path)) - set(members))
+        try:
+            others = sorted(set(os.listdir(path)) - set(members))
+        except OSError as exc:
+            raise RnnlmError(f"{label} {given}: cannot list it: {exc.strerror}") from None
         if others:
             raise RnnlmError(f"{label} {given} holds other files than {' and '.join(members)} (such as "
                              f"{others[0]!r}), which replacing it would delete; name a new directory")
