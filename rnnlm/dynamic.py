@@ -24,7 +24,6 @@ import numpy as np
 
 from rnnlm import step
 from rnnlm.backends import get_backend
-from rnnlm.corpus import stream_pairs
 from rnnlm.errors import RnnlmError
 from rnnlm.model import word_classes
 from rnnlm.optim import SGD, LazyAdam
@@ -99,41 +98,80 @@ class Adapter:
             self.ops.sgd_update(param, start, -d, param.dtype.type(1 - d), self.unclipped)  # (1-d) θ + d θ₀
 
 
-def token_log_probs(model, ids, device="cpu", dynamic=None, progress=None):
-    """ln p(token) of every token of ``ids`` (N,) read as one stream: float64 (N,).
+class StreamScorer:
+    """Per-token ln p of one stream handed over piece by piece (``log_probs``), with dynamic evaluation
+    when ``dynamic`` (a DynamicConfig) is given. Segments are cut at multiples of ``dynamic.segment`` from the
+    stream's start and a step is taken once a segment is whole, so the numbers do not depend on how the
+    stream is cut into pieces. The model's own arrays are not changed."""
 
-    dynamic: a DynamicConfig to adapt the weights as the text is scored (the model's own arrays are not
-    changed), or None for static evaluation. progress: called as progress(tokens done, N) after each
-    segment, or None.
-    """
-    if dynamic is not None:
-        dynamic.check()
-    ops = get_backend(device)
-    params = step.to_device(ops, model.params, model.tied)
-    inputs, targets = stream_pairs(ids, model.vocab.boundary_id)
-    classes = None if model.class_bounds is None else word_classes(model.class_bounds)[targets]
-    m, V = model.hidden, model.vocab_size
-    dtype = model.params["W_s"].dtype
-    T = STATIC_SEGMENT if dynamic is None else dynamic.segment
-    ln_p = np.empty(len(targets))
-    windows, adapter = {}, None
-    states = [np.zeros((1, m), dtype)] * model.layers
-    for start in range(0, len(targets), T):
-        n = min(T, len(targets) - start)
-        if n not in windows:
-            windows[n] = step.Window(ops, n, 1, m, V, dtype, **model.structure), ops.zeros(n, np.float64)
-        window, out = windows[n]
-        if dynamic is not None and adapter is None:
-            adapter = Adapter(ops, params, window, dynamic)
-        for state, S in zip(states, window.S, strict=True):
-            ops.copy_into(state, S[0])
-        span = slice(start, start + n)
-        x, y, c = (None if t is None else ops.asarray(t[span].reshape(n, 1)) for t in (inputs, targets, classes))
-        s = step.forward(ops, params, window, x, training=False)
-        ln_p[span] = window_log_probs(ops, params, window, s, y.reshape(n), None if c is None else c.reshape(n), out)
-        if adapter is not None:
-            adapter.update(window, x, y, c)
-        states = [ops.to_numpy(S[n]) for S in window.S]
-        if progress is not None:
-            progress(start + n, len(targets))
-    return ln_p
+    def __init__(self, model, device="cpu", dynamic=None):
+        if dynamic is not None:
+            dynamic.check()
+        self.model, self.dynamic, self.ops = model, dynamic, get_backend(device)
+        self.params = step.to_device(self.ops, model.params, model.tied)
+        self.classes = None if model.class_bounds is None else word_classes(model.class_bounds)
+        self.T = STATIC_SEGMENT if dynamic is None else dynamic.segment
+        self.windows, self.adapter = {}, None
+        self.states = [np.zeros((1, model.hidden), model.params["W_s"].dtype)] * model.layers
+        self.segment_states, self.pending = self.states, []  # the unfinished segment: its first state, tokens
+        self.last_token, self.done = model.vocab.boundary_id, 0
+
+    def window(self, n):
+        """Buffers for n steps of one stream and a float64 (n,) output, made once per size."""
+        if n not in self.windows:
+            model, ops = self.model, self.ops
+            self.windows[n] = (step.Window(ops, n, 1, model.hidden, model.vocab_size, model.params["W_s"].dtype,
+                                           **model.structure), ops.zeros(n, np.float64))
+        return self.windows[n]
+
+    def device_tokens(self, inputs, targets):
+        """(inputs, targets, classes or None) as device int32 (n, 1)."""
+        classes = None if self.classes is None else self.classes[targets]
+        return [None if t is None else self.ops.asarray(np.asarray(t, np.int32).reshape(-1, 1))
+                for t in (inputs, targets, classes)]
+
+    def log_probs(self, ids, progress=None):
+        """ln p of each token of ``ids`` (N,), the stream's next tokens: float64 (N,). progress: called as
+        progress(tokens done, N) after each segment, or None."""
+        ops = self.ops
+        ids = np.asarray(ids, np.int32)
+        inputs = np.concatenate([[self.last_token], ids[:-1]]).astype(np.int32)
+        ln_p = np.empty(len(ids))
+        start = 0
+        while start < len(ids):
+            n = min(self.T - self.done % self.T, len(ids) - start)
+            span = slice(start, start + n)
+            window, out = self.window(n)
+            for state, S in zip(self.states, window.S, strict=True):
+                ops.copy_into(state, S[0])
+            x, y, c = self.device_tokens(inputs[span], ids[span])
+            s = step.forward(ops, self.params, window, x, training=False)
+            ln_p[span] = window_log_probs(ops, self.params, window, s, y.reshape(n), None if c is None else
+                                          c.reshape(n), out)
+            self.states = [ops.to_numpy(S[n]) for S in window.S]
+            self.done, start = self.done + n, start + n
+            if self.dynamic is not None:
+                self.pending.append((inputs[span], ids[span]))
+                if self.done % self.T == 0:
+                    self.adapt()
+            if progress is not None:
+                progress(start, len(ids))
+        self.last_token = ids[-1] if len(ids) else self.last_token
+        return ln_p
+
+    def adapt(self):
+        """The step on the segment just completed, from the state it started with."""
+        window, _ = self.window(self.T)
+        if self.adapter is None:
+            self.adapter = Adapter(self.ops, self.params, window, self.dynamic)
+        for state, S in zip(self.segment_states, window.S, strict=True):
+            self.ops.copy_into(state, S[0])
+        inputs, targets = (np.concatenate(part) for part in zip(*self.pending, strict=True))
+        self.adapter.update(window, *self.device_tokens(inputs, targets))
+        self.segment_states, self.pending = self.states, []
+
+
+def token_log_probs(model, ids, device="cpu", dynamic=None, progress=None):
+    """ln p(token) of every token of ``ids`` (N,) read as one stream: float64 (N,), statically or with
+    dynamic evaluation (``dynamic``: a DynamicConfig). progress: progress(tokens done, N) or None."""
+    return StreamScorer(model, device, dynamic).log_probs(ids, progress)

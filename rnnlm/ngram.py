@@ -206,15 +206,31 @@ def _text_ids(model, text):
     return ids
 
 
+def fit_lambda_on(model, ngram, text, device="cpu", dynamic=None, progress=None):
+    """λ fitted by EM (``fit_lambda``) on ``text`` read as one stream, the RNN side dynamically evaluated
+    when ``dynamic`` (a DynamicConfig) is given."""
+    ids = _text_ids(model, text)
+    ln_rnn = token_log_probs(model, ids, device, dynamic, progress)
+    return fit_lambda(ln_rnn, stream_log_probs(ngram, model.vocab, ids)[0])[0]
+
+
+def mix_sentences(ngram, vocab, sentences, lam):
+    """Mix the n-gram model into scored ``rnnlm.score.Sentence`` objects: each one's ``ln_probs``
+    becomes ln(λ p_ngram + (1 - λ) p_rnn), the sentence read by the n-gram model from <s>."""
+    for sentence in sentences:
+        sentence.ln_probs = mix(sentence.ln_probs, stream_log_probs(ngram, vocab, sentence.ids)[0], lam)
+
+
 def perplexity(model, text, device="cpu", ngram=None, lam=0.5, lambda_text=None, dynamic=None, progress=None):
     """Perplexity of ``model`` on ``text`` (as ``rnnlm.perplexity`` counts it), mixed per token with the
     ARPA model at path ``ngram`` (or an NgramModel) and/or dynamically evaluated.
 
     lam: the n-gram model's weight λ in [0, 1], or "auto" to fit it by EM on ``lambda_text`` (scored as
     ``text`` is: dynamic evaluation included). dynamic: a ``rnnlm.dynamic.DynamicConfig`` or None.
-    progress: progress(tokens done, total) or None. Returns the keys of ``rnnlm.perplexity`` and
-    ``rnn_perplexity`` (the RNN alone, dynamic when asked); with ``ngram``: ``ngram_perplexity``,
-    ``lambda``, ``lambda_text``, ``ngram_order``, ``ngram_oov_tokens`` and ``vocab_mismatch``'s counts.
+    progress: progress(tokens done, total) for each text scored, or None. Returns the keys of
+    ``rnnlm.perplexity`` and ``rnn_perplexity`` (the RNN alone, dynamic when asked); with ``ngram``:
+    ``ngram_perplexity``, ``lambda``, ``lambda_text``, ``ngram_order``, ``ngram_oov_tokens`` and
+    ``vocab_mismatch``'s counts.
     """
     if lam != "auto":
         check_lambda(lam)
@@ -222,28 +238,20 @@ def perplexity(model, text, device="cpu", ngram=None, lam=0.5, lambda_text=None,
         raise RnnlmError("--lambda auto needs a validation text to fit λ on (--lambda-text)")
     if ngram is not None and not isinstance(ngram, NgramModel):
         ngram = NgramModel(ngram)
-    result = {}
+    result = {} if ngram is None else vocab_mismatch(model.vocab, ngram)
+    ids = _text_ids(model, text)
+    fitted_on = str(lambda_text) if lam == "auto" else None
+    if ngram is not None and lam == "auto":
+        lam = fit_lambda_on(model, ngram, lambda_text, device, dynamic, progress)
+    ln_p = token_log_probs(model, ids, device, dynamic, progress)
+    result.update(rnn_perplexity=math.exp(-ln_p.mean()), tokens=len(ids),
+                  unk=int(np.count_nonzero(ids == model.vocab.unk_id)))
     if ngram is not None:
-        result.update(vocab_mismatch(model.vocab, ngram))
-    texts = [text] + ([lambda_text] if ngram is not None and lam == "auto" else [])
-    ids = [_text_ids(model, t) for t in texts]
-    total, ln_rnn = sum(len(i) for i in ids), []
-    for i in ids:
-        offset = sum(len(p) for p in ln_rnn)
-        report = None if progress is None else lambda done, _, offset=offset: progress(offset + done, total)
-        ln_rnn.append(token_log_probs(model, i, device, dynamic, report))
-    ln_p = ln_rnn[0]
-    n = len(ids[0])
-    result.update(rnn_perplexity=math.exp(-ln_p.mean()), tokens=n,
-                  unk=int(np.count_nonzero(ids[0] == model.vocab.unk_id)))
-    if ngram is not None:
-        (ln_ngram, oov), *valid = [stream_log_probs(ngram, model.vocab, i) for i in ids]
-        if lam == "auto":
-            lam, _ = fit_lambda(ln_rnn[1], valid[0][0])
+        ln_ngram, oov = stream_log_probs(ngram, model.vocab, ids)
         ln_p = mix(ln_p, ln_ngram, lam)
         result.update(ngram_perplexity=math.exp(-ln_ngram.mean()), ngram_order=ngram.order, ngram_oov_tokens=int(
-            np.count_nonzero(oov & (ids[0] != model.vocab.unk_id))), **{"lambda": lam},
-            lambda_text=None if len(texts) == 1 else str(lambda_text))
+            np.count_nonzero(oov & (ids != model.vocab.unk_id))), **{"lambda": lam},
+            lambda_text=fitted_on)
     per_token = -ln_p.mean()
     result.update(perplexity=math.exp(per_token), bits_per_token=per_token / math.log(2))
     return result

@@ -7,7 +7,7 @@ import pytest
 
 import rnnlm
 from rnnlm.corpus import load_corpus
-from rnnlm.dynamic import DynamicConfig, token_log_probs
+from rnnlm.dynamic import DynamicConfig, StreamScorer, token_log_probs
 from rnnlm.model import Model, frequency_classes
 
 # a text that repeats itself, so that adapting to its first half helps on its second
@@ -92,3 +92,12 @@ def test_bad_settings_are_refused(settings, message, model_and_ids):
     model, ids, _ = model_and_ids
     with pytest.raises(rnnlm.RnnlmError, match=message):
         token_log_probs(model, ids, dynamic=DynamicConfig(**settings))
+
+
+def test_the_stream_may_come_in_pieces(model_and_ids):
+    model, ids, _ = model_and_ids
+    config = DynamicConfig(lr=0.05, segment=5, rule="rms", decay=0.05)
+    whole = token_log_probs(model, ids, dynamic=config)
+    scorer = StreamScorer(model, dynamic=config)
+    pieces = [scorer.log_probs(ids[a:b]) for a, b in [(0, 7), (7, 10), (10, 10), (10, 21), (21, len(ids))]]
+    np.testing.assert_allclose(np.concatenate(pieces), whole, rtol=1e-6)
