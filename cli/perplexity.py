@@ -27,8 +27,33 @@ class Lambda(FiniteFloat):
         return "auto" if value == "auto" else super().convert(value, param, ctx)
 
 
-def _check_usage(ctx, ngram, lam, lambda_text, dynamic):
-    """Options that only make sense with another one."""
+def mixing_options(command):
+    """The options that mix in an n-gram model and adapt the model as it scores, shared with ``score``;
+    the command receives them as keyword arguments for ``read_mixing``."""
+    options = [
+        click.option("--ngram", type=click.Path(path_type=Path), default=None,
+                     help="Mix in an ARPA n-gram model (plain or gzip; needs pip install 'rnnlm[ngram]'), per token."),
+        click.option("--lambda", "lam", type=Lambda(), default=0.5, show_default=True,
+                     help="The n-gram model's weight: p = λ p_ngram + (1 - λ) p_rnn (SRILM's -lambda with the "
+                          "n-gram as -lm; Mikolov's -lambda is 1 - λ), or auto: fitted by EM on --lambda-text."),
+        click.option("--lambda-text", default=None, help="Validation text that --lambda auto is fitted on."),
+        click.option("--dynamic", type=FiniteFloat(min=0, min_open=True), default=None, metavar="LR",
+                     help="Dynamic evaluation: adapt the model to the text as it is scored, at this learning rate."),
+        click.option("--dynamic-segment", type=click.IntRange(min=1), default=DYNAMIC.segment, show_default=True,
+                     help="Tokens scored between two adaptation steps."),
+        click.option("--dynamic-decay", type=FiniteFloat(min=0, max=1, max_open=True), default=DYNAMIC.decay,
+                     show_default=True, help="Pull toward the trained weights after each step: θ += d (θ₀ - θ)."),
+        click.option("--dynamic-rule", type=click.Choice(RULES), default=DYNAMIC.rule, show_default=True,
+                     help="sgd: θ -= LR g (Mikolov); rms: steps over the gradient's running RMS (Krause et al.)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def read_mixing(ctx, ngram, lam, lambda_text, dynamic, dynamic_segment, dynamic_decay, dynamic_rule):
+    """(ARPA path or None, λ or "auto", --lambda-text, DynamicConfig or None) from ``mixing_options``;
+    a usage error for an option that needs another one."""
     given = {name for name in ctx.params if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
     if ngram is None and given & {"lam", "lambda_text"}:
         raise click.UsageError("--lambda and --lambda-text need --ngram ARPA")
@@ -36,6 +61,8 @@ def _check_usage(ctx, ngram, lam, lambda_text, dynamic):
         raise click.UsageError("--lambda auto and --lambda-text VALID go together")
     if dynamic is None and given & {"dynamic_segment", "dynamic_decay", "dynamic_rule"}:
         raise click.UsageError("--dynamic-segment, --dynamic-decay and --dynamic-rule need --dynamic LR")
+    config = None if dynamic is None else DynamicConfig(dynamic, dynamic_segment, dynamic_decay, dynamic_rule)
+    return ngram, lam, lambda_text, config
 
 
 def _describe(result):
@@ -54,20 +81,7 @@ def _describe(result):
 @click.command(cls=Command)
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
 @click.argument("text")
-@click.option("--ngram", type=click.Path(path_type=Path), default=None,
-              help="Mix in an ARPA n-gram model (plain or gzip; needs pip install 'rnnlm[ngram]'), per token.")
-@click.option("--lambda", "lam", type=Lambda(), default=0.5, show_default=True,
-              help="The n-gram model's weight: p = λ p_ngram + (1 - λ) p_rnn (SRILM's -lambda with the n-gram "
-                   "as -lm; Mikolov's -lambda is 1 - λ), or auto: fitted by EM on --lambda-text.")
-@click.option("--lambda-text", default=None, help="Validation text that --lambda auto is fitted on.")
-@click.option("--dynamic", type=FiniteFloat(min=0, min_open=True), default=None, metavar="LR",
-              help="Dynamic evaluation: adapt the model to the text as it is scored, with this learning rate.")
-@click.option("--dynamic-segment", type=click.IntRange(min=1), default=DYNAMIC.segment, show_default=True,
-              help="Tokens scored between two adaptation steps.")
-@click.option("--dynamic-decay", type=FiniteFloat(min=0, max=1, max_open=True), default=DYNAMIC.decay,
-              show_default=True, help="Pull toward the trained weights after each step: θ += d (θ₀ - θ).")
-@click.option("--dynamic-rule", type=click.Choice(RULES), default=DYNAMIC.rule, show_default=True,
-              help="sgd: θ -= LR g (Mikolov); rms: steps divided by the gradient's running RMS (Krause et al.).")
+@mixing_options
 @device_option
 @threads_option
 @json_option('one {"type": "perplexity", "perplexity", "bits_per_token", "tokens", "unk"} record '
@@ -75,20 +89,18 @@ def _describe(result):
              '"lambda_text", "ngram_order", "ngram_oov_tokens", "rnn_words_unknown_to_ngram", '
              '"ngram_words_unknown_to_rnn")')
 @click.pass_context
-def perplexity(ctx, model_path, text, ngram, lam, lambda_text, dynamic, dynamic_segment, dynamic_decay, dynamic_rule,
-               device, threads, as_json):
+def perplexity(ctx, model_path, text, device, threads, as_json, **mixing):
     """Perplexity of MODEL on TEXT: one stream from the boundary token, every token counted.
 
     TEXT is a file, a token directory, - for standard input, or a gzip, bzip2 or xz file. With --ngram,
     each line of TEXT is a sentence for the n-gram model (<s> before it, its end scored as </s>).
     """
-    _check_usage(ctx, ngram, lam, lambda_text, dynamic)
+    ngram, lam, lambda_text, config = read_mixing(ctx, **mixing)
     set_threads(threads)
     model = rnnlm.load(model_path)
-    if ngram is None and dynamic is None:
+    if ngram is None and config is None:
         result = rnnlm.perplexity(model, text, device=device)
     else:
-        config = None if dynamic is None else DynamicConfig(dynamic, dynamic_segment, dynamic_decay, dynamic_rule)
         progress = Progress("scoring")
         try:
             result = ngram_lm.perplexity(model, text, device, ngram, lam, lambda_text, config, progress.update)
