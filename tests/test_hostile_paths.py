@@ -273,12 +273,14 @@ def forge(checkpoint, **sources):
     atomic_savez(checkpoint, arrays)
 
 
-@pytest.mark.parametrize("where", ["absolute", "relative"])
+@pytest.mark.parametrize("where", ["absolute", "relative", "through a symlink"])
 @pytest.mark.parametrize("what", ["model", "log"])
 def test_a_checkpoint_cannot_send_the_outputs_elsewhere(d, run, where, what):
     victim = d / "victim.txt"
     victim.write_text("precious", encoding="utf-8")
-    forge(run / "m.ckpt.npz", **{what: str(victim) if where == "absolute" else "../victim.txt"})
+    os.symlink(d, run / "up")
+    stored = {"absolute": str(victim), "relative": "../victim.txt", "through a symlink": "up/victim.txt"}[where]
+    forge(run / "m.ckpt.npz", **{what: stored})
     flag = {"model": "-o", "log": "--log"}[what]
     refused(d, "train", d / "text.txt", "--resume", run / "m.ckpt.npz", "--epochs", "2",
             names=["outside its folder", flag])
