@@ -24,139 +24,45 @@ It also runs the CUDA window twice, which must give bitwise-identical results (n
 Exit status: 0 on success, 1 when the parity check fails, 2 for a usage error. PyTorch is optional.
 """
 
-# ruff: noqa: I001  (import order matters here: rnnlm before numpy)
-# rnnlm first: importing it sets the thread and cache environment (rnnlm/_env.py) before numpy and Numba load.
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
-import rnnlm
+import common  # beside this file; before anything that imports rnnlm
 import numpy as np
-from numba import config as numba_config, cuda
+from numba import config as numba_config
+from numba import cuda
 
+import rnnlm
 from rnnlm import step
 from rnnlm.backends import get_backend
-from rnnlm.model import frequency_classes, init_params, word_classes
-from rnnlm.optim import make_optimizer
-from torch_rnn import TorchRNN  # beside this script
+from rnnlm.model import init_params, word_classes
 
-LR = 0.01  # small: the parameters barely move, so every block does the same work
-CLIP = 1.0
-POOL = 8  # distinct random windows, cycled through
 BLOCK_SECONDS = 0.3  # target length of one timed block
 LARGE_SIZE = 65536  # m·B from which a size gets 3 timed rounds by default
 PARITY_LOSS_RTOL = 1e-4  # float32, different summation orders on the two backends
 PARITY_GRAD_RTOL = 1e-3
 FULL_SIZES = [(m, B) for m in (200, 650, 1024) for B in (20, 64, 256)]
 QUICK_SIZES = [(200, 20), (200, 64)]
-PARITY_SIZES = [(200, 20), (200, 256)]  # one stream per block, and several (see rnnlm.backends.cuda.recurrence._streams_per_block)
+PARITY_SIZES = [(200, 20), (200, 256)]  # one stream per block, and several (recurrence._streams_per_block)
 SIMULATOR = {"sizes": [(8, 2)], "vocab": 50, "bptt": 3, "parity": [(8, 2), (8, 9)], "classes": 5, "host_windows": 2}
 HOST_WINDOWS = 20  # training windows that host_time times
 
 
-def zipf_windows(rng, V, T, B):
-    """POOL windows (inputs, targets), each (T, B) int32, cut from B streams of Zipf-distributed ids."""
-    p = 1.0 / np.arange(1, V + 1)
-    streams = rng.choice(V, size=(POOL * T + 1, B), p=p / p.sum()).astype(np.int32)
-    return [(streams[k * T : (k + 1) * T], streams[k * T + 1 : (k + 1) * T + 1]) for k in range(POOL)]
-
-
-class Rnnlm:
-    """rnnlm.step and rnnlm.optim's clipped SGD over the CUDA backend (or a stand-in for it)."""
-
-    name = "rnnlm"
-
-    def __init__(self, params, windows, T, B, ops=None):
-        self.ops = ops = ops or get_backend("cuda")
-        m, V = params["W_s"].shape[0], params["W_o"].shape[0]
-        self.params, self.grads = step.to_device(ops, params), step.zero_grads(ops, params)
-        self.optimizer = make_optimizer("sgd", ops, self.params, clip=CLIP)
-        self.window = step.Window(ops, T, B, m, V)
-        self.data = [(ops.asarray(x), ops.asarray(y)) for x, y in windows]
-
-    def queue(self, k):
-        """Queue a training window on the device; returns its loss unread."""
-        loss = step.forward_backward(self.ops, self.params, self.grads, self.window, *self.data[k])
-        self.optimizer.update(self.params, self.grads, self.window, LR)
-        self.window.carry_state()
-        return loss
-
-    def train(self, k):
-        return float(self.queue(k))  # read once the step is queued, as rnnlm.train does (and torch's .item())
-
-    def eval(self, k):
-        step.window_loss(self.ops, self.params, self.window, *self.data[k])
-        self.window.carry_state()
-
-    def sync(self):
-        self.ops.synchronize()
-
-
-class Torch(TorchRNN):
-    """The same model in PyTorch (see benchmarks/torch_rnn.py) on the GPU, TF32 off as rnnlm has none."""
-
-    name = "torch"
-
-    def __init__(self, params, windows, T, B):
-        import torch
-
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        super().__init__(params, windows, B, LR, CLIP, device="cuda")
-
-    def sync(self):
-        self.torch.cuda.synchronize()
-
-
-class TimedOps:
-    """A stand-in for the CUDA backend that times each kernel call rnnlm.step and rnnlm.optim make through it
-    (synchronizing after each): {op: [seconds, calls, FLOPs]} in ``records``; GEMMs count 2·n·p·k FLOPs."""
-
-    UNTIMED = ("asarray", "to_numpy", "zeros", "copy_into", "synchronize")
-
-    def __init__(self, ops):
-        self._ops = ops
-        self.records = {}
-
-    def __getattr__(self, name):
-        attr = getattr(self._ops, name)
-        if name in self.UNTIMED or not callable(attr):
-            return attr
-
-        def timed(*args):
-            self._ops.synchronize()
-            t0 = time.perf_counter()
-            result = attr(*args)
-            self._ops.synchronize()
-            record = self.records.setdefault(name, [0.0, 0, 0])
-            record[0] += time.perf_counter() - t0
-            record[1] += 1
-            if name.startswith("matmul"):
-                A, out = args[0], args[2]
-                record[2] += 2 * out.shape[0] * out.shape[1] * A.shape[0 if name == "matmul_tn" else 1]
-            return result
-
-        return timed
-
-
-def breakdown(params, windows, T, B, n_windows=3):
-    """Where a training window's time goes: {op: {"ms": per window, "share": of the total, "tflops": GEMMs}}."""
-    timed = TimedOps(get_backend("cuda"))
-    impl = Rnnlm(params, windows, T, B, ops=timed)
+def breakdown(params, data, n_windows=3):
+    """Where a training window's time goes: {op: {"ms": per window, "share": of the total, "gflops": GEMMs}}."""
+    timed = common.TimedOps(get_backend("cuda"))
+    impl = common.RnnlmSgd(timed, params, data)
     impl.train(0)  # compiled already; this fills the workspaces
     timed.records.clear()
     for k in range(n_windows):
         impl.train(k + 1)
-    total = sum(seconds for seconds, _, _ in timed.records.values())
-    out = {}
-    for name, (seconds, _, flops) in sorted(timed.records.items(), key=lambda item: -item[1][0]):
-        out[name] = {"ms": 1e3 * seconds / n_windows, "share": seconds / total}
-        if flops:
-            out[name]["tflops"] = flops / seconds / 1e12
-    return out
+    return timed.summary(n_windows)
 
 
 def host_time(impl, n_windows):
@@ -166,7 +72,7 @@ def host_time(impl, n_windows):
     queued, whole = [], []
     for k in range(n_windows):
         t0 = time.perf_counter()
-        loss = impl.queue(k % POOL)
+        loss = impl.queue(k % common.POOL)
         t1 = time.perf_counter()
         float(loss)
         queued.append(t1 - t0)
@@ -177,59 +83,65 @@ def host_time(impl, n_windows):
 def format_breakdown(ops):
     parts = []
     for name, r in ops.items():
-        tflops = f", {r['tflops']:.1f} TFLOP/s" if "tflops" in r else ""
+        tflops = f", {r['gflops'] / 1e3:.1f} TFLOP/s" if "gflops" in r else ""
         parts.append(f"{name} {r['ms']:.2f} ms ({100 * r['share']:.0f}%{tflops})")
     return "; ".join(parts)
 
 
 def timed_block(impl, kind, n_windows, start):
-    """Seconds for n_windows consecutive windows of one kind, synchronized at both ends."""
+    """Seconds for n_windows consecutive windows of one kind, synchronized at both ends (a worker's in its
+    own process)."""
+    if isinstance(impl, common.Worker):
+        return impl.call("block", kind=kind, n=n_windows, start=start)["seconds"]
     fn = impl.train if kind == "train" else impl.eval
     impl.sync()
     t0 = time.perf_counter()
     for i in range(n_windows):
-        fn((start + i) % POOL)
+        fn((start + i) % common.POOL)
     impl.sync()
     return time.perf_counter() - t0
 
 
 def torch_status():
-    """(usable, why not): PyTorch with a CUDA device, outside the simulator."""
+    """(usable, why not): PyTorch with a CUDA device, outside the simulator (asked in a process of its own)."""
     if numba_config.ENABLE_CUDASIM:
         return False, "the CUDA simulator is on"
-    try:
-        import torch
-    except ImportError:
+    if importlib.util.find_spec("torch") is None:
         return False, "PyTorch is not installed"
-    if not torch.cuda.is_available():
+    probe = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
+    if subprocess.run([sys.executable, "-c", probe], env=common.BASELINE_ENV).returncode != 0:
         return False, "PyTorch sees no CUDA device"
     return True, ""
 
 
 def bench_size(m, B, args, with_torch):
-    """Median tokens/s of each implementation and kind at one size: {impl: {kind: tokens/s}}."""
-    rng = np.random.default_rng(args.seed)
+    """Median tokens/s of each implementation and kind at one size: {impl: {kind: tokens/s}}, rnnlm's host
+    time and its kernels; PyTorch in a worker process of its own."""
     T, V = args.bptt, args.vocab
-    params = init_params(V, m, rng, np.float32)
-    windows = zipf_windows(rng, V, T, B)
-    impls = [Rnnlm(params, windows, T, B)] + ([Torch(params, windows, T, B)] if with_torch else [])
-    tokens = T * B
+    params, data = common.params(args.seed + 1, V, m), common.windows(args.seed, V, T, B)
+    impls = {"rnnlm": common.RnnlmSgd(get_backend("cuda"), params, data)}
+    if with_torch:
+        config = {"seed": args.seed, "vocab": V, "hidden": m, "bptt": T, "batch": B, "threads": 1,
+                  "softmax": "full", "classes": None, "device": "cuda"}
+        impls["torch"] = common.Worker("torch", config)
     result = {}
-    for kind in ("train", "eval"):
-        counts = {}
-        for impl in impls:  # warm-up: compiles, allocations; then the windows per block
-            timed_block(impl, kind, 2, 0)
-            seconds = timed_block(impl, kind, 2, 2) / 2
-            counts[impl.name] = max(1, min(50, round(BLOCK_SECONDS / seconds)))
-        times = {impl.name: [] for impl in impls}
-        for r in range(repeats(args, m, B)):
-            for impl in impls:
-                n = counts[impl.name]
-                times[impl.name].append(timed_block(impl, kind, n, r * n) / n)
-        for name, samples in times.items():
-            result.setdefault(name, {})[kind] = tokens / statistics.median(samples)
-    result["host"] = host_time(impls[0], args.host_windows)
-    result["breakdown"] = breakdown(params, windows, T, B)
+    try:
+        for kind in ("train", "eval"):
+            counts = {}
+            for name, impl in impls.items():  # warm-up: compiles, allocations; then the windows per block
+                timed_block(impl, kind, 2, 0)
+                counts[name] = max(1, min(50, round(BLOCK_SECONDS / (timed_block(impl, kind, 2, 2) / 2))))
+            times = {name: [] for name in impls}
+            for r in range(repeats(args, m, B)):
+                for name, impl in impls.items():
+                    times[name].append(timed_block(impl, kind, counts[name], r * counts[name]) / counts[name])
+            for name, samples in times.items():
+                result.setdefault(name, {})[kind] = T * B / statistics.median(samples)
+    finally:
+        if with_torch:
+            impls["torch"].close()
+    result["host"] = host_time(impls["rnnlm"], args.host_windows)
+    result["breakdown"] = breakdown(params, data)
     return result
 
 
@@ -238,10 +150,6 @@ def repeats(args, m, B):
     if args.repeats:
         return args.repeats
     return 3 if args.quick or numba_config.ENABLE_CUDASIM or m * B >= LARGE_SIZE else 5
-
-
-def flops_per_token(m, V):
-    return {"train": 6 * m * (V + m), "eval": 2 * m * (V + m)}
 
 
 def table_header(with_torch):
@@ -257,7 +165,7 @@ def table_row(row, V, with_torch):
     line = f"{m:>5} {B:>4} |"
     for kind in ("train", "eval"):
         ours = row["rnnlm"][kind]
-        line += f" {ours:>12,.0f} {ours * flops_per_token(m, V)[kind] / 1e12:>7.2f}"
+        line += f" {ours:>12,.0f} {ours * common.flops_per_token(m, V)[kind] / 1e12:>7.2f}"
         if with_torch:
             theirs = row["torch"][kind]
             line += f" {theirs:>12,.0f} {ours / theirs:>6.2f}"
@@ -267,8 +175,7 @@ def table_row(row, V, with_torch):
 
 def parity_structures(args):
     """The models the parity check runs: Window keyword arguments by name."""
-    p = 1.0 / np.arange(1, args.vocab + 1)
-    classes = frequency_classes(p / p.sum() * 1e6, args.classes)
+    classes = common.class_bounds(args.vocab, args.classes)
     return {
         "full": dict(class_bounds=None, layers=1, tied=False, dropout=0.0),
         "class": dict(class_bounds=classes, layers=1, tied=False, dropout=0.0),
@@ -301,10 +208,8 @@ def parity(args):
     report, passed = {}, True
     for m, B in args.parity:
         rng = np.random.default_rng(args.seed + 1)
-        window_data = (
-            zipf_windows(rng, args.vocab, args.bptt, B)[0],
-            (0.5 * rng.standard_normal((B, m))).astype(np.float32),
-        )
+        inputs, targets = common.windows(args.seed + 1, args.vocab, args.bptt, B, pool=1)
+        window_data = ((inputs[0], targets[0]), (0.5 * rng.standard_normal((B, m))).astype(np.float32))
         for name, structure in parity_structures(args).items():
             bounds, layers = structure["class_bounds"], structure["layers"]
             n_classes = None if bounds is None else len(bounds) - 1
@@ -385,7 +290,7 @@ def main(argv=None):
         "device": device,
         "platform": platform.platform(),
         "rnnlm": rnnlm.__version__,
-        "config": {"vocab": args.vocab, "bptt": args.bptt, "lr": LR, "clip": CLIP},
+        "config": {"vocab": args.vocab, "bptt": args.bptt, "lr": common.LR, "clip": common.CLIP},
         "torch": with_torch,
         "results": [],
         "parity": {},

@@ -5,13 +5,13 @@
 #     bash benchmarks/gpu_device_check.sh --quick      # arguments go to benchmarks/gpu.py
 #
 # 1. the machine: nvidia-smi, Python, numba, numba-cuda (and torch) versions;
-# 2. the CUDA kernel tests without the simulator: tests/test_kernels.py -k cuda, tests/test_cuda_backend.py;
+# 2. the CUDA kernel tests without the simulator: tests/test_kernels.py -k cuda, tests/test_cuda_backend.py,
+#    tests/test_backend_contract.py;
 # 3. benchmarks/gpu.py --json $OUT/gpu.json (rnnlm vs PyTorch tokens/s, and the CPU/GPU parity check).
 # Every part runs even when an earlier one failed, each under its own time limit (TEST_TIMEOUT,
 # BENCH_TIMEOUT seconds); everything is also written to $OUT/log.txt; the exit status is non-zero when
-# any part failed. Measured on an H100 (2026-11-26): 55 s of tests (mostly numba compiling), 79 s of
-# benchmark; the limits (2 and 3 minutes) keep even a hanging run within about 6 minutes. The package is not
-# installed there: PYTHONPATH is the repository.
+# any part failed. The limits (2 and 3 minutes) keep even a hanging run within about 6 minutes. The package
+# is not installed there: PYTHONPATH is the repository.
 
 set -u
 OUT=${OUT:-/tmp/rnnlm-gpu-check}
@@ -53,7 +53,7 @@ device = cuda.get_current_device()
 print("numba.cuda device:", device.name, "compute capability", device.compute_capability)
 EOF'
     part kernel-tests "$TEST_TIMEOUT" python3 -m pytest -q -p no:cacheprovider \
-        tests/test_kernels.py -k cuda tests/test_cuda_backend.py
+        tests/test_kernels.py -k cuda tests/test_cuda_backend.py tests/test_backend_contract.py
     part benchmark "$BENCH_TIMEOUT" python3 benchmarks/gpu.py --json "$OUT/gpu.json" "$@"
 
     echo

@@ -3,7 +3,9 @@
     python benchmarks/quality.py ptb --minutes 5
     python benchmarks/quality.py shakespeare --minutes 3
 
-Runs ``rnnlm train`` (then ``rnnlm perplexity`` for PTB's test set) as subprocesses; the budget covers
+Reads data/<corpus>/ (run data/ptb/prepare.sh or data/shakespeare/prepare.sh first; this project's ../shared
+copy is the fallback). Runs ``rnnlm train`` (then ``rnnlm perplexity`` for PTB's test set) as subprocesses; the
+budget covers
 training, validation and the final evaluation. Ends by printing one JSON line
 {"corpus", "metric", "value", "wall_s", "command"}: test perplexity for PTB (Mikolov's split), validation
 nats per character for tiny-shakespeare (first 90% train, last 10% validation, as nanoGPT splits it).
@@ -19,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+import common  # beside this file
 
 # The recipes, by the smallest budget (minutes) each is meant for; README.md quotes their results.
 RECIPES = {
@@ -54,16 +55,6 @@ def rnnlm_command():
     return [script] if script else [sys.executable, "-m", "rnnlm"]
 
 
-def shakespeare_split(workdir):
-    """First 90% / last 10% of tiny-shakespeare's characters, as nanoGPT splits it."""
-    text = (SHARED / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
-    cut = int(len(text) * 0.9)
-    train, valid = workdir / "train.txt", workdir / "valid.txt"
-    train.write_text(text[:cut], encoding="utf-8")
-    valid.write_text(text[cut:], encoding="utf-8")
-    return train, valid
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("corpus", choices=sorted(RECIPES))
@@ -76,10 +67,7 @@ def main():
     workdir = args.out or Path(tempfile.mkdtemp(prefix=f"rnnlm-{args.corpus}-"))
     workdir.mkdir(parents=True, exist_ok=True)
     model = workdir / "model.npz"
-    if args.corpus == "ptb":
-        train, valid = SHARED / "ptb" / "train.txt", SHARED / "ptb" / "valid.txt"
-    else:
-        train, valid = shakespeare_split(workdir)
+    train, valid, test = common.corpus_files(args.corpus, workdir)
     budget = (args.minutes * 60 - RESERVE_S[args.corpus] - (time.perf_counter() - start)) / 60
     command = [*rnnlm_command(), "train", str(train), "--valid", str(valid), "-o", str(model),
                *recipe(args.corpus, args.minutes), "--threads", str(args.threads),
@@ -90,7 +78,6 @@ def main():
     for record in epochs:
         print(json.dumps(record), file=sys.stderr)
     if args.corpus == "ptb":
-        test = SHARED / "ptb" / "test.txt"
         evaluation = subprocess.run([*rnnlm_command(), "perplexity", str(model), str(test), "--json"],
                                     stdout=subprocess.PIPE, text=True, check=True)
         metric, value = "test_perplexity", json.loads(evaluation.stdout)["perplexity"]

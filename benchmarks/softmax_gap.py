@@ -18,8 +18,9 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import common  # beside this file
+
 REPO = Path(__file__).resolve().parents[1]
-PTB = REPO.parent / "shared" / "data" / "ptb"
 
 COMMON = ["--hidden", "200", "--bptt", "20", "--batch", "20", "--schedule", "cosine", "--seed", "0", "--json"]
 RECIPES = {
@@ -33,8 +34,9 @@ RECIPES = {
 def train(recipe, softmax, args, workdir):
     """One training run; returns its epoch records (dicts of ``rnnlm train --json``) or raises."""
     output = Path(workdir) / f"{recipe}-{softmax}.npz"
-    command = [sys.executable, "-m", "rnnlm", "train", str(args.data / "train.txt"),
-               "--valid", str(args.data / "valid.txt"), "-o", str(output), "--device", args.device,
+    train_text, valid_text, _ = args.files
+    command = [sys.executable, "-m", "rnnlm", "train", str(train_text),
+               "--valid", str(valid_text), "-o", str(output), "--device", args.device,
                "--epochs", str(args.epochs), "--softmax", softmax, *COMMON, *RECIPES[recipe]]
     if softmax == "class":
         command += ["--classes", str(args.classes)]
@@ -52,7 +54,8 @@ def main():
     parser.add_argument("--epochs", type=int, default=6, help="epochs of every run (default 6)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train (default cpu)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
-    parser.add_argument("--data", type=Path, default=PTB, help=f"folder with train.txt, valid.txt (default {PTB})")
+    parser.add_argument("--data", type=Path, help="folder with train.txt, valid.txt (default: data/ptb, filled by "
+                        "data/ptb/prepare.sh)")
     parser.add_argument("--json", type=Path, help="also write every run's epochs to this file")
     args = parser.parse_args()
     recipes = args.recipes.split(",")
@@ -60,11 +63,14 @@ def main():
     if unknown:
         parser.error(f"unknown recipe(s) {', '.join(unknown)}; known: {', '.join(RECIPES)}")
 
+    args.files = (args.data / "train.txt", args.data / "valid.txt", None) if args.data else \
+        common.corpus_files("ptb", None)
     runs = [(recipe, softmax) for recipe in recipes for softmax in ("full", "class")]
     with tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(args.jobs) as pool:
         epochs = dict(zip(runs, pool.map(lambda run: train(*run, args, workdir), runs), strict=True))
 
-    print(f"validation perplexity per epoch on {args.data} (m=200, C={args.classes} for class, device {args.device})")
+    print(f"validation perplexity per epoch on {args.files[0].parent} (m=200, C={args.classes} for class, "
+          f"device {args.device})")
     for recipe, softmax in runs:
         values = " ".join(f"{e['valid_perplexity']:7.1f}" for e in epochs[recipe, softmax])
         print(f"  {recipe:16s} {softmax:5s} {values}")

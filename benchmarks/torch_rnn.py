@@ -2,7 +2,8 @@
 
 nn.Embedding(V, m) holds W_xᵀ (the lookup is W_x times the one-hot input), nn.RNN(m, m, tanh) the
 recurrence (its W_ih starts as the identity, its two biases sum to b_s), nn.Linear(m, V) the output
-layer; mean F.cross_entropy, clip_grad_norm_, torch.optim.SGD; the state is carried with .detach().
+layer; mean F.cross_entropy, clip_grad_norm_, torch.optim.SGD; the state is carried with .detach(). On a GPU,
+in float32 with TF32 off (rnnlm has no tensor-core path).
 It starts from rnnlm's parameters, so its first losses equal rnnlm's. PyTorch is imported on use: it is
 an optional dependency of the benchmarks only.
 """
@@ -19,7 +20,10 @@ class TorchRNN:
         from torch import nn
         from torch.nn import functional
 
-        self.torch, self.F, self.nn, self.clip = torch, functional, nn, clip
+        self.torch, self.F, self.nn, self.clip, self.device = torch, functional, nn, clip, device
+        if device == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         m, V = params["W_s"].shape[0], params["W_o"].shape[0]
         self.m = m
         self.emb, self.rnn, self.out = nn.Embedding(V, m), nn.RNN(m, m, nonlinearity="tanh"), nn.Linear(m, V)
@@ -61,3 +65,8 @@ class TorchRNN:
             states, self.h = self.rnn(self.emb(x), self.h)
             loss = self.F.cross_entropy(self.out(states.reshape(-1, self.m)), y, reduction="sum")
         return loss.item()
+
+    def sync(self):
+        """Wait for the device (nothing to wait for on the CPU)."""
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()

@@ -1,11 +1,12 @@
 """Thread and cache settings that must be in place before numpy, SciPy or Numba load.
 
 Numba's OpenMP workers and OpenBLAS's pool both spin-wait by default and fight for the cores between
-kernels (see ``shared/notes/numba.md``); passive waiting lets a kernel and a GEMM hand the cores to each
-other. A short spin (GOMP_SPINCOUNT, about 0.1 ms) keeps Numba's workers awake between back-to-back
-kernels: waking a sleeping worker costs tens of microseconds per parallel loop, which the class softmax's
-small kernels pay about twenty times a step (measured: +27% training tokens/s there, within noise for the
-full softmax). ``rnnlm/__init__.py`` imports this module first. Variables the user already set are kept.
+kernels; passive waiting lets a kernel and a GEMM hand the cores to each other. A short spin
+(GOMP_SPINCOUNT, about 0.1 ms) keeps Numba's workers awake between back-to-back kernels: waking a sleeping
+worker costs tens of microseconds per parallel loop, which the class softmax's small kernels would pay
+about twenty times a step. ``rnnlm/__init__.py`` imports this module first. Variables the user already set
+are kept. These variables are process-wide: a benchmark that compares rnnlm with another library runs that
+library in a process of its own (benchmarks/common.py).
 """
 
 import os

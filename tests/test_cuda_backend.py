@@ -262,6 +262,7 @@ def test_device_arrays_transpose_as_views():
     subprocess.run([sys.executable, "-c", VIEW_TRANSPOSE], env=env, check=True)
 
 
+@pytest.mark.skipif(not device.SIMULATOR, reason="a fix of the CUDA simulator")
 def test_a_blocks_threads_share_one_array_per_shared_array_call_in_the_simulator(monkeypatch):
     """The simulator's threads allocate a shared array at their first call; with a thread switch between
     looking the call site up and storing its array (forced here by a slow np.empty), numba-cuda's own
