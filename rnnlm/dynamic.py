@@ -159,6 +159,13 @@ class StreamScorer:
         self.last_token = ids[-1] if len(ids) else self.last_token
         return ln_p
 
+    def score_sentences(self, sentences):
+        """Fill the ``ln_probs`` of ``rnnlm.score.Sentence`` objects, the stream's next lines."""
+        ln_p = self.log_probs(np.concatenate([s.ids for s in sentences]))
+        ends = np.cumsum([len(s.ids) for s in sentences])[:-1]
+        for sentence, part in zip(sentences, np.split(ln_p, ends), strict=True):
+            sentence.ln_probs = part
+
     def adapt(self):
         """The step on the segment just completed, from the state it started with."""
         window, _ = self.window(self.T)
@@ -175,3 +182,4 @@ def token_log_probs(model, ids, device="cpu", dynamic=None, progress=None):
     """ln p(token) of every token of ``ids`` (N,) read as one stream: float64 (N,), statically or with
     dynamic evaluation (``dynamic``: a DynamicConfig). progress: progress(tokens done, N) or None."""
     return StreamScorer(model, device, dynamic).log_probs(ids, progress)
+
