@@ -14,11 +14,14 @@ import click
 
 import rnnlm
 from rnnlm import nbest
+from rnnlm import ngram as ngram_lm
 from rnnlm._env import set_threads
+from rnnlm.dynamic import StreamScorer
 from rnnlm.score import DEFAULT_BATCH, Scorer, Summary, check_vocabulary, chunks, read_sentence
 from rnnlm.textio import display_name, iter_lines
 
 from .common import Command, FiniteFloat, device_option, emit_json, json_option, threads_option
+from .perplexity import mixing_options, read_mixing
 
 UNITS = {"ln": 1.0, "log10": 1 / math.log(10), "bits": 1 / math.log(2)}
 JSON_SCHEMA = (
@@ -51,10 +54,13 @@ def shown(token):
               help="With --nbest: write only each id's hypothesis with the highest score + WEIGHT × LM score.")
 @click.option("--batch", type=click.IntRange(min=1, max=4096), default=DEFAULT_BATCH,
               help="Sentences scored side by side.")
+@mixing_options
 @device_option
 @threads_option
 @json_option(JSON_SCHEMA)
-def score(model_path, texts, stream, per_word, units, nbest_format, best, batch, device, threads, as_json):
+@click.pass_context
+def score(ctx, model_path, texts, stream, per_word, units, nbest_format, best, batch, device, threads, as_json,
+          **mixing):
     """Log-probability of every line of TEXT under MODEL, one output line per input line, in input order.
 
     TEXT: files (plain, gzip, bzip2, xz or zstd), - or nothing for standard input. Each line is one sentence
@@ -67,11 +73,18 @@ def score(model_path, texts, stream, per_word, units, nbest_format, best, batch,
         raise click.UsageError("--best WEIGHT needs --nbest FORMAT")
     if stream and nbest_format:
         raise click.UsageError("--stream and --nbest do not go together: hypotheses are scored each alone")
+    ngram, lam, lambda_text, dynamic = read_mixing(ctx, **mixing)
+    if dynamic is not None and not stream:
+        raise click.UsageError("--dynamic needs --stream: the model adapts to the lines in their order")
     set_threads(threads)
     sources = texts or ("-",)
     lines = itertools.chain.from_iterable([iter_lines(source) for source in sources])
     model = rnnlm.load(model_path)
     scorer = Scorer(model, device, 1 if stream else batch)
+    score_chunk = StreamScorer(model, device, dynamic).score_sentences if dynamic else (
+        scorer.score_stream if stream else scorer.score_independent)
+    if ngram is not None:
+        ngram, lam = mixed_ngram(model, ngram, lam, lambda_text, device, dynamic)
     output = Output(model, nbest_format, best, units, per_word, as_json)
     with private_stdin():
         for k, chunk in enumerate(chunks(lines)):
@@ -82,9 +95,23 @@ def score(model_path, texts, stream, per_word, units, nbest_format, best, batch,
             sentences = [read_sentence(model.vocab, text, number) for number, text in chunk]
             if k == 0:
                 check_vocabulary(sentences, model.vocab, display_name(sources[0]))
-            (scorer.score_stream if stream else scorer.score_independent)(sentences)
+            score_chunk(sentences)
+            if ngram is not None:
+                ngram_lm.mix_sentences(ngram, model.vocab, sentences, lam)
             output.chunk(sentences, hypotheses)
     output.finish()
+
+
+def mixed_ngram(model, path, lam, lambda_text, device, dynamic):
+    """The n-gram model at ``path`` and λ (fitted on ``lambda_text`` when "auto"), said on stderr."""
+    ngram = ngram_lm.NgramModel(path)
+    mismatch = ngram_lm.vocab_mismatch(model.vocab, ngram)
+    if lam == "auto":
+        lam = ngram_lm.fit_lambda_on(model, ngram, lambda_text, device, dynamic)
+    click.echo(f"{ngram.order}-gram model mixed in with λ = {lam:.4f}; {mismatch['rnn_words_unknown_to_ngram']:,} "
+               f"RNN words unknown to it, {mismatch['ngram_words_unknown_to_rnn']:,} of its words unknown to the RNN",
+               err=True)
+    return ngram, lam
 
 
 @contextlib.contextmanager

@@ -164,3 +164,29 @@ def test_a_character_model_is_refused(work):
 def test_the_library_refuses_lambda_out_of_range(work):
     with pytest.raises(rnnlm.RnnlmError, match="--lambda must be"):
         ngram.perplexity(rnnlm.load(work / "model.npz"), work / "text.txt", ngram=ARPA, lam=1.01)
+
+
+def score_records(*args):
+    result = invoke("score", *args, "--json")
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_score_mixes_per_sentence(work):
+    text, model = work / "text.txt", work / "model.npz"
+    ngram_only = score_records(model, text, "--ngram", ARPA, "--lambda", "1")
+    lm = kenlm.Model(str(ARPA))
+    expected = [lm.score(line) * L for line in TEXT.splitlines()]
+    assert [r["ln_prob"] for r in ngram_only[:-1]] == pytest.approx(expected, rel=1e-6)  # kenlm sums float32
+    rnn_only = score_records(model, text, "--ngram", ARPA, "--lambda", "0")
+    assert rnn_only == score_records(model, text)
+
+
+def test_score_stream_with_dynamic_and_ngram_is_perplexity(work):
+    options = ["--ngram", ARPA, "--lambda", "auto", "--lambda-text", work / "valid.txt", "--dynamic", "0.01",
+               "--dynamic-segment", "4"]
+    summary = score_records(work / "model.npz", work / "text.txt", "--stream", *options)[-1]
+    result = invoke("perplexity", work / "model.npz", work / "text.txt", *options, "--json")
+    assert summary["perplexity"] == pytest.approx(json.loads(result.stdout)["perplexity"], rel=1e-9)
+    result = invoke("score", work / "model.npz", work / "text.txt", "--dynamic", "0.01")
+    assert result.exit_code == 2 and "--dynamic needs --stream" in result.stderr
