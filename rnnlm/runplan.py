@@ -73,7 +73,7 @@ def check_run_paths(paths, options, resumed=None):
     checkpoint_label = "--checkpoint" if options.checkpoint else "the checkpoint"
     if resumed is not None:
         inputs.append(("--resume", resumed))
-        if Path(paths["checkpoint"]) == Path(resumed) or not options.checkpoint:
+        if not options.checkpoint or same_file(paths["checkpoint"], resumed):
             checkpoint_label = "--resume"
     check_outputs([("-o", paths["model"]), (checkpoint_label, paths["checkpoint"]),
                    ("--log" if options.log else "the log", paths["log"])], inputs)
@@ -88,8 +88,8 @@ def resume_paths(checkpoint, meta, options, text, valid, model_path):
         found = inside(folder, name)
         if given is None:
             if found is None:
-                raise RnnlmError(f"{checkpoint} places {flag} at {name!r}, outside its folder; "
-                                 f"give {flag} on the command line")
+                where = "standard input" if name == "-" else f"{name!r}, outside its folder"
+                raise RnnlmError(f"{checkpoint} read {flag} from {where}; give {flag} on the command line")
             return found
         if found is not None and found.exists() and not same_file(found, given):
             raise ResumeConflictError(f"{flag} {given} is not the checkpoint's {flag} ({found})")

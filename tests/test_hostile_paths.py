@@ -291,6 +291,8 @@ def test_a_checkpoint_cannot_choose_the_text_it_reads(d, run):
     refused(d, "train", "--resume", run / "m.ckpt.npz", "--epochs", "2", names=["TEXT", "outside its folder"])
     forge(run / "m.ckpt.npz", text="/etc/passwd")
     refused(d, "train", "--resume", run / "m.ckpt.npz", "--epochs", "2", names=["TEXT", "/etc/passwd"])
+    forge(run / "m.ckpt.npz", text="-")
+    refused(d, "train", "--resume", run / "m.ckpt.npz", "--epochs", "2", names=["TEXT", "standard input"])
 
 
 @pytest.mark.parametrize("option", [["--hidden", "9"], ["--seed", "2"], ["--lowercase"], ["--optimizer", "adam"]])
