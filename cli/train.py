@@ -9,6 +9,7 @@ import click
 from click.core import ParameterSource
 
 import rnnlm
+from rnnlm import distributed
 from rnnlm.model import INITS
 from rnnlm.optim import OPTIMIZERS
 from rnnlm.runplan import ResumeConflictError
@@ -90,6 +91,7 @@ MINUTES = FiniteFloat(min=0, min_open=True)
                    "--time-budget, --checkpoint-every and --device may change); its files are those inside the "
                    "checkpoint's folder, any other must be given (TEXT, --valid, -o, --log) [default: none].")
 @json_option('one {"type": "epoch", ...} record per epoch')
+@distributed.failing_together(passing=(click.ClickException,))  # under MPI: one rank's error ends every rank
 def train(text, model_path, resume, as_json, valid, device, threads, checkpoint, checkpoint_every, time_budget, log,
           **settings):
     """Train a model on TEXT (a text file, - for standard input, a compressed file, or a token directory)."""
@@ -99,6 +101,7 @@ def train(text, model_path, resume, as_json, valid, device, threads, checkpoint,
         raise click.UsageError("train needs TEXT and -o MODEL (or --resume CHECKPOINT)")
     progress = Progress("training")
     written = {"model": model_path}
+    writer = distributed.world().is_writer  # under MPI, rank 0 alone prints
 
     def on_window(done, total, stats):
         progress.update(done, total, f"{stats['tokens_per_s']:,.0f} tok/s  loss {stats['loss']:.3f}  "
@@ -118,6 +121,8 @@ def train(text, model_path, resume, as_json, valid, device, threads, checkpoint,
         click.echo(f"resuming {resume}: model -> {paths['model']}, log -> {paths['log']}, checkpoint -> "
                    f"{paths['checkpoint']}", err=True)
 
+    if not writer:
+        on_window = on_epoch = on_start = None
     try:
         if resume is not None:
             epochs = settings_for_resume(click.get_current_context(), settings, options)
@@ -131,12 +136,13 @@ def train(text, model_path, resume, as_json, valid, device, threads, checkpoint,
         raise click.UsageError(str(conflict)) from None
     except rnnlm.TrainingInterrupted as stop:
         progress.close()
-        click.echo(f"\ninterrupted in epoch {stop.epoch}; checkpoint written to {stop.checkpoint}; "
-                   f"resume with: {resume_command(stop)}\nthe best model so far is in {stop.model_path}", err=True)
+        if writer:
+            click.echo(f"\ninterrupted in epoch {stop.epoch}; checkpoint written to {stop.checkpoint}; resume "
+                       f"with: {resume_command(stop)}\nthe best model so far is in {stop.model_path}", err=True)
         sys.exit(EXIT_INTERRUPTED)
     finally:
         progress.close()
-    if not as_json:
+    if writer and not as_json:
         best = min((r["valid_perplexity"] for r in records), default=None)
         done = "the run had already ended" if best is None else f"best valid perplexity {best:.2f}"
         click.echo(f"{done}; model written to {written['model']}")

@@ -22,13 +22,15 @@ carries and sliced per rank, so that neither the masks nor the model depend on N
 clock or on a signal (the time budget, ``--checkpoint-every``, the cosine schedule under a budget,
 SIGINT/SIGTERM) and the validation loss are agreed on (rank 0's value, or any rank's signal), so that every
 rank takes the same path. Rank 0 alone writes the model, the log and the checkpoint, which holds the
-carried states of all B streams (gathered), so that ``--resume`` restores each rank's own.
+carried states of all B streams (gathered), so that ``--resume`` restores each rank's own. With
+``--device cuda`` the ranks of a node with several GPUs take one each (see ``_one_gpu_each``).
 """
 
 import os
 import sys
 import traceback
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
@@ -114,6 +116,14 @@ class _SlicedRng:
         return self.rng.random((T, self.batch, *rest))[:, self.streams]
 
 
+def _one_gpu_each(local_rank, gpus=Path("/proc/driver/nvidia/gpus")):
+    """Give the ranks of a node with several NVIDIA GPUs one each, round robin by their rank on the node,
+    unless CUDA_VISIBLE_DEVICES already says which (effective before CUDA starts in this process)."""
+    count = len(list(gpus.iterdir())) if gpus.is_dir() else 0
+    if count > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(local_rank % count)
+
+
 def _host(ops, array):
     """A numpy array of ``array``: itself on the CPU (edits reach the backend array), else a copy."""
     return array if isinstance(array, np.ndarray) else ops.to_numpy(array)
@@ -128,6 +138,10 @@ class Reducer(Single):
         self.MPI, self.comm = MPI, comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.is_writer = self.rank == 0
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_rank = node.Get_rank()
+        node.Free()
+        _one_gpu_each(self.local_rank)
 
     def _block(self, batch):
         """The slice of streams of this rank out of ``batch``."""

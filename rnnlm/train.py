@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rnnlm import runplan, step
+from rnnlm import distributed, runplan, step
 from rnnlm._env import set_threads
 from rnnlm.backends import get_backend
 from rnnlm.checkpoint import check_cursor, read_checkpoint
@@ -160,7 +160,7 @@ def train(text, model_path, valid=None, config=None, options=None, on_window=Non
         class_bounds = frequency_classes(np.bincount(train_ids, minlength=len(vocab)), n_classes)
     model = Model.create(vocab, config.hidden, seed=config.seed, hparams=asdict(config), class_bounds=class_bounds,
                          init=config.init, layers=config.layers, tied=config.tied)
-    trainer = Trainer(ops, model, config, options, train_ids, valid_ids, paths)
+    trainer = Trainer(ops, model, config, options, train_ids, valid_ids, paths, distributed.world())
     trainer.start_log()
     return trainer.run(on_window, on_epoch)
 
@@ -202,7 +202,7 @@ def resume(checkpoint, options=None, on_window=None, on_epoch=None, text=None, v
     if config.tied:
         best["W_x"] = best["W_o"].T
     model = Model(best, vocab, asdict(config), class_bounds, config.layers, config.tied)
-    trainer = Trainer(ops, model, config, options, train_ids, valid_ids, paths)
+    trainer = Trainer(ops, model, config, options, train_ids, valid_ids, paths, distributed.world())
     check_cursor(meta, trainer.n_windows, checkpoint)
     trainer.restore(arrays, meta["state"])
     return trainer.run(on_window, on_epoch)
@@ -232,15 +232,15 @@ class _Signals:
 class Trainer:
     """The state of one run: device parameters and gradients, optimizer, windows, schedule, cursor."""
 
-    def __init__(self, ops, model, config, options, train_ids, valid_ids, paths):
+    def __init__(self, ops, model, config, options, train_ids, valid_ids, paths, reducer=distributed.SINGLE):
         self.ops, self.model, self.config, self.options = ops, model, config, options
-        self.valid_ids, self.paths = valid_ids, paths
+        self.valid_ids, self.paths, self.reducer = valid_ids, paths, reducer  # reducer: see rnnlm.distributed
         self.checkpoint_path, self.log_path = paths["checkpoint"], paths["log"]
         windows = batchify(train_ids, model.vocab.boundary_id, config.batch, config.bptt)
         if windows is None:
             raise RnnlmError(f"{paths['text']} is too short for --batch {config.batch} x --bptt {config.bptt} "
                              f"({len(train_ids)} training tokens)")
-        inputs, targets = windows
+        inputs, targets = (reducer.streams(tokens) for tokens in windows)  # this rank's streams
         self.tokens = [ops.asarray(inputs), ops.asarray(targets)]
         if model.class_bounds is not None:
             self.tokens.append(ops.asarray(word_classes(model.class_bounds)[targets]))
@@ -252,7 +252,7 @@ class Trainer:
         trainable = step.trainable(self.params, self.window)
         self.trainable = list(trainable)
         self.optimizer = make_optimizer(config.optimizer, ops, trainable, clip=config.clip, l2=config.l2)
-        self.rng = np.random.default_rng(config.seed + 1)  # dropout masks
+        self.rng = reducer.mask_rng(np.random.default_rng(config.seed + 1), config.batch)  # dropout masks
         # schedule and cursor: everything a checkpoint must carry besides arrays
         self.state = {
             "epoch": 1, "window": 0, "epoch_loss": 0.0, "lr": config.lr, "halving": False, "stalls": 0,
@@ -296,6 +296,7 @@ class Trainer:
             if config.dropout:
                 window.draw_masks(self.rng)
             loss = step.forward_backward(ops, self.params, self.grads, window, *(t[rows] for t in self.tokens))
+            loss = self.reducer.reduce(ops, self.grads, window, loss)
             self.optimizer.update(self.params, self.grads, window, self.current_lr())
             loss = float(loss)  # the whole step is queued before the host waits for the device
             if not loss / (T * B) < max_loss:  # NaN, inf, or far worse than guessing: diverged (the rollback
@@ -313,11 +314,11 @@ class Trainer:
                 on_window(done, self.n_windows, {"loss": mean, "perplexity": math.exp(mean), "tokens_per_s": speed})
             if done % log_every == 0 and done < self.n_windows:
                 self.log({"train_loss": state["epoch_loss"] / (done * T * B), "valid_perplexity": None})
-            if self.signals.received is not None:
+            if self.reducer.any(self.signals.received is not None):
                 self.write_checkpoint()
                 return False
             every = self.options.checkpoint_every
-            if every and time.perf_counter() - self.last_checkpoint >= every * 60:
+            if every and self.reducer.agree(time.perf_counter() - self.last_checkpoint >= every * 60):
                 self.write_checkpoint()
             if self.over_budget():
                 break
@@ -332,18 +333,19 @@ class Trainer:
             return state["lr"]
         progress = state["tokens_seen"] / (config.epochs * self.n_windows * config.bptt * config.batch)
         if self.options.time_budget is not None:
-            progress = max(progress, (time.perf_counter() - self.clock) / (self.options.time_budget * 60))
+            progress = max(progress, self.reducer.agree(time.perf_counter() - self.clock)
+                           / (self.options.time_budget * 60))
         return state["lr"] * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     def over_budget(self):
         budget = self.options.time_budget
-        return budget is not None and time.perf_counter() - self.clock >= budget * 60
+        return budget is not None and self.reducer.agree(time.perf_counter() - self.clock >= budget * 60)
 
     def end_epoch(self, on_epoch):
         """Validate, keep the best model, apply the schedule; True when training should stop."""
         state, model, config = self.state, self.model, self.config
         nats = stream_loss(self.ops, self.params, self.valid_ids, model.vocab.boundary_id, model.structure)
-        valid_loss = nats / len(self.valid_ids)
+        valid_loss = self.reducer.agree(nats) / len(self.valid_ids)  # rank 0's: every rank takes the same path
         if not valid_loss < math.log(model.vocab_size) + 3:  # NaN, inf or worse than guessing: diverged
             self.recover_from_divergence(valid_loss)
             return False
@@ -401,17 +403,19 @@ class Trainer:
                   "elapsed_s": time.perf_counter() - self.clock}
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         state["records"].append(record)
-        with naming_errors(self.log_path), open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
+        if self.reducer.is_writer:
+            with naming_errors(self.log_path), open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, allow_nan=False) + "\n")
         return record
 
     def start_log(self):
         """Write the log afresh: the records of the run so far (none for a new run)."""
-        with atomic_output(self.log_path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in self.state["records"])
+        if self.reducer.is_writer:
+            with atomic_output(self.log_path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in self.state["records"])
 
     def save_model(self):
-        save_atomically(self.paths["model"], self.model.save)
+        self.reducer.on_writer(save_atomically, self.paths["model"], self.model.save)
 
     # ------------------------------------------------------------------ parameters and checkpoints
 
@@ -449,7 +453,7 @@ class Trainer:
         arrays.update({f"epoch_start/params/{k}": v for k, v in start_params.items()})
         arrays.update({f"epoch_start/optimizer/{k}": v for k, v in start_arrays.items()})
         for k, S in enumerate(self.window.S):
-            arrays[f"carried_state/{k}"] = self.ops.to_numpy(S[0])
+            arrays[f"carried_state/{k}"] = self.reducer.gather_streams(self.ops.to_numpy(S[0]))
         if self.model.class_bounds is not None:
             arrays["class_bounds"] = self.model.class_bounds
         sources, options = runplan.stored_paths(self.paths, asdict(self.options))
@@ -460,7 +464,7 @@ class Trainer:
                           rng=self.rng.bit_generator.state),
         }
         arrays["meta"] = np.array(json.dumps(meta, allow_nan=False))
-        save_atomically(self.checkpoint_path, lambda path: atomic_savez(path, arrays))
+        self.reducer.on_writer(save_atomically, self.checkpoint_path, lambda path: atomic_savez(path, arrays))
         self.last_checkpoint = time.perf_counter()
 
     def restore(self, arrays, state):
@@ -476,7 +480,7 @@ class Trainer:
         self.epoch_start = (group("epoch_start/params/"),
                             (group("epoch_start/optimizer/"), state.pop("epoch_start_optimizer")))
         for k, S in enumerate(self.window.S):
-            self.ops.copy_into(arrays[f"carried_state/{k}"], S[0])
+            self.ops.copy_into(self.reducer.streams(arrays[f"carried_state/{k}"], axis=0), S[0])
         self.rng.bit_generator.state = state.pop("rng")
         self.state = state
         self.start_log()
