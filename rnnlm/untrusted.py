@@ -177,7 +177,7 @@ def read_npy_header(f, where):
     reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     try:
         shape, fortran_order, dtype = reader(io.BytesIO(length_bytes + header), max_header_size=MAX_NPY_HEADER)
-    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError, KeyError, OverflowError) as exc:
+    except Exception as exc:  # numpy parses the (bounded) header with ast and tokenize, which raise many types
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RnnlmError(f"{where} has a malformed .npy header ({message})") from None
     if any(n < 0 for n in shape):
@@ -274,7 +274,7 @@ class Npz:
             raise RnnlmError(f"{self.path} is empty, expected an .npz {self.what}")
         end = zipfile._EndRecData(self.file)  # the end record only, before zipfile parses the directory
         if head[:4] != b"PK\x03\x04" or end is None:
-            raise RnnlmError(f"{self.path} is not an .npz {self.what} (not a zip archive)")
+            raise RnnlmError(f"{self.path} is not an .npz {self.what} (truncated, or not a zip archive)")
         if end[zipfile._ECD_ENTRIES_TOTAL] > MAX_MEMBERS or end[zipfile._ECD_SIZE] > MAX_DIRECTORY_BYTES:
             raise RnnlmError(f"{self.path} has a zip directory of {end[zipfile._ECD_ENTRIES_TOTAL]:,} members "
                              f"({end[zipfile._ECD_SIZE]:,} bytes), more than an .npz {self.what} has")
