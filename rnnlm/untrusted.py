@@ -33,7 +33,7 @@ import numpy as np
 
 from rnnlm.errors import RnnlmError
 
-MAX_JSON_CHARS = 32 << 20
+MAX_JSON_CHARS = 64 << 20  # a vocab.json of MAX_VOCAB_SIZE tokens of 10 characters, one per line
 MAX_JSON_DEPTH = 64
 MAX_MEMBERS = 4096
 MAX_DIRECTORY_BYTES = 4 << 20
