@@ -158,18 +158,17 @@ class Output:
         self.summary = Summary()
 
     def record(self, sentence):
-        fields = dict(line=sentence.line, ln_prob=sentence.ln_prob, tokens=len(sentence.ids),
-                      oov=int(sentence.oov.sum()))
+        fields = dict(line=sentence.line, ln_prob=sentence.ln_prob, tokens=len(sentence.ids), oov=len(sentence.oov))
         if self.per_word:
             fields.update(words=sentence.tokens, ln_probs=sentence.ln_probs.tolist())
         return fields
 
     def text(self, sentence):
-        columns = [f"{sentence.ln_prob * self.factor:.4f}", str(len(sentence.ids)), str(int(sentence.oov.sum()))]
-        if self.per_word:
-            columns.append(" ".join(f"{shown(token)}={value * self.factor:.4f}"
-                                    for token, value in zip(sentence.tokens, sentence.ln_probs, strict=True)))
-        return "\t".join(columns)
+        line = f"{sentence.ln_prob * self.factor:.4f}\t{len(sentence.ids)}\t{len(sentence.oov)}"
+        if not self.per_word:
+            return line
+        return line + "\t" + " ".join(f"{shown(token)}={value * self.factor:.4f}"
+                                      for token, value in zip(sentence.tokens, sentence.ln_probs.tolist(), strict=True))
 
     def chunk(self, sentences, hypotheses):
         """Print the lines of one scored chunk (with --best, keep the best so far) and flush."""

@@ -19,6 +19,7 @@ hypotheses as numpy arrays, advanced by a batch of token ids, with the next toke
 """
 
 import copy
+import itertools
 import math
 import queue
 import threading
@@ -42,18 +43,16 @@ OUTPUT_BUDGET = 1 << 24  # elements of a window's logits (T·B·V, or T·B·C wi
 
 @dataclass
 class Sentence:
-    """One scored line: ``tokens`` as read (str, the boundary token last), their ``ids`` (n,) int32, ``oov``
-    (n,) bool (tokens outside the vocabulary, read as ``<unk>``), ``ln_probs`` (n,) float64 once scored."""
+    """One line: ``tokens`` as read (str, the boundary token last), their ``ids`` (list of int), ``oov`` the
+    positions of the tokens outside the vocabulary (read as ``<unk>``); once scored, ``ln_probs`` (n,)
+    float64, each token's log-probability, and ``ln_prob`` their sum."""
 
     line: int
     tokens: list
-    ids: np.ndarray
-    oov: np.ndarray
+    ids: list
+    oov: list
     ln_probs: np.ndarray | None = None
-
-    @property
-    def ln_prob(self):
-        return float(self.ln_probs.sum())
+    ln_prob: float = math.nan
 
 
 def read_sentence(vocab, text, line=0):
@@ -72,8 +71,8 @@ def read_sentence(vocab, text, line=0):
         tokens = [boundary if token in SENTENCE_MARKS else token for token in tokens]
     tokens.append(boundary)
     index, unk_id = vocab.index, vocab.unk_id
-    ids = np.array([index.get(token, unk_id) for token in tokens], np.int32)
-    oov = np.array([token not in index for token in tokens], bool)
+    ids = [index.get(token, unk_id) for token in tokens]
+    oov = [k for k, token in enumerate(tokens) if token not in index] if unk_id in ids else []
     return Sentence(line, tokens, ids, oov)
 
 
@@ -152,29 +151,35 @@ class Scorer:
         return log_p_class + ops.to_numpy(out)
 
     def score_independent(self, sentences):
-        """Fill every sentence's ln_probs, each read alone from the boundary token."""
+        """Fill every sentence's ln_probs and ln_prob, each read alone from the boundary token."""
         boundary = self.model.vocab.boundary_id
-        order = np.argsort([len(s.ids) for s in sentences], kind="stable")
+        lengths = np.fromiter((len(s.ids) for s in sentences), np.int64, len(sentences))
+        order = np.argsort(lengths, kind="stable")
         for first in range(0, len(order), self.batch):
-            group = [sentences[k] for k in order[first : first + self.batch]]
-            targets = np.full((max(len(s.ids) for s in group), self.batch), boundary, np.int32)
-            for b, sentence in enumerate(group):
-                targets[: len(sentence.ids), b] = sentence.ids
+            members = order[first : first + self.batch]
+            n, T = len(members), int(lengths[members].max())
+            tokens = np.full((self.batch, T), boundary, np.int32)  # sentence by sentence, padded
+            present = np.arange(T) < lengths[members][:, None]
+            tokens[:n][present] = np.fromiter(itertools.chain.from_iterable(sentences[k].ids for k in members),
+                                              np.int32, int(present.sum()))
+            targets = np.ascontiguousarray(tokens.T)
             inputs = np.empty_like(targets)
             inputs[0] = boundary
             inputs[1:] = targets[:-1]
-            log_p = self.run(inputs, targets, carry=False)
-            for b, sentence in enumerate(group):
-                sentence.ln_probs = log_p[: len(sentence.ids), b]
+            log_p = self.run(inputs, targets, carry=False).T[:n]
+            totals = np.where(present, log_p, 0.0).sum(axis=1).tolist()
+            for k, row, total in zip(members.tolist(), log_p, totals, strict=True):
+                sentence = sentences[k]
+                sentence.ln_probs, sentence.ln_prob = row[: len(sentence.ids)], total
 
     def score_stream(self, sentences):
-        """Fill every sentence's ln_probs reading them, and the sentences of earlier calls, as one stream
-        (needs batch 1)."""
+        """Fill every sentence's ln_probs and ln_prob reading them, and the sentences of earlier calls, as
+        one stream (needs batch 1)."""
         if self.batch != 1:
             raise RnnlmError("stream scoring runs one stream: make the Scorer with batch=1")
         if not sentences:
             return
-        targets = np.concatenate([s.ids for s in sentences]).reshape(-1, 1)
+        targets = np.fromiter(itertools.chain.from_iterable(s.ids for s in sentences), np.int32).reshape(-1, 1)
         inputs = np.empty_like(targets)
         inputs[0] = self.last_token
         inputs[1:] = targets[:-1]
@@ -182,7 +187,7 @@ class Scorer:
         self.last_token = int(targets[-1, 0])
         ends = np.cumsum([len(s.ids) for s in sentences])
         for sentence, part in zip(sentences, np.split(log_p, ends[:-1]), strict=True):
-            sentence.ln_probs = part
+            sentence.ln_probs, sentence.ln_prob = part, float(part.sum())
 
 
 def score(model, sentences, per_token=False, device="cpu", batch=DEFAULT_BATCH):
@@ -213,9 +218,9 @@ class Summary:
     def add(self, sentence):
         self.sentences += 1
         self.tokens += len(sentence.ids)
-        self.oov += int(sentence.oov.sum())
+        self.oov += len(sentence.oov)
         self.ln_prob += sentence.ln_prob
-        self.ln_prob_known += float(sentence.ln_probs[~sentence.oov].sum())
+        self.ln_prob_known += sentence.ln_prob - sum(float(sentence.ln_probs[k]) for k in sentence.oov)
 
     def perplexity(self, include_oov=True):
         n = self.tokens if include_oov else self.tokens - self.oov
@@ -268,10 +273,10 @@ def check_vocabulary(sentences, vocab, name):
     the model: a text of the other level (characters for a word model), or another language's model."""
     seen = 0
     for sentence in sentences:
-        words = sentence.oov[:-1]
-        if not words.all():
+        words = len(sentence.ids) - 1  # the boundary token is always known
+        if len(sentence.oov) < words:
             return
-        seen += len(words)
+        seen += words
         if seen >= VOCABULARY_CHECK:
             raise RnnlmError(f"none of the first {seen} tokens of {name} is in the {vocab.level}-level model's "
                              "vocabulary: is it a model for this text (level, language, tokenization)?")
