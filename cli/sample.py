@@ -1,11 +1,14 @@
 """``rnnlm sample``."""
 
+import sys
+import unicodedata
 from pathlib import Path
 
 import click
 
 import rnnlm
 from rnnlm._env import set_threads
+from rnnlm.sample import Texts, draw, encode_prompt
 
 from .common import Command, FiniteFloat, device_option, emit_json, json_option, threads_option
 
@@ -24,17 +27,44 @@ from .common import Command, FiniteFloat, device_option, emit_json, json_option,
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Random seed: the same seed gives the same text.")
 @device_option
 @threads_option
-@json_option('one {"type": "sample", "text"} record per sample')
+@json_option('one {"type": "sample", "text", "ln_prob"} record per sample (ln_prob: natural log of the drawn '
+             "tokens' probability under the model, before --temperature, --top-k and --top-p)")
 def sample(model_path, prompt, length, temperature, top_k, top_p, num, seed, device, threads, as_json):
-    """Sample text from MODEL."""
+    """Sample text from MODEL, written as it is drawn (several samples, drawn side by side, each once drawn).
+
+    On a terminal, control characters of the model's tokens are shown escaped (\\x1b, \\u200b).
+    """
     set_threads(threads)
-    texts, unk = rnnlm.sample(rnnlm.load(model_path), prompt=prompt, length=length, temperature=temperature,
-                              top_k=top_k, top_p=top_p, num=num, seed=seed, device=device)
+    model = rnnlm.load(model_path)
+    prompt_ids, unk = encode_prompt(model.vocab, prompt)
     if unk:
         click.echo(f"warning: {unk} token(s) of the prompt are not in the model's vocabulary and were read "
                    "as <unk>", err=True)
-    if as_json:
-        for text in texts:
-            emit_json("sample", text=text)
+    texts = Texts(model.vocab, prompt_ids, num, stop_at_eos=model.vocab.level == "word" and length is None)
+    show = escape_controls if sys.stdout.isatty() and not as_json else str
+    streaming = num == 1 and not as_json
+    if streaming:
+        write(show(texts.texts()[0]))
+    for tokens, log_p in draw(model, prompt_ids, length, temperature, top_k, top_p, num, seed, device):
+        pieces = texts.add(tokens, log_p)
+        if streaming:
+            write(show(pieces[0]))
+    if streaming:
+        click.echo()
+    elif as_json:
+        for text, ln_prob in zip(texts.texts(), texts.ln_probs.tolist(), strict=True):
+            emit_json("sample", text=text, ln_prob=ln_prob)
     else:
-        click.echo("\n\n".join(texts) if num > 1 else texts[0])
+        click.echo("\n\n".join(show(text) for text in texts.texts()))
+
+
+def write(text):
+    click.echo(text, nl=False)
+    sys.stdout.flush()
+
+
+def escape_controls(text):
+    """``text`` with its control and format characters (newlines and tabs aside) as escapes."""
+    return "".join(char.encode("unicode_escape").decode("ascii")
+                   if unicodedata.category(char) in ("Cc", "Cf") and char not in "\n\t" else char
+                   for char in text)

@@ -1,15 +1,15 @@
 """Sampling text from a model: the prompt is fed after the boundary token, then tokens are drawn.
 
-The recurrence runs on the chosen backend, ``num`` samples side by side as B streams; the next-token
-distribution (full or class softmax, ``reference.log_probs``), temperature, top-k and top-p are
-computed on the host in float64.
+The recurrence runs on the chosen backend through ``rnnlm.score.Decoder``, ``num`` samples side by side as B
+streams; the next-token distribution (full or class softmax), temperature, top-k and top-p are computed on
+the host in float64. ``draw`` yields the tokens as they are drawn, ``Texts`` turns them into text as they
+come, ``sample`` returns the whole texts.
 """
 
 import numpy as np
 
-from rnnlm import reference, step
-from rnnlm.backends import get_backend
 from rnnlm.errors import RnnlmError
+from rnnlm.score import Decoder
 
 DEFAULT_LENGTH = {"word": 100, "char": 500}
 
@@ -58,53 +58,81 @@ def encode_prompt(vocab, prompt):
     return ids, unk
 
 
-def sample(model, prompt="", length=None, temperature=1.0, top_k=None, top_p=None, num=1, seed=0,
-           device="cpu"):
-    """``num`` texts continuing ``prompt``, each the prompt followed by what the model drew.
+def draw(model, prompt_ids, length=None, temperature=1.0, top_k=None, top_p=None, num=1, seed=0, device="cpu"):
+    """Draw ``num`` samples side by side after the boundary token and ``prompt_ids``, one token per step.
 
-    Word models stop a sample at ``<eos>`` unless ``length`` is given; otherwise ``length`` tokens
-    (default 100 words or 500 characters) are drawn. The same seed gives the same texts.
-    Returns (texts, unk count of the prompt).
+    Yields, step by step, (tokens, log_p): the drawn ids (num,) int64, -1 for a sample that has ended, and
+    their log-probabilities under the model (num,) float64, before temperature, top-k and top-p. Word models
+    end a sample at ``<eos>`` (yielded) unless ``length`` is given; otherwise ``length`` tokens are drawn
+    (default 100 words or 500 characters). The same seed draws the same tokens.
     """
     check_sampling_options(temperature, top_k, top_p, length, num)
     vocab = model.vocab
-    prompt_ids, unk = encode_prompt(vocab, prompt)
-    ops = get_backend(device)
-    params = step.to_device(ops, model.params, model.tied)
-    host_params = {name: array.astype(np.float64) for name, array in model.params.items()}
-    window = step.Window(ops, 1, num, model.hidden, model.vocab_size, **model.structure)
+    decoder = Decoder(model, device)
     rng = np.random.default_rng(seed)
     stop_at_eos = vocab.level == "word" and length is None
-    n_draw = length or DEFAULT_LENGTH[vocab.level]
-
-    def advance(tokens):
-        """Feed tokens (num,) and return the next tokens' log-probabilities (num, V) on the host."""
-        ops.copy_into(tokens.reshape(1, num).astype(np.int32), inputs)
-        top = step.forward(ops, params, window, inputs, training=False)
-        window.carry_state()
-        return reference.log_probs(host_params, ops.to_numpy(top).astype(np.float64), model.class_bounds)
-
-    inputs = ops.zeros((1, num), np.int32)
-    log_p = advance(np.full(num, vocab.boundary_id))
+    state = decoder.initial(num)
     for token in prompt_ids:
-        log_p = advance(np.full(num, token))
-    drawn = np.zeros((num, n_draw), np.int64)
+        state = decoder.advance(state, np.full(num, token))
     finished = np.zeros(num, bool)
-    for k in range(n_draw):
+    for _ in range(length or DEFAULT_LENGTH[vocab.level]):
+        log_p = decoder.log_probs(state)
         p = filter_probabilities(log_p, temperature, top_k, top_p)
         cumulative = np.cumsum(p, axis=1)
         u = rng.random((num, 1)) * cumulative[:, -1:]
         tokens = np.minimum((cumulative < u).sum(axis=1), model.vocab_size - 1)
-        drawn[:, k] = tokens
+        yield np.where(finished, -1, tokens), np.where(finished, 0.0, log_p[np.arange(num), tokens])
         if stop_at_eos:
             finished |= tokens == vocab.boundary_id
             if finished.all():
-                drawn = drawn[:, : k + 1]
-                break
-        log_p = advance(tokens)
-    texts = []
-    for row in drawn:
-        if stop_at_eos and (row == vocab.boundary_id).any():
-            row = row[: int(np.argmax(row == vocab.boundary_id))]
-        texts.append(vocab.decode(np.concatenate([prompt_ids, row])))
-    return texts, unk
+                return
+        state = decoder.advance(state, tokens)
+
+
+class Texts:
+    """The texts of ``num`` samples as their tokens come: ``add`` returns what each text grows by.
+
+    Word level: words joined by single spaces, ``<eos>`` a newline, except the ``<eos>`` that ends a sample
+    (``stop_at_eos``); char level: the characters, ``<unk>`` as U+FFFD (as ``Vocab.decode`` writes them).
+    """
+
+    def __init__(self, vocab, prompt_ids, num, stop_at_eos):
+        self.vocab, self.stop_at_eos = vocab, stop_at_eos
+        self.parts = [[vocab.decode(prompt_ids)] for _ in range(num)]
+        self.open_line = [len(prompt_ids) > 0 and prompt_ids[-1] != vocab.boundary_id] * num
+        self.ln_probs = np.zeros(num)
+
+    def piece(self, k, token):
+        vocab = self.vocab
+        if vocab.level == "char":
+            return vocab.decode([token])
+        if token == vocab.boundary_id:
+            self.open_line[k] = False
+            return "" if self.stop_at_eos else "\n"
+        separator = " " if self.open_line[k] else ""
+        self.open_line[k] = True
+        return separator + vocab.tokens[token]
+
+    def add(self, tokens, log_p):
+        """The pieces (one str per sample, "" for an ended one) that the drawn tokens add."""
+        self.ln_probs += log_p
+        pieces = [self.piece(k, token) if token >= 0 else "" for k, token in enumerate(tokens.tolist())]
+        for part, piece in zip(self.parts, pieces, strict=True):
+            part.append(piece)
+        return pieces
+
+    def texts(self):
+        return ["".join(part) for part in self.parts]
+
+
+def sample(model, prompt="", length=None, temperature=1.0, top_k=None, top_p=None, num=1, seed=0,
+           device="cpu"):
+    """``num`` texts continuing ``prompt``, each the prompt followed by what the model drew (see ``draw``).
+
+    Returns (texts, unk count of the prompt).
+    """
+    prompt_ids, unk = encode_prompt(model.vocab, prompt)
+    texts = Texts(model.vocab, prompt_ids, num, stop_at_eos=model.vocab.level == "word" and length is None)
+    for tokens, log_p in draw(model, prompt_ids, length, temperature, top_k, top_p, num, seed, device):
+        texts.add(tokens, log_p)
+    return texts.texts(), unk
