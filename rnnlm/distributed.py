@@ -91,15 +91,15 @@ def world():
     """The ``Reducer`` over COMM_WORLD when launched by MPI with several processes, else ``SINGLE``."""
     global _world
     if _world is None:
-        _world = SINGLE
-        if launched():
-            try:
-                from mpi4py import MPI
-            except ImportError:
-                raise RnnlmError("this process was started by an MPI launcher, which needs mpi4py: "
-                                 "pip install 'rnnlm-numba[mpi]' (or RNNLM_MPI=0 to run alone)") from None
-            if MPI.COMM_WORLD.Get_size() > 1:
-                _world = Reducer(MPI.COMM_WORLD)
+        if not launched():
+            _world = SINGLE
+            return _world
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise RnnlmError("this process was started by an MPI launcher, which needs mpi4py: "
+                             "pip install 'rnnlm-numba[mpi]' (or RNNLM_MPI=0 to run alone)") from None
+        _world = Reducer(MPI.COMM_WORLD) if MPI.COMM_WORLD.Get_size() > 1 else SINGLE
     return _world
 
 
@@ -231,7 +231,7 @@ def failing_together(passing=(), report=_report):
     except (SystemExit, *passing):
         raise
     except BaseException as error:
-        reducer = world()
+        reducer = _world
         if not isinstance(reducer, Reducer):
             raise
         if isinstance(error, KeyboardInterrupt):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rnnlm import distributed
+from rnnlm import RnnlmError, distributed
 
 REPO = Path(__file__).resolve().parents[1]
 MPIRUN = shutil.which("mpirun", path=os.path.dirname(sys.executable)) or shutil.which("mpirun")
@@ -41,6 +41,15 @@ def test_only_a_launcher_with_several_processes_or_rnnlm_mpi_means_mpi(monkeypat
     assert distributed.launched()
     monkeypatch.setenv("RNNLM_MPI", "0")
     assert not distributed.launched()
+
+
+def test_a_launcher_without_mpi4py_is_an_error_that_says_what_to_install(monkeypatch):
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.delenv("RNNLM_MPI", raising=False)
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py fails
+    monkeypatch.setattr(distributed, "_world", None)
+    with pytest.raises(RnnlmError, match=r"needs mpi4py: pip install 'rnnlm-numba\[mpi\]'"):
+        distributed.world()
 
 
 def test_plain_import_and_a_lone_run_leave_mpi4py_unloaded():
