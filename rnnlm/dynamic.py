@@ -160,11 +160,11 @@ class StreamScorer:
         return ln_p
 
     def score_sentences(self, sentences):
-        """Fill the ``ln_probs`` of ``rnnlm.score.Sentence`` objects, the stream's next lines."""
+        """Fill the ``ln_probs`` and ``ln_prob`` of ``rnnlm.score.Sentence`` objects, the stream's next lines."""
         ln_p = self.log_probs(np.concatenate([s.ids for s in sentences]))
         ends = np.cumsum([len(s.ids) for s in sentences])[:-1]
         for sentence, part in zip(sentences, np.split(ln_p, ends), strict=True):
-            sentence.ln_probs = part
+            sentence.ln_probs, sentence.ln_prob = part, float(part.sum())
 
     def adapt(self):
         """The step on the segment just completed, from the state it started with."""

@@ -23,7 +23,6 @@ vocabularies' mismatch is reported both ways.
 import contextlib
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -77,17 +76,17 @@ def read_arpa_header(path):
 
 
 @contextlib.contextmanager
-def _stderr_captured():
-    """Send file descriptor 2 to a temporary file for the block (KenLM's C++ code writes its loading
-    messages there); yields a function that returns what was written."""
-    sys_fd = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as sink:
+def _stderr_silenced():
+    """File descriptor 2 sent to /dev/null for the block: KenLM's C++ code writes its loading messages
+    there (its errors come back as exceptions)."""
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as sink:
         os.dup2(sink.fileno(), 2)
         try:
-            yield lambda: (sink.seek(0), sink.read().decode("utf-8", "replace"))[1]
+            yield
         finally:
-            os.dup2(sys_fd, 2)
-            os.close(sys_fd)
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 class NgramModel:
@@ -105,7 +104,7 @@ class NgramModel:
         self.counts, self.vocab = read_arpa_header(path)
         config = kenlm.Config()
         config.show_progress = False
-        with _stderr_captured():
+        with _stderr_silenced():
             try:
                 self.lm = kenlm.Model(str(path), config)
             except (OSError, RuntimeError) as error:
@@ -216,9 +215,11 @@ def fit_lambda_on(model, ngram, text, device="cpu", dynamic=None, progress=None)
 
 def mix_sentences(ngram, vocab, sentences, lam):
     """Mix the n-gram model into scored ``rnnlm.score.Sentence`` objects: each one's ``ln_probs``
-    becomes ln(λ p_ngram + (1 - λ) p_rnn), the sentence read by the n-gram model from <s>."""
+    become ln(λ p_ngram + (1 - λ) p_rnn), the sentence read by the n-gram model from <s>, and ``ln_prob``
+    their sum."""
     for sentence in sentences:
         sentence.ln_probs = mix(sentence.ln_probs, stream_log_probs(ngram, vocab, sentence.ids)[0], lam)
+        sentence.ln_prob = float(sentence.ln_probs.sum())
 
 
 def perplexity(model, text, device="cpu", ngram=None, lam=0.5, lambda_text=None, dynamic=None, progress=None):
