@@ -1,11 +1,18 @@
-"""Token streams for training and evaluation: reading a corpus and cutting it into (T, B) windows."""
+"""Token streams for training and evaluation: reading a corpus and cutting it into (T, B) windows.
+
+Training reads B parallel streams: stream b is the corpus's ids [b·steps, (b + 1)·steps) read from the
+token before them (the boundary token for b = 0), steps = (N // B) // T · T. :class:`Windows` cuts window w's
+(T, B) inputs and targets out of the ids as it is asked for them, so memory does not grow with the corpus;
+:func:`batchify` is the same cut materialized at once.
+"""
 
 from pathlib import Path
 
 import numpy as np
 
 from rnnlm.errors import RnnlmError
-from rnnlm.tokenizer import encode_file, load_token_dir, tokenize_text
+from rnnlm.store import TokenIds
+from rnnlm.tokenizer import encode_file, load_token_dir, open_token_dir, tokenize_text
 
 
 def load_corpus(path, vocab=None, level="word", min_count=1, max_vocab=None, lowercase=False):
@@ -16,14 +23,30 @@ def load_corpus(path, vocab=None, level="word", min_count=1, max_vocab=None, low
     """
     if str(path) != "-" and Path(path).is_dir():
         ids, dir_vocab = load_token_dir(path)
-        if vocab is not None and dir_vocab.tokens != vocab.tokens:
-            raise RnnlmError(f"{path} was tokenized with another vocabulary than the model's")
+        _check_vocab(path, dir_vocab, vocab)
         return ids, dir_vocab
     if vocab is None:
         ids, vocab, _ = tokenize_text(path, level, min_count, max_vocab, lowercase)
         return ids, vocab
     ids, _ = encode_file(path, vocab)
     return ids, vocab
+
+RELEASE_IDS = 1 << 16  # ids a stream reads between two releases of what it has read
+
+
+def _check_vocab(path, dir_vocab, vocab):
+    if vocab is not None and dir_vocab.tokens != vocab.tokens:
+        raise RnnlmError(f"{path} was tokenized with another vocabulary than the model's")
+
+
+def load_ids(path, vocab=None, level="word", min_count=1, max_vocab=None, lowercase=False):
+    """As :func:`load_corpus`, the ids as :class:`rnnlm.store.TokenIds` (a store's shards stay mapped)."""
+    if str(path) != "-" and Path(path).is_dir():
+        ids, dir_vocab = open_token_dir(path)
+        _check_vocab(path, dir_vocab, vocab)
+        return ids, dir_vocab
+    ids, vocab = load_corpus(path, vocab, level, min_count, max_vocab, lowercase)
+    return TokenIds.of(ids), vocab
 
 
 def stream_pairs(ids, boundary_id):
@@ -54,3 +77,40 @@ def batchify(ids, boundary_id, batch, bptt):
         np.ascontiguousarray(inputs[: batch * steps].reshape(shape).T),
         np.ascontiguousarray(targets[: batch * steps].reshape(shape).T),
     )
+
+
+class Windows:
+    """The (T, b) windows of ``streams`` (indices among the B streams; default all) of ``ids``, cut on demand.
+
+    ``window(w)`` returns [inputs, targets] (and the targets' classes when ``classes``, a (V,) table, is
+    given), each (T, b) int32 and C-contiguous, equal to rows [w·T, (w+1)·T) of :func:`batchify`'s arrays
+    (classes: ``classes[targets]``). Stream b at window w reads ids[b·steps + w·T - 1 : b·steps + (w+1)·T];
+    the ids before that are released from memory (``TokenIds.release``) as the streams move on.
+    """
+
+    def __init__(self, ids, boundary_id, batch, bptt, classes=None, streams=None):
+        self.ids, self.boundary_id, self.bptt, self.classes = TokenIds.of(ids), boundary_id, bptt, classes
+        self.steps = (len(self.ids) // batch) // bptt * bptt
+        self.n_windows = self.steps // bptt
+        self.starts = np.asarray(range(batch) if streams is None else streams, np.int64) * self.steps
+        self.released = self.starts.copy()
+
+    def window(self, w):
+        T = self.bptt
+        positions = self.starts[None, :] + (w * T + np.arange(-1, T, dtype=np.int64))[:, None]  # (T + 1, b)
+        ids = self.ids.gather(np.maximum(positions, 0)).astype(np.int32)
+        ids[positions < 0] = self.boundary_id
+        tokens = [np.ascontiguousarray(ids[:-1]), np.ascontiguousarray(ids[1:])]
+        if self.classes is not None:
+            tokens.append(self.classes[tokens[1]])
+        self._release(positions[0])
+        return tokens
+
+    def _release(self, needed):
+        """Release every stream's ids before ``needed`` (its next window's first), from where it last stopped."""
+        if (needed < self.released).any():  # a new epoch: the streams start over
+            self.released = self.starts.copy()
+        due = needed - self.released >= RELEASE_IDS
+        for start, stop in zip(self.released[due].tolist(), needed[due].tolist(), strict=True):
+            self.ids.release(start, stop)
+        self.released[due] = needed[due]

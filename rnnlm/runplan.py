@@ -10,7 +10,7 @@ import math
 import os
 from pathlib import Path
 
-from rnnlm.corpus import load_corpus
+from rnnlm.corpus import load_ids
 from rnnlm.errors import RnnlmError
 from rnnlm.paths import check_outputs, inside, relative_to, same_file
 from rnnlm.tokenizer import TOKENS_FILE, VOCAB_FILE
@@ -26,14 +26,14 @@ RESUME_FLAGS = {"TEXT": "text", "--valid": "valid", "-o": "model", "--log": "log
 
 
 def load_data(text, valid, config):
-    """(train ids, validation ids, vocabulary) for a run."""
-    ids, vocab = load_corpus(text, level=config.level, min_count=config.min_count,
-                                max_vocab=config.max_vocab, lowercase=config.lowercase)
+    """(train ids, validation ids, vocabulary) for a run, the ids as ``rnnlm.store.TokenIds``."""
+    ids, vocab = load_ids(text, level=config.level, min_count=config.min_count,
+                          max_vocab=config.max_vocab, lowercase=config.lowercase)
     if valid is not None:
-        valid_ids, _ = load_corpus(valid, vocab=vocab)
+        valid_ids, _ = load_ids(valid, vocab=vocab)
     else:
         n_valid = max(1, int(len(ids) * HELD_OUT_SHARE))
-        ids, valid_ids = ids[:-n_valid], ids[-n_valid:]
+        ids, valid_ids = ids.view(0, len(ids) - n_valid), ids.view(len(ids) - n_valid, len(ids))
     if len(valid_ids) == 0:
         raise RnnlmError(f"{valid} has no tokens")
     return ids, valid_ids, vocab

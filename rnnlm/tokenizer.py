@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rnnlm import store
 from rnnlm.errors import RnnlmError
 from rnnlm.paths import atomic_directory, check_output_dir
 from rnnlm.textio import display_name, iter_pieces
@@ -330,44 +331,77 @@ def encode_file(path: str | os.PathLike, vocab: Vocab) -> tuple[np.ndarray, int]
 
 
 def tokenize_file(
-    path: str | os.PathLike,
+    path,
     out_dir: str | os.PathLike,
     level: str = "word",
     min_count: int = 1,
     max_vocab: int | None = None,
     lowercase: bool = False,
     vocab: Vocab | None = None,
+    workers: int | None = None,
+    shard_tokens: int = store.SHARD_TOKENS,
 ) -> dict:
-    """Tokenize a text file into ``out_dir/vocab.json`` and ``out_dir/tokens.npy``.
+    """Tokenize text into the token store ``out_dir`` (vocab.json, shards, manifest.json: see ``rnnlm.store``).
 
-    If ``vocab`` is given it is used as is (``level``, ``min_count``,
-    ``max_vocab`` and ``lowercase`` are then ignored); otherwise a vocabulary is
-    built from the file.
+    ``path``: a text source (a file, ``-``, a compressed file) or a list of them, globs expanded; the
+    sources are read as one text, in order. If ``vocab`` is given it is used as is (``level``,
+    ``min_count``, ``max_vocab`` and ``lowercase`` are then ignored); otherwise a vocabulary is built
+    from the text. ``workers`` processes (default: the usable cores) read the text.
 
     ``out_dir`` is checked before the text is read (``rnnlm.paths.check_output_dir``: absent, or a token
-    directory not holding ``path``) and replaced as a whole: a failure leaves the old one as it was.
+    directory not holding an input) and replaced as a whole: a failure leaves the old one as it was.
 
     Returns:
         {"tokens": int, "vocab_size": int, "unk": int, "unk_share": float},
-        where ``unk`` counts tokens that became ``<unk>`` and ``unk_share`` is
-        ``unk / tokens``.
+        where ``unk`` counts tokens that became ``<unk>`` and ``unk_share`` is ``unk / tokens``.
     """
-    check_output_dir("-o", out_dir, inputs=[("TEXT", path)], members=(VOCAB_FILE, TOKENS_FILE))
+    sources = store.expand_inputs(path if isinstance(path, list | tuple) else [path])
     if vocab is None:
-        ids, vocab, unknown = tokenize_text(path, level, min_count, max_vocab, lowercase)
+        _check_level(level)
+        _check_cutoffs(min_count, max_vocab)
     elif not isinstance(vocab, Vocab):
         raise RnnlmError(f"vocab must be a Vocab, got {type(vocab).__name__}")
     else:
-        ids, unknown = encode_file(path, vocab)
-    with atomic_directory(out_dir) as tmp:
+        level, lowercase = vocab.level, vocab.lowercase
+    given = vocab is not None
+    members = (*store.store_members(out_dir), TOKENS_FILE)
+    check_output_dir("-o", out_dir, inputs=[("TEXT", source) for source in sources], members=members)
+    tasks = store.plan_tasks(sources)
+    with atomic_directory(out_dir) as tmp, store.temporary_folder(tmp) as spill_folder:
+        results, spills = store.run_tasks(tasks, level, lowercase, spill_folder, workers or store.default_workers())
+        if vocab is None:
+            counts: Counter[str] = Counter()
+            for tokens, token_counts, _ in results:
+                for token, n in zip(tokens, token_counts, strict=True):
+                    counts[token] += n
+            vocab = _vocab_from_counts(counts, ", ".join(map(display_name, sources)), level, min_count, max_vocab,
+                                       lowercase)
+        writer = store.ShardWriter(tmp, smallest_uint_dtype(len(vocab)), shard_tokens)
+        unknown = sum(_renumber(vocab, result, spill, writer) for result, spill in zip(results, spills, strict=True))
+        writer.flush()
         vocab.save(tmp / VOCAB_FILE)
-        np.save(tmp / TOKENS_FILE, ids)
-    return {
-        "tokens": int(ids.size),
-        "vocab_size": len(vocab),
-        "unk": unknown,
-        "unk_share": unknown / ids.size,
-    }
+        sizes = Counter()
+        for (source, *_), (_, _, n_bytes) in zip(tasks, results, strict=True):
+            sizes[display_name(source)] += n_bytes
+        manifest = {"format_version": store.STORE_VERSION, "level": level, "lowercase": lowercase,
+                    "min_count": min_count, "max_vocab": max_vocab, "vocab_given": given,
+                    "inputs": [{"name": name, "bytes": n} for name, n in sizes.items()],
+                    "tokens": sum(s["tokens"] for s in writer.shards), "unk": unknown,
+                    "dtype": str(writer.buffer.dtype), "shard_tokens": shard_tokens,
+                    "vocab_sha256": store.sha256_of(tmp / VOCAB_FILE), "shards": writer.shards}
+        (tmp / store.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return {"tokens": manifest["tokens"], "vocab_size": len(vocab), "unk": unknown,
+            "unk_share": unknown / manifest["tokens"]}
+
+
+def _renumber(vocab: Vocab, result, spill, writer) -> int:
+    """Append a task's ids to ``writer`` in ``vocab``'s numbering; returns how many became ``<unk>``."""
+    tokens, counts, _ = result
+    index, unk_id = vocab.index, vocab.unk_id
+    final = np.fromiter((index.get(t, unk_id) for t in tokens), writer.buffer.dtype, len(tokens))
+    unknown = np.fromiter((t not in index for t in tokens), bool, len(tokens))
+    store.renumber(spill, final, writer)
+    return int(np.asarray(counts, np.int64)[unknown].sum())
 
 
 def load_vocab_source(path: str | os.PathLike) -> Vocab:
@@ -389,13 +423,10 @@ def load_vocab_source(path: str | os.PathLike) -> Vocab:
     return vocab_of(meta, f"{path}: meta")
 
 
-def load_token_dir(path: str | os.PathLike) -> tuple[np.ndarray, Vocab]:
-    """Read a directory written by :func:`tokenize_file`.
-
-    Returns:
-        (ids, vocab): ``ids`` is the 1-D unsigned integer array of ``tokens.npy`` (native byte order),
-        all below ``len(vocab)``; ``tokens.npy``'s size must match its header exactly.
-    """
+def open_token_dir(path: str | os.PathLike) -> tuple[store.TokenIds, Vocab]:
+    """The ids and vocabulary of a token directory: a store (``rnnlm.store``: shards memory-mapped after their
+    checksums are verified) or a single ``tokens.npy`` beside ``vocab.json`` (read whole). Every id is below
+    ``len(vocab)``."""
     path = Path(path)
     if not path.is_dir():
         raise RnnlmError(f"no such token directory: {path}")
@@ -404,6 +435,9 @@ def load_token_dir(path: str | os.PathLike) -> tuple[np.ndarray, Vocab]:
             f"{path} is a directory, expected a text file or a token directory from `rnnlm tokenize` (no vocab.json)"
         )
     vocab = Vocab.load(path / VOCAB_FILE)
+    if (path / store.MANIFEST).exists():
+        ids, _ = store.open_store(path, path / VOCAB_FILE, len(vocab))
+        return ids, vocab
     tokens_path = path / TOKENS_FILE
     ids = read_npy_file(tokens_path, "token file (tokens.npy)", {"u": (1, 2, 4, 8)})
     ids = ids.astype(ids.dtype.newbyteorder("="), copy=False)
@@ -414,4 +448,11 @@ def load_token_dir(path: str | os.PathLike) -> tuple[np.ndarray, Vocab]:
             f"{tokens_path} has token id {int(ids.max())}, out of range for a "
             f"vocabulary of {len(vocab)} tokens"
         )
-    return ids, vocab
+    return store.TokenIds.of(ids), vocab
+
+
+def load_token_dir(path: str | os.PathLike) -> tuple[np.ndarray, Vocab]:
+    """(ids, vocab) of a token directory (see :func:`open_token_dir`), the ids as one 1-D unsigned integer
+    array in native byte order (a store's single shard mapped, several shards copied into one)."""
+    ids, vocab = open_token_dir(path)
+    return ids.array(), vocab

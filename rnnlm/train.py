@@ -29,12 +29,13 @@ from rnnlm import distributed, runplan, step
 from rnnlm._env import set_threads
 from rnnlm.backends import get_backend
 from rnnlm.checkpoint import check_cursor, read_checkpoint
-from rnnlm.corpus import batchify
+from rnnlm.corpus import Windows
 from rnnlm.errors import RnnlmError
 from rnnlm.evaluate import stream_loss
 from rnnlm.model import INITS, Model, atomic_savez, frequency_classes, word_classes
 from rnnlm.optim import OPTIMIZERS, make_optimizer
 from rnnlm.paths import atomic_output, naming_errors, save_atomically
+from rnnlm.store import token_counts
 
 MIN_IMPROVEMENT = 0.003
 MAX_DIVERGENCES = 3
@@ -157,7 +158,7 @@ def train(text, model_path, valid=None, config=None, options=None, on_window=Non
     class_bounds = None
     if config.softmax == "class":
         n_classes = config.classes or round(np.sqrt(len(vocab)))
-        class_bounds = frequency_classes(np.bincount(train_ids, minlength=len(vocab)), n_classes)
+        class_bounds = frequency_classes(token_counts(train_ids, len(vocab)), n_classes)
     model = Model.create(vocab, config.hidden, seed=config.seed, hparams=asdict(config), class_bounds=class_bounds,
                          init=config.init, layers=config.layers, tied=config.tied)
     trainer = Trainer(ops, model, config, options, train_ids, valid_ids, paths, distributed.world())
@@ -236,18 +237,16 @@ class Trainer:
         self.ops, self.model, self.config, self.options = ops, model, config, options
         self.valid_ids, self.paths, self.reducer = valid_ids, paths, reducer  # reducer: see rnnlm.distributed
         self.checkpoint_path, self.log_path = paths["checkpoint"], paths["log"]
-        windows = batchify(train_ids, model.vocab.boundary_id, config.batch, config.bptt)
-        if windows is None:
+        classes = None if model.class_bounds is None else word_classes(model.class_bounds)
+        streams = reducer.streams(np.arange(config.batch), axis=0)  # this rank's streams
+        self.windows = Windows(train_ids, model.vocab.boundary_id, config.batch, config.bptt, classes, streams)
+        if self.windows.n_windows == 0:
             raise RnnlmError(f"{paths['text']} is too short for --batch {config.batch} x --bptt {config.bptt} "
                              f"({len(train_ids)} training tokens)")
-        inputs, targets = (reducer.streams(tokens) for tokens in windows)  # this rank's streams
-        self.tokens = [ops.asarray(inputs), ops.asarray(targets)]
-        if model.class_bounds is not None:
-            self.tokens.append(ops.asarray(word_classes(model.class_bounds)[targets]))
-        self.n_windows = inputs.shape[0] // config.bptt
+        self.n_windows = self.windows.n_windows
         self.params = step.to_device(ops, model.params, model.tied)
         self.grads = step.zero_grads(ops, model.params)
-        self.window = step.Window(ops, config.bptt, inputs.shape[1], model.hidden, model.vocab_size,
+        self.window = step.Window(ops, config.bptt, len(streams), model.hidden, model.vocab_size,
                                   dropout=config.dropout, **model.structure)
         trainable = step.trainable(self.params, self.window)
         self.trainable = list(trainable)
@@ -292,10 +291,10 @@ class Trainer:
         start, first = time.perf_counter(), state["window"]
         max_loss = math.log(self.model.vocab_size) + 3
         while state["window"] < self.n_windows:
-            rows = slice(state["window"] * T, (state["window"] + 1) * T)
             if config.dropout:
                 window.draw_masks(self.rng)
-            loss = step.forward_backward(ops, self.params, self.grads, window, *(t[rows] for t in self.tokens))
+            tokens = map(ops.asarray, self.windows.window(state["window"]))  # inputs, targets (, classes)
+            loss = step.forward_backward(ops, self.params, self.grads, window, *tokens)
             loss = self.reducer.reduce(ops, self.grads, window, loss)
             self.optimizer.update(self.params, self.grads, window, self.current_lr())
             loss = float(loss)  # the whole step is queued before the host waits for the device
