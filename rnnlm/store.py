@@ -26,7 +26,6 @@ import os
 import re
 import stat
 import tempfile
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
@@ -199,14 +198,14 @@ def _position(task, data, lines, offset, bad):
 
 
 def encode_task(task, level, lowercase, spill):
-    """Encode one task with provisional ids (by first occurrence) into the file ``spill`` (uint32).
+    """Encode one task with provisional ids (given to tokens as they are met, block by block) into the file
+    ``spill`` (uint32).
 
     Returns (tokens, counts, bytes read): tokens[i] is provisional id i's token (the boundary as the level's
     boundary token), counts[i] its number of occurrences.
     """
-    boundary = SENTINEL if level == "word" else "\n"
-    local = {boundary: 0}
-    counts = [0]
+    local = {SENTINEL if level == "word" else "\n": 0}
+    counts = np.zeros(1, np.int64)
     ends_in_newline, n_bytes = True, 0
     with open(spill, "wb") as out:
         for text, size in _text_blocks(task):
@@ -215,19 +214,17 @@ def encode_task(task, level, lowercase, spill):
                 text = text.lower()
             ends_in_newline = text.endswith("\n")
             tokens = text.replace("\n", f" {SENTINEL} ").split() if level == "word" else text.replace("\r\n", "\n")
-            block_counts = Counter(tokens)
-            for token, n in block_counts.items():
-                if token not in local:
-                    local[token] = len(local)
-                    counts.append(0)
-                counts[local[token]] += n
-            array.array("I", map(local.__getitem__, tokens)).tofile(out)
+            for token in set(tokens).difference(local):
+                local[token] = len(local)
+            ids = np.frombuffer(array.array("I", map(local.__getitem__, tokens)), np.uint32)
+            counts = np.bincount(ids, minlength=len(local)) + np.pad(counts, (0, len(local) - len(counts)))
+            ids.tofile(out)
         if task[3] and not ends_in_newline:  # the last line lacks its newline, not its boundary
-            array.array("I", [0]).tofile(out)
+            np.zeros(1, np.uint32).tofile(out)
             counts[0] += 1
     tokens = list(local)
     tokens[0] = "<eos>" if level == "word" else "\n"
-    return tokens, counts, n_bytes
+    return tokens, counts.tolist(), n_bytes
 
 
 # ---------------------------------------------------------------------------------------------- shards
