@@ -51,6 +51,7 @@ def assert_no_leak(model, ids, device, config):
 
 @pytest.mark.parametrize("config", [DynamicConfig(lr=0.05, segment=5, rule="rms", decay=0.1),
                                     DynamicConfig(lr=0.5, segment=5, rule="sgd", decay=0.1)])
+@pytest.mark.slow
 def test_a_later_token_never_changes_an_earlier_score(model_and_ids, config):
     model, ids, _ = model_and_ids
     assert_no_leak(model, ids, "cpu", config)
@@ -101,3 +102,14 @@ def test_the_stream_may_come_in_pieces(model_and_ids):
     scorer = StreamScorer(model, dynamic=config)
     pieces = [scorer.log_probs(ids[a:b]) for a, b in [(0, 7), (7, 10), (10, 10), (10, 21), (21, len(ids))]]
     np.testing.assert_allclose(np.concatenate(pieces), whole, rtol=1e-6)
+
+
+def test_a_tied_stacked_model_adapts_without_a_leak(tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    ids, vocab = load_corpus(tmp_path / "text.txt")
+    model = Model.create(vocab, 8, seed=1, layers=2, tied=True)
+    static = token_log_probs(model, ids)
+    assert math.exp(-static.mean()) == pytest.approx(rnnlm.perplexity(model, tmp_path / "text.txt")["perplexity"])
+    config = DynamicConfig(lr=0.05, segment=5, rule="rms", decay=0.1)
+    assert token_log_probs(model, ids, dynamic=config).mean() > static.mean()
+    assert_no_leak(model, ids, "cpu", config)
