@@ -31,6 +31,7 @@ from rnnlm import reference, step
 from rnnlm.backends import get_backend
 from rnnlm.errors import RnnlmError
 from rnnlm.model import word_classes
+from rnnlm.tokenizer import UNK
 
 SENTENCE_MARKS = ("<s>", "</s>")
 DEFAULT_BATCH = 64
@@ -68,11 +69,14 @@ def read_sentence(vocab, text, line=0):
             del tokens[0]
         if tokens and tokens[-1] == SENTENCE_MARKS[1]:
             del tokens[-1]
-        tokens = [boundary if token in SENTENCE_MARKS else token for token in tokens]
+        if SENTENCE_MARKS[0] in tokens or SENTENCE_MARKS[1] in tokens:
+            tokens = [boundary if token in SENTENCE_MARKS else token for token in tokens]
     tokens.append(boundary)
     index, unk_id = vocab.index, vocab.unk_id
     ids = [index.get(token, unk_id) for token in tokens]
-    oov = [k for k, token in enumerate(tokens) if token not in index] if unk_id in ids else []
+    oov = []
+    if ids.count(unk_id) != tokens.count(UNK):  # some tokens became <unk>, besides the literal ones
+        oov = [k for k, token in enumerate(tokens) if token not in index]
     return Sentence(line, tokens, ids, oov)
 
 

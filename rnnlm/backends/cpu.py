@@ -436,7 +436,6 @@ def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, sca
     """
     m = S_next.shape[1]
     C = class_bounds.shape[0] - 1
-    zero = S_next.dtype.type(0)
     db_o[:] = 0
     start, order = _group_by(target_classes, C)
     losses = np.zeros(C)
@@ -458,15 +457,7 @@ def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, sca
             n_rows = min(4, start[c + 1] - first)
             for j in range(n_rows):
                 S_four[j] = S_next[order[first + j]]
-            for w in range(hi - lo):
-                a0 = a1 = a2 = a3 = zero
-                for i in range(m):
-                    x = W_class[w, i]
-                    a0 += x * s0[i]
-                    a1 += x * s1[i]
-                    a2 += x * s2[i]
-                    a3 += x * s3[i]
-                Z_four[0, w], Z_four[1, w], Z_four[2, w], Z_four[3, w] = a0, a1, a2, a3
+            _four_rows_logits(W_class, S_four, Z_four)
             for j in range(4):
                 z = Z_four[j]
                 if j >= n_rows:
@@ -513,25 +504,51 @@ def class_xent(S_next, W_o, b_o, targets, target_classes, class_bounds):
 @njit(parallel=True, fastmath=True, cache=True)
 def class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out):
     """out[r] = log p(targets[r] | its class), the word half of the class softmax (see ``class_xent_grad``),
-    for every row of S_next (N, m); out (N,) float64. Rows in parallel."""
-    N, m = S_next.shape
-    for r in prange(N):
-        c = target_classes[r]
+    for every row of S_next (N, m); out (N,) float64.
+
+    Rows are grouped by class and each class is one thread's, its rows taken four at a time as in
+    ``class_xent_grad``, so that each pass over W_o[class] serves four of them.
+    """
+    m = S_next.shape[1]
+    C = class_bounds.shape[0] - 1
+    start, order = _group_by(target_classes, C)
+    for c in prange(C):
+        if start[c] == start[c + 1]:
+            continue
         lo, hi = class_bounds[c], class_bounds[c + 1]
-        z = np.empty(hi - lo, S_next.dtype)
-        bits = np.empty(hi - lo, np.int32)
-        s = S_next[r]
-        for w in range(hi - lo):
-            acc = S_next.dtype.type(0)
-            for i in range(m):
-                acc += W_o[lo + w, i] * s[i]
-            z[w] = acc
         b_class = b_o[lo:hi]
-        y = targets[r] - lo
-        z_y = z[y] + b_class[y]
-        top = _biased_max(z, b_class, bits)
-        loss = top + np.log(_exp_shifted_row(z, b_class, top, bits)) - z_y
-        out[r] = -loss
+        S_four = np.zeros((4, m), S_next.dtype)
+        Z_four = np.empty((4, hi - lo), S_next.dtype)
+        bits = np.empty(hi - lo, np.int32)
+        for first in range(start[c], start[c + 1], 4):
+            n_rows = min(4, start[c + 1] - first)
+            for j in range(n_rows):
+                S_four[j] = S_next[order[first + j]]
+            _four_rows_logits(W_o[lo:hi], S_four, Z_four)
+            for j in range(n_rows):
+                r = order[first + j]
+                z = Z_four[j]
+                y = targets[r] - lo
+                z_y = z[y] + b_class[y]
+                top = _biased_max(z, b_class, bits)
+                loss = top + np.log(_exp_shifted_row(z, b_class, top, bits)) - z_y
+                out[r] = -loss
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _four_rows_logits(W_class, S_four, Z_four):
+    """Z_four[j, w] = W_class[w] · S_four[j] for the four rows of S_four (4, m): one pass over W_class."""
+    zero = S_four.dtype.type(0)
+    s0, s1, s2, s3 = S_four[0], S_four[1], S_four[2], S_four[3]
+    for w in range(W_class.shape[0]):
+        a0 = a1 = a2 = a3 = zero
+        for i in range(W_class.shape[1]):
+            x = W_class[w, i]
+            a0 += x * s0[i]
+            a1 += x * s1[i]
+            a2 += x * s2[i]
+            a3 += x * s3[i]
+        Z_four[0, w], Z_four[1, w], Z_four[2, w], Z_four[3, w] = a0, a1, a2, a3
 
 
 # ---------------------------------------------------------------------------------------- update
