@@ -44,6 +44,7 @@ def train_args(corpus, model):
     return ["train", corpus / "train.txt", "--valid", corpus / "valid.txt", "-o", model, *SETTINGS, "--json"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_a_byte_identical_model(corpus, tmp_path):
     whole = tmp_path / "whole" / "model.npz"
     subprocess.run(cli(*train_args(corpus, whole)), check=True, capture_output=True, timeout=300)
@@ -71,6 +72,7 @@ def test_sigkill_then_resume_gives_a_byte_identical_model(corpus, tmp_path):
         pytest.fail(f"resumed model differs from the uninterrupted one in {differ}; resumed log: {resumed.stdout}")
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(corpus, tmp_path):
     model = tmp_path / "model.npz"
     process = subprocess.Popen(cli(*train_args(corpus, model)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -394,6 +394,7 @@ def check_interrupted(code, stdout, stderr, model_path):
     assert not [p.name for p in model_path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_training_exits_130_and_keeps_the_best_model(tmp_path):
     model_path = tmp_path / "model.npz"
 
@@ -409,6 +410,7 @@ def test_ctrl_c_during_training_exits_130_and_keeps_the_best_model(tmp_path):
     assert "interrupted in epoch 2" in stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_first_epoch_still_leaves_a_model(tmp_path):
     """Interrupted before any validation: the message must still point to a model file that loads."""
     model_path = tmp_path / "model.npz"
@@ -468,6 +470,7 @@ def test_help_shows_the_train_defaults():
         assert re.search(re.escape(expected[:-1]) + "[];]", text), expected
 
 
+@pytest.mark.slow
 def test_device_cuda_without_a_gpu_is_a_clear_error(work):
     """No simulator and no visible GPU: --device cuda says what is missing instead of failing deep inside."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", CUDA_VISIBLE_DEVICES="")

@@ -29,6 +29,7 @@ def clear_caches(*factories):
         factory.cache_clear()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n, p, K", [(40, 20, 40), (40, 36, 20)], ids=["small-tile", "large-tile"])
 def test_gemms_with_k_split_over_blocks(monkeypatch, n, p, K):
     """Partial row and column tiles, k split into chunks of 16 (the last one partial), the three layouts."""
@@ -74,6 +75,7 @@ def check_recurrence(T, B, m):
     np.testing.assert_allclose(ops.to_numpy(dL_da_dev), dL_da, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("streams", [1, 2, 4])
 def test_recurrence_in_passes_and_chunks(monkeypatch, small_recurrence_blocks, streams):
     """Streams split over blocks: B = 3 streams in blocks of 1, 2 or 4 (partial)."""
@@ -81,6 +83,7 @@ def test_recurrence_in_passes_and_chunks(monkeypatch, small_recurrence_blocks, s
     check_recurrence(3, 3, 40)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("B", [3, 11])
 def test_recurrence_with_units_split_over_blocks(monkeypatch, B):
     """Units split over blocks (the large-m kernels): 40 units in 5 groups of 8 on the simulator's one block,
@@ -254,6 +257,7 @@ for view in (a, t, a.reshape(6), flat(t), a.reshape(3, 2).T):
 """
 
 
+@pytest.mark.slow
 def test_device_arrays_transpose_as_views():
     """Without the simulator (and without a GPU: no memory is touched), a backend array's .T is a view
     sharing its memory, as rnnlm.step needs for W_x; numba's own DeviceNDArray.T would copy. Views are

@@ -25,6 +25,7 @@ def run(args, **env):
                           capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_every_kernel_the_cuda_tests_launch_compiles_to_ptx(tmp_path):
     if run(["-c", COMPILER_PROBE], NUMBA_ENABLE_CUDASIM="0").returncode != 0:
         pytest.skip("no NVVM and NVRTC to compile with (pip install -e '.[dev]' brings them)")

@@ -30,12 +30,14 @@ def read(split):
     return (DEMO / f"{split}.txt").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_generator_check_mode_reproduces_committed_files():
     proc = subprocess.run([sys.executable, str(GENERATOR), "--check"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_check_mode_detects_a_difference(gen, tmp_path):
     for name in ("train.txt", "valid.txt", "test.txt", "optimum.json"):
         (tmp_path / name).write_bytes((DEMO / name).read_bytes())

@@ -134,6 +134,7 @@ def test_two_ranks_end_with_the_one_process_model(corpus, tmp_path, recipe):
     (3, 2, "3 MPI processes but only 2 streams (--batch 2)"),
     (2, 3, "--batch 3 cannot be split evenly over 2 MPI processes"),
 ])
+@pytest.mark.slow
 def test_streams_that_the_ranks_cannot_split_are_an_error(corpus, tmp_path, ranks, batch, message):
     run = mpirun(ranks, *train_command(corpus, tmp_path / "model.npz", "--batch", str(batch)))
     assert run.returncode != 0

@@ -295,6 +295,7 @@ def feed(pipe, stop):
         pass
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_long_stream_exits_130_with_whole_lines(files):
     """An endless standard input: scores arrive while it is open (flushed as they go), then SIGINT stops
     the command with exit code 130, every printed line whole."""

@@ -317,6 +317,7 @@ def test_cosine_schedule_anneals_to_zero_over_the_epochs(tmp_path, repetitive):
     assert [r["lr"] for r in records] == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("softmax", ["full", "class"])
 def test_a_short_run_on_the_cuda_backend_gives_the_cpus_losses(tmp_path, softmax):
     """Two epochs through the whole training loop (Adam, dropout, two layers, validation, checkpoints) on

@@ -452,6 +452,7 @@ def write_mutated(source, path, draw):
     return arrays
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(data=st.data())
 def test_a_mutated_model_loads_correctly_or_fails_cleanly(valid, tmp_path, data):
@@ -459,6 +460,7 @@ def test_a_mutated_model_loads_correctly_or_fails_cleanly(valid, tmp_path, data)
     check_model(bounded(Model.load, tmp_path / "mutated.npz"))
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(data=st.data())
 def test_a_mutated_checkpoint_reads_correctly_or_fails_cleanly(valid, tmp_path, data):
