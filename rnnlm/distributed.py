@@ -138,10 +138,9 @@ class Reducer(Single):
         self.MPI, self.comm = MPI, comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.is_writer = self.rank == 0
-        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-        self.local_rank = node.Get_rank()
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this machine
+        _one_gpu_each(node.Get_rank())
         node.Free()
-        _one_gpu_each(self.local_rank)
 
     def _block(self, batch):
         """The slice of streams of this rank out of ``batch``."""
