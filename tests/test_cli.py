@@ -118,6 +118,7 @@ def test_tokenize_options(work, tmp_path):
     assert chars["tokens"] == len((work / "train.txt").read_text(encoding="utf-8"))
 
 
+@pytest.mark.slow
 def test_train_on_a_token_directory_and_on_raw_text(work, tmp_path):
     ok("tokenize", work / "train.txt", "-o", tmp_path / "tok")
     args = [*SMALL, "--epochs", "3", "--json"]

@@ -84,6 +84,7 @@ def test_per_row_kernels_equal_the_float64_reference(ops):
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.slow
 def test_batched_scores_equal_each_sentence_alone_and_the_reference(structure, device, monkeypatch):
     """Sentences of different lengths in batches of 3, in windows of 4 steps (so the longest sentence
     crosses windows with its state carried): the same numbers as each alone and as float64 numpy."""
