@@ -88,7 +88,7 @@ def mpirun(n, *args, timeout=120):
         flags = ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
     env = {k: v for k, v in os.environ.items() if k != "RNNLM_MPI"}
     return subprocess.run([MPIRUN, *flags, "-n", str(n), sys.executable, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def train_command(corpus, model, *options):
