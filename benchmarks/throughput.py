@@ -39,15 +39,20 @@ SUITE = [(200, "full"), (200, "class"), (650, "full"), (650, "class")]
 
 
 def start_workers(cfg, log):
-    """The workers of this configuration, rnnlm's first; PyTorch when installed and the softmax is full."""
+    """(the timed workers, rnnlm's first; the workers whose GEMM library gives the ceiling). PyTorch is timed
+    when installed and the softmax is full; with the class softmax, which its model lacks, its worker only
+    samples torch.mm."""
     config = {k: getattr(cfg, k) for k in ("seed", "vocab", "hidden", "bptt", "batch", "threads", "softmax",
                                             "classes")} | {"device": "cpu"}
-    names = ["rnnlm", "numpy"]
+    timed = {name: common.Worker(name, config) for name in ("rnnlm", "numpy")}
+    gemm = {"numpy": timed["numpy"]}
     if cfg.torch and cfg.softmax == "full":
-        names.append("torch")
+        timed["torch"] = gemm["torch"] = common.Worker("torch", config)
     elif cfg.torch:
-        print("the PyTorch baseline implements the full softmax only: left out", file=log)
-    return {name: common.Worker(name, config) for name in names}
+        print("the PyTorch baseline implements the full softmax only: torch.mm is sampled for the ceiling alone",
+              file=log)
+        gemm["torch"] = common.Worker("torch", config | {"model": False})
+    return timed, gemm
 
 
 def disagreements(workers):
@@ -71,17 +76,13 @@ def calibrate(workers, cfg):
     return n
 
 
-def gemm_sample(workers, seconds):
-    """{library: GFLOP/s} from every worker that has a GEMM of its own (numpy's and PyTorch's)."""
-    out = {}
-    for name, worker in workers.items():
-        if name != "rnnlm":
-            sample = worker.call("gemm", seconds=seconds)
-            out[sample["library"]] = sample["gflops"]
-    return out
+def gemm_sample(gemm_workers, seconds):
+    """{library: GFLOP/s}, one sample from each GEMM library's worker."""
+    samples = [worker.call("gemm", seconds=seconds) for worker in gemm_workers.values()]
+    return {sample["library"]: sample["gflops"] for sample in samples}
 
 
-def timed_rounds(workers, cfg, n_windows, log):
+def timed_rounds(workers, gemm_workers, cfg, n_windows, log):
     """(tokens/s per implementation and kind, one GEMM sample per round); None when a loss went non-finite."""
     names, N = list(workers), cfg.bptt * cfg.batch
     rates = {name: {"train": [], "eval": []} for name in names}
@@ -96,7 +97,7 @@ def timed_rounds(workers, cfg, n_windows, log):
                     return None
                 rates[name][kind].append(n_windows[kind] * N / block["seconds"])
             start += n_windows[kind]
-        gemm.append(gemm_sample(workers, 0.05 if cfg.quick else 0.25))
+        gemm.append(gemm_sample(gemm_workers, 0.05 if cfg.quick else 0.25))
         print(f"round {r + 1}/{cfg.repeats}: " + "; ".join(
             f"{name} train {rates[name]['train'][-1]:,.0f} eval {rates[name]['eval'][-1]:,.0f}" for name in names)
             + " tok/s; GEMM " + ", ".join(f"{lib} {g:.0f}" for lib, g in gemm[-1].items()) + " GFLOP/s", file=log)
@@ -124,7 +125,7 @@ def results(rates, gemm, fpt):
     return out, ceiling
 
 
-def environment(workers, cfg, load):
+def environment(workers, gemm_workers, cfg, load):
     import numba
     import threadpoolctl
 
@@ -133,7 +134,7 @@ def environment(workers, cfg, load):
     return {
         "python": platform.python_version(), "numba": numba.__version__, "rnnlm": rnnlm.__version__,
         "numpy": workers["numpy"].setup["versions"]["numpy"],
-        "torch": workers["torch"].setup["versions"]["torch"] if "torch" in workers else None,
+        "torch": gemm_workers["torch"].setup["versions"]["torch"] if "torch" in gemm_workers else None,
         "cpu_count": os.cpu_count(), "processor": _cpu_model(), "threads": cfg.threads,
         "blas": [{k: info.get(k) for k in ("internal_api", "filepath")} for info in threadpoolctl.threadpool_info()],
         "thread_env": {name: w.setup["thread_env"] for name, w in workers.items()},
@@ -144,7 +145,7 @@ def environment(workers, cfg, load):
 def run(cfg, log):
     """One configuration: the report (a dict), or None when the implementations disagree or diverge."""
     load_start = os.getloadavg()
-    workers = start_workers(cfg, log)
+    workers, gemm_workers = start_workers(cfg, log)
     try:
         bad = disagreements(workers)
         if bad:
@@ -152,7 +153,7 @@ def run(cfg, log):
                   file=log)
             return None
         n_windows = calibrate(workers, cfg)
-        measured = timed_rounds(workers, cfg, n_windows, log)
+        measured = timed_rounds(workers, gemm_workers, cfg, n_windows, log)
         if measured is None:
             return None
         rates, gemm = measured
@@ -165,9 +166,9 @@ def run(cfg, log):
                 peak = worker.call("memory")["peak_mb"]
                 res[name]["memory_mb"] = {"peak": peak, "working": peak - worker.setup["after_imports_mb"]}
         breakdown = workers["rnnlm"].call("breakdown", n=3 if cfg.quick else 10) if cfg.breakdown else None
-        env = environment(workers, cfg, (load_start, os.getloadavg()))
+        env = environment(workers, gemm_workers, cfg, (load_start, os.getloadavg()))
     finally:
-        for worker in workers.values():
+        for worker in {**workers, **gemm_workers}.values():
             worker.close()
     N = cfg.bptt * cfg.batch
     return {

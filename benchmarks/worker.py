@@ -3,10 +3,11 @@
     python benchmarks/worker.py rnnlm|numpy|torch      (started by common.Worker; not meant to be run by hand)
 
 Requests {"command": ..., fields} and one answer line each: setup (config: seed, vocab, hidden, bptt, batch,
-threads, softmax, classes, device), block (kind, n, start: seconds for n windows), gemm (seconds: GFLOP/s of
-the output layer's GEMMs in this process's library), breakdown (n: rnnlm's step kernel by kernel), memory
-(peak RSS). A baseline loads numpy (and PyTorch) before anything of rnnlm, and rnnlm's thread variables are
-taken out of its environment again, so that its libraries start with their own defaults.
+threads, softmax, classes, device; "model": false for a worker that only samples its library's GEMM), block
+(kind, n, start: seconds for n windows), gemm (seconds: GFLOP/s of the output layer's forward GEMM in this
+process's library), breakdown (n: rnnlm's training step kernel by kernel), memory (peak RSS). A baseline
+loads numpy (and PyTorch) before anything of rnnlm, and rnnlm's thread variables are taken out of its
+environment again, so that its libraries start with their own defaults.
 """
 
 import json
@@ -99,13 +100,15 @@ class Session:
             if IMPL == "torch":
                 torch.set_num_threads(threads)
         imports_mb = peak_rss_mb()
+        versions = {"numpy": np.__version__, "torch": torch.__version__ if IMPL == "torch" else None}
+        if not config.get("model", True):  # a GEMM sampler only
+            return {"versions": versions, "thread_env": {k: os.environ.get(k) for k in THREAD_VARS}}
         V = config["vocab"]
         self.bounds = None if config["softmax"] == "full" else common.class_bounds(V, config["classes"])
         self.data = common.windows(config["seed"], V, config["bptt"], config["batch"])
         self.impl = make_impl(config, self.fresh_params(), self.data, self.bounds)
         t0 = time.perf_counter()
         first = {"eval_loss_window0": float(self.impl.eval(0)), "train_loss_window1": float(self.impl.train(1))}
-        versions = {"numpy": np.__version__, "torch": torch.__version__ if IMPL == "torch" else None}
         return {"first": first, "first_call_s": time.perf_counter() - t0, "after_imports_mb": imports_mb,
                 "thread_env": {k: os.environ.get(k) for k in THREAD_VARS}, "versions": versions,
                 "mean_class_size": self.mean_class_size()}
