@@ -22,8 +22,9 @@ carries and sliced per rank, so that neither the masks nor the model depend on N
 clock or on a signal (the time budget, ``--checkpoint-every``, the cosine schedule under a budget,
 SIGINT/SIGTERM) and the validation loss are agreed on (rank 0's value, or any rank's signal), so that every
 rank takes the same path. Rank 0 alone writes the model, the log and the checkpoint, which holds the
-carried states of all B streams (gathered), so that ``--resume`` restores each rank's own. With
-``--device cuda`` the ranks of a node with several GPUs take one each (see ``_one_gpu_each``).
+carried states of all B streams (gathered), so that ``--resume`` restores each rank's own. Without
+``--threads`` the ranks of a node share its cores; with ``--device cuda`` the ranks of a node with several
+GPUs take one each.
 """
 
 import os
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from rnnlm import step
+from rnnlm._env import set_threads
 from rnnlm.errors import RnnlmError
 
 LAUNCHER_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")  # Open MPI, MPICH/Intel, MVAPICH
@@ -124,6 +126,13 @@ def _one_gpu_each(local_rank, gpus=Path("/proc/driver/nvidia/gpus")):
         os.environ["CUDA_VISIBLE_DEVICES"] = str(local_rank % count)
 
 
+def _share_of_cores(local_size):
+    """A rank's default thread count: the cores it may run on, shared with the other ranks of its node
+    unless the launcher bound it to cores of its own."""
+    allowed = len(os.sched_getaffinity(0))
+    return max(1, allowed // local_size) if allowed == os.cpu_count() else allowed
+
+
 def _host(ops, array):
     """A numpy array of ``array``: itself on the CPU (edits reach the backend array), else a copy."""
     return array if isinstance(array, np.ndarray) else ops.to_numpy(array)
@@ -140,6 +149,7 @@ class Reducer(Single):
         self.is_writer = self.rank == 0
         node = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this machine
         _one_gpu_each(node.Get_rank())
+        set_threads(_share_of_cores(node.Get_size()))  # the default; --threads overrides it
         node.Free()
 
     def _block(self, batch):

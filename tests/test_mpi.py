@@ -80,6 +80,15 @@ def test_the_ranks_of_a_node_take_one_gpu_each(tmp_path, monkeypatch):
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"  # set by the user (here: above): kept
 
 
+def test_the_ranks_of_a_node_share_its_cores_unless_bound_to_their_own(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert distributed._share_of_cores(4) == 4
+    assert distributed._share_of_cores(32) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 3})  # bound by the launcher
+    assert distributed._share_of_cores(4) == 2
+
+
 def mpirun(n, *args, timeout=120):
     """``mpirun -n n python *args`` in the repository, its CompletedProcess (text)."""
     flags = []
