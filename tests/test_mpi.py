@@ -68,7 +68,8 @@ def test_a_ranks_dropout_masks_are_its_streams_of_the_whole_windows_masks():
 
 
 def test_the_ranks_of_a_node_take_one_gpu_each(tmp_path, monkeypatch):
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # so that the test's own setting is undone too
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     (tmp_path / "0000:01:00.0").mkdir()
     distributed._one_gpu_each(3, tmp_path)
     assert "CUDA_VISIBLE_DEVICES" not in os.environ  # one GPU: nothing to share out
