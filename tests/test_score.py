@@ -95,7 +95,9 @@ def test_batched_scores_equal_each_sentence_alone_and_the_reference(structure, d
         expected = reference_score(model, text)
         np.testing.assert_allclose(tokens, expected, rtol=1e-5, atol=1e-5)
         assert total == pytest.approx(tokens.sum(), rel=1e-12)  # per-word log-probabilities sum to the sentence's
-        assert rnnlm.score(model, [text], device=device)[0] == pytest.approx(total, rel=1e-5, abs=1e-5)
+    for k in (1, 2, 5):  # empty, with markers, the longest: alone (B = 1) as in the batch
+        alone = rnnlm.score(model, [SENTENCES[k]], device=device, batch=1)[0]
+        assert alone == pytest.approx(totals[k], rel=1e-5, abs=1e-5)
 
 
 def test_sentence_markers_and_empty_lines():
