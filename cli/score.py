@@ -50,7 +50,7 @@ def shown(token):
 @click.option("--nbest", "nbest_format", type=click.Choice(nbest.FORMATS), default=None,
               help="Read n-best lists (mikolov: ID words; kaldi: UTT-N words; moses: ID ||| words ||| features "
                    "||| score) and write them back with the LM score added.")
-@click.option("--best", type=FiniteFloat(), default=None, metavar="WEIGHT",
+@click.option("--best", type=FiniteFloat(min=0), default=None, metavar="WEIGHT",
               help="With --nbest: write only each id's hypothesis with the highest score + WEIGHT × LM score.")
 @click.option("--batch", type=click.IntRange(min=1, max=4096), default=DEFAULT_BATCH,
               help="Sentences scored side by side.")

@@ -286,6 +286,8 @@ def test_truncated_gz_and_usage_errors(files, tmp_path):
     result = invoke("score", files / "model.npz", truncated)
     assert result.exit_code == 1 and "corrupt or truncated gzip" in result.stderr
     assert invoke("score", files / "model.npz", "--best", "1").exit_code == 2
+    assert invoke("score", files / "model.npz", "--nbest", "moses", "--best", "nan").exit_code == 2
+    assert invoke("score", files / "model.npz", "--nbest", "moses", "--best", "-1").exit_code == 2
     assert invoke("score", files / "model.npz", "--stream", "--nbest", "moses").exit_code == 2
 
 
