@@ -31,7 +31,7 @@ def load_corpus(path, vocab=None, level="word", min_count=1, max_vocab=None, low
     ids, _ = encode_file(path, vocab)
     return ids, vocab
 
-RELEASE_IDS = 1 << 16  # ids a stream reads between two releases of what it has read
+READ_IDS = 1 << 16  # ids read ahead per stream
 
 
 def _check_vocab(path, dir_vocab, vocab):
@@ -84,8 +84,8 @@ class Windows:
 
     ``window(w)`` returns [inputs, targets] (and the targets' classes when ``classes``, a (V,) table, is
     given), each (T, b) int32 and C-contiguous, equal to rows [w·T, (w+1)·T) of :func:`batchify`'s arrays
-    (classes: ``classes[targets]``). Stream b at window w reads ids[b·steps + w·T - 1 : b·steps + (w+1)·T];
-    the ids before that are released from memory (``TokenIds.release``) as the streams move on.
+    (classes: ``classes[targets]``). Stream b at window w reads ids[b·steps + w·T - 1 : b·steps + (w+1)·T],
+    out of a buffer of the stream's next READ_IDS ids (b, READ_IDS), refilled from ``ids`` as it runs out.
     """
 
     def __init__(self, ids, boundary_id, batch, bptt, classes=None, streams=None):
@@ -93,24 +93,21 @@ class Windows:
         self.steps = (len(self.ids) // batch) // bptt * bptt
         self.n_windows = self.steps // bptt
         self.starts = np.asarray(range(batch) if streams is None else streams, np.int64) * self.steps
-        self.released = self.starts.copy()
+        self.buffer = np.zeros((len(self.starts), max(READ_IDS, bptt + 1)), self.ids.dtype)
+        self.first = np.full(len(self.starts), -(1 << 62), np.int64)  # where each stream's buffer starts: none yet
 
     def window(self, w):
         T = self.bptt
-        positions = self.starts[None, :] + (w * T + np.arange(-1, T, dtype=np.int64))[:, None]  # (T + 1, b)
-        ids = self.ids.gather(np.maximum(positions, 0)).astype(np.int32)
-        ids[positions < 0] = self.boundary_id
+        lo = self.starts + w * T - 1  # (b,) the first position each stream reads: its inputs' first token
+        stale = (lo < self.first) | (np.maximum(lo, 0) + T + 1 > self.first + self.buffer.shape[1])
+        for b in np.flatnonzero(stale):
+            self.first[b] = max(lo[b], 0)
+            filled = self.ids.read(self.first[b], min(self.first[b] + self.buffer.shape[1], len(self.ids)))
+            self.buffer[b, :len(filled)] = filled
+        offsets = lo[None, :] - self.first[None, :] + np.arange(T + 1)[:, None]  # (T + 1, b)
+        ids = self.buffer[np.arange(len(lo))[None, :], np.maximum(offsets, 0)].astype(np.int32)
+        ids[offsets < 0] = self.boundary_id
         tokens = [np.ascontiguousarray(ids[:-1]), np.ascontiguousarray(ids[1:])]
         if self.classes is not None:
             tokens.append(self.classes[tokens[1]])
-        self._release(positions[0])
         return tokens
-
-    def _release(self, needed):
-        """Release every stream's ids before ``needed`` (its next window's first), from where it last stopped."""
-        if (needed < self.released).any():  # a new epoch: the streams start over
-            self.released = self.starts.copy()
-        due = needed - self.released >= RELEASE_IDS
-        for start, stop in zip(self.released[due].tolist(), needed[due].tolist(), strict=True):
-            self.ids.release(start, stop)
-        self.released[due] = needed[due]

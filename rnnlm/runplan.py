@@ -13,7 +13,8 @@ from pathlib import Path
 from rnnlm.corpus import load_ids
 from rnnlm.errors import RnnlmError
 from rnnlm.paths import check_outputs, inside, relative_to, same_file
-from rnnlm.tokenizer import TOKENS_FILE, VOCAB_FILE
+from rnnlm.store import store_members
+from rnnlm.tokenizer import TOKENS_FILE
 
 HELD_OUT_SHARE = 0.05
 
@@ -69,7 +70,7 @@ def check_run_paths(paths, options, resumed=None):
     for label in ("TEXT", "--valid"):
         source = paths[RESUME_FLAGS[label]]
         if source is not None and str(source) != "-" and os.path.isdir(source):
-            inputs += [(label, Path(source) / VOCAB_FILE), (label, Path(source) / TOKENS_FILE)]
+            inputs += [(label, Path(source) / name) for name in (*store_members(source), TOKENS_FILE)]
     checkpoint_label = "--checkpoint" if options.checkpoint else "the checkpoint"
     if resumed is not None:
         inputs.append(("--resume", resumed))

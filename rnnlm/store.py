@@ -9,13 +9,14 @@ the SHA-256 of vocab.json and every shard's name, token count and SHA-256.
 
 Writing (:func:`write_store`) reads every input once: regular text files are cut into byte ranges at line
 ends, each range (or a compressed file, or standard input) is one task. A task gives its tokens
-provisional ids by first occurrence, spilled to a temporary file as it goes, and returns its token list and
-counts; tasks run in a process pool. The vocabulary is built from the summed counts, then every task's
-provisional ids are renumbered, in input order, into the shards. Memory: a shard, the tasks' token
+provisional ids as it meets them, spilled to a temporary file as it goes, and returns its token list and
+counts; tasks run in a process pool (standard input is read in the calling process). The vocabulary is
+built from the summed counts, then every task's provisional ids are renumbered, in input order, into the
+shards. Memory: a shard, the tasks' token
 tables and a block of text per process.
 
-Reading (:func:`open_store`) checks the manifest, every shard's header, size and SHA-256 (read through
-the page cache, not mapped) and its largest id, then maps the shards: :class:`TokenIds`.
+Reading (:func:`open_store`) checks the manifest, every shard's header, size, SHA-256 and largest id,
+then keeps the shards open and mapped: :class:`TokenIds`.
 """
 
 import array
@@ -43,6 +44,7 @@ SHARD_TOKENS = 1 << 24
 RANGE_BYTES = 64 << 20  # a task's share of a regular file
 BLOCK_BYTES = 8 << 20  # text decoded and encoded at a time
 POOL_BYTES = 32 << 20  # smaller inputs are read in this process
+READ_BYTES = 4 << 20  # a store's files are checked and renumbered this much at a time
 SENTINEL = "\0"  # stands for a line end among a block's words (a NUL byte is refused in text)
 _SHARD_NAME = re.compile(r"tokens(\.[1-9][0-9]*)?\.npy")
 _WHITESPACE = (b" ", b"\t")
@@ -269,7 +271,7 @@ class ShardWriter:
 def renumber(spill, final, writer):
     """Append the provisional ids of file ``spill``, mapped through ``final``, to ``writer``."""
     with open(spill, "rb") as f:
-        while (chunk := np.fromfile(f, np.uint32, count=CHUNK // 4)).size:
+        while (chunk := np.fromfile(f, np.uint32, count=READ_BYTES // 4)).size:
             writer.append(final[chunk])
 
 
@@ -294,10 +296,17 @@ def run_tasks(tasks, level, lowercase, folder, workers):
             raise
 
 
+def _read_chunks(f):
+    """The rest of binary file ``f`` in views of one reused buffer of READ_BYTES."""
+    view = memoryview(bytearray(READ_BYTES))
+    while n := f.readinto(view):
+        yield view[:n]
+
+
 def sha256_of(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
+        for chunk in _read_chunks(f):
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -314,18 +323,19 @@ def temporary_folder(parent):
 
 
 class TokenIds:
-    """A read-only sequence of N token ids held in shards (memory-mapped files or arrays), or a range of one.
+    """A read-only sequence of N token ids held in shards (files or arrays), or a range of one.
 
-    ``gather(idx)`` reads ids at positions ``idx`` (any shape); ``release(start, stop)`` drops the mapped
-    pages lying wholly inside positions [start, stop) from this process (the page cache keeps them), so that
-    reading a store front to back does not grow the process's memory; ``np.asarray`` copies the whole.
+    ``read(start, stop)`` copies positions [start, stop) out of the shards; a file's ids are read with
+    ``pread``, so reading a store front to back maps none of it into this process (a mapped page would be
+    mapped with its whole page-cache folio, up to megabytes). ``array()`` is a single whole shard mapped;
+    ``np.asarray`` copies the whole.
     """
 
-    def __init__(self, parts, maps=None, start=0, stop=None):
-        self.parts, self.maps = parts, maps or [None] * len(parts)
+    def __init__(self, parts, files=None, start=0, stop=None):
+        self.parts, self.files = parts, files or [None] * len(parts)
         self.bounds = np.cumsum([0] + [len(p) for p in parts])
         self.start, self.stop = start, int(self.bounds[-1]) if stop is None else stop
-        self.dtype = parts[0].dtype
+        self.dtype = np.dtype(parts[0].dtype.char)
 
     @classmethod
     def of(cls, ids):
@@ -336,42 +346,29 @@ class TokenIds:
 
     def view(self, start, stop):
         """Positions [start, stop) of this sequence, sharing its shards."""
-        return TokenIds(self.parts, self.maps, self.start + start, self.start + stop)
+        return TokenIds(self.parts, self.files, self.start + start, self.start + stop)
 
-    def gather(self, idx):
-        idx = np.asarray(idx, np.int64) + self.start
-        if len(self.parts) == 1:
-            return self.parts[0][idx]
-        part = np.searchsorted(self.bounds, idx, side="right") - 1
-        if (part == part.flat[0]).all():
-            return self.parts[part.flat[0]][idx - self.bounds[part.flat[0]]]
-        out = np.empty(idx.shape, self.dtype)
-        for k in np.unique(part):
-            mask = part == k
-            out[mask] = self.parts[k][idx[mask] - self.bounds[k]]
+    def read(self, start, stop):
+        """The ids at positions [start, stop) as a new 1-D array."""
+        start, stop = self.start + start, self.start + stop
+        out = np.empty(stop - start, self.dtype)
+        first = np.searchsorted(self.bounds, start, side="right") - 1
+        for k in range(first, len(self.parts)):
+            lo, hi = max(start, self.bounds[k]), min(stop, self.bounds[k + 1])
+            if lo >= hi:
+                break
+            target = out[lo - start:hi - start]
+            if self.files[k] is None:
+                target[:] = self.parts[k][lo - self.bounds[k]:hi - self.bounds[k]]
+            else:
+                f, header = self.files[k]
+                os.preadv(f.fileno(), [memoryview(target).cast("B")], header + (lo - self.bounds[k]) * out.itemsize)
         return out
 
-    def release(self, start, stop):
-        start, stop = self.start + start, self.start + stop
-        for k, mapped in enumerate(self.maps):
-            lo, hi = max(start, self.bounds[k]), min(stop, self.bounds[k + 1])
-            if mapped is None or lo >= hi:
-                continue
-            mm, header = mapped
-            itemsize = self.dtype.itemsize
-            first = -(-(header + (lo - self.bounds[k]) * itemsize) // mmap.PAGESIZE) * mmap.PAGESIZE
-            last = (header + (hi - self.bounds[k]) * itemsize) // mmap.PAGESIZE * mmap.PAGESIZE
-            if last > first:
-                mm.madvise(mmap.MADV_DONTNEED, first, last - first)
-
-    def chunks(self, size=1 << 22):
-        """The ids in order, at most ``size`` at a time (copies), each chunk's pages released once read."""
-        for k, part in enumerate(self.parts):
-            lo, hi = max(self.start, self.bounds[k]), min(self.stop, self.bounds[k + 1])
-            for a in range(lo, hi, size):
-                b = min(a + size, hi)
-                yield np.array(part[a - self.bounds[k]:b - self.bounds[k]])
-                self.release(a - self.start, b - self.start)
+    def chunks(self, size=1 << 20):
+        """The ids in order, at most ``size`` at a time."""
+        for a in range(0, len(self), size):
+            yield self.read(a, min(a + size, len(self)))
 
     def array(self):
         """The ids as one 1-D array: the shard itself when they are one whole shard, else a copy."""
@@ -420,31 +417,43 @@ def read_manifest(path):
 
 
 def open_shard(path, shard, dtype, vocab_size):
-    """(array, (mmap, header bytes)) of a store's shard, after checking its header, size, SHA-256 and ids."""
+    """(mapped array, (open file, header bytes)) of a store's shard, after checking its header, size, ids and
+    SHA-256."""
     file = Path(path) / shard["name"]
     if not file.exists():
         raise RnnlmError(f"shard {shard['name']} of {path} is missing")
-    with open_regular(file, "token shard") as f:
-        shape, fortran_order, found, header = read_npy_header(f, file)
-        check_dtype(found, {"u": (dtype.itemsize,)}, file)
-        if shape != (shard["tokens"],) or found.str != dtype.newbyteorder("<").str:
-            raise RnnlmError(f"{file} holds {shape} {found}, the manifest declares ({shard['tokens']},) {dtype}")
-        size = os.fstat(f.fileno()).st_size
-        expected = header + shard["tokens"] * dtype.itemsize
-        if size != expected:
-            raise RnnlmError(f"{file} is {size:,} bytes, its header declares {expected:,}")
-        f.seek(0)
-        digest, largest = hashlib.sha256(f.read(header)), 0
-        while chunk := f.read(CHUNK // dtype.itemsize * dtype.itemsize):
-            digest.update(chunk)
-            largest = max(largest, int(np.frombuffer(chunk, found).max()))
-        if largest >= vocab_size:
-            raise RnnlmError(f"{file} has token id {largest}, out of range for a vocabulary of {vocab_size} tokens")
-        if digest.hexdigest() != shard["sha256"]:
+    f = open_regular(file, "token shard")
+    try:
+        found, header, digest = _check_shard(f, file, shard, dtype, vocab_size)
+        if digest != shard["sha256"]:
             raise RnnlmError(f"shard {shard['name']} of {path} has a bad checksum (its SHA-256 is not the manifest's):"
                              " the file was changed or is corrupt")
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    return np.frombuffer(mm, found, shard["tokens"], header), (mm, header)
+        mapped = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), found, shard["tokens"], header)
+    except BaseException:
+        f.close()
+        raise
+    return mapped, (f, header)
+
+
+def _check_shard(f, file, shard, dtype, vocab_size):
+    """(dtype, header bytes, SHA-256) of an open shard whose header, size and ids are what the manifest
+    declares."""
+    shape, _, found, header = read_npy_header(f, file)
+    check_dtype(found, {"u": (dtype.itemsize,)}, file)
+    if shape != (shard["tokens"],) or found.str != dtype.newbyteorder("<").str:
+        raise RnnlmError(f"{file} holds {shape} {found}, the manifest declares ({shard['tokens']},) {dtype}")
+    size = os.fstat(f.fileno()).st_size
+    expected = header + shard["tokens"] * dtype.itemsize
+    if size != expected:
+        raise RnnlmError(f"{file} is {size:,} bytes, its header declares {expected:,}")
+    f.seek(0)
+    digest, largest = hashlib.sha256(f.read(header)), 0
+    for chunk in _read_chunks(f):
+        digest.update(chunk)
+        largest = max(largest, int(np.frombuffer(chunk, found).max()))
+    if largest >= vocab_size:
+        raise RnnlmError(f"{file} has token id {largest}, out of range for a vocabulary of {vocab_size} tokens")
+    return found, header, digest.hexdigest()
 
 
 def open_store(path, vocab_file, vocab_size):

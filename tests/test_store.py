@@ -172,17 +172,18 @@ def test_windows_are_batchify_rows_across_shards(streams):
     np.testing.assert_array_equal(token_counts(TokenIds(parts), 50), np.bincount(ids, minlength=50))
 
 
-def test_windows_release_what_they_have_read_and_read_it_again(tmp_path, monkeypatch):
-    monkeypatch.setattr("rnnlm.corpus.RELEASE_IDS", 1)
-    text = write(tmp_path / "a.txt", zipf_text(8, 3000))
-    tokenize_file(text, tmp_path / "tok", shard_tokens=5000)
-    mapped, _ = open_token_dir(tmp_path / "tok")
-    ids = np.asarray(mapped)
-    inputs, targets = batchify(ids, 1, 4, 50)
-    windows = Windows(mapped, 1, 4, 50)
+def test_windows_refill_their_buffers_across_shards_in_two_epochs(tmp_path, monkeypatch):
+    monkeypatch.setattr("rnnlm.corpus.READ_IDS", 70)
+    text = write(tmp_path / "a.txt", zipf_text(8, 300))
+    tokenize_file(text, tmp_path / "tok", shard_tokens=333)
+    stored, _ = open_token_dir(tmp_path / "tok")
+    assert len(stored.parts) > 3 and stored.files[0] is not None
+    inputs, targets = batchify(np.asarray(stored), 1, 4, 50)
+    windows = Windows(stored, 1, 4, 50)
     for epoch in range(2):
         for w in range(windows.n_windows):
             x, y = windows.window(w)
+            np.testing.assert_array_equal(x, inputs[w * 50:(w + 1) * 50], err_msg=f"epoch {epoch}")
             np.testing.assert_array_equal(y, targets[w * 50:(w + 1) * 50], err_msg=f"epoch {epoch}")
 
 
