@@ -25,7 +25,7 @@ def _class_row_kernels(dtype):
     row_stats, write_grad = row_functions(dtype)
     zero = np.dtype(dtype).type(0)
 
-    @cuda.jit(device=True)
+    @device.inlined
     def row_loss(S_next, W_o, b_o, targets, target_classes, class_bounds, G, losses):
         """G[r, w] = W_o[lo + w] · S_next[r] for the n words of r's class (a thread per word), losses[r] =
         -log p(targets[r] | class); returns (lo, n, y, top, total), y the target's index in the class."""
@@ -84,7 +84,7 @@ def _weight_grads_kernel(dtype):
     the others. One thread per (unit i, word v)."""
     zero = np.dtype(dtype).type(0)
 
-    @cuda.jit(device=True)
+    @device.inlined
     def class_of(class_bounds, v):
         """c with class_bounds[c] ≤ v < class_bounds[c + 1], by bisection."""
         c, c_end = 0, class_bounds.shape[0] - 1

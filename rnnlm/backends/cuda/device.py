@@ -71,6 +71,12 @@ def sm_count():
     return getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 1)
 
 
+def inlined(function):
+    """A device function that NVVM inlines into every caller (``forceinline``; the simulator takes no such
+    option): for the pieces of a kernel's hot loop that are written as functions of their own."""
+    return cuda.jit(device=True, **({} if SIMULATOR else {"forceinline": True}))(function)
+
+
 def launch_bounds(max_threads, min_blocks=1):
     """jit options that cap a kernel's registers so that min_blocks blocks of max_threads fit on an SM.
 

@@ -103,7 +103,7 @@ def _micro_tile(dtype, tile):
     vec_shift = _shift(VEC)
     RUNS = TM // VEC
 
-    @cuda.jit(device=True)
+    @device.inlined
     def multiply(tile_A, tile_B, acc, tx, ty):
         """acc[r, c] += Σ_kk A(row r, kk) B(kk, column c) over the staged slice."""
         frag_A = cuda.local.array(TM, dt)
@@ -120,7 +120,7 @@ def _micro_tile(dtype, tile):
             a += width
             b += width
 
-    @cuda.jit(device=True)
+    @device.inlined
     def write(C, split, acc, row0, col0, tx, ty):
         """C[split, i, j] = acc[r, c] for the thread's outputs inside C."""
         n, p = C.shape[1], C.shape[2]

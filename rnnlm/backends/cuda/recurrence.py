@@ -44,11 +44,11 @@ def _finishers(dtype):
     """(activate, backpropagate): the per-unit results of the forward and backward passes (module text)."""
     one = np.dtype(dtype).type(1)
 
-    @cuda.jit(device=True)
+    @device.inlined
     def activate(total, i, b, t, U, b_s, S):
         S[t + 1, b, i] = math.tanh(total + U[t, b, i] + b_s[i])
 
-    @cuda.jit(device=True)
+    @device.inlined
     def backpropagate(total, i, b, t, dL_ds_out, S, dL_da):
         s_t = S[t + 1, b, i]
         dL_da[t, b, i] = (one - s_t * s_t) * (dL_ds_out[t, b, i] + total)
