@@ -41,7 +41,7 @@ class DynamicConfig:
     decay: float = 0.0
     rule: str = "rms"
     clip: float = 0.0
-    beta2: float = 0.999
+    beta2: float = 0.9999
 
     def check(self):
         """Raise RnnlmError for a setting out of range."""
