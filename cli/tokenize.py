@@ -24,7 +24,7 @@ from .common import Command, emit_json, json_option
               help="Encode with this vocabulary (a vocab.json or a model file) [default: build one].")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Processes reading the text [default: the usable cores].")
-@click.option("--shard-tokens", type=click.IntRange(min=1, max=1 << 32), default=SHARD_TOKENS, show_default=True,
+@click.option("--shard-tokens", type=click.IntRange(min=1, max=1 << 28), default=SHARD_TOKENS, show_default=True,
               help="Token ids per shard.")
 @json_option('one {"type": "tokenize", "tokens", "vocab_size", "unk", "unk_share"} record')
 def tokenize(text, out_dir, level, min_count, max_vocab, lowercase, vocab_file, workers, shard_tokens, as_json):

@@ -22,6 +22,7 @@ then keeps the shards open and mapped: :class:`TokenIds`.
 import array
 import glob
 import hashlib
+import json
 import mmap
 import os
 import re
@@ -266,6 +267,24 @@ class ShardWriter:
             np.save(out, self.buffer[:self.filled])
         self.shards.append({"name": name, "tokens": self.filled, "sha256": out.sha256.hexdigest()})
         self.filled = 0
+
+
+def input_records(tasks, results):
+    """[{"name", "bytes"}] of every source, in order: the bytes of text its tasks read."""
+    sizes = {}
+    for (source, *_), (_, _, n_bytes) in zip(tasks, results, strict=True):
+        sizes[display_name(source)] = sizes.get(display_name(source), 0) + n_bytes
+    return [{"name": name, "bytes": n} for name, n in sizes.items()]
+
+
+def write_manifest(folder, recipe, writer):
+    """Write and return the manifest of the store in ``folder`` (its vocab.json written, ``writer`` flushed):
+    ``recipe`` (how the text was split and counted, its inputs) and the shards."""
+    manifest = {"format_version": STORE_VERSION, **recipe, "tokens": sum(s["tokens"] for s in writer.shards),
+                "dtype": str(writer.buffer.dtype), "shard_tokens": len(writer.buffer),
+                "vocab_sha256": sha256_of(Path(folder) / "vocab.json"), "shards": writer.shards}
+    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return manifest
 
 
 def renumber(spill, final, writer):

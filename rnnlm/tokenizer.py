@@ -380,16 +380,9 @@ def tokenize_file(
         unknown = sum(_renumber(vocab, result, spill, writer) for result, spill in zip(results, spills, strict=True))
         writer.flush()
         vocab.save(tmp / VOCAB_FILE)
-        sizes = Counter()
-        for (source, *_), (_, _, n_bytes) in zip(tasks, results, strict=True):
-            sizes[display_name(source)] += n_bytes
-        manifest = {"format_version": store.STORE_VERSION, "level": level, "lowercase": lowercase,
-                    "min_count": min_count, "max_vocab": max_vocab, "vocab_given": given,
-                    "inputs": [{"name": name, "bytes": n} for name, n in sizes.items()],
-                    "tokens": sum(s["tokens"] for s in writer.shards), "unk": unknown,
-                    "dtype": str(writer.buffer.dtype), "shard_tokens": shard_tokens,
-                    "vocab_sha256": store.sha256_of(tmp / VOCAB_FILE), "shards": writer.shards}
-        (tmp / store.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        recipe = {"level": level, "lowercase": lowercase, "min_count": min_count, "max_vocab": max_vocab,
+                  "vocab_given": given, "inputs": store.input_records(tasks, results), "unk": unknown}
+        manifest = store.write_manifest(tmp, recipe, writer)
     return {"tokens": manifest["tokens"], "vocab_size": len(vocab), "unk": unknown,
             "unk_share": unknown / manifest["tokens"]}
 
