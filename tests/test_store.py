@@ -195,3 +195,20 @@ def test_training_on_a_store_equals_training_on_its_text(tmp_path, softmax):
     for source, out in ((text, "a.npz"), (tmp_path / "tok", "b.npz")):
         train(source, tmp_path / out, config=TrainConfig(**config), options=RunOptions(threads=1))
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.update(tokens=m["tokens"] + 1), "declares .* tokens, but its shards hold"),
+    (lambda m: m["shards"][1].update(name="../tokens.npy"), "'name' = '../tokens.npy'"),
+    (lambda m: m["shards"][0].update(sha256="x" * 64), "malformed sha256"),
+    (lambda m: m.update(dtype="float32"), "'dtype' = 'float32'"),
+    (lambda m: m.update(shards=[]), "lists no shards"),
+    (lambda m: m.update(tokens=m["tokens"] - 198) or m["shards"][0].update(tokens=2), "manifest declares \\(2,\\)"),
+])
+def test_a_tampered_manifest_is_one_error_naming_it(tmp_path, change, message):
+    tokenize_file(write(tmp_path / "a.txt", zipf_text(10, 100)), tmp_path / "tok", shard_tokens=200)
+    manifest = json.loads((tmp_path / "tok" / store.MANIFEST).read_text())
+    change(manifest)
+    (tmp_path / "tok" / store.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(RnnlmError, match=message):
+        open_token_dir(tmp_path / "tok")
