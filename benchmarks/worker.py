@@ -22,11 +22,12 @@ START_ENV = dict(os.environ)
 THREAD_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT", "KMP_BLOCKTIME", "OMP_NUM_THREADS")
 
 if IMPL == "rnnlm":
-    import rnnlm  # noqa: F401  (its thread settings, before numpy loads)
+    import rnnlm  # noqa: F401  (rnnlm's worker: its thread settings before numpy loads)
 import numpy as np  # noqa: E402
 
 if IMPL == "torch":
     import torch
+import rnnlm  # noqa: E402, F401  (in a baseline, after its libraries loaded with their defaults)
 
 for _name in THREAD_VARS:  # rnnlm's settings out of a baseline's environment again
     if IMPL != "rnnlm" and _name not in START_ENV:
