@@ -96,7 +96,7 @@ class _Prefixed(io.RawIOBase):
             n = min(len(buffer), len(self.head))
             buffer[:n], self.head = self.head[:n], self.head[n:]
             return n
-        data = self.rest.read(len(buffer))
+        data = self.rest.read1(len(buffer))  # what is there: a line-by-line pipe is read as it comes
         buffer[: len(data)] = data
         return len(data)
 

@@ -123,3 +123,13 @@ def test_a_line_over_the_limit_is_refused(tmp_path):
     path = write(tmp_path, "x" * 5000 + "\n")
     with pytest.raises(RnnlmError, match="has a line longer than"):
         list(iter_lines(path, max_line_bytes=1000))
+
+
+def test_a_line_is_yielded_before_the_writer_closes_the_pipe():
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "wb", buffering=0) as writer, os.fdopen(read_end, "rb") as reader:
+        writer.write(b"first line\n")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sys, "stdin", io.TextIOWrapper(reader))
+            lines = iter_lines("-")
+            assert next(lines) == "first line"  # would block until EOF if reads waited for a full buffer
