@@ -6,9 +6,11 @@
     NUMBA_ENABLE_CUDASIM=1 python benchmarks/gpu.py --quick   # the simulator: tiny sizes, a smoke test
 
 rnnlm trains a window with rnnlm.step.forward_backward and a clipped SGD step (rnnlm.optim), state
-carried between windows; PyTorch runs the same model the usual way: nn.Embedding, cuDNN's nn.RNN(tanh),
+carried between windows (common.RnnlmSgd); PyTorch runs in a worker process of its own (common.Worker, with
+the environment this script started with) the same model the usual way: nn.Embedding, cuDNN's nn.RNN(tanh),
 nn.Linear, mean cross-entropy, clip_grad_norm_, torch.optim.SGD, in float32 with TF32 off (rnnlm has no
-tensor-core path). Both see the same random Zipf-distributed token windows (V=10000, T=35). Every kernel is
+tensor-core path). Both see the same random Zipf-distributed token windows (common.windows, V=10000,
+T=35). Every kernel is
 compiled and every allocation made in a warm-up; then blocks of windows, timed with a device synchronize
 at each end, alternate between the implementations for --repeats rounds, and the medians are reported in
 tokens/s, with rnnlm's useful TFLOP/s (6·m·(V + m) per training token, 2·m·(V + m) per evaluated one), and then
