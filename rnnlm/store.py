@@ -42,8 +42,8 @@ from rnnlm.untrusted import CHUNK, check_dtype, checked, open_regular, read_json
 MANIFEST = "manifest.json"
 STORE_VERSION = 1
 SHARD_TOKENS = 1 << 24
-RANGE_BYTES = 64 << 20  # a task's share of a regular file
-BLOCK_BYTES = 8 << 20  # text decoded and encoded at a time
+RANGE_BYTES = 32 << 20  # a task's share of a regular file
+BLOCK_BYTES = 2 << 20  # text decoded and encoded at a time
 POOL_BYTES = 32 << 20  # smaller inputs are read in this process
 READ_BYTES = 4 << 20  # a store's files are checked and renumbered this much at a time
 SENTINEL = "\0"  # stands for a line end among a block's words (a NUL byte is refused in text)
