@@ -49,9 +49,10 @@ def shown(token):
               help="Logarithm of the printed scores (log10 as the n-gram tools print; bits = log2).")
 @click.option("--nbest", "nbest_format", type=click.Choice(nbest.FORMATS), default=None,
               help="Read n-best lists (mikolov: ID words; kaldi: UTT-N words; moses: ID ||| words ||| features "
-                   "||| score) and write them back with the LM score added.")
+                   "||| score) and write them back with the LM score added [default: plain sentences].")
 @click.option("--best", type=FiniteFloat(min=0), default=None, metavar="WEIGHT",
-              help="With --nbest: write only each id's hypothesis with the highest score + WEIGHT × LM score.")
+              help="With --nbest: write only each id's hypothesis with the highest score + WEIGHT × LM score "
+                   "[default: write every hypothesis].")
 @click.option("--batch", type=click.IntRange(min=1, max=4096), default=DEFAULT_BATCH,
               help="Sentences scored side by side.")
 @mixing_options

@@ -447,16 +447,16 @@ def test_help_lists_every_option_with_its_default(command):
 
 
 def help_entries(text):
-    """{long option name: its help entry, continuation lines joined} from a --help text."""
-    entries, current = {}, None
+    """{option name: its help entry, continuation lines joined} from a --help text (every name of an entry)."""
+    entries, names = {}, []
     options = text.split("Options:", 1)[1]
     for line in options.splitlines():
         stripped = line.strip()
         if line.startswith("  ") and stripped.startswith("-") and not line.startswith("    "):
-            current = max((w.rstrip(",") for w in stripped.split() if w.startswith("-")), key=len)
-            entries[current] = stripped
-        elif current and stripped:
-            entries[current] += " " + stripped
+            names = [w.rstrip(",") for w in stripped.split("  ")[0].split() if w.startswith("-")]
+            entries.update(dict.fromkeys(names, stripped))
+        elif names and stripped:
+            entries.update({name: entries[name] + " " + stripped for name in names})
     return entries
 
 
