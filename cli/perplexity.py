@@ -32,12 +32,13 @@ def mixing_options(command):
     the command receives them as keyword arguments for ``read_mixing``."""
     options = [
         click.option("--ngram", type=click.Path(path_type=Path), default=None,
-                     help="Mix in an ARPA n-gram model (plain or gzip; needs pip install 'rnnlm-numba[ngram]'), per token "
-                          "[default: none]."),
+                     help="Mix in an ARPA n-gram model (plain or gzip; needs pip install "
+                          "'rnnlm-numba[ngram]'), per token [default: none]."),
         click.option("--lambda", "lam", type=Lambda(), default=0.5, show_default=True,
                      help="The n-gram model's weight: p = λ p_ngram + (1 - λ) p_rnn (SRILM's -lambda with the "
                           "n-gram as -lm; Mikolov's -lambda is 1 - λ), or auto: fitted by EM on --lambda-text."),
-        click.option("--lambda-text", default=None, help="Validation text that --lambda auto is fitted on [default: none]."),
+        click.option("--lambda-text", default=None,
+                     help="Validation text that --lambda auto is fitted on [default: none]."),
         click.option("--dynamic", type=FiniteFloat(min=0, min_open=True), default=None, metavar="LR",
                      help="Dynamic evaluation: adapt the model to the text as it is scored, at this learning rate "
                           "[default: off]."),
