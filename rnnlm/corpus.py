@@ -14,6 +14,8 @@ from rnnlm.errors import RnnlmError
 from rnnlm.store import TokenIds
 from rnnlm.tokenizer import encode_file, load_token_dir, open_token_dir, tokenize_text
 
+READ_IDS = 1 << 16  # ids read ahead per training stream
+
 
 def load_corpus(path, vocab=None, level="word", min_count=1, max_vocab=None, lowercase=False):
     """Token ids and vocabulary of ``path``: a text file, or a directory written by ``tokenize``.
@@ -31,8 +33,6 @@ def load_corpus(path, vocab=None, level="word", min_count=1, max_vocab=None, low
     ids, _ = encode_file(path, vocab)
     return ids, vocab
 
-READ_IDS = 1 << 16  # ids read ahead per stream
-
 
 def _check_vocab(path, dir_vocab, vocab):
     if vocab is not None and dir_vocab.tokens != vocab.tokens:
@@ -40,7 +40,7 @@ def _check_vocab(path, dir_vocab, vocab):
 
 
 def load_ids(path, vocab=None, level="word", min_count=1, max_vocab=None, lowercase=False):
-    """As :func:`load_corpus`, the ids as :class:`rnnlm.store.TokenIds` (a store's shards stay mapped)."""
+    """As :func:`load_corpus`, the ids as :class:`rnnlm.store.TokenIds` (a store's shards stay on disk)."""
     if str(path) != "-" and Path(path).is_dir():
         ids, dir_vocab = open_token_dir(path)
         _check_vocab(path, dir_vocab, vocab)
