@@ -9,7 +9,7 @@ import click
 from click.core import ParameterSource
 
 import rnnlm
-from rnnlm import distributed
+from rnnlm import adapt, distributed
 from rnnlm.model import INITS
 from rnnlm.optim import OPTIMIZERS
 from rnnlm.runplan import ResumeConflictError
@@ -38,7 +38,7 @@ MINUTES = FiniteFloat(min=0, min_open=True)
 @click.option("--valid", default=None,
               help="Validation text or token directory [default: the last 5% of TEXT, held out].")
 @click.option("--level", type=click.Choice(LEVELS), default=DEFAULTS.level,
-              help="Tokens of a raw TEXT: words or characters.")
+              help="Tokens of a raw TEXT: words or characters [with --init-from: the model's].")
 @click.option("--min-count", type=click.IntRange(min=1), default=DEFAULTS.min_count,
               help="Words seen fewer times become <unk>.")
 @click.option("--max-vocab", type=click.IntRange(min=2), default=DEFAULTS.max_vocab,
@@ -63,6 +63,8 @@ MINUTES = FiniteFloat(min=0, min_open=True)
                    "--time-budget) [default: mikolov for sgd, plateau for adam and lazyadam].")
 @click.option("--lr", type=FiniteFloat(min=0, min_open=True, max=1e4), default=None,
               help="Initial learning rate η [default: 1.0 for sgd, 0.002 for adam and lazyadam].")
+@click.option("--warmup", type=click.IntRange(0, 10**9), default=DEFAULTS.warmup,
+              help="Raise the learning rate linearly over this many first windows of the run (0: start at it).")
 @click.option("--epochs", type=click.IntRange(1, 1_000_000), default=DEFAULTS.epochs,
               help="At most this many passes over TEXT.")
 @click.option("--clip", type=FiniteFloat(min=0), default=DEFAULTS.clip,
@@ -86,6 +88,10 @@ MINUTES = FiniteFloat(min=0, min_open=True)
               help="Stop training after this many minutes (then validate and keep the best) [default: none].")
 @click.option("--log", type=click.Path(path_type=Path), default=None,
               help="Training log, JSON lines [default: MODEL.log.jsonl].")
+@click.option("--init-from", type=click.Path(path_type=Path), default=None,
+              help="Adapt this trained model to TEXT: keep its vocabulary (other words read as <unk>, counted), "
+                   "its architecture and level, and start from its weights, with a fresh optimizer "
+                   "[default: a new model].")
 @click.option("--resume", type=click.Path(path_type=Path), default=None,
               help="Continue the run that wrote this checkpoint, with its settings (only --epochs, --threads, "
                    "--time-budget, --checkpoint-every and --device may change); its files are those inside the "
@@ -116,22 +122,29 @@ def train(text, model_path, resume, as_json, valid, device, threads, checkpoint,
                        f"{record['valid_perplexity']:.2f}, lr {record['lr']:g}, {record['tokens_per_s']:,.0f} "
                        f"tokens/s, {record['elapsed_s']:.1f} s")
 
+    def on_init(record):
+        click.echo(adapt.describe(record), err=True)
+        if as_json:
+            emit_json("start", **record)
+
     def on_start(paths):
         written.update(paths)
         click.echo(f"resuming {resume}: model -> {paths['model']}, log -> {paths['log']}, checkpoint -> "
                    f"{paths['checkpoint']}", err=True)
 
     if not writer:
-        on_window = on_epoch = on_start = None
+        on_window = on_epoch = on_start = on_init = None
     try:
         if resume is not None:
             epochs = settings_for_resume(click.get_current_context(), settings, options)
             records = rnnlm.resume(resume, options=options, on_window=on_window, on_epoch=on_epoch, text=text,
                                    valid=valid, model_path=model_path, epochs=epochs, on_start=on_start)
         else:
+            settings_for_init(click.get_current_context(), settings)
             config = rnnlm.TrainConfig(**{f.name: settings[f.name] for f in fields(rnnlm.TrainConfig)})
             records = rnnlm.train(text, model_path, valid=valid, config=config, options=options,
-                                  on_window=on_window, on_epoch=on_epoch)
+                                  on_window=on_window, on_epoch=on_epoch, init_from=settings["init_from"],
+                                  on_init=on_init)
     except ResumeConflictError as conflict:
         raise click.UsageError(str(conflict)) from None
     except rnnlm.TrainingInterrupted as stop:
@@ -163,6 +176,18 @@ def settings_for_resume(ctx, settings, options):
         options.device = None
     given = ctx.get_parameter_source("epochs") is not ParameterSource.DEFAULT
     return settings["epochs"] if given else None
+
+
+def settings_for_init(ctx, settings):
+    """With --init-from: a usage error for a setting the model fixes; --level, when not given, is the model's."""
+    if settings["init_from"] is None:
+        return
+    for name in adapt.ARCHITECTURE:
+        if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT:
+            raise click.UsageError(f"--{name.replace('_', '-')} cannot be used with --init-from: the adapted model "
+                                   "keeps the vocabulary and architecture of the model it starts from")
+    if ctx.get_parameter_source("level") is ParameterSource.DEFAULT:
+        settings["level"] = None
 
 
 def resume_command(stop):

@@ -10,12 +10,14 @@ most ``untrusted.MAX_JSON_DEPTH`` deep, no NaN or infinity):
            bptt and batch ≤ MAX_WINDOW, schedule set
   options  exactly the fields of ``train.RunOptions``, each of its type, accepted by ``RunOptions.check``
   sources  {"text": str, "valid": str or null, "model": str}: non-empty, without NUL characters
-           (data only: where a resume may read and write is the caller's decision)
+           (data only: where a resume may read and write is the caller's decision); "init_from", the
+           model a run adapted, is a mark that ``runplan.resumed_vocab`` checks (a resume never reads it)
   vocab    a token list as ``tokenizer.vocab_of`` accepts it with the config's level and lowercase
   state    epoch int in [1, config.epochs + 1]; window int ≥ 0 (``check_cursor`` bounds it by the data);
            epoch_loss, elapsed_s finite ≥ 0; lr finite ≥ 0; halving bool; stalls, tokens_seen int ≥ 0;
            divergences int in [0, train.MAX_DIVERGENCES]; best null or finite > 0; tokens_per_s, when
-           present, finite ≥ 0; records a list of objects of JSON scalars; optimizer and
+           present, finite ≥ 0; guard_scale finite in (0, 1], guard_since int ≥ 0 (``schedule.Guard``);
+           records a list of objects of JSON scalars; optimizer and
            epoch_start_optimizer {} for SGD, {"t": int ≥ 0} for Adam; rng a PCG64 state that numpy takes.
 arrays, name -> array, exactly these members (no other is read; each read at its expected shape only
 after its zip and .npy headers agree on the size), all float32, finite and C-contiguous but class_bounds:
@@ -42,7 +44,7 @@ STATE_FIELDS = {
     "epoch": (int,), "window": (int,), "epoch_loss": (float,), "lr": (float,), "halving": (bool,),
     "stalls": (int,), "best": (float, type(None)), "divergences": (int,), "tokens_seen": (int,),
     "elapsed_s": (float,), "records": (list,), "optimizer": (dict,), "epoch_start_optimizer": (dict,),
-    "rng": (dict,),
+    "rng": (dict,), "guard_scale": (float,), "guard_since": (int,),
 }
 SCALARS = (str, int, float, bool, type(None))
 
@@ -158,6 +160,7 @@ def check_state(state, config, where):
     checked(state, "epoch", where, (int,), low=1, high=config.epochs + 1)
     checked(state, "divergences", where, (int,), low=0, high=MAX_DIVERGENCES)
     checked(state, "best", where, (float, type(None)), low=math.ulp(0.0))
+    checked(state, "guard_scale", where, (float,), low=math.ulp(0.0), high=1.0)
     checked(state, "tokens_per_s", where, (float, type(None)), default=None, low=0)
     if not all(isinstance(r, dict) and all(isinstance(v, SCALARS) for v in r.values()) for r in state["records"]):
         raise RnnlmError(f"{where} has 'records' that are not all objects of numbers, strings and nulls")

@@ -1,20 +1,24 @@
 """Before a training run starts: where it reads and writes, and whether it fits in memory.
 
 A run writes its model (``-o``), its checkpoint and its log, and reads its text and validation text.
-All of them are checked before any work (``rnnlm.paths.check_outputs``). A checkpoint stores the paths
-relative to its own folder, as data: ``resume`` takes from it only the paths that stay inside that folder,
-and needs every other one on its command line.
+All of them are checked before any work (``rnnlm.paths.check_outputs``); a run that adapts a model
+(``--init-from``) reads that model too. A checkpoint stores the paths relative to its own folder, as data:
+``resume`` takes from it only the paths that stay inside that folder, and needs every other one on its
+command line (the adapted model's is only a mark: a resume does not read it again).
 """
 
 import math
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 from rnnlm.corpus import load_ids
 from rnnlm.errors import RnnlmError
+from rnnlm.model import Model, frequency_classes
 from rnnlm.paths import check_outputs, inside, relative_to, same_file
-from rnnlm.store import store_members
-from rnnlm.tokenizer import TOKENS_FILE
+from rnnlm.store import TokenIds, store_members, token_counts
+from rnnlm.tokenizer import TOKENS_FILE, Vocab, encode_file
+from rnnlm.untrusted import checked
 
 HELD_OUT_SHARE = 0.05
 
@@ -26,10 +30,22 @@ class ResumeConflictError(RnnlmError):
 RESUME_FLAGS = {"TEXT": "text", "--valid": "valid", "-o": "model", "--log": "log"}
 
 
-def load_data(text, valid, config):
-    """(train ids, validation ids, vocabulary) for a run, the ids as ``rnnlm.store.TokenIds``."""
-    ids, vocab = load_ids(text, level=config.level, min_count=config.min_count,
-                          max_vocab=config.max_vocab, lowercase=config.lowercase)
+def load_data(text, valid, config, vocab=None):
+    """(train ids, validation ids, vocabulary, unknown) for a run, the ids as ``rnnlm.store.TokenIds``.
+
+    vocab: read TEXT with this vocabulary (an adapted model's) instead of building one from it; unknown is
+    then the number of TEXT's tokens outside it, read as <unk> (None when the vocabulary was built from TEXT,
+    or TEXT is a token directory, which must have been encoded with ``vocab``).
+    """
+    unknown = None
+    if vocab is None:
+        ids, vocab = load_ids(text, level=config.level, min_count=config.min_count,
+                              max_vocab=config.max_vocab, lowercase=config.lowercase)
+    elif str(text) != "-" and os.path.isdir(text):
+        ids, _ = load_ids(text, vocab=vocab)
+    else:
+        ids, unknown = encode_file(text, vocab)
+        ids = TokenIds.of(ids)
     if valid is not None:
         valid_ids, _ = load_ids(valid, vocab=vocab)
     else:
@@ -37,7 +53,24 @@ def load_data(text, valid, config):
         ids, valid_ids = ids.view(0, len(ids) - n_valid), ids.view(len(ids) - n_valid, len(ids))
     if len(valid_ids) == 0:
         raise RnnlmError(f"{valid} has no tokens")
-    return ids, valid_ids, vocab
+    return ids, valid_ids, vocab, unknown
+
+
+def initial_model(config, vocab, train_ids, source=None):
+    """The model a run starts from: ``source`` (a trained model that ``rnnlm.adapt`` checked against
+    config) with the run's settings as hparams, or a fresh one (class bounds from train_ids' counts)."""
+    hparams = asdict(config)
+    if source is not None:
+        params = {name: array.copy() for name, array in source.params.items()}
+        if source.tied:
+            params["W_x"] = params["W_o"].T
+        return Model(params, vocab, hparams, source.class_bounds, source.layers, source.tied)
+    class_bounds = None
+    if config.softmax == "class":
+        n_classes = config.classes or round(math.sqrt(len(vocab)))
+        class_bounds = frequency_classes(token_counts(train_ids, len(vocab)), n_classes)
+    return Model.create(vocab, config.hidden, seed=config.seed, hparams=hparams, class_bounds=class_bounds,
+                        init=config.init, layers=config.layers, tied=config.tied)
 
 
 def default_paths(model_path, options):
@@ -54,6 +87,8 @@ def stored_paths(paths, options):
     """(sources, options) as a checkpoint stores them: every path relative to the checkpoint's folder."""
     folder = Path(paths["checkpoint"]).parent
     sources = {key: relative_to(paths[key], folder) for key in ("text", "valid", "model")}
+    if paths.get("init_from") is not None:  # the run's vocabulary is the model's, not built from TEXT
+        sources["init_from"] = relative_to(paths["init_from"], folder)
     return sources, dict(options, checkpoint=Path(paths["checkpoint"]).name, log=relative_to(paths["log"], folder))
 
 
@@ -66,7 +101,7 @@ def resume_needs(paths):
 
 def check_run_paths(paths, options, resumed=None):
     """RnnlmError unless the model, checkpoint and log can be written without touching an input."""
-    inputs = [("TEXT", paths["text"]), ("--valid", paths["valid"])]
+    inputs = [("TEXT", paths["text"]), ("--valid", paths["valid"]), ("--init-from", paths.get("init_from"))]
     for label in ("TEXT", "--valid"):
         source = paths[RESUME_FLAGS[label]]
         if source is not None and str(source) != "-" and os.path.isdir(source):
@@ -109,6 +144,23 @@ def resume_paths(checkpoint, meta, options, text, valid, model_path):
         paths["log"] = Path(options.log)
     paths["checkpoint"] = Path(options.checkpoint or checkpoint)
     return paths
+
+
+def resumed_model(arrays, vocab, config):
+    """The best model so far of a checkpoint's ``arrays`` (its class bounds taken out of them)."""
+    class_bounds = arrays.pop("class_bounds", None)
+    best = {name[len("best/"):]: arrays[name] for name in arrays if name.startswith("best/")}
+    if config.tied:
+        best["W_x"] = best["W_o"].T
+    return Model(best, vocab, asdict(config), class_bounds, config.layers, config.tied)
+
+
+def resumed_vocab(meta, config, checkpoint):
+    """The vocabulary a resumed run reads its text with: the checkpoint's when the run adapted a model
+    (``--init-from``: TEXT need not hold every word of it), else None (built from TEXT again and compared)."""
+    if checked(meta["sources"], "init_from", f"{checkpoint}: meta.sources", (str, type(None)), default=None) is None:
+        return None
+    return Vocab(meta["vocab"], config.level, config.lowercase)
 
 
 def memory_needed(config, vocab_size):

@@ -7,7 +7,8 @@ validation perplexity improves by less than 0.3%, rolls back an epoch that made 
 it stalls again; ``plateau`` (Adam's default) rolls back and halves the rate on every such stall and
 stops after three; ``cosine`` lowers the rate after every window along half a cosine, from lr to 0 at
 the end of the last epoch or of the time budget, whichever comes first (a run with a time budget then
-depends on the clock, and so is not reproducible to the bit).
+depends on the clock, and so is not reproducible to the bit). Within an epoch the rate is warmed up over the
+run's first ``warmup`` windows and cut for a while after a divergence (``rnnlm.schedule``).
 
 Checkpoints (at every epoch end, every ``checkpoint_every`` minutes, and on SIGINT/SIGTERM) hold
 everything the run needs to continue — weights, the best weights, optimizer state, schedule, data
@@ -25,17 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-from rnnlm import distributed, runplan, step
+from rnnlm import adapt, distributed, runplan, schedule, step
 from rnnlm._env import set_threads
 from rnnlm.backends import get_backend
 from rnnlm.checkpoint import check_cursor, read_checkpoint
 from rnnlm.corpus import Windows
 from rnnlm.errors import RnnlmError
 from rnnlm.evaluate import stream_loss
-from rnnlm.model import INITS, Model, atomic_savez, frequency_classes, word_classes
+from rnnlm.model import INITS, atomic_savez, word_classes
 from rnnlm.optim import OPTIMIZERS, make_optimizer
 from rnnlm.paths import atomic_output, naming_errors, save_atomically
-from rnnlm.store import token_counts
 
 MIN_IMPROVEMENT = 0.003
 MAX_DIVERGENCES = 3
@@ -68,6 +68,7 @@ class TrainConfig:
     softmax: str = "full"
     classes: int | None = None
     seed: int = 0
+    warmup: int = 0
 
     def __post_init__(self):
         if self.schedule is None:
@@ -77,8 +78,9 @@ class TrainConfig:
 
     def check(self):
         """RnnlmError naming the first setting out of range (NaN and infinities included)."""
-        for name in ("hidden", "layers", "bptt", "batch", "epochs", "min_count", "seed", "max_vocab", "classes"):
-            least = {"seed": 0, "max_vocab": 2}.get(name, 1)
+        for name in ("hidden", "layers", "bptt", "batch", "epochs", "min_count", "seed", "max_vocab", "classes",
+                     "warmup"):
+            least = {"seed": 0, "max_vocab": 2, "warmup": 0}.get(name, 1)
             if getattr(self, name) is not None or name not in ("max_vocab", "classes"):
                 _check_number(name, getattr(self, name), least, integer=True)
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("init", INITS),
@@ -135,7 +137,8 @@ class TrainingInterrupted(Exception):  # noqa: N818  (an outcome, not an error)
         self.needs = runplan.resume_needs(paths)
 
 
-def train(text, model_path, valid=None, config=None, options=None, on_window=None, on_epoch=None):
+def train(text, model_path, valid=None, config=None, options=None, on_window=None, on_epoch=None, init_from=None,
+          on_init=None):
     """Train a model on ``text`` (a text file or token directory) and write the best one to model_path.
 
     valid: validation text or token directory; without it the last 5% of ``text`` is held out.
@@ -143,26 +146,28 @@ def train(text, model_path, valid=None, config=None, options=None, on_window=Non
     "tokens_per_s"} of the epoch so far; on_epoch(record) after every epoch with {"epoch",
     "tokens_seen", "train_loss", "valid_perplexity", "lr", "tokens_per_s", "elapsed_s"}.
     Every path is checked before any work (see ``rnnlm.paths``). Returns the list of epoch records.
+    init_from: a model file to adapt (``rnnlm.adapt``: its vocabulary, architecture and weights replace
+    config's; config.level None means the model's); on_init(record) is then called with the log's
+    opening record {"event": "init_from", "model", "tokens", "oov"}.
     Raises TrainingInterrupted on SIGINT/SIGTERM.
     """
-    config, options = config or TrainConfig(), options or RunOptions()
+    source, config = adapt.load_source(init_from, config or TrainConfig())
+    options = options or RunOptions()
     config.check()
     options.check()
     checkpoint, log = runplan.default_paths(model_path, options)
-    paths = {"text": text, "valid": valid, "model": Path(model_path), "checkpoint": checkpoint, "log": log}
+    paths = {"text": text, "valid": valid, "model": Path(model_path), "checkpoint": checkpoint, "log": log,
+             "init_from": init_from}
     runplan.check_run_paths(paths, options)
     set_threads(options.threads)
     ops = get_backend(options.device)
-    train_ids, valid_ids, vocab = runplan.load_data(text, valid, config)
+    train_ids, valid_ids, vocab, unknown = runplan.load_data(text, valid, config, source and source.vocab)
     runplan.check_memory(config, len(vocab))
-    class_bounds = None
-    if config.softmax == "class":
-        n_classes = config.classes or round(np.sqrt(len(vocab)))
-        class_bounds = frequency_classes(token_counts(train_ids, len(vocab)), n_classes)
-    model = Model.create(vocab, config.hidden, seed=config.seed, hparams=asdict(config), class_bounds=class_bounds,
-                         init=config.init, layers=config.layers, tied=config.tied)
+    model = runplan.initial_model(config, vocab, train_ids, source)
     trainer = Trainer(ops, model, config, options, train_ids, valid_ids, paths, distributed.world())
     trainer.start_log()
+    if source is not None:
+        adapt.announce(trainer.log, init_from, len(train_ids) + (valid is None) * len(valid_ids), unknown, on_init)
     return trainer.run(on_window, on_epoch)
 
 
@@ -195,14 +200,11 @@ def resume(checkpoint, options=None, on_window=None, on_epoch=None, text=None, v
         on_start(paths)
     set_threads(options.threads)
     ops = get_backend(options.device)
-    train_ids, valid_ids, vocab = runplan.load_data(paths["text"], paths["valid"], config)
+    fixed = runplan.resumed_vocab(meta, config, checkpoint)
+    train_ids, valid_ids, vocab, _ = runplan.load_data(paths["text"], paths["valid"], config, fixed)
     if vocab.tokens != meta["vocab"]:
         raise RnnlmError(f"{paths['text']} is not the text of {checkpoint} (its vocabulary differs)")
-    class_bounds = arrays.pop("class_bounds", None)
-    best = {name[len("best/"):]: arrays[name] for name in arrays if name.startswith("best/")}
-    if config.tied:
-        best["W_x"] = best["W_o"].T
-    model = Model(best, vocab, asdict(config), class_bounds, config.layers, config.tied)
+    model = runplan.resumed_model(arrays, vocab, config)
     trainer = Trainer(ops, model, config, options, train_ids, valid_ids, paths, distributed.world())
     check_cursor(meta, trainer.n_windows, checkpoint)
     trainer.restore(arrays, meta["state"])
@@ -256,8 +258,12 @@ class Trainer:
         self.state = {
             "epoch": 1, "window": 0, "epoch_loss": 0.0, "lr": config.lr, "halving": False, "stalls": 0,
             "best": None, "divergences": 0, "tokens_seen": 0, "elapsed_s": 0.0, "records": [],
+            **schedule.Guard.STATE,
         }
+        self.warmup = schedule.Warmup(config.warmup)
+        self.guard = schedule.Guard(min(self.n_windows, schedule.RECOVERY_WINDOWS))
         self.epoch_start = None  # host copy of the parameters and optimizer at the epoch's start
+        self.clock = time.perf_counter()  # the run's start (less its time before a resume: set by run)
 
     # ------------------------------------------------------------------ run
 
@@ -326,15 +332,18 @@ class Trainer:
         return True
 
     def current_lr(self):
-        """The learning rate of the next window: the schedule's rate, annealed by ``cosine``."""
+        """The learning rate of the next window: the schedule's rate, warmed up, cut by the divergence guard
+        and annealed by ``cosine`` (``rnnlm.schedule``)."""
         state, config = self.state, self.config
+        k = state["tokens_seen"] // (config.bptt * config.batch)
+        lr = state["lr"] * self.warmup.factor(k) * self.guard.factor(state, k)
         if config.schedule != "cosine":
-            return state["lr"]
+            return lr
         progress = state["tokens_seen"] / (config.epochs * self.n_windows * config.bptt * config.batch)
         if self.options.time_budget is not None:
             progress = max(progress, self.reducer.agree(time.perf_counter() - self.clock)
                            / (self.options.time_budget * 60))
-        return state["lr"] * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return lr * schedule.cosine(progress)
 
     def over_budget(self):
         budget = self.options.time_budget
@@ -377,7 +386,8 @@ class Trainer:
         return stop
 
     def recover_from_divergence(self, loss):
-        """Roll back to the epoch's start with half the learning rate; give up after a few times."""
+        """Roll back to the epoch's start with half the learning rate for a while (``schedule.Guard``); give up
+        after a few times."""
         state = self.state
         state["divergences"] += 1
         if state["divergences"] > MAX_DIVERGENCES:
@@ -386,13 +396,14 @@ class Trainer:
             raise RnnlmError(f"training diverged {MAX_DIVERGENCES + 1} times (loss {loss:.3g} nats/token); "
                              f"{kept}; try a lower --lr or a --clip above 0")
         self.restore_snapshot(self.epoch_start)
-        state.update(window=0, epoch_loss=0.0, lr=state["lr"] / 2)
+        self.guard.diverged(state, state["tokens_seen"] // (self.config.bptt * self.config.batch))
+        state.update(window=0, epoch_loss=0.0)
         self.window.reset_state()
         # the diverged window's sparse gradients were never applied: clear them and their masks
         self.grads = step.zero_grads(self.ops, self.model.params)
         for mask in (self.window.touched_W_x, self.window.touched_W_o):
             self.ops.copy_into(np.zeros(mask.shape, np.uint8), mask)
-        self.log({"event": "diverged", "loss": loss, "lr": state["lr"]})
+        self.log({"event": "diverged", "loss": loss})  # with the rate of the next window
 
     def log(self, fields_):
         """Append a record to the training log (and the checkpointed history); returns it. A NaN or
