@@ -18,6 +18,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -390,9 +391,10 @@ def tokenize_file(
 def _renumber(vocab: Vocab, result, spill, writer) -> int:
     """Append a task's ids to ``writer`` in ``vocab``'s numbering; returns how many became ``<unk>``."""
     tokens, counts, _ = result
-    index, unk_id = vocab.index, vocab.unk_id
-    final = np.fromiter((index.get(t, unk_id) for t in tokens), writer.buffer.dtype, len(tokens))
-    unknown = np.fromiter((t not in index for t in tokens), bool, len(tokens))
+    final = np.fromiter(map(vocab.index.get, tokens, repeat(vocab.unk_id)), writer.buffer.dtype, len(tokens))
+    unknown = final == vocab.unk_id
+    if UNK in tokens:  # a literal <unk> is no unknown token
+        unknown[tokens.index(UNK)] = False
     store.renumber(spill, final, writer)
     return int(np.asarray(counts, np.int64)[unknown].sum())
 
