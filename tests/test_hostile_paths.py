@@ -231,7 +231,7 @@ def test_tokenize_on_a_full_disk_leaves_the_old_directory(d, monkeypatch):
     (d / ".tok.abcd1234.tmp").mkdir()  # what a killed tokenize leaves
     (d / ".tok.abcd1234.tmp" / "tokens.npy").write_bytes(b"half")
     assert invoke("tokenize", d / "text.txt", "-o", tok).exit_code == 0  # replaced as a whole
-    assert sorted(os.listdir(tok)) == ["tokens.npy", "vocab.json"]
+    assert sorted(os.listdir(tok)) == ["manifest.json", "tokens.npy", "vocab.json"]
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(tok.stat().st_mode) == 0o777 & ~umask  # not the temporary directory's 0700
