@@ -156,9 +156,14 @@ def train(text, model_path, resume, as_json, valid, device, threads, checkpoint,
     finally:
         progress.close()
     if writer and not as_json:
-        best = min((r["valid_perplexity"] for r in records), default=None)
-        done = "the run had already ended" if best is None else f"best valid perplexity {best:.2f}"
-        click.echo(f"{done}; model written to {written['model']}")
+        echo_summary(records, written["model"])
+
+
+def echo_summary(records, model_path):
+    """The run's last line: its best validation perplexity and where the model is."""
+    best = min((r["valid_perplexity"] for r in records), default=None)
+    done = "the run had already ended" if best is None else f"best valid perplexity {best:.2f}"
+    click.echo(f"{done}; model written to {model_path}")
 
 
 SAFE_ON_RESUME = {"epochs"}

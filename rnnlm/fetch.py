@@ -109,7 +109,7 @@ def _wikitext(n: int) -> Corpus:
 
 
 CORPORA = {corpus.name: corpus for corpus in (
-    # SHA-256 of this project's copies (/work/shared/data/ptb); they are the served bytes: their MD5s are
+    # SHA-256 of the reference copies of these files; they are the served bytes: their MD5s are
     # torchtext's for these URLs (f26c4b92…, aa0affc0…, 8b80168b…).
     Corpus("ptb", "Penn Treebank, Mikolov's split (10k words, <unk> in place)", (
         Download(f"{_PTB}/ptb.train.txt", 5101618, "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf"),
@@ -118,8 +118,8 @@ CORPORA = {corpus.name: corpus for corpus in (
     ), {split: Part(f"ptb.{split}.txt") for split in ("train", "valid", "test")}),
     _wikitext(2),
     _wikitext(103),
-    # Size and SHA-256 from TensorFlow Datasets' url_checksums/tiny_shakespeare.txt, equal to this project's copy
-    # (/work/shared/data/tinyshakespeare); the split is nanoGPT's: the first 90% of the characters, the rest.
+    # Size and SHA-256 from TensorFlow Datasets' url_checksums/tiny_shakespeare.txt, equal to the reference copy;
+    # the split is nanoGPT's: the first 90% of the characters, the rest.
     Corpus("shakespeare", "tiny-shakespeare, Karpathy's char-rnn corpus (characters, nanoGPT's 90/10 split)", (
         Download("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
                  1_115_394, "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),

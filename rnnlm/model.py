@@ -1,6 +1,6 @@
 """The tanh RNN language model: its parameters, initialization and model file.
 
-Names follow the lecture (shared/mission): V is the vocabulary size, m the state size.
+Names follow Mikolov's papers and thesis (README, References): V is the vocabulary size, m the state size.
 
     a_t = W_s s_{t-1} + W_x x_{t-1} + b_s        s_t = tanh(a_t)
     p_t = softmax(W_o s_t + b_o)                 L = sum_t -log p_t(x̂_t)
@@ -85,9 +85,9 @@ INITS = ("fanin", "orthogonal", "identity", "zero")
 def init_params(vocab_size, hidden, rng, dtype=np.float32, n_classes=None, init="fanin", layers=1, tied=False):
     """Initial parameters; biases are zero.
 
-    fanin (the lecture's): every weight N(0, 1/d) with d the fan-in: V for W_x (its input is one-hot),
+    fanin (Mikolov's): every weight N(0, 1/d) with d the fan-in: V for W_x (its input is one-hot),
     m for W_s, W_o and W_c. orthogonal: the same but W_s a random orthogonal matrix. identity: W_s = 0.9 I
-    (scaled identity, as in IRNNs). zero: every weight zero, which the lecture calls terrible: all state
+    (scaled identity, as in IRNNs). zero: every weight zero, a bad start: all state
     units then get the same gradient forever, so the model stays a unigram model. Tied: W_x is W_oᵀ,
     a view of the one (V, m) array, initialized as W_o.
     """

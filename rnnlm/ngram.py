@@ -1,6 +1,6 @@
 """Interpolation with a back-off n-gram model read from an ARPA file (plain or gzip).
 
-The n-gram model is read and queried by KenLM's own Python module (``pip install 'rnnlm[ngram]'``, or
+The n-gram model is read and queried by KenLM's own Python module (``pip install 'rnnlm-numba[ngram]'``, or
 ``pip install kenlm``: it compiles KenLM's C++ query code). Per token, the two models mix linearly:
 
     p(w | history) = λ p_ngram(w | history) + (1 - λ) p_rnn(w | history)
@@ -99,7 +99,7 @@ class NgramModel:
         try:
             import kenlm
         except ImportError:
-            raise RnnlmError("--ngram needs KenLM's Python module: pip install 'rnnlm[ngram]'") from None
+            raise RnnlmError("--ngram needs KenLM's Python module: pip install 'rnnlm-numba[ngram]'") from None
         self.path = path
         self.counts, self.vocab = read_arpa_header(path)
         config = kenlm.Config()

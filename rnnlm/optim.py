@@ -1,4 +1,4 @@
-"""Optimizers over backend arrays: SGD (with the lecture's L2 term), Adam and lazy Adam.
+"""Optimizers over backend arrays: SGD (with Mikolov's L2 term), Adam and lazy Adam.
 
 All clip the gradient's global norm first (``clip`` = 0: off) and treat the sparse gradients of
 ``rnnlm.step`` (W_x's columns, the class softmax's W_o rows) by their masks, leaving them zero.

@@ -99,7 +99,7 @@ def plot_log(log_path, out_path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RnnlmError("plotting needs matplotlib: pip install 'rnnlm[plot]'") from None
+        raise RnnlmError("plotting needs matplotlib: pip install 'rnnlm-numba[plot]'") from None
     train = [(r["tokens_seen"], math.exp(r["train_loss"])) for r in records if "train_loss" in r]
     valid = [(r["tokens_seen"], r["valid_perplexity"]) for r in records if r.get("valid_perplexity") is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))

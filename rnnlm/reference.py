@@ -1,7 +1,7 @@
 """Plain-numpy reference of one training window: what the kernels must reproduce.
 
-Written for clarity, not speed, straight from the lecture's equations; the tests and benchmarks compare
-the Numba kernels against it, and sampling uses ``log_probs`` for its next-token distribution. Works in
+Written for clarity, not speed, straight from the model's equations (README, The model); the tests and
+benchmarks compare the Numba kernels against it, and sampling uses ``log_probs`` for its next-token distribution. Works in
 whatever float dtype the parameters have (float64 for the gradient checks). Stacked layers, tied
 weights (params["W_x"] a view of params["W_o"].T) and fixed dropout masks are covered.
 """
@@ -111,7 +111,7 @@ def output_grads(params, s, targets, class_bounds=None):
 def loss_and_grads(params, inputs, targets, s0, class_bounds=None, masks=None, tied=False):
     """Sum of the window's losses, the gradients of the *mean* loss, and the last states (L, B, m).
 
-    Backpropagation through time with the lecture's names: dL/dz = p_t - onehot(x̂_t),
+    Backpropagation through time with the model's names: dL/dz = p_t - onehot(x̂_t),
     dL/ds_t = W_oᵀ dL/dz + dL/ds_t (from t+1), dL/da_t = (1 - s_t²) ⊙ dL/ds_t, dL/ds_{t-1} = W_sᵀ dL/da_t.
     Tied: the gradient of the one shared array is reported as W_o's (W_x's is folded into it).
     """

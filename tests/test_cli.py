@@ -482,4 +482,4 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(work):
     )
     assert result.returncode == 1
     assert result.stderr.startswith("Error: --device cuda needs an NVIDIA GPU")
-    assert "pip install 'rnnlm[cuda]'" in result.stderr and "Traceback" not in result.stderr
+    assert "pip install 'rnnlm-numba[cuda]'" in result.stderr and "Traceback" not in result.stderr

@@ -85,5 +85,5 @@ def test_plot_draws_the_curves_atomically(tmp_path, suffix):
 def test_plot_without_matplotlib_says_how_to_install_it(tmp_path):
     log = write_log(tmp_path / "m.log.jsonl", GOOD)
     result = invoke("plot", log, "-o", tmp_path / "curves.png")
-    assert result.exit_code == 1 and "pip install 'rnnlm[plot]'" in result.stderr
+    assert result.exit_code == 1 and "pip install 'rnnlm-numba[plot]'" in result.stderr
     assert not (tmp_path / "curves.png").exists()

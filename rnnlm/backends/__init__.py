@@ -91,8 +91,8 @@ OPS = {
                      "(factor 1 when clip = 0) for the gradients of pairs (array, mask): mask None for a whole "
                      "array, else uint8 (R,) marking the rows of an (R, m) array, any layout, that count"),
     "sgd_update": _op("param grad lr shrink clipping", "param = shrink · param - step · grad, step = lr · "
-                      "clipping[1] in param's dtype; any shape, C-contiguous (CUDA: C or F, param and grad alike); shrink = 1 - lr · "
-                      "2λ in param's dtype"),
+                      "clipping[1] in param's dtype; any shape, C-contiguous (CUDA: C or F, param and grad "
+                      "alike); shrink = 1 - lr · 2λ in param's dtype"),
     "sgd_updates": _op("pairs lr shrink clipping", "sgd_update on every (param, grad) of pairs, lr and shrink "
                        "Python floats"),
     "masked_sgd_update": _op("param_rows grad_rows mask lr clipping", "for the rows r marked in mask: "
@@ -134,7 +134,7 @@ def get_backend(device="cpu"):
     if not cuda_available():
         raise RnnlmError(
             "--device cuda needs an NVIDIA GPU with a working driver and numba-cuda: "
-            "pip install 'rnnlm[cuda]' (none was found; use --device cpu)"
+            "pip install 'rnnlm-numba[cuda]' (none was found; use --device cpu)"
         )
     from rnnlm.backends import cuda
 
