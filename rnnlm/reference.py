@@ -1,8 +1,8 @@
 """Plain-numpy reference of one training window: what the kernels must reproduce.
 
 Written for clarity, not speed, straight from the model's equations (README, The model); the tests and
-benchmarks compare the Numba kernels against it, and sampling uses ``log_probs`` for its next-token distribution. Works in
-whatever float dtype the parameters have (float64 for the gradient checks). Stacked layers, tied
+benchmarks compare the Numba kernels against it, and sampling uses ``log_probs`` for its next-token
+distribution. Works in whatever float dtype the parameters have (float64 for the gradient checks). Stacked layers, tied
 weights (params["W_x"] a view of params["W_o"].T) and fixed dropout masks are covered.
 """
 
