@@ -9,6 +9,7 @@ are kept. These variables are process-wide: a benchmark that compares rnnlm with
 library in a process of its own (benchmarks/common.py).
 """
 
+import hashlib
 import os
 
 from rnnlm._version import __version__
@@ -18,10 +19,23 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 os.environ.setdefault("KMP_BLOCKTIME", "0")
 
-# cache=True only hashes a kernel's own file: keying the cache folder on the package version keeps a
-# release from reusing another's compiled kernels.
+
+
+def _kernel_digest():
+    """A digest of the CPU kernels' sources: cache=True checks only a kernel's own file, and the kernels
+    inline helpers from their sibling modules, so any change to any of them must start a fresh cache."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backends", "cpu")
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as source:
+                digest.update(name.encode() + b"\0" + source.read())
+    return digest.hexdigest()[:16]
+
+
 os.environ.setdefault(
-    "NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "rnnlm", "numba-" + __version__)
+    "NUMBA_CACHE_DIR",
+    os.path.join(os.path.expanduser("~"), ".cache", "rnnlm", f"numba-{__version__}-{_kernel_digest()}"),
 )
 
 

@@ -1,0 +1,140 @@
+"""Class softmax: the word half, p(w | class(w)), rows grouped by class so that a class's W_o rows are
+read once per group of four positions."""
+
+import numpy as np
+from numba import njit, prange
+
+from rnnlm.backends.cpu.recurrence import _group_by
+from rnnlm.backends.cpu.softmax import _biased_max, _exp_shifted_row
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, touched,
+                    dW_o_norm):
+    """Rows are grouped by class and each class is one thread's, so no two threads write the same rows.
+    A class's rows are taken four at a time, so that each pass over W_o[class] and dW_o[class] serves
+    four of them (a class of the rare words holds hundreds of words, more than the cache keeps). The norm
+    of dW_o's rows is summed while they are in cache, so that the gradient norm needs no second pass.
+    """
+    m = S_next.shape[1]
+    C = class_bounds.shape[0] - 1
+    db_o[:] = 0
+    start, order = _group_by(target_classes, C)
+    losses = np.zeros(C)
+    squares = np.zeros(C)
+    for c in prange(C):
+        if start[c] == start[c + 1]:
+            continue
+        lo, hi = class_bounds[c], class_bounds[c + 1]
+        W_class, b_class, dW_class = W_o[lo:hi], b_o[lo:hi], dW_o[lo:hi]
+        touched[lo:hi] = 1
+        # four rows' states, their logits (then scale · dL/dz, zero for a missing fourth) and dL/ds
+        S_four = np.zeros((4, m), S_next.dtype)
+        Z_four = np.zeros((4, hi - lo), S_next.dtype)
+        dS_four = np.empty((4, m), S_next.dtype)
+        bits = np.empty(hi - lo, np.int32)
+        for first in range(start[c], start[c + 1], 4):
+            n_rows = min(4, start[c + 1] - first)
+            for j in range(n_rows):
+                S_four[j] = S_next[order[first + j]]
+            _four_rows_logits(W_class, S_four, Z_four)
+            for j in range(4):
+                z = Z_four[j]
+                if j >= n_rows:
+                    z[:] = 0
+                    continue
+                y = targets[order[first + j]] - lo
+                z_y = z[y] + b_class[y]
+                top = _biased_max(z, b_class, bits)
+                total = _exp_shifted_row(z, b_class, top, bits)
+                losses[c] += top + np.log(total) - z_y
+                inv = S_next.dtype.type(scale / total)
+                for w in range(hi - lo):
+                    z[w] *= inv
+                z[y] -= scale
+            _four_rows_backward(W_class, S_four, Z_four, dW_class, db_o[lo:hi], dS_four)
+            for j in range(n_rows):
+                dL_ds_r = dL_ds[order[first + j]]
+                for i in range(m):
+                    dL_ds_r[i] += dS_four[j, i]
+        for w in range(hi - lo):
+            for i in range(m):
+                squares[c] += dW_class[w, i] * dW_class[w, i]
+    dW_o_norm[0] = np.sqrt(squares.sum())
+    return losses.sum()
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _four_rows_backward(W_class, S_four, G_four, dW_class, db_class, dS_four):
+    """For four rows of scaled dL/dz G_four (4, n) over a class's n words: db_class += their sum,
+    dW_class += G_fourᵀ S_four, and dS_four = G_four W_class (overwritten); one pass over the class's rows."""
+    s0, s1, s2, s3 = S_four[0], S_four[1], S_four[2], S_four[3]
+    d0, d1, d2, d3 = dS_four[0], dS_four[1], dS_four[2], dS_four[3]
+    dS_four[:] = 0
+    for w in range(W_class.shape[0]):
+        g0, g1, g2, g3 = G_four[0, w], G_four[1, w], G_four[2, w], G_four[3, w]
+        db_class[w] += g0 + g1 + g2 + g3
+        for i in range(W_class.shape[1]):
+            x = W_class[w, i]
+            dW_class[w, i] += g0 * s0[i] + g1 * s1[i] + g2 * s2[i] + g3 * s3[i]
+            d0[i] += g0 * x
+            d1[i] += g1 * x
+            d2[i] += g2 * x
+            d3[i] += g3 * x
+
+
+def class_xent(S_next, W_o, b_o, targets, target_classes, class_bounds):
+    """Σ_r -log p(targets[r] | its class) for evaluation (see ``class_xent_grad``), from ``class_log_probs``."""
+    out = np.empty(S_next.shape[0])
+    class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out)
+    return -out.sum()
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out):
+    """out[r] = log p(targets[r] | its class), the word half of the class softmax (see ``class_xent_grad``),
+    for every row of S_next (N, m); out (N,) float64.
+
+    Rows are grouped by class and each class is one thread's, its rows taken four at a time as in
+    ``class_xent_grad``, so that each pass over W_o[class] serves four of them.
+    """
+    m = S_next.shape[1]
+    C = class_bounds.shape[0] - 1
+    start, order = _group_by(target_classes, C)
+    for c in prange(C):
+        if start[c] == start[c + 1]:
+            continue
+        lo, hi = class_bounds[c], class_bounds[c + 1]
+        b_class = b_o[lo:hi]
+        S_four = np.zeros((4, m), S_next.dtype)
+        Z_four = np.empty((4, hi - lo), S_next.dtype)
+        bits = np.empty(hi - lo, np.int32)
+        for first in range(start[c], start[c + 1], 4):
+            n_rows = min(4, start[c + 1] - first)
+            for j in range(n_rows):
+                S_four[j] = S_next[order[first + j]]
+            _four_rows_logits(W_o[lo:hi], S_four, Z_four)
+            for j in range(n_rows):
+                r = order[first + j]
+                z = Z_four[j]
+                y = targets[r] - lo
+                z_y = z[y] + b_class[y]
+                top = _biased_max(z, b_class, bits)
+                loss = top + np.log(_exp_shifted_row(z, b_class, top, bits)) - z_y
+                out[r] = -loss
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _four_rows_logits(W_class, S_four, Z_four):
+    """Z_four[j, w] = W_class[w] · S_four[j] for the four rows of S_four (4, m): one pass over W_class."""
+    zero = S_four.dtype.type(0)
+    s0, s1, s2, s3 = S_four[0], S_four[1], S_four[2], S_four[3]
+    for w in range(W_class.shape[0]):
+        a0 = a1 = a2 = a3 = zero
+        for i in range(W_class.shape[1]):
+            x = W_class[w, i]
+            a0 += x * s0[i]
+            a1 += x * s1[i]
+            a2 += x * s2[i]
+            a3 += x * s3[i]
+        Z_four[0, w], Z_four[1, w], Z_four[2, w], Z_four[3, w] = a0, a1, a2, a3

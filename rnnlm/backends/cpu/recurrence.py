@@ -1,0 +1,214 @@
+"""Recurrence: the window's forward and backward passes over bands of streams, the first layer's input
+term (``embed``) and the gradients that end in the recurrence."""
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+# tanh as a rational function, the coefficients of Eigen's float tanh (relative error < 4e-7)
+_TANH_CLAMP = np.float32(7.90531110763549805)
+_TANH_ALPHA = tuple(np.float32(c) for c in (
+    4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08,
+    -8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16))
+_TANH_BETA = tuple(np.float32(c) for c in (
+    4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06))
+
+
+@njit(parallel=True, cache=True)
+def embed(W_x, inputs, U):
+    """A parallel loop over the window's positions."""
+    T, B, m = U.shape
+    for k in prange(T * B):
+        t, b = k // B, k % B
+        x = inputs[t, b]
+        for i in range(m):
+            U[t, b, i] = W_x[i, x]
+
+
+def forward(W_s, b_s, U, S):
+    """The B streams are independent: each thread runs a band of whole streams, four at a time through
+    ``_matvecs``; float32 tanh by a vectorizable rational approximation."""
+    _forward(W_s, b_s, U, S, numba.get_num_threads())
+
+
+def backward(W_s, S, dL_ds_out, dL_da):
+    """Parallel over bands of streams, as ``forward``, multiplying by W_sᵀ through ``_matvecs``."""
+    _backward(W_s, S, dL_ds_out, dL_da, numba.get_num_threads())
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _matvecs(M, M_T, X, add, out, b, end):
+    """out[k] = M X[k] + add[k] for the four streams k = b .. b + 3, those ≥ end standing in for end - 1.
+
+    M (m, m) and its transpose M_T (m, m), both C-contiguous; X, add, out (B, m), a row per stream. Each
+    pass over a row pair of M feeds eight accumulators (two rows times four streams), so every element
+    loaded serves two or four multiply-adds: a matrix-vector product per stream would load two elements
+    per multiply-add and reread M from L2 for every stream. A stand-in stream writes its row again with
+    the same values; an odd m repeats its last row the same way.
+
+    The dot products run over the first m - m % 16 columns, whole float32 vectors of AVX-512, and the
+    last m % 16 columns are added as columns of M_T (a loop over the rows, vectorized along them), which
+    leaves none to the compiler's scalar remainder loop.
+    """
+    m = M.shape[0]
+    body = m - m % 16
+    k0, k1, k2, k3 = b, min(b + 1, end - 1), min(b + 2, end - 1), min(b + 3, end - 1)
+    x0, x1, x2, x3 = X[k0], X[k1], X[k2], X[k3]
+    for i in range(0, m, 2):
+        i2 = min(i + 1, m - 1)
+        row, row2 = M[i], M[i2]
+        a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = M.dtype.type(0)
+        for j in range(body):
+            w, v = row[j], row2[j]
+            y0, y1, y2, y3 = x0[j], x1[j], x2[j], x3[j]
+            a0 += w * y0
+            a1 += w * y1
+            a2 += w * y2
+            a3 += w * y3
+            c0 += v * y0
+            c1 += v * y1
+            c2 += v * y2
+            c3 += v * y3
+        out[k3, i2] = c3 + add[k3, i2]
+        out[k2, i2] = c2 + add[k2, i2]
+        out[k1, i2] = c1 + add[k1, i2]
+        out[k0, i2] = c0 + add[k0, i2]
+        out[k3, i] = a3 + add[k3, i]
+        out[k2, i] = a2 + add[k2, i]
+        out[k1, i] = a1 + add[k1, i]
+        out[k0, i] = a0 + add[k0, i]
+    for k in range(b, min(b + 4, end)):
+        x, out_k = X[k], out[k]
+        for j in range(body, m):
+            column, y = M_T[j], x[j]
+            for i in range(m):
+                out_k[i] += column[i] * y
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _forward(W_s, b_s, U, S, n_threads):
+    T, B, m = U.shape
+    W_sT = np.ascontiguousarray(W_s.T)
+    n_bands = min(B, n_threads)
+    for band in prange(n_bands):
+        end = (band + 1) * B // n_bands
+        for b in range(band * B // n_bands, end, 4):
+            for t in range(T):
+                _matvecs(W_s, W_sT, S[t], U[t], S[t + 1], b, end)  # a_t - b_s = W_s s_{t-1} + W_x x_{t-1}
+                for k in range(b, min(b + 4, end)):
+                    s_t = S[t + 1, k]
+                    for i in range(m):
+                        s_t[i] += b_s[i]
+                    _tanh_inplace(s_t)
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _tanh_inplace(row):
+    """row = tanh(row): a vectorizable rational approximation for float32, math.tanh for float64."""
+    if row.itemsize != 4:
+        for i in range(row.shape[0]):
+            row[i] = math.tanh(row[i])
+        return
+    a1, a3, a5, a7, a9, a11, a13 = _TANH_ALPHA
+    b0, b2, b4, b6 = _TANH_BETA
+    for i in range(row.shape[0]):
+        x = min(max(row[i], -_TANH_CLAMP), _TANH_CLAMP)
+        x2 = x * x
+        p = ((((((a13 * x2 + a11) * x2 + a9) * x2 + a7) * x2 + a5) * x2 + a3) * x2 + a1) * x
+        q = ((b6 * x2 + b4) * x2 + b2) * x2 + b0
+        row[i] = p / q
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _backward(W_s, S, dL_ds_out, dL_da, n_threads):
+    T, B, m = dL_da.shape
+    W_sT = np.ascontiguousarray(W_s.T)
+    n_bands = min(B, n_threads)
+    for band in prange(n_bands):
+        end = (band + 1) * B // n_bands
+        for b in range(band * B // n_bands, end, 4):
+            last = min(b + 4, end)
+            for t in range(T - 1, -1, -1):  # dL/ds_t, held in dL_da[t] until scaled by 1 - s_t²
+                if t == T - 1:
+                    dL_da[t, b:last] = dL_ds_out[t, b:last]
+                else:  # dL/ds_t = dL_ds_out[t] + W_sᵀ dL/da_{t+1}
+                    _matvecs(W_sT, W_s, dL_da[t + 1], dL_ds_out[t], dL_da[t], b, end)
+                for k in range(b, last):
+                    s_t = S[t + 1, k]
+                    dL_da_t = dL_da[t, k]
+                    for i in range(m):
+                        dL_da_t[i] *= 1 - s_t[i] * s_t[i]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def input_grads(inputs, dL_dU, dW_x, touched):
+    """The window's positions are grouped by token and each token's column is one thread's, summed in one
+    contiguous pass: repeated tokens never race, and the order of their sum is fixed."""
+    T, B, m = dL_dU.shape
+    tokens = inputs.reshape(T * B)
+    rows = dL_dU.reshape(T * B, m)
+    columns = dW_x.T  # (V, m): token x's column as a contiguous row
+    start, order = _group_by(tokens, touched.shape[0])
+    present = np.nonzero(start[1:] > start[:-1])[0]
+    for k in prange(present.shape[0]):
+        x = present[k]
+        column = columns[x]
+        for p in range(start[x], start[x + 1]):
+            g = rows[order[p]]
+            for i in range(m):
+                column[i] += g[i]
+        touched[x] = 1
+
+
+@njit(cache=True, inline="always")
+def _group_by(keys, n_keys):
+    """Positions grouped by key, a stable counting sort: key k's positions, in increasing order, are
+    order[start[k]:start[k + 1]]. keys (N,) ints in [0, n_keys); start (n_keys + 1,), order (N,) int64."""
+    N = keys.shape[0]
+    start = np.zeros(n_keys + 1, np.int64)
+    for r in range(N):
+        start[keys[r] + 1] += 1
+    for k in range(n_keys):
+        start[k + 1] += start[k]
+    order = np.empty(N, np.int64)
+    fill = start[:n_keys].copy()
+    for r in range(N):
+        order[fill[keys[r]]] = r
+        fill[keys[r]] += 1
+    return start, order
+
+
+@njit(parallel=True, cache=True)
+def bias_grad(dL_da, db):
+    """A parallel loop over the units, each summing its column."""
+    N, m = dL_da.shape
+    for i in prange(m):
+        total = dL_da[0, i] * 0
+        for r in range(N):
+            total += dL_da[r, i]
+        db[i] = total
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def multiply(a, mask, out):
+    """A parallel loop over the flat arrays."""
+    x = a.reshape(-1)
+    y = mask.reshape(-1)
+    z = out.reshape(-1)
+    for k in prange(x.shape[0]):
+        z[k] = x[k] * y[k]
+
+
+@njit(parallel=True, cache=True)
+def masked_add_rows(dst_rows, src_rows, src_mask, dst_mask):
+    """A parallel loop over the rows."""
+    R, m = dst_rows.shape
+    for r in prange(R):
+        if src_mask[r]:
+            for i in range(m):
+                dst_rows[r, i] += src_rows[r, i]
+                src_rows[r, i] = 0
+            src_mask[r] = 0
+            dst_mask[r] = 1

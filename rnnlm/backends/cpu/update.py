@@ -1,0 +1,103 @@
+"""Update: sums of squares for the gradient norm, SGD and Adam, dense and on marked rows."""
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _sum_squares(array):
+    """Σ array² as float64 (for the gradient norm)."""
+    flat = array.reshape(-1)
+    total = 0.0
+    for k in prange(flat.shape[0]):
+        total += flat[k] * flat[k]
+    return total
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def sgd_update(param, grad, lr, shrink, clipping):
+    """A parallel loop over the flat arrays."""
+    step = param.dtype.type(lr * clipping[1])
+    p = param.reshape(-1)
+    g = grad.reshape(-1)
+    for k in prange(p.shape[0]):
+        p[k] = shrink * p[k] - step * g[k]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _masked_sum_squares(rows, mask):
+    """Σ rows[r]² over the rows r with mask[r] set, as float64. rows (R, m) any layout; mask uint8 (R,)."""
+    R, m = rows.shape
+    total = 0.0
+    for r in prange(R):
+        row_total = 0.0
+        if mask[r]:
+            for i in range(m):
+                row_total += rows[r, i] * rows[r, i]
+        total += row_total
+    return total
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def masked_sgd_update(param_rows, grad_rows, mask, lr, clipping):
+    """A parallel loop over the rows."""
+    step = param_rows.dtype.type(lr * clipping[1])
+    R, m = param_rows.shape
+    for r in prange(R):
+        if mask[r]:
+            for i in range(m):
+                param_rows[r, i] -= step * grad_rows[r, i]
+                grad_rows[r, i] = 0
+            mask[r] = 0
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _adam_element(param, grad, moment1, moment2, k, lr_t, grad_scale, decay, beta1, rest1, beta2, rest2, eps):
+    """The Adam step of element k of 1-D arrays (``rnnlm.backends.OPS``); rest1 = 1 - β1, rest2 = 1 - β2."""
+    g = grad_scale * grad[k] + decay * param[k]
+    moment1[k] = beta1 * moment1[k] + rest1 * g
+    moment2[k] = beta2 * moment2[k] + rest2 * g * g
+    param[k] -= lr_t * moment1[k] / (np.sqrt(moment2[k]) + eps)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def adam_update(param, grad, moment1, moment2, lr_t, clipping, decay, beta1, beta2, eps):
+    """A parallel loop over the flat arrays, each element by ``_adam_element``."""
+    # one view per statement: a tuple assignment of reshaped views loses the writes under parallel=True
+    p = param.reshape(-1)
+    g = grad.reshape(-1)
+    m1 = moment1.reshape(-1)
+    m2 = moment2.reshape(-1)
+    one = param.dtype.type(1)
+    grad_scale = param.dtype.type(clipping[1])
+    for k in prange(p.shape[0]):
+        _adam_element(p, g, m1, m2, k, lr_t, grad_scale, decay, beta1, one - beta1, beta2, one - beta2, eps)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, clipping, decay, beta1, beta2, eps):
+    """A parallel loop over the rows, each marked row's elements by ``_adam_element``."""
+    R, m = param_rows.shape
+    one = param_rows.dtype.type(1)
+    grad_scale = param_rows.dtype.type(clipping[1])
+    for r in prange(R):
+        if mask[r]:
+            p, g = param_rows[r], grad_rows[r]
+            m1, m2 = moment1[r], moment2[r]
+            for i in range(m):
+                _adam_element(p, g, m1, m2, i, lr_t, grad_scale, decay, beta1, one - beta1, beta2, one - beta2, eps)
+
+
+def grad_norm(pairs, clip, clipping):
+    """One parallel sum of squares per array (marked rows alone for a mask), added on the host."""
+    norm = math.sqrt(sum(_sum_squares(a) if mask is None else _masked_sum_squares(a, mask) for a, mask in pairs))
+    clipping[0] = norm
+    clipping[1] = clip / norm if 0 < clip < norm else 1.0
+
+
+def sgd_updates(pairs, lr, shrink, clipping):
+    """One ``sgd_update`` per pair."""
+    for param, grad in pairs:
+        sgd_update(param, grad, lr, param.dtype.type(shrink), clipping)
