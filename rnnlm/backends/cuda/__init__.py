@@ -1,7 +1,7 @@
 """CUDA backend: ``numba.cuda`` kernels on device arrays, the twin of ``rnnlm.backends.cpu`` op for op.
 
 The ops and what each computes are listed once, in ``rnnlm.backends.OPS``; the docstrings here say how this
-side computes them. The modules follow the sections of cpu.py, in its order:
+side computes them. The modules follow the sections of the cpu package, in its order:
 
 - ``arrays``: host-device copies, zeros, flat views and grid-stride fills and copies;
 - ``gemm``: the three GEMM layouts through one tiled shared-memory kernel;
