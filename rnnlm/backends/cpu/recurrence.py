@@ -30,12 +30,12 @@ def embed(W_x, inputs, U):
 def forward(W_s, b_s, U, S):
     """The B streams are independent: each thread runs a band of whole streams, four at a time through
     ``_matvecs``; float32 tanh by a vectorizable rational approximation."""
-    _forward(W_s, b_s, U, S, numba.get_num_threads())
+    _recurrence(W_s, b_s, U, S, U, U, False, numba.get_num_threads())
 
 
 def backward(W_s, S, dL_ds_out, dL_da):
     """Parallel over bands of streams, as ``forward``, multiplying by W_sᵀ through ``_matvecs``."""
-    _backward(W_s, S, dL_ds_out, dL_da, numba.get_num_threads())
+    _recurrence(W_s, W_s[0], dL_da, S, dL_ds_out, dL_da, True, numba.get_num_threads())
 
 
 @njit(fastmath=True, cache=True, inline="always")
@@ -88,20 +88,33 @@ def _matvecs(M, M_T, X, add, out, b, end):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _forward(W_s, b_s, U, S, n_threads):
-    T, B, m = U.shape
+def _recurrence(W_s, b_s, U, S, dL_ds_out, dL_da, backward, n_threads):
+    """The forward pass (U, b_s into S) or, with ``backward``, the backward one (S, dL_ds_out into dL_da),
+    over min(B, n_threads) bands of whole streams, four streams at a time; the other direction's arrays
+    are not read."""
+    B = S.shape[1]
     W_sT = np.ascontiguousarray(W_s.T)
     n_bands = min(B, n_threads)
     for band in prange(n_bands):
         end = (band + 1) * B // n_bands
         for b in range(band * B // n_bands, end, 4):
-            for t in range(T):
-                _matvecs(W_s, W_sT, S[t], U[t], S[t + 1], b, end)  # a_t - b_s = W_s s_{t-1} + W_x x_{t-1}
-                for k in range(b, min(b + 4, end)):
-                    s_t = S[t + 1, k]
-                    for i in range(m):
-                        s_t[i] += b_s[i]
-                    _tanh_inplace(s_t)
+            if backward:
+                _backward_streams(W_s, W_sT, S, dL_ds_out, dL_da, b, end)
+            else:
+                _forward_streams(W_s, W_sT, b_s, U, S, b, end)
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _forward_streams(W_s, W_sT, b_s, U, S, b, end):
+    """Streams b .. min(b + 4, end) - 1 through the window: s_t = tanh(W_s s_{t-1} + U_t + b_s)."""
+    T, m = U.shape[0], U.shape[2]
+    for t in range(T):
+        _matvecs(W_s, W_sT, S[t], U[t], S[t + 1], b, end)  # a_t - b_s = W_s s_{t-1} + W_x x_{t-1}
+        for k in range(b, min(b + 4, end)):
+            s_t = S[t + 1, k]
+            for i in range(m):
+                s_t[i] += b_s[i]
+            _tanh_inplace(s_t)
 
 
 @njit(fastmath=True, cache=True, inline="always")
@@ -121,25 +134,21 @@ def _tanh_inplace(row):
         row[i] = p / q
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _backward(W_s, S, dL_ds_out, dL_da, n_threads):
-    T, B, m = dL_da.shape
-    W_sT = np.ascontiguousarray(W_s.T)
-    n_bands = min(B, n_threads)
-    for band in prange(n_bands):
-        end = (band + 1) * B // n_bands
-        for b in range(band * B // n_bands, end, 4):
-            last = min(b + 4, end)
-            for t in range(T - 1, -1, -1):  # dL/ds_t, held in dL_da[t] until scaled by 1 - s_t²
-                if t == T - 1:
-                    dL_da[t, b:last] = dL_ds_out[t, b:last]
-                else:  # dL/ds_t = dL_ds_out[t] + W_sᵀ dL/da_{t+1}
-                    _matvecs(W_sT, W_s, dL_da[t + 1], dL_ds_out[t], dL_da[t], b, end)
-                for k in range(b, last):
-                    s_t = S[t + 1, k]
-                    dL_da_t = dL_da[t, k]
-                    for i in range(m):
-                        dL_da_t[i] *= 1 - s_t[i] * s_t[i]
+@njit(fastmath=True, cache=True, inline="always")
+def _backward_streams(W_s, W_sT, S, dL_ds_out, dL_da, b, end):
+    """Streams b .. min(b + 4, end) - 1 back through the window: dL/da_t = (1 - s_t²) ⊙ dL/ds_t."""
+    T, m = dL_da.shape[0], dL_da.shape[2]
+    last = min(b + 4, end)
+    for t in range(T - 1, -1, -1):  # dL/ds_t, held in dL_da[t] until scaled by 1 - s_t²
+        if t == T - 1:
+            dL_da[t, b:last] = dL_ds_out[t, b:last]
+        else:  # dL/ds_t = dL_ds_out[t] + W_sᵀ dL/da_{t+1}
+            _matvecs(W_sT, W_s, dL_da[t + 1], dL_ds_out[t], dL_da[t], b, end)
+        for k in range(b, last):
+            s_t = S[t + 1, k]
+            dL_da_t = dL_da[t, k]
+            for i in range(m):
+                dL_da_t[i] *= 1 - s_t[i] * s_t[i]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
