@@ -1,4 +1,5 @@
-"""A training checkpoint read as untrusted data: ``read_checkpoint(path) -> (arrays, meta)``.
+"""A training checkpoint: ``write_checkpoint(path, settings, saved)``, and read as untrusted data,
+``read_checkpoint(path) -> (arrays, meta)``, then ``saved_run(arrays, meta) -> Saved``.
 
 What ``read_checkpoint`` guarantees when it returns (anything else is one RnnlmError naming the file):
 
@@ -28,13 +29,16 @@ after its zip and .npy headers agree on the size), all float32, finite and C-con
   class_bounds (class softmax only)    (C + 1,) int32 binning ids 0..V-1 into non-empty classes
 """
 
+import json
 import math
 import typing
+from dataclasses import dataclass
 
 import numpy as np
 
 from rnnlm.errors import RnnlmError
-from rnnlm.model import MAX_HIDDEN, MAX_LAYERS, param_shapes, read_class_bounds
+from rnnlm.model import MAX_HIDDEN, MAX_LAYERS, atomic_savez, param_shapes, read_class_bounds
+from rnnlm.paths import save_atomically
 from rnnlm.tokenizer import vocab_of
 from rnnlm.untrusted import FLOATS, Npz, check_fits, checked, finite_float32
 
@@ -47,6 +51,60 @@ STATE_FIELDS = {
     "rng": (dict,), "guard_scale": (float,), "guard_since": (int,),
 }
 SCALARS = (str, int, float, bool, type(None))
+
+
+@dataclass
+class Saved:
+    """A run's progress as its checkpoint holds it.
+
+    now, epoch_start: host copies (params by name, (optimizer arrays by name, optimizer scalars)) of the
+    trainable parameters and the optimizer, now and at the epoch's start; best: the best model's parameters
+    by name; carried: each layer's carried state, (batch, hidden) over every rank's streams; rng: the dropout
+    masks' PCG64 state; state: the training state's JSON object (``rnnlm.state.TrainState.to_json``).
+    """
+
+    now: tuple
+    epoch_start: tuple
+    best: dict
+    carried: list
+    rng: dict
+    state: dict
+
+
+def write_checkpoint(path, settings, saved, class_bounds=None):
+    """Write the checkpoint at ``path`` atomically (a crash leaves the previous one), as the module says.
+
+    settings: meta's {"config", "options", "sources", "vocab"}; saved: a ``Saved``; class_bounds: the
+    class softmax's (C + 1,) bounds, None for a full softmax.
+    """
+    params, (opt_arrays, opt_scalars) = saved.now
+    start_params, (start_arrays, start_scalars) = saved.epoch_start
+    arrays = {f"params/{k}": v for k, v in params.items()}
+    arrays.update({f"best/{k}": v for k, v in saved.best.items()})
+    arrays.update({f"optimizer/{k}": v for k, v in opt_arrays.items()})
+    arrays.update({f"epoch_start/params/{k}": v for k, v in start_params.items()})
+    arrays.update({f"epoch_start/optimizer/{k}": v for k, v in start_arrays.items()})
+    arrays.update({f"carried_state/{k}": S for k, S in enumerate(saved.carried)})
+    if class_bounds is not None:
+        arrays["class_bounds"] = class_bounds
+    state = dict(saved.state, optimizer=opt_scalars, epoch_start_optimizer=start_scalars, rng=saved.rng)
+    meta = {"kind": KIND, **settings, "state": state}
+    arrays["meta"] = np.array(json.dumps(meta, allow_nan=False))
+    save_atomically(path, lambda target: atomic_savez(target, arrays))
+
+
+def saved_run(arrays, meta):
+    """The ``Saved`` of a checkpoint that ``read_checkpoint`` returned as (arrays, meta)."""
+    state = dict(meta["state"])
+
+    def group(prefix):
+        """The arrays named prefix + name, by name."""
+        return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+    now = group("params/"), (group("optimizer/"), state.pop("optimizer"))
+    epoch_start = group("epoch_start/params/"), (group("epoch_start/optimizer/"), state.pop("epoch_start_optimizer"))
+    carried = [arrays[f"carried_state/{k}"] for k in range(meta["config"]["layers"])]
+    return Saved(now, epoch_start, group("best/"), carried, state.pop("rng"), state)
 
 
 def read_checkpoint(path):

@@ -6,8 +6,8 @@ Window k of a run (k = tokens seen / (T·B), counted over the whole run and neve
 
 with lr_e the rate of the epoch-level schedule (``mikolov`` and ``plateau`` halve it after a stall), the
 cosine factor only under ``--schedule cosine``. Each factor is an object; the guard's state lives in the
-training state (``guard_scale``, ``guard_since``), so a checkpoint carries it and a resumed run takes the
-same rates.
+training state (``rnnlm.state.TrainState``: guard_scale, guard_since), so a checkpoint carries it and a
+resumed run takes the same rates.
 """
 
 import math
@@ -30,20 +30,19 @@ class Guard:
     """The divergence guard's temporary cut: after a divergence at window d the rate is multiplied by s,
     which returns linearly to 1 over the next ``recovery`` windows, s + (1 - s)·min(1, (k - d)/recovery).
     A divergence cuts the factor it finds in half: s = guard(d)/2, so divergences close together compound
-    and one after a full recovery halves the whole rate again."""
-
-    STATE = {"guard_scale": 1.0, "guard_since": 0}  # no divergence yet: factor 1
+    and one after a full recovery halves the whole rate again. s and d are the state's guard_scale and
+    guard_since (1 and 0 before any divergence)."""
 
     def __init__(self, recovery):
         self.recovery = max(1, recovery)
 
     def factor(self, state, k):
-        scale, since = state["guard_scale"], state["guard_since"]
+        scale, since = state.guard_scale, state.guard_since
         return scale + (1.0 - scale) * min(1.0, max(0, k - since) / self.recovery)
 
     def diverged(self, state, k):
         """Note a divergence at window k in ``state``: the rate from k on is half of what it was."""
-        state.update(guard_scale=self.factor(state, k) / 2, guard_since=k)
+        state.guard_scale, state.guard_since = self.factor(state, k) / 2, k
 
 
 def cosine(progress):

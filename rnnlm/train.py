@@ -29,13 +29,14 @@ import numpy as np
 from rnnlm import adapt, distributed, runplan, schedule, step
 from rnnlm._env import set_threads
 from rnnlm.backends import get_backend
-from rnnlm.checkpoint import check_cursor, read_checkpoint
+from rnnlm.checkpoint import Saved, check_cursor, read_checkpoint, saved_run, write_checkpoint
 from rnnlm.corpus import Windows
 from rnnlm.errors import RnnlmError
 from rnnlm.evaluate import stream_loss
-from rnnlm.model import INITS, atomic_savez, word_classes
+from rnnlm.model import INITS, word_classes
 from rnnlm.optim import OPTIMIZERS, make_optimizer
 from rnnlm.paths import atomic_output, naming_errors, save_atomically
+from rnnlm.state import TrainState
 
 MIN_IMPROVEMENT = 0.003
 MAX_DIVERGENCES = 3
@@ -207,7 +208,7 @@ def resume(checkpoint, options=None, on_window=None, on_epoch=None, text=None, v
     model = runplan.resumed_model(arrays, vocab, config)
     trainer = Trainer(ops, model, config, options, train_ids, valid_ids, paths, distributed.world())
     check_cursor(meta, trainer.n_windows, checkpoint)
-    trainer.restore(arrays, meta["state"])
+    trainer.restore(saved_run(arrays, meta))
     return trainer.run(on_window, on_epoch)
 
 
@@ -254,12 +255,7 @@ class Trainer:
         self.trainable = list(trainable)
         self.optimizer = make_optimizer(config.optimizer, ops, trainable, clip=config.clip, l2=config.l2)
         self.rng = reducer.mask_rng(np.random.default_rng(config.seed + 1), config.batch)  # dropout masks
-        # schedule and cursor: everything a checkpoint must carry besides arrays
-        self.state = {
-            "epoch": 1, "window": 0, "epoch_loss": 0.0, "lr": config.lr, "halving": False, "stalls": 0,
-            "best": None, "divergences": 0, "tokens_seen": 0, "elapsed_s": 0.0, "records": [],
-            **schedule.Guard.STATE,
-        }
+        self.state = TrainState(lr=config.lr)
         self.warmup = schedule.Warmup(config.warmup)
         self.guard = schedule.Guard(min(self.n_windows, schedule.RECOVERY_WINDOWS))
         self.epoch_start = None  # host copy of the parameters and optimizer at the epoch's start
@@ -269,37 +265,38 @@ class Trainer:
 
     def run(self, on_window, on_epoch):
         state, config = self.state, self.config
-        self.clock = time.perf_counter() - state["elapsed_s"]
+        self.clock = time.perf_counter() - state.elapsed_s
         self.last_checkpoint = time.perf_counter()
         with _Signals() as signals:
             self.signals = signals
-            while state["epoch"] <= config.epochs:
-                if state["window"] == 0:
+            while state.epoch <= config.epochs:
+                if state.window == 0:
                     self.window.reset_state()
                     self.epoch_start = self.snapshot()
-                finished = self.train_epoch(on_window)
-                if not finished:  # a signal: checkpoint written
-                    if state["best"] is None:  # no epoch has ended yet: keep what there is as the model
+                tokens_per_s = self.train_epoch(on_window)
+                if tokens_per_s is None:  # a signal: checkpoint written
+                    if state.best is None:  # no epoch has ended yet: keep what there is as the model
                         self.pull_params()
                         self.save_model()
-                    raise TrainingInterrupted(self.paths, state["epoch"])
-                stop = self.end_epoch(on_epoch)
+                    raise TrainingInterrupted(self.paths, state.epoch)
+                stop = self.end_epoch(on_epoch, tokens_per_s)
                 self.write_checkpoint()
                 if stop:
                     break
-        return [r for r in state["records"] if r.get("valid_perplexity") is not None]
+        return [r for r in state.records if r.get("valid_perplexity") is not None]
 
     def train_epoch(self, on_window):
-        """Train from the cursor to the epoch's end (or the time budget); False if a signal stopped it."""
+        """Train from the cursor to the epoch's end (or the time budget); the tokens per second of this
+        stretch, None if a signal stopped it."""
         ops, state, config, window = self.ops, self.state, self.config, self.window
         T, B = config.bptt, config.batch
         log_every = max(1, self.n_windows // LOGS_PER_EPOCH)
-        start, first = time.perf_counter(), state["window"]
+        start, first = time.perf_counter(), state.window
         max_loss = math.log(self.model.vocab_size) + 3
-        while state["window"] < self.n_windows:
+        while state.window < self.n_windows:
             if config.dropout:
                 window.draw_masks(self.rng)
-            tokens = map(ops.asarray, self.windows.window(state["window"]))  # inputs, targets (, classes)
+            tokens = map(ops.asarray, self.windows.window(state.window))  # inputs, targets (, classes)
             loss = step.forward_backward(ops, self.params, self.grads, window, *tokens)
             loss = self.reducer.reduce(ops, self.grads, window, loss)
             self.optimizer.update(self.params, self.grads, window, self.current_lr())
@@ -309,37 +306,36 @@ class Trainer:
                 start, first = time.perf_counter(), 0
                 continue
             window.carry_state()
-            state["window"] += 1
-            state["epoch_loss"] += loss
-            state["tokens_seen"] += T * B
-            done = state["window"]
+            state.window += 1
+            state.epoch_loss += loss
+            state.tokens_seen += T * B
+            done = state.window
             if on_window:
-                mean = state["epoch_loss"] / (done * T * B)
+                mean = state.epoch_loss / (done * T * B)
                 speed = (done - first) * T * B / (time.perf_counter() - start)
                 on_window(done, self.n_windows, {"loss": mean, "perplexity": math.exp(mean), "tokens_per_s": speed})
             if done % log_every == 0 and done < self.n_windows:
-                self.log({"train_loss": state["epoch_loss"] / (done * T * B), "valid_perplexity": None})
+                self.log({"train_loss": state.epoch_loss / (done * T * B), "valid_perplexity": None})
             if self.reducer.any(self.signals.received is not None):
                 self.write_checkpoint()
-                return False
+                return None
             every = self.options.checkpoint_every
             if every and self.reducer.agree(time.perf_counter() - self.last_checkpoint >= every * 60):
                 self.write_checkpoint()
             if self.over_budget():
                 break
         ops.synchronize()
-        state["tokens_per_s"] = (state["window"] - first) * T * B / max(time.perf_counter() - start, 1e-9)
-        return True
+        return (state.window - first) * T * B / max(time.perf_counter() - start, 1e-9)
 
     def current_lr(self):
         """The learning rate of the next window: the schedule's rate, warmed up, cut by the divergence guard
         and annealed by ``cosine`` (``rnnlm.schedule``)."""
         state, config = self.state, self.config
-        k = state["tokens_seen"] // (config.bptt * config.batch)
-        lr = state["lr"] * self.warmup.factor(k) * self.guard.factor(state, k)
+        k = state.tokens_seen // (config.bptt * config.batch)
+        lr = state.lr * self.warmup.factor(k) * self.guard.factor(state, k)
         if config.schedule != "cosine":
             return lr
-        progress = state["tokens_seen"] / (config.epochs * self.n_windows * config.bptt * config.batch)
+        progress = state.tokens_seen / (config.epochs * self.n_windows * config.bptt * config.batch)
         if self.options.time_budget is not None:
             progress = max(progress, self.reducer.agree(time.perf_counter() - self.clock)
                            / (self.options.time_budget * 60))
@@ -349,7 +345,7 @@ class Trainer:
         budget = self.options.time_budget
         return budget is not None and self.reducer.agree(time.perf_counter() - self.clock >= budget * 60)
 
-    def end_epoch(self, on_epoch):
+    def end_epoch(self, on_epoch, tokens_per_s):
         """Validate, keep the best model, apply the schedule; True when training should stop."""
         state, model, config = self.state, self.model, self.config
         nats = stream_loss(self.ops, self.params, self.valid_ids, model.vocab.boundary_id, model.structure)
@@ -358,46 +354,46 @@ class Trainer:
             self.recover_from_divergence(valid_loss)
             return False
         valid_ppl = math.exp(valid_loss)
-        done = max(state["window"], 1)
-        record = self.log({"train_loss": state["epoch_loss"] / (done * config.bptt * config.batch),
-                           "valid_perplexity": valid_ppl, "tokens_per_s": state.pop("tokens_per_s", None)})
+        done = max(state.window, 1)
+        record = self.log({"train_loss": state.epoch_loss / (done * config.bptt * config.batch),
+                           "valid_perplexity": valid_ppl, "tokens_per_s": tokens_per_s})
         if on_epoch:
             on_epoch(record)
-        best = state["best"]
+        best = state.best
         improved = best is None or math.log(best) - math.log(valid_ppl) >= MIN_IMPROVEMENT
         if best is None or valid_ppl < best:
             self.pull_params()
             self.save_model()
-            state["best"] = valid_ppl
+            state.best = valid_ppl
         elif config.schedule != "cosine":  # an epoch that made validation worse is rolled back
             self.push_params()
-        stop = self.over_budget() or state["epoch"] >= config.epochs
+        stop = self.over_budget() or state.epoch >= config.epochs
         if not improved and config.schedule != "cosine":
             if config.schedule == "mikolov":
-                stop = stop or state["halving"]
-                state["halving"] = True
+                stop = stop or state.halving
+                state.halving = True
             else:
-                state["stalls"] += 1
-                stop = stop or state["stalls"] >= PLATEAU_STOPS
-                state["lr"] /= 2
-        if config.schedule == "mikolov" and state["halving"]:
-            state["lr"] /= 2
-        state.update(epoch=state["epoch"] + 1, window=0, epoch_loss=0.0)
+                state.stalls += 1
+                stop = stop or state.stalls >= PLATEAU_STOPS
+                state.lr /= 2
+        if config.schedule == "mikolov" and state.halving:
+            state.lr /= 2
+        state.epoch, state.window, state.epoch_loss = state.epoch + 1, 0, 0.0
         return stop
 
     def recover_from_divergence(self, loss):
         """Roll back to the epoch's start with half the learning rate for a while (``schedule.Guard``); give up
         after a few times."""
         state = self.state
-        state["divergences"] += 1
-        if state["divergences"] > MAX_DIVERGENCES:
-            kept = (f"the best model so far is in {self.paths['model']}" if state["best"] is not None
+        state.divergences += 1
+        if state.divergences > MAX_DIVERGENCES:
+            kept = (f"the best model so far is in {self.paths['model']}" if state.best is not None
                     else f"no model was written to {self.paths['model']}")
             raise RnnlmError(f"training diverged {MAX_DIVERGENCES + 1} times (loss {loss:.3g} nats/token); "
                              f"{kept}; try a lower --lr or a --clip above 0")
         self.restore_snapshot(self.epoch_start)
-        self.guard.diverged(state, state["tokens_seen"] // (self.config.bptt * self.config.batch))
-        state.update(window=0, epoch_loss=0.0)
+        self.guard.diverged(state, state.tokens_seen // (self.config.bptt * self.config.batch))
+        state.window, state.epoch_loss = 0, 0.0
         self.window.reset_state()
         # the diverged window's sparse gradients were never applied: clear them and their masks
         self.grads = step.zero_grads(self.ops, self.model.params)
@@ -409,10 +405,10 @@ class Trainer:
         """Append a record to the training log (and the checkpointed history); returns it. A NaN or
         infinite number (a diverged loss) is written as null: JSON has no such numbers."""
         state = self.state
-        record = {"epoch": state["epoch"], "tokens_seen": state["tokens_seen"], "lr": self.current_lr(), **fields_,
+        record = {"epoch": state.epoch, "tokens_seen": state.tokens_seen, "lr": self.current_lr(), **fields_,
                   "elapsed_s": time.perf_counter() - self.clock}
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        state["records"].append(record)
+        state.records.append(record)
         if self.reducer.is_writer:
             with naming_errors(self.log_path), open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, allow_nan=False) + "\n")
@@ -422,7 +418,7 @@ class Trainer:
         """Write the log afresh: the records of the run so far (none for a new run)."""
         if self.reducer.is_writer:
             with atomic_output(self.log_path, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in self.state["records"])
+                f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in self.state.records)
 
     def save_model(self):
         self.reducer.on_writer(save_atomically, self.paths["model"], self.model.save)
@@ -442,7 +438,7 @@ class Trainer:
             self.ops.copy_into(self.model.params[name], self.params[name])
 
     def snapshot(self):
-        """Host copies of the parameters and the optimizer state."""
+        """Host copies of the parameters and the optimizer state: (params by name, (arrays, scalars))."""
         params = {name: self.ops.to_numpy(self.params[name]) for name in self.trainable}
         return params, self.optimizer.state()
 
@@ -453,46 +449,25 @@ class Trainer:
         self.optimizer.load_state(arrays, scalars)
 
     def write_checkpoint(self):
-        """Everything needed to continue, written atomically (a crash leaves the previous one)."""
-        state = dict(self.state, elapsed_s=time.perf_counter() - self.clock)
-        params, (opt_arrays, opt_scalars) = self.snapshot()
-        start_params, (start_arrays, start_scalars) = self.epoch_start
-        arrays = {f"params/{k}": v for k, v in params.items()}
-        arrays.update({f"best/{k}": v for k, v in self.model.params.items()})
-        arrays.update({f"optimizer/{k}": v for k, v in opt_arrays.items()})
-        arrays.update({f"epoch_start/params/{k}": v for k, v in start_params.items()})
-        arrays.update({f"epoch_start/optimizer/{k}": v for k, v in start_arrays.items()})
-        for k, S in enumerate(self.window.S):
-            arrays[f"carried_state/{k}"] = self.reducer.gather_streams(self.ops.to_numpy(S[0]))
-        if self.model.class_bounds is not None:
-            arrays["class_bounds"] = self.model.class_bounds
+        """Everything needed to continue (``rnnlm.checkpoint``), written by the writer rank."""
+        carried = [self.reducer.gather_streams(self.ops.to_numpy(S[0])) for S in self.window.S]
+        state = dict(self.state.to_json(), elapsed_s=time.perf_counter() - self.clock)
+        saved = Saved(self.snapshot(), self.epoch_start, self.model.params, carried, self.rng.bit_generator.state,
+                      state)
         sources, options = runplan.stored_paths(self.paths, asdict(self.options))
-        meta = {
-            "kind": "rnnlm-checkpoint", "config": asdict(self.config), "options": options,
-            "sources": sources, "vocab": self.model.vocab.tokens,
-            "state": dict(state, optimizer=opt_scalars, epoch_start_optimizer=start_scalars,
-                          rng=self.rng.bit_generator.state),
-        }
-        arrays["meta"] = np.array(json.dumps(meta, allow_nan=False))
-        self.reducer.on_writer(save_atomically, self.checkpoint_path, lambda path: atomic_savez(path, arrays))
+        settings = {"config": asdict(self.config), "options": options, "sources": sources,
+                    "vocab": self.model.vocab.tokens}
+        self.reducer.on_writer(write_checkpoint, self.checkpoint_path, settings, saved, self.model.class_bounds)
         self.last_checkpoint = time.perf_counter()
 
-    def restore(self, arrays, state):
-        """Load a checkpoint's arrays and state into this freshly built trainer."""
-
-        def group(prefix):
-            """The arrays named prefix + name, by name."""
-            return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-
-        for name, array in group("params/").items():
-            self.ops.copy_into(array, self.params[name])
-        self.optimizer.load_state(group("optimizer/"), state.pop("optimizer"))
-        self.epoch_start = (group("epoch_start/params/"),
-                            (group("epoch_start/optimizer/"), state.pop("epoch_start_optimizer")))
-        for k, S in enumerate(self.window.S):
-            self.ops.copy_into(self.reducer.streams(arrays[f"carried_state/{k}"], axis=0), S[0])
-        self.rng.bit_generator.state = state.pop("rng")
-        self.state = state
+    def restore(self, saved):
+        """Load a checkpoint's ``Saved`` run into this freshly built trainer."""
+        self.restore_snapshot(saved.now)
+        self.epoch_start = saved.epoch_start
+        for S, carried in zip(self.window.S, saved.carried, strict=True):
+            self.ops.copy_into(self.reducer.streams(carried, axis=0), S[0])
+        self.rng.bit_generator.state = saved.rng
+        self.state = TrainState.from_json(saved.state)
         self.start_log()
-        if state["best"] is not None:  # the model file may be another than the interrupted run's
+        if self.state.best is not None:  # the model file may be another than the interrupted run's
             self.save_model()

@@ -10,6 +10,7 @@ import pytest
 
 import rnnlm
 from rnnlm import schedule, step
+from rnnlm.state import TrainState
 
 LINE = "a b c d e f g h\n"
 T, B = 10, 4
@@ -39,7 +40,7 @@ def test_warmup_factors():
 
 
 def test_guard_halves_the_rate_then_brings_it_back():
-    guard, state = schedule.Guard(10), dict(schedule.Guard.STATE)
+    guard, state = schedule.Guard(10), TrainState()
     assert guard.factor(state, 0) == 1.0 and guard.factor(state, 10**6) == 1.0
     guard.diverged(state, 20)
     assert [guard.factor(state, k) for k in (20, 25, 30, 31, 500)] == [0.5, 0.75, 1.0, 1.0, 1.0]
