@@ -1,18 +1,20 @@
-"""The learning rate within an epoch: factors on the rate that the epoch-level schedule sets.
+"""The learning rate: the epoch-level schedules, and factors on their rate within an epoch.
 
 Window k of a run (k = tokens seen / (T·B), counted over the whole run and never rolled back) trains at
 
-    lr_k = lr_e · warmup(k) · guard(k) · cosine(progress_k)
+    lr_k = lr_e · warmup(k) · guard(k) · schedule(progress_k)
 
-with lr_e the rate of the epoch-level schedule (``mikolov`` and ``plateau`` halve it after a stall), the
-cosine factor only under ``--schedule cosine``. Each factor is an object; the guard's state lives in the
-training state (``rnnlm.state.TrainState``: guard_scale, guard_since), so a checkpoint carries it and a
-resumed run takes the same rates.
+with lr_e the rate the epoch-level schedule sets at each epoch's end (``Mikolov`` and ``Plateau`` halve
+it after a stall) and schedule(progress_k) its factor within the epoch (1 but for ``Cosine``). Each is an
+object; their state lives in the training state (``rnnlm.state.TrainState``: lr, halving, stalls,
+guard_scale, guard_since), so a checkpoint carries it and a resumed run takes the same rates.
 """
 
 import math
 
 RECOVERY_WINDOWS = 1000  # the guard's recovery: one epoch's windows, at most this many
+MIN_IMPROVEMENT = 0.003  # an epoch improving log validation perplexity by less than this stalls
+PLATEAU_STOPS = 3
 
 
 class Warmup:
@@ -43,6 +45,65 @@ class Guard:
     def diverged(self, state, k):
         """Note a divergence at window k in ``state``: the rate from k on is half of what it was."""
         state.guard_scale, state.guard_since = self.factor(state, k) / 2, k
+
+
+def improved(best, perplexity):
+    """Whether validation ``perplexity`` improves on the ``best`` so far (None: none yet) by MIN_IMPROVEMENT."""
+    return best is None or math.log(best) - math.log(perplexity) >= MIN_IMPROVEMENT
+
+
+class Mikolov:
+    """SGD's default: once an epoch stalls (``improved`` false) the rate is halved after every epoch, and
+    training stops at the next stall. An epoch that made validation worse is rolled back."""
+
+    rolls_back = True
+
+    def factor(self, state):
+        return 1.0
+
+    def end_epoch(self, state, improved):
+        """Update ``state``'s rate for the next epoch; True to stop."""
+        stop = not improved and state.halving
+        state.halving = state.halving or not improved
+        if state.halving:
+            state.lr /= 2
+        return stop
+
+
+class Plateau(Mikolov):
+    """Adam's default: every stall halves the rate; training stops at the ``PLATEAU_STOPS``-th. An epoch
+    that made validation worse is rolled back."""
+
+    def end_epoch(self, state, improved):
+        if improved:
+            return False
+        state.stalls += 1
+        state.lr /= 2
+        return state.stalls >= PLATEAU_STOPS
+
+
+class Cosine:
+    """The rate lowered after every window along half a cosine, from lr to 0 at the end of the run's
+    ``total_tokens`` or of its time budget, whichever comes first: progress is the larger of the tokens'
+    fraction and ``budget_fraction()`` (None: no budget; a run with one depends on the clock). Nothing
+    happens at an epoch's end; no epoch is rolled back."""
+
+    rolls_back = False
+
+    def __init__(self, total_tokens, budget_fraction=None):
+        self.total_tokens, self.budget_fraction = total_tokens, budget_fraction
+
+    def factor(self, state):
+        progress = state.tokens_seen / self.total_tokens
+        if self.budget_fraction is not None:
+            progress = max(progress, self.budget_fraction())
+        return cosine(progress)
+
+    def end_epoch(self, state, improved):
+        return False
+
+
+SCHEDULES = {"mikolov": Mikolov, "plateau": Plateau, "cosine": Cosine}
 
 
 def cosine(progress):

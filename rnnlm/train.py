@@ -2,17 +2,18 @@
 
 The hidden state is carried from one window to the next (not through gradients) and reset at each
 epoch. After every epoch the model is evaluated on the validation text; the best one is kept and
-written to the model file. Schedules: ``mikolov`` (SGD's default) halves the learning rate once the
-validation perplexity improves by less than 0.3%, rolls back an epoch that made it worse, and stops when
-it stalls again; ``plateau`` (Adam's default) rolls back and halves the rate on every such stall and
-stops after three; ``cosine`` lowers the rate after every window along half a cosine, from lr to 0 at
-the end of the last epoch or of the time budget, whichever comes first (a run with a time budget then
-depends on the clock, and so is not reproducible to the bit). Within an epoch the rate is warmed up over the
-run's first ``warmup`` windows and cut for a while after a divergence (``rnnlm.schedule``).
+written to the model file. Schedules (objects in ``rnnlm.schedule``): ``mikolov`` (SGD's default) halves
+the learning rate once the validation perplexity improves by less than 0.3%, rolls back an epoch that
+made it worse, and stops when it stalls again; ``plateau`` (Adam's default) rolls back and halves the
+rate on every such stall and stops after three; ``cosine`` lowers the rate after every window along half
+a cosine, from lr to 0 at the end of the last epoch or of the time budget, whichever comes first (a run
+with a time budget then depends on the clock, and so is not reproducible to the bit). Within an epoch
+the rate is warmed up over the run's first ``warmup`` windows and cut for a while after a divergence.
 
 Checkpoints (at every epoch end, every ``checkpoint_every`` minutes, and on SIGINT/SIGTERM) hold
 everything the run needs to continue — weights, the best weights, optimizer state, schedule, data
-cursor, carried state — so that ``resume`` ends with a model file byte-identical to an uninterrupted
+cursor, carried state (``rnnlm.checkpoint`` writes and reads them; the schedule and cursor are a
+``rnnlm.state.TrainState``) — so that ``resume`` ends with a model file byte-identical to an uninterrupted
 run's (same thread count). A training log of JSON lines is written beside the model.
 """
 
@@ -38,11 +39,9 @@ from rnnlm.optim import OPTIMIZERS, make_optimizer
 from rnnlm.paths import atomic_output, naming_errors, save_atomically
 from rnnlm.state import TrainState
 
-MIN_IMPROVEMENT = 0.003
 MAX_DIVERGENCES = 3
-PLATEAU_STOPS = 3
 LOGS_PER_EPOCH = 10
-SCHEDULES = ("mikolov", "plateau", "cosine")
+SCHEDULES = tuple(schedule.SCHEDULES)
 
 
 @dataclass
@@ -256,10 +255,20 @@ class Trainer:
         self.optimizer = make_optimizer(config.optimizer, ops, trainable, clip=config.clip, l2=config.l2)
         self.rng = reducer.mask_rng(np.random.default_rng(config.seed + 1), config.batch)  # dropout masks
         self.state = TrainState(lr=config.lr)
+        self.schedule = self.epoch_schedule()
         self.warmup = schedule.Warmup(config.warmup)
         self.guard = schedule.Guard(min(self.n_windows, schedule.RECOVERY_WINDOWS))
         self.epoch_start = None  # host copy of the parameters and optimizer at the epoch's start
         self.clock = time.perf_counter()  # the run's start (less its time before a resume: set by run)
+
+    def epoch_schedule(self):
+        """The config's epoch-level schedule (``rnnlm.schedule``)."""
+        config, budget = self.config, self.options.time_budget
+        if config.schedule != "cosine":
+            return schedule.SCHEDULES[config.schedule]()
+        budget_fraction = None if budget is None else (
+            lambda: self.reducer.agree(time.perf_counter() - self.clock) / (budget * 60))
+        return schedule.Cosine(config.epochs * self.n_windows * config.bptt * config.batch, budget_fraction)
 
     # ------------------------------------------------------------------ run
 
@@ -328,18 +337,11 @@ class Trainer:
         return (state.window - first) * T * B / max(time.perf_counter() - start, 1e-9)
 
     def current_lr(self):
-        """The learning rate of the next window: the schedule's rate, warmed up, cut by the divergence guard
-        and annealed by ``cosine`` (``rnnlm.schedule``)."""
-        state, config = self.state, self.config
-        k = state.tokens_seen // (config.bptt * config.batch)
-        lr = state.lr * self.warmup.factor(k) * self.guard.factor(state, k)
-        if config.schedule != "cosine":
-            return lr
-        progress = state.tokens_seen / (config.epochs * self.n_windows * config.bptt * config.batch)
-        if self.options.time_budget is not None:
-            progress = max(progress, self.reducer.agree(time.perf_counter() - self.clock)
-                           / (self.options.time_budget * 60))
-        return lr * schedule.cosine(progress)
+        """The learning rate of the next window: the epoch's rate, warmed up, cut by the divergence guard
+        and shaped by the schedule within the epoch (``rnnlm.schedule``)."""
+        state = self.state
+        k = state.tokens_seen // (self.config.bptt * self.config.batch)
+        return state.lr * self.warmup.factor(k) * self.guard.factor(state, k) * self.schedule.factor(state)
 
     def over_budget(self):
         budget = self.options.time_budget
@@ -359,25 +361,15 @@ class Trainer:
                            "valid_perplexity": valid_ppl, "tokens_per_s": tokens_per_s})
         if on_epoch:
             on_epoch(record)
-        best = state.best
-        improved = best is None or math.log(best) - math.log(valid_ppl) >= MIN_IMPROVEMENT
-        if best is None or valid_ppl < best:
+        improved = schedule.improved(state.best, valid_ppl)
+        if state.best is None or valid_ppl < state.best:
             self.pull_params()
             self.save_model()
             state.best = valid_ppl
-        elif config.schedule != "cosine":  # an epoch that made validation worse is rolled back
+        elif self.schedule.rolls_back:  # an epoch that made validation worse
             self.push_params()
         stop = self.over_budget() or state.epoch >= config.epochs
-        if not improved and config.schedule != "cosine":
-            if config.schedule == "mikolov":
-                stop = stop or state.halving
-                state.halving = True
-            else:
-                state.stalls += 1
-                stop = stop or state.stalls >= PLATEAU_STOPS
-                state.lr /= 2
-        if config.schedule == "mikolov" and state.halving:
-            state.lr /= 2
+        stop = self.schedule.end_epoch(state, improved) or stop
         state.epoch, state.window, state.epoch_loss = state.epoch + 1, 0, 0.0
         return stop
 

@@ -50,6 +50,23 @@ def test_guard_halves_the_rate_then_brings_it_back():
     assert guard.factor(state, 100) == 0.5
 
 
+def test_the_epoch_schedules_at_an_epoch_end():
+    """mikolov halves the rate after its first stall and every epoch after, and stops at the second stall;
+    plateau halves it at every stall and stops at the third; cosine changes nothing at an epoch's end and
+    anneals within the epoch, by tokens or by the time budget, whichever is further."""
+    mikolov, state = schedule.Mikolov(), TrainState(lr=1.0)
+    assert [mikolov.end_epoch(state, improved) for improved in (True, False, True, False)] == [False] * 3 + [True]
+    assert state.lr == 0.125 and mikolov.factor(state) == 1.0
+    plateau, state = schedule.Plateau(), TrainState(lr=1.0)
+    assert [plateau.end_epoch(state, improved) for improved in (False, True, False, False)] == [False] * 3 + [True]
+    assert state.lr == 0.125 and state.stalls == 3
+    state = TrainState(lr=1.0, tokens_seen=50)
+    assert schedule.Cosine(100).factor(state) == pytest.approx(0.5)
+    assert schedule.Cosine(100, lambda: 1.0).factor(state) == 0
+    assert not schedule.Cosine(100).end_epoch(state, False) and state.lr == 1.0
+    assert schedule.improved(None, 100.0) and not schedule.improved(100.0, 99.9) and schedule.improved(100.0, 99.5)
+
+
 def test_training_warms_the_rate_up_linearly(tmp_path, repetitive):
     """Every rate the log shows (the next window's) is lr · (k + 1)/W for the run's window k < W, then lr."""
     config = rnnlm.TrainConfig(**SMALL, epochs=2, lr=0.5, warmup=100, schedule="cosine")
