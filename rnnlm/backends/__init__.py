@@ -109,6 +109,14 @@ OPS = {
 }
 
 
+def export_ops(namespace, sections):
+    """Put every op of ``OPS`` that one of the ``sections`` (a backend's modules) defines into ``namespace``
+    (the backend package's globals), so that the list of ops is written once, here; returns ``__all__``."""
+    for module in sections:
+        namespace.update({op: getattr(module, op) for op in OPS if hasattr(module, op)})
+    return ["name", *OPS]
+
+
 def cuda_available():
     """True when numba.cuda finds a usable GPU (or runs under NUMBA_ENABLE_CUDASIM=1)."""
     try:

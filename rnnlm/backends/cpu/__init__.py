@@ -14,25 +14,9 @@ of the decorated function, so a kernel whose inlined helper lives in another mod
 after that module changed: ``rnnlm._env`` keys the cache folder on a digest of every module here.
 """
 
-from rnnlm.backends.cpu.arrays import asarray, copy_into, synchronize, to_numpy, zeros
-from rnnlm.backends.cpu.class_softmax import class_log_probs, class_xent, class_xent_grad
-from rnnlm.backends.cpu.gemm import matmul_nn, matmul_nt, matmul_tn
-from rnnlm.backends.cpu.recurrence import backward, bias_grad, embed, forward, input_grads, masked_add_rows, multiply
-from rnnlm.backends.cpu.softmax import softmax_log_probs, softmax_xent, softmax_xent_grad
-from rnnlm.backends.cpu.update import (
-    adam_update,
-    grad_norm,
-    masked_adam_update,
-    masked_sgd_update,
-    sgd_update,
-    sgd_updates,
-)
+from rnnlm.backends import export_ops
+from rnnlm.backends.cpu import arrays, class_softmax, gemm, recurrence, softmax, update
 
 name = "cpu"
 
-__all__ = [
-    "adam_update", "asarray", "backward", "bias_grad", "class_log_probs", "class_xent", "class_xent_grad",
-    "copy_into", "embed", "forward", "grad_norm", "input_grads", "masked_adam_update", "masked_add_rows",
-    "masked_sgd_update", "matmul_nn", "matmul_nt", "matmul_tn", "multiply", "name", "sgd_update", "sgd_updates",
-    "softmax_log_probs", "softmax_xent", "softmax_xent_grad", "synchronize", "to_numpy", "zeros",
-]
+__all__ = export_ops(globals(), (arrays, gemm, recurrence, softmax, class_softmax, update))

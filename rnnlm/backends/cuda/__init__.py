@@ -24,25 +24,9 @@ results do not change from run to run. Kernels whose shared or local arrays need
 type are built by small factories cached per dtype (and per tile constant).
 """
 
-from rnnlm.backends.cuda.arrays import asarray, copy_into, synchronize, to_numpy, zeros
-from rnnlm.backends.cuda.class_softmax import class_log_probs, class_xent, class_xent_grad
-from rnnlm.backends.cuda.gemm import matmul_nn, matmul_nt, matmul_tn
-from rnnlm.backends.cuda.recurrence import backward, bias_grad, embed, forward, input_grads, masked_add_rows, multiply
-from rnnlm.backends.cuda.softmax import DeviceSum, softmax_log_probs, softmax_xent, softmax_xent_grad
-from rnnlm.backends.cuda.update import (
-    adam_update,
-    grad_norm,
-    masked_adam_update,
-    masked_sgd_update,
-    sgd_update,
-    sgd_updates,
-)
+from rnnlm.backends import export_ops
+from rnnlm.backends.cuda import arrays, class_softmax, gemm, recurrence, softmax, update
 
 name = "cuda"
 
-__all__ = [
-    "DeviceSum", "adam_update", "asarray", "backward", "bias_grad", "class_log_probs", "class_xent", "class_xent_grad",
-    "copy_into", "embed", "forward", "grad_norm", "input_grads", "masked_adam_update", "masked_add_rows",
-    "masked_sgd_update", "matmul_nn", "matmul_nt", "matmul_tn", "multiply", "name", "sgd_update", "sgd_updates",
-    "softmax_log_probs", "softmax_xent", "softmax_xent_grad", "synchronize", "to_numpy", "zeros",
-]
+__all__ = export_ops(globals(), (arrays, gemm, recurrence, softmax, class_softmax, update))
