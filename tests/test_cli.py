@@ -189,8 +189,6 @@ def test_sample(work):
     assert first.strip()
     assert first == again
     assert first != other
-    vocabulary = set(WORDS)
-    assert set(first.split()) <= vocabulary | {"<unk>"}
 
 
 def test_sample_json_prompt_and_options(work):
@@ -458,17 +456,6 @@ def help_entries(text):
         elif names and stripped:
             entries.update({name: entries[name] + " " + stripped for name in names})
     return entries
-
-
-def test_version():
-    assert ok("--version").stdout.strip() == f"rnnlm, version {rnnlm.__version__}"
-
-
-def test_help_shows_the_train_defaults():
-    text = " ".join(ok("train", "--help").stdout.split())
-    for expected in ("[default: 200]", "[default: 20]", "[default: 1.0]", "[default: word]",
-                     "[default: cpu]", "[default: all cores]", "[default: the last 5% of TEXT, held out]"):
-        assert re.search(re.escape(expected[:-1]) + "[];]", text), expected
 
 
 @pytest.mark.slow
