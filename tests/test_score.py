@@ -312,10 +312,17 @@ def test_ctrl_c_in_a_long_stream_exits_130_with_whole_lines(files):
     writer = threading.Thread(target=feed, args=(proc.stdin, stop))
     writer.start()
     try:
-        first = proc.stdout.readline()  # arrives although standard input stays open (unbuffered: all of
-        # the rest is read by communicate)
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
+        first = proc.stdout.readline()  # arrives although standard input stays open
+        output = {}
+        readers = [threading.Thread(target=lambda name=name: output.update({name: getattr(proc, name).read()}))
+                   for name in ("stdout", "stderr")]
+        for reader in readers:
+            reader.start()
+        proc.send_signal(signal.SIGINT)  # standard input stays open until the command has stopped
+        proc.wait(timeout=60)
+        for reader in readers:
+            reader.join()
+        stdout, stderr = output["stdout"], output["stderr"]
     finally:
         stop.set()
         watchdog.cancel()
