@@ -29,6 +29,7 @@ GPUs take one each.
 
 import os
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +41,8 @@ from rnnlm._env import set_threads
 from rnnlm.errors import RnnlmError
 
 LAUNCHER_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")  # Open MPI, MPICH/Intel, MVAPICH
+
+ABORT_GRACE_S = 0.5  # seconds for mpirun to forward the last lines of a failing rank
 
 
 def launched():
@@ -219,9 +222,11 @@ class Reducer(Single):
         return touched
 
     def abort(self, code):
-        """End every rank of the job now (MPI_Abort)."""
+        """End every rank of the job now (MPI_Abort), after a moment for the launcher to forward what this rank
+        printed: MPI_Abort tears the job down at once, and a line still in transit to mpirun is lost."""
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(code)
 
 
