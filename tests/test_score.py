@@ -1,5 +1,6 @@
 """Scoring: the per-row kernels, batched independent and stream scoring, the Decoder, and ``rnnlm score``."""
 
+import functools
 import gzip
 import importlib
 import json
@@ -304,8 +305,11 @@ def feed(pipe, stop):
 def test_ctrl_c_in_a_long_stream_exits_130_with_whole_lines(files):
     """An endless standard input: scores arrive while it is open (flushed as they go), then SIGINT stops
     the command with exit code 130, every printed line whole."""
+    # a launcher that ignores SIGINT (a background job of a script) passes that on: the command must see it
+    default_sigint = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
     proc = subprocess.Popen([sys.executable, "-m", "rnnlm", "score", str(files / "model.npz"), "--threads", "1"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, bufsize=0)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, bufsize=0,
+                            preexec_fn=default_sigint)
     watchdog = threading.Timer(120, proc.kill)
     watchdog.start()
     stop = threading.Event()
