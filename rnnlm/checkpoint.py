@@ -38,7 +38,6 @@ import numpy as np
 
 from rnnlm.errors import RnnlmError
 from rnnlm.model import MAX_HIDDEN, MAX_LAYERS, atomic_savez, param_shapes, read_class_bounds
-from rnnlm.paths import save_atomically
 from rnnlm.tokenizer import vocab_of
 from rnnlm.untrusted import FLOATS, Npz, check_fits, checked, finite_float32
 
@@ -90,7 +89,7 @@ def write_checkpoint(path, settings, saved, class_bounds=None):
     state = dict(saved.state, optimizer=opt_scalars, epoch_start_optimizer=start_scalars, rng=saved.rng)
     meta = {"kind": KIND, **settings, "state": state}
     arrays["meta"] = np.array(json.dumps(meta, allow_nan=False))
-    save_atomically(path, lambda target: atomic_savez(target, arrays))
+    atomic_savez(path, arrays)
 
 
 def saved_run(arrays, meta):

@@ -24,7 +24,6 @@ import json
 import math
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -239,19 +238,3 @@ def atomic_savez(path, arrays):
     file on a full disk)."""
     with atomic_output(path) as f:
         write_npz(f, arrays)
-
-
-def load_npz(path):
-    """All arrays of a trusted .npz file (one this process wrote) as a dict, without pickles; RnnlmError for
-    anything unreadable. Every member is read whole: a user's file goes through ``Model.load`` or
-    ``checkpoint.read_checkpoint``, which bound and check each member before reading it."""
-    path = Path(path)
-    if not path.exists():
-        raise RnnlmError(f"no such file: {path}")
-    if path.is_dir():
-        raise RnnlmError(f"{path} is a directory, expected a model file")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise RnnlmError(f"{path} is not a readable .npz model file ({type(exc).__name__})") from None

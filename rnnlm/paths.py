@@ -216,13 +216,6 @@ def naming_errors(path):
         raise RnnlmError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def save_atomically(path, save):
-    """Call ``save(path)``, a writer that replaces ``path`` atomically, after removing stale temporaries."""
-    with naming_errors(path):
-        remove_stale_temporaries(path)
-        save(path)
-
-
 def _umask():
     umask = os.umask(0)
     os.umask(umask)

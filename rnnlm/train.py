@@ -36,7 +36,7 @@ from rnnlm.errors import RnnlmError
 from rnnlm.evaluate import stream_loss
 from rnnlm.model import INITS, word_classes
 from rnnlm.optim import OPTIMIZERS, make_optimizer
-from rnnlm.paths import atomic_output, naming_errors, save_atomically
+from rnnlm.paths import atomic_output, naming_errors
 from rnnlm.state import TrainState
 
 MAX_DIVERGENCES = 3
@@ -413,7 +413,7 @@ class Trainer:
                 f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in self.state.records)
 
     def save_model(self):
-        self.reducer.on_writer(save_atomically, self.paths["model"], self.model.save)
+        self.reducer.on_writer(self.model.save, self.paths["model"])
 
     # ------------------------------------------------------------------ parameters and checkpoints
 

@@ -19,7 +19,7 @@ from rnnlm.cli import cli
 
 import rnnlm
 from rnnlm.corpus import load_corpus
-from rnnlm.model import atomic_savez, load_npz
+from rnnlm.model import atomic_savez
 
 from .conftest import REPO
 
@@ -263,7 +263,7 @@ def run(d):
 
 def forge(checkpoint, **sources):
     """Rewrite the checkpoint with other stored paths (sources, or options' "log")."""
-    arrays = load_npz(checkpoint)
+    arrays = dict(np.load(checkpoint, allow_pickle=False))
     meta = json.loads(str(arrays["meta"]))
     log = sources.pop("log", None)
     if log is not None:
@@ -322,7 +322,7 @@ def test_resume_writes_where_the_command_line_says_and_says_so(d, run, monkeypat
     rnnlm.load(d / "new.npz")
     log = [json.loads(line) for line in (d / "new.log.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["epoch"] for r in log if r.get("valid_perplexity")] == [1, 2]  # --epochs applied
-    meta = json.loads(str(load_npz(run / "m.ckpt.npz")["meta"]))
+    meta = json.loads(str(np.load(run / "m.ckpt.npz", allow_pickle=False)["meta"]))
     assert meta["sources"] == {"text": "../text.txt", "valid": None, "model": "../new.npz"}
 
 
