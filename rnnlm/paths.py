@@ -40,20 +40,22 @@ def _kind(mode):
     return next((what for test, what in _KINDS if test(mode)), "a regular file")
 
 
-def _lstat(path):
+def _lstat(path, label=None):
+    """os.lstat(path), or None where nothing is; an error names ``label``, the option that gave the path."""
     try:
         return os.lstat(path)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise RnnlmError(f"cannot inspect {path}: {exc.strerror}") from None
+        named = f"{label} {path}" if label else str(path)
+        raise RnnlmError(f"{named}: cannot inspect it: {exc.strerror}") from None
 
 
-def _existing_ancestor(path):
+def _existing_ancestor(label, path):
     """The nearest folder of ``path`` (absolute) that exists, and the names below it to be created."""
     missing = []
     folder = path.parent
-    while _lstat(folder) is None:
+    while _lstat(folder, label) is None:
         missing.append(folder.name)
         folder = folder.parent
     return folder, missing
@@ -69,7 +71,7 @@ def _limits(folder):
 
 def _check_folder(label, path):
     """The folder of ``path`` exists or can be created, and can be written; the names fit the limits."""
-    folder, missing = _existing_ancestor(path)
+    folder, missing = _existing_ancestor(label, path)
     try:
         info = os.stat(folder)
     except OSError as exc:
@@ -91,7 +93,7 @@ def _check_folder(label, path):
 
 def _check_target(label, path, directory):
     """What exists at ``path`` may be replaced: a writable regular file (or a directory, if ``directory``)."""
-    info = _lstat(path)
+    info = _lstat(path, label)
     if info is None:
         return
     wanted = stat.S_ISDIR if directory else stat.S_ISREG
@@ -134,8 +136,8 @@ def check_outputs(outputs, inputs=()):
     seen = []
     for label, given in outputs:
         path = _absolute(label, given)
-        _check_target(label, path, directory=False)
         _check_folder(label, path)
+        _check_target(label, path, directory=False)
         identity = _identity(path)
         for other_label, other, other_identity in [*inputs, *seen]:
             if other_label != label and _same(identity, other_identity):
@@ -147,8 +149,8 @@ def check_output_dir(label, given, inputs=(), members=()):
     """RnnlmError unless directory ``given`` can be replaced as a whole: absent, or holding only
     ``members``, neither an input nor a folder holding one, and not the working directory or above it."""
     path = _absolute(label, given)
-    _check_target(label, path, directory=True)
     _check_folder(label, path)
+    _check_target(label, path, directory=True)
     resolved = Path(os.path.realpath(path))
     if Path.cwd().resolve().is_relative_to(resolved):
         raise RnnlmError(f"{label} {given} is the working directory or holds it; name a new directory")
