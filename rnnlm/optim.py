@@ -1,12 +1,14 @@
 """Optimizers over backend arrays: SGD (with Mikolov's L2 term), Adam and lazy Adam.
 
 All clip the gradient's global norm first (``clip`` = 0: off) and treat the sparse gradients of
-``rnnlm.step`` (W_x's columns, the class softmax's W_o rows) by their masks, leaving them zero.
+``rnnlm.step`` (W_x's columns, the class softmax's W_o rows) by their masks, leaving them zero. The
+direct features' table W_d has no gradient array: SGD steps it through ``step.direct_update`` (see
+``rnnlm.direct``); Adam does not train it (``rnnlm.train`` refuses the combination).
 """
 
 import numpy as np
 
-from rnnlm.step import rows, sparse_names, trainable
+from rnnlm.step import direct_update, rows, sparse_names, trainable
 
 OPTIMIZERS = ("sgd", "adam", "lazyadam")
 
@@ -59,6 +61,9 @@ class SGD(_Clipped):
         shrink = 1.0 - lr * 2.0 * self.l2
         dense = []
         for name, param in trainable(params, window).items():
+            if name == "W_d":
+                direct_update(ops, params, window, lr)
+                continue
             param_rows, grad_rows = rows(name, param), rows(name, grads[name])
             if name in sparse:
                 if self.l2 > 0:
