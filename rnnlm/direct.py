@@ -27,6 +27,16 @@ def history_before(inputs, start, before):
     return out
 
 
+def context_history(context, order):
+    """The ``history`` (P + 1, B) of one step from context (B, k): each hypothesis's tokens read so far, most
+    recent last; -1 where a hypothesis has read fewer."""
+    rows = max(order - 2, 0) + 1
+    context = np.asarray(context).reshape(len(context), -1)[:, -rows:]
+    out = np.full((rows, len(context)), -1, np.int32)
+    out[rows - context.shape[1]:] = context.T
+    return out
+
+
 class DirectWindow:
     """A window's direct-feature buffers: history (P + T, B) int32, keys (T·B, N) int64, and with the class
     softmax ``words`` (T·B, widest class): the rows' word scores within their class, then scale · dL/dz.

@@ -3,7 +3,7 @@
 All clip the gradient's global norm first (``clip`` = 0: off) and treat the sparse gradients of
 ``rnnlm.step`` (W_x's columns, the class softmax's W_o rows) by their masks, leaving them zero. The
 direct features' table W_d has no gradient array: SGD steps it through ``step.direct_update`` (see
-``rnnlm.direct``); Adam does not train it (``rnnlm.train`` refuses the combination).
+``rnnlm.direct``); Adam leaves it as it is (``rnnlm.train`` refuses the combination).
 """
 
 import numpy as np
@@ -88,10 +88,11 @@ class Adam(_Clipped):
     lazy = False
 
     def __init__(self, ops, params, clip=0.0, l2=0.0, beta1=0.9, beta2=0.999, eps=1e-8):
-        """params: the trainable parameters (``step.trainable``), for the moments' shapes."""
+        """params: the trainable parameters (``step.trainable``), for the moments' shapes (W_d has none)."""
         super().__init__(ops)
         self.clip, self.l2 = clip, l2
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        params = {name: p for name, p in params.items() if name != "W_d"}
         self.moment1 = {name: ops.zeros(rows(name, p).shape, p.dtype) for name, p in params.items()}
         self.moment2 = {name: ops.zeros(rows(name, p).shape, p.dtype) for name, p in params.items()}
         self.t = 0
@@ -105,6 +106,8 @@ class Adam(_Clipped):
         lr_t = lr * np.sqrt(1 - self.beta2**self.t) / (1 - self.beta1**self.t)
         eps_t = self.eps * np.sqrt(1 - self.beta2**self.t)
         for name, param in trainable(params, window).items():
+            if name == "W_d":
+                continue
             dtype = param.dtype.type
             param_rows, grad_rows = rows(name, param), rows(name, grads[name])
             moments = self.moment1[name], self.moment2[name]

@@ -29,7 +29,7 @@ import numpy as np
 
 from rnnlm import reference, step
 from rnnlm.backends import get_backend
-from rnnlm.direct import history_before
+from rnnlm.direct import context_history, history_before
 from rnnlm.errors import RnnlmError
 from rnnlm.model import word_classes
 from rnnlm.tokenizer import UNK
@@ -332,7 +332,12 @@ class Decoder:
         step.forward(self.ops, self.params, window, inputs, training=False)
         return np.stack([self.ops.to_numpy(S[1]) for S in window.S])
 
-    def log_probs(self, state):
-        """log p(next token | each hypothesis) (B, V) float64."""
+    def log_probs(self, state, context=None):
+        """log p(next token | each hypothesis) (B, V) float64. context (B, k): the tokens each hypothesis has
+        read, most recent last (the boundary token first), for a model with direct features."""
         s = state[-1].astype(np.float64)
-        return reference.log_probs(self.host_params, s, self.model.class_bounds)
+        order = self.model.direct_order
+        keys = None
+        if order:
+            keys = reference.direct_keys(context_history(context, order), self.model.vocab.boundary_id, order)
+        return reference.log_probs(self.host_params, s, self.model.class_bounds, keys)
