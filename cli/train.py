@@ -100,9 +100,11 @@ class TableSize(click.ParamType):
               help="Number of word classes of --softmax class [default: √V].")
 @click.option("--direct", type=TableSize(), default=DEFAULTS.direct,
               help="Direct features (Mikolov's RNNME): hashed n-gram contexts straight into the output layer "
-                   "through a table of this many weights, e.g. 10M (0: off; SGD only).")
+                   "through a table of this many weights, e.g. 10M (0: off).")
 @click.option("--direct-order", type=click.IntRange(1, MAX_DIRECT_ORDER), default=DEFAULTS.direct_order,
               help="Longest n-gram of the direct features: contexts of 0 to N - 1 tokens.")
+@click.option("--direct-lr", type=FiniteFloat(min=0, min_open=True, max=1e4), default=DEFAULTS.direct_lr,
+              help="SGD rate of the direct features' table, whatever --optimizer; the schedule scales it as --lr.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=DEFAULTS.seed,
               help="Random seed of the initialization.")
 @device_option

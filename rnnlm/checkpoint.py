@@ -182,7 +182,7 @@ def check_config(record, where):
     from rnnlm.train import TrainConfig  # rnnlm.train imports this module
 
     if isinstance(record, dict):  # checkpoints from before direct features lack their fields
-        record = {"direct": 0, "direct_order": DEFAULT_DIRECT_ORDER, **record}
+        record = {"direct": 0, "direct_order": DEFAULT_DIRECT_ORDER, "direct_lr": 1.0, **record}
     config = _dataclass(record, TrainConfig, where)
     for name, high in (("hidden", MAX_HIDDEN), ("layers", MAX_LAYERS), ("bptt", MAX_WINDOW), ("batch", MAX_WINDOW)):
         checked(record, name, where, (int,), low=1, high=high)

@@ -6,11 +6,13 @@ the first, x_{t-1}, is the window's input, the P = N - 2 before it come from the
 (``DirectWindow.set_history``: the stream's earlier inputs, -1 where the stream starts), so that a text's
 scores do not depend on how it is cut into windows.
 
-W_d is trained by plain SGD applied where its gradient is computed: ``update`` adds -lr · dL/dz through the
-very entries each logit read, one sparse pass over the window's entries (T·B·N runs of V or C entries,
-of the target's class with the class softmax) in a fixed order. A dense gradient, its norm and Adam's
-moments would each cost passes over a table of 10⁶–10⁸ entries per window; Mikolov's toolkit updates the
-table the same way. W_d takes no part in the gradient's norm and clipping, and no L2 term.
+W_d is trained by plain SGD applied where its gradient is computed, whatever the optimizer of the other
+weights: ``update`` adds -rate · dL/dz (of the window's mean loss) through the very entries each logit read,
+one sparse pass over the window's entries (T·B·N runs of V or C entries, of the target's class with the
+class softmax) in a fixed order. A dense gradient, its norm and Adam's moments would each cost passes over a
+table of 10⁶–10⁸ entries per window; Mikolov's toolkit updates the table the same way. The rate is the
+run's ``--direct-lr`` scaled as the schedule scales ``--lr``; W_d takes no part in the gradient's norm and
+clipping, and no L2 term.
 """
 
 import numpy as np

@@ -15,7 +15,7 @@ segment to segment as in static evaluation. Direct features' contexts run on acr
 and with ``decay`` = d > 0, after each step θ ← θ + d (θ₀ - θ), pulling the weights back toward the
 trained ones θ₀ (Krause et al.'s regularization toward the trained weights). g is the gradient of the
 segment's mean loss, its global norm clipped at ``clip`` (0: off). Dropout is off. The direct features' table
-W_d adapts under sgd (its unclipped sparse step, as in training) and stays as trained under rms. The same command
+W_d adapts by its unclipped sparse SGD step at η under either rule, as in training. The same command
 gives the same numbers (with the same thread count on the CPU).
 """
 
@@ -90,8 +90,7 @@ class Adapter:
             self.optimizer = LazyAdam(ops, self.trainable, clip=config.clip, beta1=0.0, beta2=config.beta2)
         self.start = {}
         if config.decay:
-            adapted = {name: p for name, p in self.trainable.items() if name != "W_d" or config.rule == "sgd"}
-            self.start = {name: ops.asarray(ops.to_numpy(step.rows(name, p))) for name, p in adapted.items()}
+            self.start = {name: ops.asarray(ops.to_numpy(step.rows(name, p))) for name, p in self.trainable.items()}
             self.unclipped = ops.asarray(np.array([0.0, 1.0]))
 
     def update(self, window, inputs, targets, classes=None):

@@ -71,6 +71,7 @@ class TrainConfig:
     warmup: int = 0
     direct: int = 0
     direct_order: int = DEFAULT_DIRECT_ORDER
+    direct_lr: float = 1.0
 
     def __post_init__(self):
         if self.schedule is None:
@@ -95,9 +96,8 @@ class TrainConfig:
         _check_number("dropout", self.dropout, 0, below=1)
         _check_number("direct", self.direct, 0, integer=True)
         _check_number("direct_order", self.direct_order, 1, integer=True)
+        _check_number("direct_lr", self.direct_lr, 0, above=True)
         check_direct(self.direct, self.direct_order, self.softmax == "class")
-        if self.direct and self.optimizer != "sgd":
-            raise RnnlmError(f"--direct trains its table by SGD alone: use --optimizer sgd, not {self.optimizer}")
 
 
 def _check_number(name, value, least, below=math.inf, integer=False, above=False):
@@ -262,7 +262,8 @@ class Trainer:
                                   dropout=config.dropout, **model.structure)
         trainable = step.trainable(self.params, self.window)
         self.trainable = list(trainable)
-        self.optimizer = make_optimizer(config.optimizer, ops, trainable, clip=config.clip, l2=config.l2)
+        self.optimizer = make_optimizer(config.optimizer, ops, trainable, clip=config.clip, l2=config.l2,
+                                        direct_scale=config.direct_lr / config.lr)
         self.rng = reducer.mask_rng(np.random.default_rng(config.seed + 1), config.batch)  # dropout masks
         self.state = TrainState(lr=config.lr)
         self.schedule = self.epoch_schedule()

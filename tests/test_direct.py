@@ -272,7 +272,7 @@ def test_history_helpers_pad_with_minus_one():
     (["--direct", "3G"], 2, "is not from 0 to"),
     (["--direct", "10k", "--direct-order", "9"], 2, "--direct-order"),
     (["--direct", "1", "--softmax", "class"], 1, "Error: --direct must be 0 or from 2"),
-    (["--direct", "10k", "--optimizer", "adam"], 1, "Error: --direct trains its table by SGD alone"),
+    (["--direct", "10k", "--direct-lr", "0"], 2, "--direct-lr"),
 ])
 def test_direct_settings_out_of_range_are_refused_before_anything_is_written(corpus, tmp_path, args, code, message):
     result = CliRunner().invoke(cli, ["train", str(corpus / "train.txt"), "-o", str(tmp_path / "m.npz"), *args])
