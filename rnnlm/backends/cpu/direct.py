@@ -34,7 +34,8 @@ def direct_keys(history, boundary_id, keys):
 
 @njit(parallel=True, fastmath=True, cache=True)
 def direct_scores(W_d, keys, offset, size, row_classes, bounds, out):
-    """A parallel loop over the rows (each row its own output), each key's run through the table in order."""
+    """A parallel loop over the rows (each row its own output), each key's run through the table in contiguous
+    pieces."""
     R, N = keys.shape
     for r in prange(R):
         lo = bounds[row_classes[r]]
@@ -43,11 +44,13 @@ def direct_scores(W_d, keys, offset, size, row_classes, bounds, out):
             if keys[r, n] < 0:
                 continue
             position = (keys[r, n] + lo) % size
-            for j in range(width):
-                out[r, j] += W_d[offset + position]
-                position += 1
-                if position == size:
-                    position = 0
+            j = 0
+            while j < width:  # contiguous runs up to the table's end, then from its start
+                run = min(width - j, size - position)
+                for i in range(run):
+                    out[r, j + i] += W_d[offset + position + i]
+                j += run
+                position = 0
 
 
 def direct_scatter(W_d, keys, offset, size, row_classes, bounds, G, factor):
