@@ -2,6 +2,8 @@
 reference, the float64 finite-difference check of a window's gradients, and direct models through training,
 the model file, perplexity, score, sample and dynamic evaluation."""
 
+import json
+
 import numba
 import numpy as np
 import pytest
@@ -13,7 +15,8 @@ from rnnlm import reference, step
 from rnnlm.backends import cpu
 from rnnlm.direct import context_history, history_before
 from rnnlm.dynamic import DynamicConfig, token_log_probs
-from rnnlm.model import init_params, word_classes
+from rnnlm.errors import RnnlmError
+from rnnlm.model import init_params, word_classes, write_npz
 from rnnlm.score import Decoder, score
 from tests.conftest import reference_perplexity
 
@@ -279,3 +282,32 @@ def test_direct_settings_out_of_range_are_refused_before_anything_is_written(cor
     assert result.exit_code == code, result.output
     assert message in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def tampered(model, path, meta_fields=None, arrays=None, drop=()):
+    """The model's file at path with meta fields replaced, arrays replaced or added, members dropped."""
+    members = {name: np.ascontiguousarray(a, np.float32) for name, a in model.params.items()}
+    if model.class_bounds is not None:
+        members["class_bounds"] = model.class_bounds
+    members.update(arrays or {})
+    meta = {**model.meta(), **(meta_fields or {})}
+    members["meta"] = np.array(json.dumps(meta))
+    with open(path, "wb") as f:
+        write_npz(f, {name: a for name, a in members.items() if name not in drop})
+    return path
+
+
+@pytest.mark.parametrize("change", [
+    {"meta_fields": {"direct_order": 9}},
+    {"meta_fields": {"direct_order": 2.5}},
+    {"meta_fields": {"direct_size": 4999}},
+    {"meta_fields": {"direct_size": 2**31}},
+    {"drop": ["W_d"]},
+    {"arrays": {"W_d": np.full(5000, np.nan, np.float32)}},
+    {"meta_fields": {"direct_order": 0}},
+], ids=["order-above-8", "order-not-an-int", "size-not-the-tables", "size-too-large", "no-table", "nan-weights",
+        "a-table-without-an-order"])
+def test_a_hostile_direct_model_file_is_one_error_naming_it(direct_model, tmp_path, change):
+    path = tampered(direct_model, tmp_path / "bad.npz", **change)
+    with pytest.raises(RnnlmError, match="bad.npz"):
+        rnnlm.load(path)
