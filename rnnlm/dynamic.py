@@ -64,13 +64,10 @@ def window_log_probs(ops, params, window, s, targets, classes, out):
     (T·B, m) that ``step.forward`` left. targets, classes: device int32 (T·B,) (classes None with the full
     softmax); out: a device float64 (T·B,) scratch."""
     if window.class_bounds is None:
-        ops.matmul_nt(s, params["W_o"], window.Z)
-        if window.direct:
-            window.direct.add_scores(params["W_d"], window.Z)
+        step.output_logits(ops, params, window, s)
         ops.softmax_log_probs(window.Z, params["b_o"], targets, out)
         return ops.to_numpy(out)
-    ops.matmul_nt(s, params["W_c"], window.Z)
-    words = window.direct.add_scores(params["W_d"], window.Z, classes) if window.direct else None
+    words = step.output_logits(ops, params, window, s, classes)
     ops.softmax_log_probs(window.Z, params["b_c"], classes, out)
     ln_p_class = ops.to_numpy(out)
     ops.class_log_probs(s, params["W_o"], params["b_o"], targets, classes, window.class_bounds, out, words)

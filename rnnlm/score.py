@@ -148,14 +148,11 @@ class Scorer:
         device_targets = ops.asarray(targets)
         out = self.out[:N]
         if self.classes is None:
-            ops.matmul_nt(s, params["W_o"], window.Z)
-            if window.direct:
-                window.direct.add_scores(params["W_d"], window.Z)
+            step.output_logits(ops, params, window, s)
             ops.softmax_log_probs(window.Z, params["b_o"], device_targets, out)
             return ops.to_numpy(out)
         classes = ops.asarray(self.classes[targets])
-        ops.matmul_nt(s, params["W_c"], window.Z)
-        words = window.direct.add_scores(params["W_d"], window.Z, classes) if window.direct else None
+        words = step.output_logits(ops, params, window, s, classes)
         ops.softmax_log_probs(window.Z, params["b_c"], classes, out)
         log_p_class = ops.to_numpy(out)
         ops.class_log_probs(s, params["W_o"], params["b_o"], device_targets, classes, window.class_bounds, out, words)

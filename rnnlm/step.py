@@ -163,20 +163,28 @@ def forward_backward(ops, params, grads, window, inputs, targets, target_classes
     return loss
 
 
+def output_logits(ops, params, window, s, classes=None):
+    """window.Z = the logits without bias of rows s (N, m): the words' (W_o s), or the classes' (W_c s) with
+    the class softmax, plus the direct features' scores. Returns what the class softmax's word half takes as
+    ``direct``: the rows' direct scores of their class's words (classes (N,): the targets' classes), or None
+    (no direct features, or the full softmax)."""
+    ops.matmul_nt(s, params["W_o" if window.class_bounds is None else "W_c"], window.Z)
+    if not window.direct:
+        return None
+    return window.direct.add_scores(params["W_d"], window.Z, classes)
+
+
 def output_backward(ops, params, grads, window, s, targets, target_classes, scale, dL_ds):
     """Output layer on rows s (N, m): loss sum, its parameters' gradients, and dL/ds into dL_ds (N, m)."""
     Z = window.Z
     if window.class_bounds is None:
-        ops.matmul_nt(s, params["W_o"], Z)
-        if window.direct:
-            window.direct.add_scores(params["W_d"], Z)
+        output_logits(ops, params, window, s)
         loss = ops.softmax_xent_grad(Z, params["b_o"], targets, scale, grads["b_o"])  # Z := dL/dz
         ops.matmul_tn(Z, s, grads["W_o"])  # dW_o = Σ_t dL/dz s_tᵀ
         ops.matmul_nn(Z, params["W_o"], dL_ds)  # W_oᵀ dL/dz, row by row
         return loss
     classes = target_classes.reshape(-1)
-    ops.matmul_nt(s, params["W_c"], Z)
-    words = window.direct.add_scores(params["W_d"], Z, classes) if window.direct else None
+    words = output_logits(ops, params, window, s, classes)
     loss = ops.softmax_xent_grad(Z, params["b_c"], classes, scale, grads["b_c"])
     ops.matmul_tn(Z, s, grads["W_c"])
     ops.matmul_nn(Z, params["W_c"], dL_ds)
@@ -190,13 +198,10 @@ def window_loss(ops, params, window, inputs, targets, target_classes=None):
     N = window.T * window.B
     s = forward(ops, params, window, inputs, training=False)
     if window.class_bounds is None:
-        ops.matmul_nt(s, params["W_o"], window.Z)
-        if window.direct:
-            window.direct.add_scores(params["W_d"], window.Z)
+        output_logits(ops, params, window, s)
         return float(ops.softmax_xent(window.Z, params["b_o"], targets.reshape(N)))
     classes = target_classes.reshape(N)
-    ops.matmul_nt(s, params["W_c"], window.Z)
-    words = window.direct.add_scores(params["W_d"], window.Z, classes) if window.direct else None
+    words = output_logits(ops, params, window, s, classes)
     loss = ops.softmax_xent(window.Z, params["b_c"], classes)
     return float(loss + ops.class_xent(s, params["W_o"], params["b_o"], targets.reshape(N), classes,
                                        window.class_bounds, words))
