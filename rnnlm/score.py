@@ -336,5 +336,8 @@ class Decoder:
         order = self.model.direct_order
         keys = None
         if order:
+            if context is None or len(context) != len(s):
+                raise RnnlmError("log_probs: a model with direct features needs each hypothesis's tokens read so "
+                                 "far (context, one row per hypothesis)")
             keys = reference.direct_keys(context_history(context, order), self.model.vocab.boundary_id, order)
         return reference.log_probs(self.host_params, s, self.model.class_bounds, keys)

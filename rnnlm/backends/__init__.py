@@ -101,11 +101,12 @@ OPS = {
                            "p(targets[r] | target_classes[r]) as in class_xent_grad, the per-row form of class_xent: "
                            "out (N,) float64 overwritten, nothing else written"),
     # direct features (n-gram hash features into the output layer)
-    "direct_keys": _op("history boundary_id keys", "keys[t·B + b, n] = the hash key (DIRECT_BASE ...) of the n "
-                       "tokens before position t of stream b, or -1 where that context is cut: history (P + T, B) "
-                       "int32, history[P + t] = inputs[t] = x_{t-1} and the P rows before it the stream's earlier "
-                       "inputs (-1: none); keys (T·B, N) int64 overwritten, N the order. The context of order n "
-                       "is cut when one of its tokens is -1 or one of its n - 1 most recent is boundary_id"),
+    "direct_keys": _op("history boundary_id keys", "keys[t·B + b, n] = the hash key (DIRECT_PRIMES' hash, "
+                       "above) of the n tokens before position t of stream b, or -1 where that context is cut: "
+                       "history (P + T, B) int32, history[P + t] = inputs[t] = x_{t-1} and the P rows before it "
+                       "the stream's earlier inputs (-1: none); keys (T·B, N) int64 overwritten, N the order. The "
+                       "context of order n is cut when one of its tokens is -1 or one of its n - 1 most recent is "
+                       "boundary_id"),
     "direct_scores": _op("W_d keys offset size row_classes bounds out", "out[r, j] += Σ_{n: keys[r, n] ≥ 0} "
                          "W_d[offset + (keys[r, n] + lo + j) mod size] for j < hi - lo, lo = bounds[c], hi = "
                          "bounds[c + 1], c = row_classes[r]: W_d (D,); keys (R, N) int64; row_classes (R,) and "
