@@ -311,3 +311,15 @@ def test_a_hostile_direct_model_file_is_one_error_naming_it(direct_model, tmp_pa
     path = tampered(direct_model, tmp_path / "bad.npz", **change)
     with pytest.raises(RnnlmError, match="bad.npz"):
         rnnlm.load(path)
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_a_training_windows_history_is_the_streams_inputs_before_it(n):
+    ids = np.random.default_rng(5).integers(0, 50, 203)
+    T, streams = 4, 3
+    inputs, _ = rnnlm.corpus.batchify(ids, BOUNDARY, streams, T)
+    windows = rnnlm.corpus.Windows(ids, BOUNDARY, streams, T)
+    for w in range(windows.n_windows):
+        rows = np.arange(w * T - n, w * T)
+        expected = np.where(rows[:, None] >= 0, inputs[np.maximum(rows, 0)], -1) if w else np.full((n, streams), -1)
+        np.testing.assert_array_equal(windows.history(w, n), expected, err_msg=f"window {w}")
