@@ -323,3 +323,24 @@ def test_a_training_windows_history_is_the_streams_inputs_before_it(n):
         rows = np.arange(w * T - n, w * T)
         expected = np.where(rows[:, None] >= 0, inputs[np.maximum(rows, 0)], -1) if w else np.full((n, streams), -1)
         np.testing.assert_array_equal(windows.history(w, n), expected, err_msg=f"window {w}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("softmax", ["full", "class"])
+def test_a_short_direct_run_on_the_cuda_backend_gives_the_cpus_losses(tmp_path, softmax):
+    """Two epochs of a direct model through the whole training loop on the CUDA backend (the simulator in CI)
+    and on the CPU: the same losses and the same model, to float32 tolerance."""
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat\nthe dog ran\na cat ran on\n" * 6)
+    config = rnnlm.TrainConfig(hidden=8, bptt=4, batch=3, epochs=2, optimizer="adam", lr=0.01, softmax=softmax,
+                               classes=3, direct=101, direct_order=4, direct_lr=2.0)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        records = rnnlm.train(text, tmp_path / f"{device}.npz", config=config, options=rnnlm.RunOptions(device=device))
+        runs[device] = records, rnnlm.load(tmp_path / f"{device}.npz")
+    (cpu_records, cpu_model), (gpu_records, gpu_model) = runs["cpu"], runs["cuda"]
+    for key in ("train_loss", "valid_perplexity"):
+        np.testing.assert_allclose([r[key] for r in gpu_records], [r[key] for r in cpu_records], rtol=1e-5)
+    assert cpu_model.params["W_d"].any()
+    for name, array in cpu_model.params.items():
+        np.testing.assert_allclose(gpu_model.params[name], array, rtol=1e-4, atol=1e-6, err_msg=name)
