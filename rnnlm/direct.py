@@ -15,6 +15,8 @@ run's ``--direct-lr`` scaled as the schedule scales ``--lr``; W_d takes no part 
 clipping, and no L2 term.
 """
 
+import copy
+
 import numpy as np
 
 from rnnlm.model import direct_regions
@@ -41,7 +43,8 @@ def context_history(context, order):
 
 class DirectWindow:
     """A window's direct-feature buffers: history (P + T, B) int32, keys (T·B, N) int64, and with the class
-    softmax ``words`` (T·B, widest class): the rows' word scores within their class, then scale · dL/dz.
+    softmax ``words`` (T·B, widest class): the rows' word scores within their class, then scale · dL/dz, and
+    ``no_words``, zeros of its shape to clear it with on the device.
 
     T, B: the window's steps and streams; n_out: the output layer's width (V, or C with classes).
     """
@@ -56,13 +59,12 @@ class DirectWindow:
         self.words = self.no_words = self.target_classes = None
         if class_bounds is not None:
             widest = int(np.diff(ops.to_numpy(class_bounds)).max())
-            self.no_words = np.zeros((T * B, widest), dtype)
-            self.words = ops.zeros(self.no_words.shape, dtype)
+            self.no_words = ops.zeros((T * B, widest), dtype)
+            self.words = ops.zeros((T * B, widest), dtype)
 
     def narrow(self, T, B):
         """The same buffers cut to the first T steps (views)."""
-        narrowed = object.__new__(DirectWindow)
-        narrowed.__dict__.update(self.__dict__)
+        narrowed = copy.copy(self)
         narrowed.history = self.history[: self.before + T]
         narrowed.keys = self.keys[: T * B]
         narrowed.first_row_class = self.first_row_class[: T * B]
