@@ -50,7 +50,7 @@ class DirectWindow:
     """
 
     def __init__(self, ops, T, B, order, boundary_id, n_out, dtype, class_bounds=None):
-        self.ops, self.order, self.boundary_id, self.class_bounds = ops, order, boundary_id, class_bounds
+        self.ops, self.boundary_id, self.class_bounds = ops, boundary_id, class_bounds
         self.before = max(order - 2, 0)
         self.history = ops.asarray(np.full((self.before + T, B), -1, np.int32))
         self.keys = ops.zeros((T * B, order), np.int64)
