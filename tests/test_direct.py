@@ -344,3 +344,13 @@ def test_a_short_direct_run_on_the_cuda_backend_gives_the_cpus_losses(tmp_path, 
     assert cpu_model.params["W_d"].any()
     for name, array in cpu_model.params.items():
         np.testing.assert_allclose(gpu_model.params[name], array, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_adapting_a_direct_model_keeps_and_trains_its_table(direct_model, corpus, tmp_path):
+    source = tmp_path / "source.npz"
+    direct_model.save(source)
+    config = rnnlm.TrainConfig(hidden=8, bptt=6, batch=4, epochs=1, level=None)
+    rnnlm.train(corpus / "valid.txt", tmp_path / "adapted.npz", config=config, init_from=source)
+    adapted = rnnlm.load(tmp_path / "adapted.npz")
+    assert (adapted.direct_order, adapted.direct_size) == (direct_model.direct_order, direct_model.direct_size)
+    assert not np.array_equal(adapted.params["W_d"], direct_model.params["W_d"])
