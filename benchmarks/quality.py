@@ -1,6 +1,7 @@
 """Train with the documented recipe within a wall-clock budget, as a user would, and report the quality.
 
     python benchmarks/quality.py ptb --minutes 5
+    python benchmarks/quality.py ptb --minutes 5 --direct
     python benchmarks/quality.py shakespeare --minutes 3
 
 Reads data/<corpus>/ (run data/ptb/prepare.sh or data/shakespeare/prepare.sh first; this project's ../shared
@@ -44,6 +45,9 @@ RECIPES = {
               "--epochs", "100"]),
     ],
 }
+# Direct features (Mikolov's RNNME) added to a recipe by --direct: a hash table of 10⁷ weights (Mikolov's PTB
+# setting), contexts of up to three words, stepped by SGD beside the recipe's optimizer.
+DIRECT = ["--direct", "10M", "--direct-order", "4", "--direct-lr", "4"]
 # seconds kept aside from the training budget for start-up, the last validation and the test evaluation
 RESERVE_S = {"ptb": 25, "shakespeare": 15}
 
@@ -65,6 +69,7 @@ def main():
     parser.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget (default 5)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     parser.add_argument("--out", type=Path, default=None, help="keep the model and its log in this folder")
+    parser.add_argument("--direct", action="store_true", help="add direct features to the recipe: " + " ".join(DIRECT))
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -74,7 +79,7 @@ def main():
     train, valid, test = common.corpus_files(args.corpus, workdir)
     budget = (args.minutes * 60 - RESERVE_S[args.corpus] - (time.perf_counter() - start)) / 60
     command = [*rnnlm_command(), "train", str(train), "--valid", str(valid), "-o", str(model),
-               *recipe(args.corpus, args.minutes), "--threads", str(args.threads),
+               *recipe(args.corpus, args.minutes), *(DIRECT if args.direct else []), "--threads", str(args.threads),
                "--time-budget", f"{budget:.3f}", "--json"]
     print(" ".join(command), file=sys.stderr)
     run = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)

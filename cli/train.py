@@ -10,7 +10,7 @@ from click.core import ParameterSource
 
 import rnnlm
 from rnnlm import adapt, distributed
-from rnnlm.model import INITS
+from rnnlm.model import INITS, MAX_DIRECT_ORDER, MAX_DIRECT_SIZE
 from rnnlm.optim import OPTIMIZERS
 from rnnlm.runplan import ResumeConflictError
 from rnnlm.tokenizer import LEVELS
@@ -29,6 +29,28 @@ from .common import (
 
 DEFAULTS = rnnlm.TrainConfig()
 MINUTES = FiniteFloat(min=0, min_open=True)
+
+
+class TableSize(click.ParamType):
+    """A number of table entries: an integer, or one with a suffix k, M or G (10³, 10⁶, 10⁹), up to
+    MAX_DIRECT_SIZE."""
+
+    name = "SIZE"
+    SUFFIXES = {"k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            number = value
+        else:
+            text = str(value).strip()
+            scale = self.SUFFIXES.get(text[-1:], 1)
+            digits = text[:-1] if scale > 1 else text
+            if not digits.isdigit():
+                self.fail(f"{value!r} is not a number of entries such as 4000000, 4M or 500k", param, ctx)
+            number = int(digits) * scale
+        if not 0 <= number <= MAX_DIRECT_SIZE:
+            self.fail(f"{value!r} is not from 0 to {MAX_DIRECT_SIZE:,}", param, ctx)
+        return number
 
 
 @click.command(cls=Command)
@@ -76,6 +98,13 @@ MINUTES = FiniteFloat(min=0, min_open=True)
               help="Output layer: full softmax, or Mikolov's class-based factorization (much faster).")
 @click.option("--classes", type=click.IntRange(min=1), default=DEFAULTS.classes,
               help="Number of word classes of --softmax class [default: √V].")
+@click.option("--direct", type=TableSize(), default=DEFAULTS.direct,
+              help="Direct features (Mikolov's RNNME): hashed n-gram contexts straight into the output layer "
+                   "through a table of this many weights, e.g. 10M (0: off).")
+@click.option("--direct-order", type=click.IntRange(1, MAX_DIRECT_ORDER), default=DEFAULTS.direct_order,
+              help="Longest n-gram of the direct features: contexts of 0 to N - 1 tokens.")
+@click.option("--direct-lr", type=FiniteFloat(min=0, min_open=True, max=1e4), default=DEFAULTS.direct_lr,
+              help="SGD rate of the direct features' table, whatever --optimizer; the schedule scales it as --lr.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=DEFAULTS.seed,
               help="Random seed of the initialization.")
 @device_option

@@ -1,10 +1,11 @@
 """Adapting a trained model to new text: ``rnnlm train TEXT --init-from MODEL -o ADAPTED``.
 
 The run keeps MODEL's vocabulary (TEXT's tokens outside it are read as <unk>, counted and reported), its
-architecture (level, state size, layers, tying, softmax and class bounds) and starts from its weights; the
-optimizer, the schedule and the warm-up start afresh with the run's own settings. ``ARCHITECTURE`` names the
-settings such a run takes from the model rather than from its config (the command line refuses them). Its
-checkpoint holds everything it needs: a resume does not read MODEL again (``runplan.resumed_vocab``).
+architecture (level, state size, layers, tying, softmax and class bounds, direct features) and starts from its
+weights; the optimizer, the schedule and the warm-up start afresh with the run's own settings.
+``ARCHITECTURE`` names the settings such a run takes from the model rather than from its config (the command
+line refuses them). Its checkpoint holds everything it needs: a resume does not read MODEL again
+(``runplan.resumed_vocab``).
 """
 
 from dataclasses import replace
@@ -12,7 +13,8 @@ from dataclasses import replace
 from rnnlm.errors import RnnlmError
 from rnnlm.model import Model
 
-ARCHITECTURE = ("hidden", "layers", "tied", "softmax", "classes", "init", "min_count", "max_vocab", "lowercase")
+ARCHITECTURE = ("hidden", "layers", "tied", "softmax", "classes", "init", "min_count", "max_vocab", "lowercase",
+                "direct", "direct_order")
 
 
 def load_source(path, config):
@@ -33,7 +35,8 @@ def adapted_config(config, source, path):
         raise RnnlmError(f"--init-from {path} is a {level}-level model; it cannot be trained at --level {config.level}")
     n_classes = None if source.class_bounds is None else len(source.class_bounds) - 1
     return replace(config, level=level, lowercase=source.vocab.lowercase, hidden=source.hidden,
-                   layers=source.layers, tied=source.tied, softmax=source.softmax, classes=n_classes)
+                   layers=source.layers, tied=source.tied, softmax=source.softmax, classes=n_classes,
+                   direct=source.direct_size, direct_order=source.direct_order or config.direct_order)
 
 
 def announce(log, path, text_tokens, unknown, on_init=None):

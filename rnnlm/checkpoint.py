@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rnnlm.errors import RnnlmError
-from rnnlm.model import MAX_HIDDEN, MAX_LAYERS, atomic_savez, param_shapes, read_class_bounds
+from rnnlm.model import DEFAULT_DIRECT_ORDER, MAX_HIDDEN, MAX_LAYERS, atomic_savez, param_shapes, read_class_bounds
 from rnnlm.tokenizer import vocab_of
 from rnnlm.untrusted import FLOATS, Npz, check_fits, checked, finite_float32
 
@@ -120,11 +120,11 @@ def read_checkpoint(path):
         check_sources(meta.get("sources"), f"{where}.sources")
         vocab = vocab_of({"level": config.level, "lowercase": config.lowercase, "vocab": meta.get("vocab")}, where)
         check_state(meta.get("state"), config, f"{where}.state")
-        shapes = param_shapes(len(vocab), config.hidden, None, config.layers)
+        shapes = param_shapes(len(vocab), config.hidden, None, config.layers, config.direct)
         class_bounds = None
         if config.softmax == "class":
             class_bounds = read_class_bounds(npz, len(vocab))
-            shapes = param_shapes(len(vocab), config.hidden, len(class_bounds) - 1, config.layers)
+            shapes = param_shapes(len(vocab), config.hidden, len(class_bounds) - 1, config.layers, config.direct)
         expected = member_shapes(shapes, config)
         npz.check_members(["meta", *expected] + ([] if class_bounds is None else ["class_bounds"]))
         check_fits(4 * sum(math.prod(shape) for shape in expected.values()), f"{path}'s arrays")
@@ -181,6 +181,8 @@ def check_config(record, where):
     """The ``train.TrainConfig`` of a checkpoint's meta, checked."""
     from rnnlm.train import TrainConfig  # rnnlm.train imports this module
 
+    if isinstance(record, dict):  # checkpoints from before direct features lack their fields
+        record = {"direct": 0, "direct_order": DEFAULT_DIRECT_ORDER, "direct_lr": 1.0, **record}
     config = _dataclass(record, TrainConfig, where)
     for name, high in (("hidden", MAX_HIDDEN), ("layers", MAX_LAYERS), ("bptt", MAX_WINDOW), ("batch", MAX_WINDOW)):
         checked(record, name, where, (int,), low=1, high=high)

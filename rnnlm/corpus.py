@@ -111,3 +111,17 @@ class Windows:
         if self.classes is not None:
             tokens.append(self.classes[tokens[1]])
         return tokens
+
+    def history(self, w, n):
+        """The n inputs (n, b) int32 of each stream before window w's, -1 before the stream's first input (and
+        so everywhere for w = 0: an epoch starts its streams afresh)."""
+        out = np.full((n, len(self.starts)), -1, np.int32)
+        for b, start in enumerate(self.starts):
+            first_input = start - 1  # the stream's first input, the boundary token when it lies before ids[0]
+            lo = start + w * self.bptt - 1
+            first = max(lo - n, first_input)
+            if first >= lo:
+                continue
+            ids = np.asarray(self.ids.read(max(first, 0), lo), np.int32)
+            out[n - (lo - first):, b] = np.concatenate([[self.boundary_id], ids]) if first < 0 else ids
+        return out

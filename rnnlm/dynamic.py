@@ -6,7 +6,7 @@ input, every token a target). It is cut into segments of ``segment`` tokens (B =
 Dynamic evaluation (Mikolov 2010; Krause et al. 2018) adapts the model to the text as it is scored:
 after segment i is scored, one optimizer step on segment i's mean loss changes the weights that score
 segment i + 1, so a token's probability depends only on the tokens before it. The state is carried from
-segment to segment as in static evaluation. Rules:
+segment to segment as in static evaluation. Direct features' contexts run on across segments too. Rules:
 
     sgd   θ ← θ - η g                        (Mikolov's dynamic RNNLM)
     rms   θ ← θ - η g / (√v + ε),  v ← β₂ v + (1 - β₂) g²   (RMS-normalized steps, v bias-corrected and
@@ -14,7 +14,8 @@ segment to segment as in static evaluation. Rules:
 
 and with ``decay`` = d > 0, after each step θ ← θ + d (θ₀ - θ), pulling the weights back toward the
 trained ones θ₀ (Krause et al.'s regularization toward the trained weights). g is the gradient of the
-segment's mean loss, its global norm clipped at ``clip`` (0: off). Dropout is off. The same command
+segment's mean loss, its global norm clipped at ``clip`` (0: off). Dropout is off. The direct features' table
+W_d adapts by its unclipped sparse SGD step at η under either rule, as in training. The same command
 gives the same numbers (with the same thread count on the CPU).
 """
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from rnnlm import step
 from rnnlm.backends import get_backend
+from rnnlm.direct import history_before
 from rnnlm.errors import RnnlmError
 from rnnlm.model import word_classes
 from rnnlm.optim import SGD, LazyAdam
@@ -62,13 +64,13 @@ def window_log_probs(ops, params, window, s, targets, classes, out):
     (T·B, m) that ``step.forward`` left. targets, classes: device int32 (T·B,) (classes None with the full
     softmax); out: a device float64 (T·B,) scratch."""
     if window.class_bounds is None:
-        ops.matmul_nt(s, params["W_o"], window.Z)
+        step.output_logits(ops, params, window, s)
         ops.softmax_log_probs(window.Z, params["b_o"], targets, out)
         return ops.to_numpy(out)
-    ops.matmul_nt(s, params["W_c"], window.Z)
+    words = step.output_logits(ops, params, window, s, classes)
     ops.softmax_log_probs(window.Z, params["b_c"], classes, out)
     ln_p_class = ops.to_numpy(out)
-    ops.class_log_probs(s, params["W_o"], params["b_o"], targets, classes, window.class_bounds, out)
+    ops.class_log_probs(s, params["W_o"], params["b_o"], targets, classes, window.class_bounds, out, words)
     return ln_p_class + ops.to_numpy(out)
 
 
@@ -115,6 +117,8 @@ class StreamScorer:
         self.states = [np.zeros((1, model.hidden), model.params["W_s"].dtype)] * model.layers
         self.segment_states, self.pending = self.states, []  # the unfinished segment: its first state, tokens
         self.last_token, self.done = model.vocab.boundary_id, 0
+        self.before = max(model.direct_order - 2, 0)  # the direct features' inputs before the next token's
+        self.recent = self.segment_history = np.full((self.before, 1), -1, np.int32)
 
     def window(self, n):
         """Buffers for n steps of one stream and a float64 (n,) output, made once per size."""
@@ -136,6 +140,7 @@ class StreamScorer:
         ops = self.ops
         ids = np.asarray(ids, np.int32)
         inputs = np.concatenate([[self.last_token], ids[:-1]]).astype(np.int32)
+        history = np.concatenate([self.recent, inputs.reshape(-1, 1)])  # the inputs with the P before them
         ln_p = np.empty(len(ids))
         start = 0
         while start < len(ids):
@@ -145,6 +150,8 @@ class StreamScorer:
             for state, S in zip(self.states, window.S, strict=True):
                 ops.copy_into(state, S[0])
             x, y, c = self.device_tokens(inputs[span], ids[span])
+            if window.direct:
+                window.direct.set_history(history_before(history, self.before + start, self.before))
             s = step.forward(ops, self.params, window, x, training=False)
             ln_p[span] = window_log_probs(ops, self.params, window, s, y.reshape(n), None if c is None else
                                           c.reshape(n), out)
@@ -154,9 +161,11 @@ class StreamScorer:
                 self.pending.append((inputs[span], ids[span]))
                 if self.done % self.T == 0:
                     self.adapt()
+                    self.segment_history = history_before(history, self.before + start, self.before)
             if progress is not None:
                 progress(start, len(ids))
         self.last_token = ids[-1] if len(ids) else self.last_token
+        self.recent = history_before(history, len(history), self.before)
         return ln_p
 
     def score_sentences(self, sentences):
@@ -174,6 +183,8 @@ class StreamScorer:
         for state, S in zip(self.segment_states, window.S, strict=True):
             self.ops.copy_into(state, S[0])
         inputs, targets = (np.concatenate(part) for part in zip(*self.pending, strict=True))
+        if window.direct:
+            window.direct.set_history(self.segment_history)
         self.adapter.update(window, *self.device_tokens(inputs, targets))
         self.segment_states, self.pending = self.states, []
 

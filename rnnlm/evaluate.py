@@ -13,6 +13,7 @@ import numpy as np
 from rnnlm import step
 from rnnlm.backends import get_backend
 from rnnlm.corpus import load_corpus, stream_pairs
+from rnnlm.direct import history_before
 from rnnlm.errors import RnnlmError
 from rnnlm.model import word_classes
 
@@ -41,6 +42,8 @@ def stream_loss(ops, params, ids, boundary_id, structure, window=EVAL_WINDOW):
         buf = buffers[T]
         for state, S in zip(states, buf.S, strict=True):
             ops.copy_into(state, S[0])
+        if buf.direct:
+            buf.direct.set_history(history_before(inputs.reshape(-1, 1), start, buf.direct.before))
         span = slice(start, start + T)
         tokens = [inputs[span], targets[span]] + ([] if classes is None else [classes[span]])
         total += step.window_loss(ops, params, buf, *(ops.asarray(t.reshape(T, 1)) for t in tokens))

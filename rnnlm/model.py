@@ -15,6 +15,17 @@ consecutive ids, class c holding ids class_bounds[c] ≤ w < class_bounds[c + 1]
 
 with two more parameters W_c (C, m) and b_c (C,).
 
+Direct features (Mikolov's RNNME, ``direct_order`` N > 0): hashed n-gram features of the tokens before
+position t connect straight to the output layer through one table of weights W_d (D,),
+
+    p_t = softmax(W_o s_t + b_o + d_t)       d_t[w] = Σ_{n<N} W_d[(key_n(x_{t-1} .. x_{t-n}) + w) mod D]
+
+key_n the hash of the n-token context (``rnnlm.backends.DIRECT_BASE``; n = 0 is the empty context, a
+unigram feature); a context is cut at the start of the text and does not reach back past the boundary token
+(it may end with it). With the class softmax the table is split: the class logits get
+Σ_n W_d[(key_n + c) mod D_c] from the first D_c = D // 2 entries, the words' logits within their class
+Σ_n W_d[D_c + (key_n + w) mod (D - D_c)] from the rest (``direct_regions``).
+
 Stacked layers (``layers`` > 1): layer k ≥ 2 reads the output of layer k - 1 instead of the token,
 a^k_t = W_s{k} s^k_{t-1} + W_in{k} s^{k-1}_t + b_s{k}, and the top layer feeds the output layer.
 Tied weights: W_o is W_xᵀ, one shared array.
@@ -35,6 +46,9 @@ from rnnlm.untrusted import FLOATS, INTEGERS, Npz, check_fits, checked, finite_f
 FORMAT_VERSION = 1
 MAX_HIDDEN = 16384
 MAX_LAYERS = 64
+MAX_DIRECT_ORDER = 8
+MAX_DIRECT_SIZE = 2**31 - 1
+DEFAULT_DIRECT_ORDER = 3
 
 
 def layer_names(k):
@@ -42,8 +56,29 @@ def layer_names(k):
     return ("W_x", "W_s", "b_s") if k == 1 else (f"W_in{k}", f"W_s{k}", f"b_s{k}")
 
 
-def param_shapes(vocab_size, hidden, n_classes=None, layers=1):
-    """The shape of every parameter array for a vocabulary of V, a state of size m, C classes, L layers."""
+def direct_regions(size, class_softmax):
+    """(class region or None, word region) of a direct-feature table of ``size`` entries, each (offset,
+    entries): the whole table for the words of a full softmax; the first half for the classes and the rest for
+    the words of a class softmax."""
+    if not class_softmax:
+        return None, (0, size)
+    return (0, size // 2), (size // 2, size - size // 2)
+
+
+def check_direct(size, order, class_softmax):
+    """RnnlmError unless ``size`` (table entries, 0: no direct features) and ``order`` are in range."""
+    if size == 0:
+        return
+    least = 2 if class_softmax else 1
+    if not least <= size <= MAX_DIRECT_SIZE:
+        raise RnnlmError(f"--direct must be 0 or from {least} to {MAX_DIRECT_SIZE:,} table entries, got {size:,}")
+    if not 1 <= order <= MAX_DIRECT_ORDER:
+        raise RnnlmError(f"--direct-order must be from 1 to {MAX_DIRECT_ORDER}, got {order}")
+
+
+def param_shapes(vocab_size, hidden, n_classes=None, layers=1, direct=0):
+    """The shape of every parameter array for a vocabulary of V, a state of size m, C classes, L layers and
+    a direct-feature table of ``direct`` entries (0: none)."""
     V, m = vocab_size, hidden
     shapes = {"W_x": (m, V), "W_s": (m, m), "b_s": (m,)}
     for k in range(2, layers + 1):
@@ -52,6 +87,8 @@ def param_shapes(vocab_size, hidden, n_classes=None, layers=1):
     shapes.update(W_o=(V, m), b_o=(V,))
     if n_classes:
         shapes.update(W_c=(n_classes, m), b_c=(n_classes,))
+    if direct:
+        shapes["W_d"] = (direct,)
     return shapes
 
 
@@ -81,8 +118,9 @@ def word_classes(class_bounds):
 INITS = ("fanin", "orthogonal", "identity", "zero")
 
 
-def init_params(vocab_size, hidden, rng, dtype=np.float32, n_classes=None, init="fanin", layers=1, tied=False):
-    """Initial parameters; biases are zero.
+def init_params(vocab_size, hidden, rng, dtype=np.float32, n_classes=None, init="fanin", layers=1, tied=False,
+                direct=0):
+    """Initial parameters; biases and the direct-feature table W_d (``direct`` entries) are zero.
 
     fanin (Mikolov's): every weight N(0, 1/d) with d the fan-in: V for W_x (its input is one-hot),
     m for W_s, W_o and W_c. orthogonal: the same but W_s a random orthogonal matrix. identity: W_s = 0.9 I
@@ -93,8 +131,8 @@ def init_params(vocab_size, hidden, rng, dtype=np.float32, n_classes=None, init=
     if init not in INITS:
         raise RnnlmError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
     params = {}
-    for name, shape in param_shapes(vocab_size, hidden, n_classes, layers).items():
-        if name.startswith("b") or init == "zero":
+    for name, shape in param_shapes(vocab_size, hidden, n_classes, layers, direct).items():
+        if name.startswith("b") or name == "W_d" or init == "zero":
             params[name] = np.zeros(shape, dtype)
         else:
             params[name] = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(dtype)
@@ -120,15 +158,22 @@ class Model:
     class_bounds: np.ndarray | None = None
     layers: int = 1
     tied: bool = False
+    direct_order: int = 0
 
     @property
     def hidden(self):
         return self.params["W_s"].shape[0]
 
     @property
+    def direct_size(self):
+        """Entries of the direct-feature table W_d, 0 without direct features."""
+        return self.params["W_d"].shape[0] if "W_d" in self.params else 0
+
+    @property
     def structure(self):
         """What step.Window needs to know of the model besides its sizes."""
-        return {"class_bounds": self.class_bounds, "layers": self.layers, "tied": self.tied}
+        return {"class_bounds": self.class_bounds, "layers": self.layers, "tied": self.tied,
+                "direct_order": self.direct_order, "boundary_id": self.vocab.boundary_id}
 
     @property
     def vocab_size(self):
@@ -139,16 +184,21 @@ class Model:
         return "full" if self.class_bounds is None else "class"
 
     @classmethod
-    def create(cls, vocab, hidden, seed=0, hparams=None, class_bounds=None, init="fanin", layers=1, tied=False):
-        """A freshly initialized float32 model (class softmax when class_bounds are given)."""
+    def create(cls, vocab, hidden, seed=0, hparams=None, class_bounds=None, init="fanin", layers=1, tied=False,
+               direct=0, direct_order=0):
+        """A freshly initialized float32 model (class softmax when class_bounds are given; direct features of
+        order ``direct_order`` in a table of ``direct`` entries when both are positive)."""
         if hidden < 1:
             raise RnnlmError(f"--hidden must be at least 1, got {hidden}")
         if layers < 1:
             raise RnnlmError(f"--layers must be at least 1, got {layers}")
         rng = np.random.default_rng(seed)
         n_classes = None if class_bounds is None else len(class_bounds) - 1
-        params = init_params(len(vocab), hidden, rng, n_classes=n_classes, init=init, layers=layers, tied=tied)
-        return cls(params, vocab, dict(hparams or {}), class_bounds, layers, tied)
+        check_direct(direct, direct_order, n_classes is not None)
+        direct_order = direct_order if direct else 0
+        params = init_params(len(vocab), hidden, rng, n_classes=n_classes, init=init, layers=layers, tied=tied,
+                             direct=direct if direct_order else 0)
+        return cls(params, vocab, dict(hparams or {}), class_bounds, layers, tied, direct_order)
 
     def meta(self):
         """The JSON-serializable description stored beside the arrays."""
@@ -161,6 +211,7 @@ class Model:
             "layers": self.layers,
             "tied": self.tied,
             "softmax": self.softmax,
+            **({"direct_order": self.direct_order, "direct_size": self.direct_size} if self.direct_order else {}),
             "hparams": self.hparams,
         }
 
@@ -179,9 +230,10 @@ class Model:
 
         Only ``meta`` is read before its fields are checked (format_version 1; level, lowercase and a
         vocabulary as ``tokenizer.vocab_of``; hidden 1..MAX_HIDDEN; layers 1..MAX_LAYERS; tied a bool;
-        softmax full or class; hparams an object); then the members must be exactly those fields imply,
-        class_bounds must bin 0..V-1 into non-empty classes, and every weight is read at its expected
-        shape, as float32, and must be finite.
+        softmax full or class; hparams an object; direct_order 0..MAX_DIRECT_ORDER, absent for 0, and with it
+        direct_size, the table's entries, 1 (2 with classes) .. MAX_DIRECT_SIZE); then the members must be
+        exactly those fields imply, class_bounds must bin 0..V-1 into non-empty classes, and every weight is
+        read at its expected shape, as float32, and must be finite.
         """
         with Npz(path, "model file") as npz:
             if "meta" not in npz.names:
@@ -197,20 +249,25 @@ class Model:
             tied = checked(meta, "tied", where, (bool,), default=False)
             softmax = checked(meta, "softmax", where, (str,), default="full", choices=("full", "class"))
             hparams = checked(meta, "hparams", where, (dict,), default={})
-            shapes = param_shapes(len(vocab), hidden, None, layers)
+            direct_order = checked(meta, "direct_order", where, (int,), default=0, low=0, high=MAX_DIRECT_ORDER)
+            direct = 0
+            if direct_order:
+                direct = checked(meta, "direct_size", where, (int,), low=2 if softmax == "class" else 1,
+                                 high=MAX_DIRECT_SIZE)
+            shapes = param_shapes(len(vocab), hidden, None, layers, direct)
             optional = () if softmax == "full" else ("class_bounds", "W_c", "b_c")
             npz.check_members(["meta", *shapes], optional)
             class_bounds = None
             if softmax == "class":
                 class_bounds = read_class_bounds(npz, len(vocab))
-                shapes = param_shapes(len(vocab), hidden, len(class_bounds) - 1, layers)
+                shapes = param_shapes(len(vocab), hidden, len(class_bounds) - 1, layers, direct)
                 npz.check_members(["meta", "class_bounds", *shapes])
             check_fits(4 * sum(math.prod(shape) for shape in shapes.values()), f"{path}'s weights")
             params = {name: finite_float32(npz.read_array(name, FLOATS, shape), f"{path}: member {name + '.npy'!r}")
                       for name, shape in shapes.items()}
         if tied:
             params["W_x"] = params["W_o"].T
-        return cls(params, vocab, hparams, class_bounds, layers, tied)
+        return cls(params, vocab, hparams, class_bounds, layers, tied, direct_order)
 
 
 def read_class_bounds(npz, vocab_size):

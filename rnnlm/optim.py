@@ -1,12 +1,15 @@
 """Optimizers over backend arrays: SGD (with Mikolov's L2 term), Adam and lazy Adam.
 
 All clip the gradient's global norm first (``clip`` = 0: off) and treat the sparse gradients of
-``rnnlm.step`` (W_x's columns, the class softmax's W_o rows) by their masks, leaving them zero.
+``rnnlm.step`` (W_x's columns, the class softmax's W_o rows) by their masks, leaving them zero. The
+direct features' table W_d has no gradient array: every optimizer steps it by plain SGD through
+``step.direct_update`` (see ``rnnlm.direct``) at the rate lr · ``direct_scale``, so that it follows the
+schedule of the optimizer's rate.
 """
 
 import numpy as np
 
-from rnnlm.step import rows, sparse_names, trainable
+from rnnlm.step import direct_update, rows, sparse_names, trainable
 
 OPTIMIZERS = ("sgd", "adam", "lazyadam")
 
@@ -32,11 +35,16 @@ def grad_norm(ops, grads, window, clip, clipping):
 
 
 class _Clipped:
-    """The gradient norm of an optimizer's last step, kept on the device with its clipping factor."""
+    """The gradient norm of an optimizer's last step, kept on the device with its clipping factor; and the
+    direct features' SGD step, at lr · direct_scale."""
 
-    def __init__(self, ops):
-        self.ops = ops
+    def __init__(self, ops, direct_scale=1.0):
+        self.ops, self.direct_scale = ops, direct_scale
         self.clipping = ops.zeros(2, np.float64)
+
+    def direct_step(self, params, window, lr):
+        if "W_d" in params:
+            direct_update(self.ops, params, window, lr * self.direct_scale)
 
     def last_norm(self):
         """‖g‖ before clipping at the last step, as a float (waits for the device)."""
@@ -48,8 +56,8 @@ class SGD(_Clipped):
 
     name = "sgd"
 
-    def __init__(self, ops, params, clip=0.0, l2=0.0):
-        super().__init__(ops)
+    def __init__(self, ops, params, clip=0.0, l2=0.0, direct_scale=1.0):
+        super().__init__(ops, direct_scale)
         self.clip, self.l2 = clip, l2
 
     def update(self, params, grads, window, lr):
@@ -57,8 +65,11 @@ class SGD(_Clipped):
         ops, sparse, clipping = self.ops, sparse_names(window), self.clipping
         grad_norm(ops, grads, window, self.clip, clipping)
         shrink = 1.0 - lr * 2.0 * self.l2
+        self.direct_step(params, window, lr)
         dense = []
         for name, param in trainable(params, window).items():
+            if name == "W_d":
+                continue
             param_rows, grad_rows = rows(name, param), rows(name, grads[name])
             if name in sparse:
                 if self.l2 > 0:
@@ -82,11 +93,12 @@ class Adam(_Clipped):
     name = "adam"
     lazy = False
 
-    def __init__(self, ops, params, clip=0.0, l2=0.0, beta1=0.9, beta2=0.999, eps=1e-8):
-        """params: the trainable parameters (``step.trainable``), for the moments' shapes."""
-        super().__init__(ops)
+    def __init__(self, ops, params, clip=0.0, l2=0.0, beta1=0.9, beta2=0.999, eps=1e-8, direct_scale=1.0):
+        """params: the trainable parameters (``step.trainable``), for the moments' shapes (W_d has none)."""
+        super().__init__(ops, direct_scale)
         self.clip, self.l2 = clip, l2
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        params = {name: p for name, p in params.items() if name != "W_d"}
         self.moment1 = {name: ops.zeros(rows(name, p).shape, p.dtype) for name, p in params.items()}
         self.moment2 = {name: ops.zeros(rows(name, p).shape, p.dtype) for name, p in params.items()}
         self.t = 0
@@ -99,7 +111,10 @@ class Adam(_Clipped):
         # bias corrections folded into the step: lr m̂ / (√v̂ + ε) = lr_t m / (√v + ε_t)
         lr_t = lr * np.sqrt(1 - self.beta2**self.t) / (1 - self.beta1**self.t)
         eps_t = self.eps * np.sqrt(1 - self.beta2**self.t)
+        self.direct_step(params, window, lr)
         for name, param in trainable(params, window).items():
+            if name == "W_d":
+                continue
             dtype = param.dtype.type
             param_rows, grad_rows = rows(name, param), rows(name, grads[name])
             moments = self.moment1[name], self.moment2[name]
@@ -134,5 +149,6 @@ class LazyAdam(Adam):
     lazy = True
 
 
-def make_optimizer(name, ops, params, clip=0.0, l2=0.0):
-    return {"sgd": SGD, "adam": Adam, "lazyadam": LazyAdam}[name](ops, params, clip=clip, l2=l2)
+def make_optimizer(name, ops, params, clip=0.0, l2=0.0, direct_scale=1.0):
+    return {"sgd": SGD, "adam": Adam, "lazyadam": LazyAdam}[name](ops, params, clip=clip, l2=l2,
+                                                                   direct_scale=direct_scale)

@@ -64,13 +64,14 @@ def initial_model(config, vocab, train_ids, source=None):
         params = {name: array.copy() for name, array in source.params.items()}
         if source.tied:
             params["W_x"] = params["W_o"].T
-        return Model(params, vocab, hparams, source.class_bounds, source.layers, source.tied)
+        return Model(params, vocab, hparams, source.class_bounds, source.layers, source.tied, source.direct_order)
     class_bounds = None
     if config.softmax == "class":
         n_classes = config.classes or round(math.sqrt(len(vocab)))
         class_bounds = frequency_classes(token_counts(train_ids, len(vocab)), n_classes)
     return Model.create(vocab, config.hidden, seed=config.seed, hparams=hparams, class_bounds=class_bounds,
-                        init=config.init, layers=config.layers, tied=config.tied)
+                        init=config.init, layers=config.layers, tied=config.tied, direct=config.direct,
+                        direct_order=config.direct_order)
 
 
 def default_paths(model_path, options):
@@ -152,7 +153,8 @@ def resumed_model(arrays, vocab, config):
     best = {name[len("best/"):]: arrays[name] for name in arrays if name.startswith("best/")}
     if config.tied:
         best["W_x"] = best["W_o"].T
-    return Model(best, vocab, asdict(config), class_bounds, config.layers, config.tied)
+    return Model(best, vocab, asdict(config), class_bounds, config.layers, config.tied,
+                 config.direct_order if config.direct else 0)
 
 
 def resumed_vocab(meta, config, checkpoint):
@@ -172,6 +174,7 @@ def memory_needed(config, vocab_size):
     n_params = (1 if config.tied else 2) * V * m + V + (2 * L - 1) * m * m + L * m
     if config.softmax == "class":
         n_params += n_out * (m + 1)
+    n_params += config.direct
     moments = 0 if config.optimizer == "sgd" else 2
     window = T * B * (5 * L * m + n_out)
     return 4 * ((4 + 2 * moments) * n_params + window)

@@ -9,6 +9,7 @@ come, ``sample`` returns the whole texts.
 import numpy as np
 
 from rnnlm.errors import RnnlmError
+from rnnlm.model import MAX_DIRECT_ORDER
 from rnnlm.score import Decoder
 
 DEFAULT_LENGTH = {"word": 100, "char": 500}
@@ -74,9 +75,10 @@ def draw(model, prompt_ids, length=None, temperature=1.0, top_k=None, top_p=None
     state = decoder.initial(num)
     for token in prompt_ids:
         state = decoder.advance(state, np.full(num, token))
+    context = np.tile(np.concatenate([[vocab.boundary_id], prompt_ids]).astype(np.int64), (num, 1))
     finished = np.zeros(num, bool)
     for _ in range(length or DEFAULT_LENGTH[vocab.level]):
-        log_p = decoder.log_probs(state)
+        log_p = decoder.log_probs(state, context)
         p = filter_probabilities(log_p, temperature, top_k, top_p)
         cumulative = np.cumsum(p, axis=1)
         u = rng.random((num, 1)) * cumulative[:, -1:]
@@ -87,6 +89,7 @@ def draw(model, prompt_ids, length=None, temperature=1.0, top_k=None, top_p=None
             if finished.all():
                 return
         state = decoder.advance(state, tokens)
+        context = np.concatenate([context[:, -MAX_DIRECT_ORDER:], tokens[:, None]], axis=1)
 
 
 class Texts:

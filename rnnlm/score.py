@@ -29,6 +29,7 @@ import numpy as np
 
 from rnnlm import reference, step
 from rnnlm.backends import get_backend
+from rnnlm.direct import context_history, history_before
 from rnnlm.errors import RnnlmError
 from rnnlm.model import word_classes
 from rnnlm.tokenizer import UNK
@@ -115,6 +116,7 @@ class Scorer:
             window.S = [S[: T + 1] for S in full.S]
             window.U = [U[:T] for U in full.U]
             window.Z = full.Z[: T * full.B]
+            window.direct = full.direct and full.direct.narrow(T, full.B)
             self.views[T] = window
         return window
 
@@ -130,6 +132,8 @@ class Scorer:
                     self.ops.copy_into(S[self.last_step], S[0])
             else:
                 window.reset_state()
+            if window.direct:
+                window.direct.set_history(history_before(inputs, start, window.direct.before))
             span = slice(start, start + window.T)
             log_p[span] = self.window_log_probs(window, inputs[span], targets[span]).reshape(window.T, -1)
             self.last_step, carry = window.T, True
@@ -144,14 +148,14 @@ class Scorer:
         device_targets = ops.asarray(targets)
         out = self.out[:N]
         if self.classes is None:
-            ops.matmul_nt(s, params["W_o"], window.Z)
+            step.output_logits(ops, params, window, s)
             ops.softmax_log_probs(window.Z, params["b_o"], device_targets, out)
             return ops.to_numpy(out)
         classes = ops.asarray(self.classes[targets])
-        ops.matmul_nt(s, params["W_c"], window.Z)
+        words = step.output_logits(ops, params, window, s, classes)
         ops.softmax_log_probs(window.Z, params["b_c"], classes, out)
         log_p_class = ops.to_numpy(out)
-        ops.class_log_probs(s, params["W_o"], params["b_o"], device_targets, classes, window.class_bounds, out)
+        ops.class_log_probs(s, params["W_o"], params["b_o"], device_targets, classes, window.class_bounds, out, words)
         return log_p_class + ops.to_numpy(out)
 
     def score_independent(self, sentences):
@@ -325,7 +329,15 @@ class Decoder:
         step.forward(self.ops, self.params, window, inputs, training=False)
         return np.stack([self.ops.to_numpy(S[1]) for S in window.S])
 
-    def log_probs(self, state):
-        """log p(next token | each hypothesis) (B, V) float64."""
+    def log_probs(self, state, context=None):
+        """log p(next token | each hypothesis) (B, V) float64. context (B, k): the tokens each hypothesis has
+        read, most recent last (the boundary token first), for a model with direct features."""
         s = state[-1].astype(np.float64)
-        return reference.log_probs(self.host_params, s, self.model.class_bounds)
+        order = self.model.direct_order
+        keys = None
+        if order:
+            if context is None or len(context) != len(s):
+                raise RnnlmError("log_probs: a model with direct features needs each hypothesis's tokens read so "
+                                 "far (context, one row per hypothesis)")
+            keys = reference.direct_keys(context_history(context, order), self.model.vocab.boundary_id, order)
+        return reference.log_probs(self.host_params, s, self.model.class_bounds, keys)

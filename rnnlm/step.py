@@ -18,6 +18,7 @@ s_t by masks of 0 and 1/(1 - p) drawn on the host; the recurrent connection is n
 
 import numpy as np
 
+from rnnlm.direct import DirectWindow
 from rnnlm.model import layer_names
 
 
@@ -29,10 +30,11 @@ def to_device(ops, params, tied=False):
 
 
 def zero_grads(ops, params):
-    """Zeroed gradient arrays laid out like ``to_device``'s parameters (W_x's always its own)."""
+    """Zeroed gradient arrays laid out like ``to_device``'s parameters (W_x's always its own); none for the
+    direct features' W_d, which ``rnnlm.direct`` updates where its gradient is computed."""
     return {
         name: ops.zeros(p.shape[::-1], p.dtype).T if name == "W_x" else ops.zeros(p.shape, p.dtype)
-        for name, p in params.items()
+        for name, p in params.items() if name != "W_d"
     }
 
 
@@ -49,10 +51,12 @@ class Window:
     dL_da (T, B, m). Z (T·B, V), or (T·B, C) with the class softmax: logits, then dL/dz. touched_W_x,
     touched_W_o (V,) uint8: the sparse gradients' masks. dW_o_norm (1,) float64, class softmax only:
     the norm of the window's dW_o rows as class_xent_grad leaves them. Dropout masks: mask_in (T, B, m)
-    and one mask_out per layer, refilled by ``draw_masks``.
+    and one mask_out per layer, refilled by ``draw_masks``. direct: the direct features' buffers
+    (``rnnlm.direct.DirectWindow``) of a model with direct_order > 0, else None.
     """
 
-    def __init__(self, ops, T, B, m, V, dtype=np.float32, class_bounds=None, layers=1, tied=False, dropout=0.0):
+    def __init__(self, ops, T, B, m, V, dtype=np.float32, class_bounds=None, layers=1, tied=False, dropout=0.0,
+                 direct_order=0, boundary_id=0):
         self.ops, self.T, self.B, self.layers, self.tied, self.dropout = ops, T, B, layers, tied, dropout
         self.dtype = np.dtype(dtype)
         shape = (T, B, m)
@@ -69,6 +73,8 @@ class Window:
         self.touched_W_o = ops.zeros(V, np.uint8)
         self.class_bounds = None if class_bounds is None else ops.asarray(class_bounds, np.int32)
         self.dW_o_norm = None if class_bounds is None else ops.zeros(1, np.float64)
+        self.direct = None if not direct_order else DirectWindow(ops, T, B, direct_order, boundary_id, n_out, dtype,
+                                                                 self.class_bounds)
 
     def draw_masks(self, rng):
         """New dropout masks (0 or 1/(1 - p)) from the numpy Generator ``rng``."""
@@ -78,10 +84,12 @@ class Window:
             self.ops.copy_into(drawn, mask)
 
     def reset_state(self):
-        """Zero the states carried into the next window."""
+        """Zero the states carried into the next window (and forget the direct features' history)."""
         zero = np.zeros(self.S[0].shape[1:], self.dtype)
         for S in self.S:
             self.ops.copy_into(zero, S[0])
+        if self.direct:
+            self.direct.set_history(np.full((self.direct.before, self.B), -1))
 
     def carry_state(self):
         """Make the window's last states the next window's first."""
@@ -101,6 +109,8 @@ class Window:
 
 def forward(ops, params, window, inputs, training):
     """Run every layer over the window; returns the top layer's output rows (T·B, m)."""
+    if window.direct:
+        window.direct.read(inputs)
     U = window.U[0]
     ops.embed(params["W_x"], inputs, U)
     if training and window.dropout:
@@ -153,22 +163,34 @@ def forward_backward(ops, params, grads, window, inputs, targets, target_classes
     return loss
 
 
+def output_logits(ops, params, window, s, classes=None):
+    """window.Z = the logits without bias of rows s (N, m): the words' (W_o s), or the classes' (W_c s) with
+    the class softmax, plus the direct features' scores. Returns what the class softmax's word half takes as
+    ``direct``: the rows' direct scores of their class's words (classes (N,): the targets' classes), or None
+    (no direct features, or the full softmax)."""
+    ops.matmul_nt(s, params["W_o" if window.class_bounds is None else "W_c"], window.Z)
+    if not window.direct:
+        return None
+    return window.direct.add_scores(params["W_d"], window.Z, classes)
+
+
 def output_backward(ops, params, grads, window, s, targets, target_classes, scale, dL_ds):
     """Output layer on rows s (N, m): loss sum, its parameters' gradients, and dL/ds into dL_ds (N, m)."""
     Z = window.Z
     if window.class_bounds is None:
-        ops.matmul_nt(s, params["W_o"], Z)
+        output_logits(ops, params, window, s)
         loss = ops.softmax_xent_grad(Z, params["b_o"], targets, scale, grads["b_o"])  # Z := dL/dz
         ops.matmul_tn(Z, s, grads["W_o"])  # dW_o = Σ_t dL/dz s_tᵀ
         ops.matmul_nn(Z, params["W_o"], dL_ds)  # W_oᵀ dL/dz, row by row
         return loss
     classes = target_classes.reshape(-1)
-    ops.matmul_nt(s, params["W_c"], Z)
+    words = output_logits(ops, params, window, s, classes)
     loss = ops.softmax_xent_grad(Z, params["b_c"], classes, scale, grads["b_c"])
     ops.matmul_tn(Z, s, grads["W_c"])
     ops.matmul_nn(Z, params["W_c"], dL_ds)
     return loss + ops.class_xent_grad(s, params["W_o"], params["b_o"], targets, classes, window.class_bounds,
-                                      scale, grads["W_o"], grads["b_o"], dL_ds, window.touched_W_o, window.dW_o_norm)
+                                      scale, grads["W_o"], grads["b_o"], dL_ds, window.touched_W_o, window.dW_o_norm,
+                                      words)
 
 
 def window_loss(ops, params, window, inputs, targets, target_classes=None):
@@ -176,13 +198,13 @@ def window_loss(ops, params, window, inputs, targets, target_classes=None):
     N = window.T * window.B
     s = forward(ops, params, window, inputs, training=False)
     if window.class_bounds is None:
-        ops.matmul_nt(s, params["W_o"], window.Z)
+        output_logits(ops, params, window, s)
         return float(ops.softmax_xent(window.Z, params["b_o"], targets.reshape(N)))
     classes = target_classes.reshape(N)
-    ops.matmul_nt(s, params["W_c"], window.Z)
+    words = output_logits(ops, params, window, s, classes)
     loss = ops.softmax_xent(window.Z, params["b_c"], classes)
     return float(loss + ops.class_xent(s, params["W_o"], params["b_o"], targets.reshape(N), classes,
-                                       window.class_bounds))
+                                       window.class_bounds, words))
 
 
 def sparse_names(window):
@@ -194,5 +216,11 @@ def sparse_names(window):
 
 
 def trainable(params, window):
-    """The parameters an optimizer updates: all but W_x when it is a view of W_o."""
+    """The parameters a run trains (and checkpoints): all but W_x when it is a view of W_o. The optimizers
+    leave W_d to ``direct_update``."""
     return {name: p for name, p in params.items() if not (window.tied and name == "W_x")}
+
+
+def direct_update(ops, params, window, lr):
+    """The direct features' SGD step on W_d (``rnnlm.direct``) after ``forward_backward``: θ ← θ - lr · g."""
+    window.direct.update(params["W_d"], window.Z, -lr)

@@ -34,7 +34,7 @@ from rnnlm.checkpoint import Saved, check_cursor, read_checkpoint, saved_run, wr
 from rnnlm.corpus import Windows
 from rnnlm.errors import RnnlmError
 from rnnlm.evaluate import stream_loss
-from rnnlm.model import INITS, word_classes
+from rnnlm.model import DEFAULT_DIRECT_ORDER, INITS, check_direct, word_classes
 from rnnlm.optim import OPTIMIZERS, make_optimizer
 from rnnlm.paths import atomic_output, naming_errors
 from rnnlm.state import TrainState
@@ -69,6 +69,9 @@ class TrainConfig:
     classes: int | None = None
     seed: int = 0
     warmup: int = 0
+    direct: int = 0
+    direct_order: int = DEFAULT_DIRECT_ORDER
+    direct_lr: float = 1.0
 
     def __post_init__(self):
         if self.schedule is None:
@@ -91,6 +94,10 @@ class TrainConfig:
         _check_number("clip", self.clip, 0)
         _check_number("l2", self.l2, 0)
         _check_number("dropout", self.dropout, 0, below=1)
+        _check_number("direct", self.direct, 0, integer=True)
+        _check_number("direct_order", self.direct_order, 1, integer=True)
+        _check_number("direct_lr", self.direct_lr, 0, above=True)
+        check_direct(self.direct, self.direct_order, self.softmax == "class")
 
 
 def _check_number(name, value, least, below=math.inf, integer=False, above=False):
@@ -246,13 +253,17 @@ class Trainer:
             raise RnnlmError(f"{paths['text']} is too short for --batch {config.batch} x --bptt {config.bptt} "
                              f"({len(train_ids)} training tokens)")
         self.n_windows = self.windows.n_windows
+        if config.direct and reducer is not distributed.SINGLE:
+            raise RnnlmError("--direct does not run under MPI: its table's sparse steps are not shared between "
+                             "processes")
         self.params = step.to_device(ops, model.params, model.tied)
         self.grads = step.zero_grads(ops, model.params)
         self.window = step.Window(ops, config.bptt, len(streams), model.hidden, model.vocab_size,
                                   dropout=config.dropout, **model.structure)
         trainable = step.trainable(self.params, self.window)
         self.trainable = list(trainable)
-        self.optimizer = make_optimizer(config.optimizer, ops, trainable, clip=config.clip, l2=config.l2)
+        self.optimizer = make_optimizer(config.optimizer, ops, trainable, clip=config.clip, l2=config.l2,
+                                        direct_scale=config.direct_lr / config.lr)
         self.rng = reducer.mask_rng(np.random.default_rng(config.seed + 1), config.batch)  # dropout masks
         self.state = TrainState(lr=config.lr)
         self.schedule = self.epoch_schedule()
@@ -306,6 +317,8 @@ class Trainer:
             if config.dropout:
                 window.draw_masks(self.rng)
             tokens = map(ops.asarray, self.windows.window(state.window))  # inputs, targets (, classes)
+            if window.direct:
+                window.direct.set_history(self.windows.history(state.window, window.direct.before))
             loss = step.forward_backward(ops, self.params, self.grads, window, *tokens)
             loss = self.reducer.reduce(ops, self.grads, window, loss)
             self.optimizer.update(self.params, self.grads, window, self.current_lr())

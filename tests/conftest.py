@@ -60,5 +60,10 @@ def reference_perplexity(model, path):
     ids = np.array(ids)
     inputs = np.concatenate([[vocab.boundary_id], ids[:-1]])
     params = {name: array.astype(np.float64) for name, array in model.params.items()}
-    nats, _ = reference.loss(params, inputs.reshape(-1, 1), ids.reshape(-1, 1), np.zeros((1, model.hidden)))
+    keys = None
+    if model.direct_order:  # the contexts start with the stream
+        history = np.concatenate([np.full(max(model.direct_order - 2, 0), -1), inputs]).reshape(-1, 1)
+        keys = reference.direct_keys(history, vocab.boundary_id, model.direct_order)
+    nats, _ = reference.loss(params, inputs.reshape(-1, 1), ids.reshape(-1, 1), np.zeros((1, model.hidden)),
+                             model.class_bounds, keys=keys)
     return math.exp(nats / len(ids))

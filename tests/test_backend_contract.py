@@ -174,22 +174,60 @@ def class_args(ops, rng):
     return [ops.asarray(a) for a in (S_next, W_o, b_o, targets, target_classes, CLASS_BOUNDS)]
 
 
+def direct_scores(ops, rng):
+    """Direct scores (N, the widest class + 1) for class_args' rows."""
+    return ops.asarray(rand(rng, N, 4))
+
+
 def case_class_xent_grad(ops, rng):
     args = class_args(ops, rng)
     written = {"dW_o": ops.zeros((V, m), np.float64), "db_o": ops.asarray(rand(rng, V)),
                "dL_ds": ops.asarray(rand(rng, N, m)), "touched": ops.zeros(V, np.uint8),
                "dW_o_norm": ops.zeros(1, np.float64)}
-    return outputs(ops, ops.class_xent_grad(*args, 0.25, *written.values()), **written)
+    out = outputs(ops, ops.class_xent_grad(*args, 0.25, *written.values()), **written)
+    direct = direct_scores(ops, rng)
+    with_direct = outputs(ops, ops.class_xent_grad(*args, 0.25, *written.values(), direct), direct=direct, **written)
+    return out | {f"with direct: {name}": value for name, value in with_direct.items()}
 
 
 def case_class_xent(ops, rng):
-    return outputs(ops, ops.class_xent(*class_args(ops, rng)))
+    args = class_args(ops, rng)
+    return outputs(ops, ops.class_xent(*args)) | {"with direct": float(ops.class_xent(*args, direct_scores(ops, rng)))}
 
 
 def case_class_log_probs(ops, rng):
-    out = ops.zeros(N, np.float64)
-    ops.class_log_probs(*class_args(ops, rng), out)
+    out, with_direct = ops.zeros(N, np.float64), ops.zeros(N, np.float64)
+    args = class_args(ops, rng)
+    ops.class_log_probs(*args, out)
+    ops.class_log_probs(*args, with_direct, direct_scores(ops, rng))
+    return outputs(ops, None, out=out, with_direct=with_direct)
+
+
+def direct_args(ops, rng, size=13):
+    """Keys of N rows (some cut), a region of a table of size + 2 entries, rows' classes of CLASS_BOUNDS."""
+    keys = rng.integers(0, 2**61 - 1, (N, 3))
+    keys[1, 2] = keys[4, 1:] = -1
+    classes = np.array([1, 0, 2, 1, 3, 2], np.int32)
+    return ops.asarray(rand(rng, size + 2)), ops.asarray(keys), 2, size, ops.asarray(classes), ops.asarray(CLASS_BOUNDS)
+
+
+def case_direct_keys(ops, rng):
+    history = rng.integers(-1, 4, (2 + T, B)).astype(np.int32)
+    keys = ops.zeros((T * B, 4), np.int64)
+    ops.direct_keys(ops.asarray(history), 0, keys)
+    return outputs(ops, None, keys=keys)
+
+
+def case_direct_scores(ops, rng):
+    out = ops.asarray(rand(rng, N, 3))
+    ops.direct_scores(*direct_args(ops, rng), out)
     return outputs(ops, None, out=out)
+
+
+def case_direct_scatter(ops, rng):
+    W_d, *args = direct_args(ops, rng)
+    ops.direct_scatter(W_d, *args, ops.asarray(rand(rng, N, 3)), -0.5)
+    return outputs(ops, None, W_d=W_d)
 
 
 def case_grad_norm(ops, rng):

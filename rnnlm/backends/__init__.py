@@ -15,9 +15,20 @@ a loss is listed.
 
 from typing import NamedTuple
 
+import numpy as np
+
 from rnnlm.errors import RnnlmError
 
 DEVICES = ("cpu", "cuda", "auto")
+
+# The direct features' n-gram hash, the same integers on both backends and in rnnlm.reference: the key of
+# the context h_1..h_n (h_i = x_{t-i}) is DIRECT_BASE + Σ_i DIRECT_PRIMES[(n · DIRECT_PRIMES[i] + i) mod 16]
+# · (h_i + 1), reduced mod DIRECT_MODULUS after every term (int64 products below 2⁶², sums below 2⁶³).
+DIRECT_PRIMES = np.array([1000000007, 1061000011, 1122000013, 1183000057, 1244000101, 1305000031, 1366000033,
+                          1427000059, 1488000047, 1549000039, 1610000057, 1671000047, 1732000079, 1793000051,
+                          1854000061, 1915000117], np.int64)
+DIRECT_BASE = 108641969 * 116049371  # the key of the empty context (order 0), Mikolov's PRIMES[0] · PRIMES[1]
+DIRECT_MODULUS = (1 << 61) - 1
 
 
 class Op(NamedTuple):
@@ -73,19 +84,36 @@ OPS = {
                              "out (N,) float64 overwritten; Z (N, V) is scratch"),
     # class softmax
     "class_xent_grad": _op("S_next W_o b_o targets target_classes class_bounds scale dW_o db_o dL_ds touched "
-                           "dW_o_norm", "the word half of the class softmax, p(w | c) over the words "
+                           "dW_o_norm direct", "the word half of the class softmax, p(w | c) over the words "
                            "class_bounds[c] ≤ w < class_bounds[c + 1] of row r's class c = target_classes[r], "
                            "z = W_o[w] S_next[r] + b_o[w]: S_next, dL_ds (N, m); W_o, dW_o (V, m); b_o, db_o, "
                            "touched (V,); targets, target_classes (N,); class_bounds (C + 1,). Adds scale · dL/dz "
                            "⊗ S_next[r] to dW_o's rows of the class (zero on entry in the rows of every class used) "
                            "and W_o[class]ᵀ (scale · dL/dz) to dL_ds[r]; overwrites db_o (zero outside the classes "
                            "used); sets touched[w] = 1 for the words of every class used; dW_o_norm (1,) float64 "
-                           "overwritten with the norm of dW_o over the touched rows. Returns the loss of p(w | c)"),
-    "class_xent": _op("S_next W_o b_o targets target_classes class_bounds", "returns the loss of p(w | c) as in "
-                      "class_xent_grad, nothing written"),
-    "class_log_probs": _op("S_next W_o b_o targets target_classes class_bounds out", "out[r] = log p(targets[r] | "
-                           "target_classes[r]) as in class_xent_grad, the per-row form of class_xent: out (N,) "
-                           "float64 overwritten, nothing else written"),
+                           "overwritten with the norm of dW_o over the touched rows. Returns the loss of p(w | c). "
+                           "direct: None, or (N, ≥ the largest class) direct scores added to the logits, "
+                           "direct[r, w - class_bounds[c]] for word w of row r's class, overwritten there with "
+                           "scale · dL/dz"),
+    "class_xent": _op("S_next W_o b_o targets target_classes class_bounds direct", "returns the loss of p(w | c) as "
+                      "in class_xent_grad, nothing written"),
+    "class_log_probs": _op("S_next W_o b_o targets target_classes class_bounds out direct", "out[r] = log "
+                           "p(targets[r] | target_classes[r]) as in class_xent_grad, the per-row form of class_xent: "
+                           "out (N,) float64 overwritten, nothing else written"),
+    # direct features (n-gram hash features into the output layer)
+    "direct_keys": _op("history boundary_id keys", "keys[t·B + b, n] = the hash key (DIRECT_PRIMES' hash, "
+                       "above) of the n tokens before position t of stream b, or -1 where that context is cut: "
+                       "history (P + T, B) int32, history[P + t] = inputs[t] = x_{t-1} and the P rows before it "
+                       "the stream's earlier inputs (-1: none); keys (T·B, N) int64 overwritten, N the order. The "
+                       "context of order n is cut when one of its tokens is -1 or one of its n - 1 most recent is "
+                       "boundary_id"),
+    "direct_scores": _op("W_d keys offset size row_classes bounds out", "out[r, j] += Σ_{n: keys[r, n] ≥ 0} "
+                         "W_d[offset + (keys[r, n] + lo + j) mod size] for j < hi - lo, lo = bounds[c], hi = "
+                         "bounds[c + 1], c = row_classes[r]: W_d (D,); keys (R, N) int64; row_classes (R,) and "
+                         "bounds int32; out (R, ≥ hi - lo); offset, size ints"),
+    "direct_scatter": _op("W_d keys offset size row_classes bounds G factor", "W_d[offset + (keys[r, n] + lo + j) "
+                          "mod size] += factor · G[r, j] over the entries of direct_scores, each entry's terms added "
+                          "in (r, n, j) order, whatever the threads: the same bits on every run"),
     # update
     "grad_norm": _op("pairs clip clipping", "clipping (2,) float64 overwritten with (‖g‖, min(1, clip / ‖g‖)) "
                      "(factor 1 when clip = 0) for the gradients of pairs (array, mask): mask None for a whole "

@@ -8,14 +8,33 @@ from rnnlm.backends.cpu.recurrence import _group_by
 from rnnlm.backends.cpu.softmax import _biased_max, _exp_shifted_row
 
 
-@njit(parallel=True, fastmath=True, cache=True)
 def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, touched,
-                    dW_o_norm):
+                    dW_o_norm, direct=None):
     """Rows are grouped by class and each class is one thread's, so no two threads write the same rows.
     A class's rows are taken four at a time, so that each pass over W_o[class] and dW_o[class] serves
     four of them (a class of the rare words holds hundreds of words, more than the cache keeps). The norm
     of dW_o's rows is summed while they are in cache, so that the gradient norm needs no second pass.
     """
+    return _class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds,
+                            touched, dW_o_norm, _direct_or_none(direct, S_next))
+
+
+def _direct_or_none(direct, S_next):
+    """The direct scores, or an array without columns standing for none."""
+    return np.empty((1, 0), S_next.dtype) if direct is None else direct
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _add_direct(z, direct, r):
+    """z += the row's direct scores (its class's words), when there are direct scores."""
+    if direct.shape[1]:
+        for w in range(z.shape[0]):
+            z[w] += direct[r, w]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, touched,
+                     dW_o_norm, direct):
     m = S_next.shape[1]
     C = class_bounds.shape[0] - 1
     db_o[:] = 0
@@ -43,6 +62,7 @@ def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, sca
                 if j >= n_rows:
                     z[:] = 0
                     continue
+                _add_direct(z, direct, order[first + j])
                 y = targets[order[first + j]] - lo
                 z_y = z[y] + b_class[y]
                 top = _biased_max(z, b_class, bits)
@@ -52,6 +72,8 @@ def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, sca
                 for w in range(hi - lo):
                     z[w] *= inv
                 z[y] -= scale
+                if direct.shape[1]:
+                    direct[order[first + j], : hi - lo] = z
             _four_rows_backward(W_class, S_four, Z_four, dW_class, db_o[lo:hi], dS_four)
             for j in range(n_rows):
                 dL_ds_r = dL_ds[order[first + j]]
@@ -83,21 +105,25 @@ def _four_rows_backward(W_class, S_four, G_four, dW_class, db_class, dS_four):
             d3[i] += g3 * x
 
 
-def class_xent(S_next, W_o, b_o, targets, target_classes, class_bounds):
+def class_xent(S_next, W_o, b_o, targets, target_classes, class_bounds, direct=None):
     """Σ_r -log p(targets[r] | its class) for evaluation (see ``class_xent_grad``), from ``class_log_probs``."""
     out = np.empty(S_next.shape[0])
-    class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out)
+    class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out, direct)
     return -out.sum()
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out):
+def class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out, direct=None):
     """out[r] = log p(targets[r] | its class), the word half of the class softmax (see ``class_xent_grad``),
     for every row of S_next (N, m); out (N,) float64.
 
     Rows are grouped by class and each class is one thread's, its rows taken four at a time as in
     ``class_xent_grad``, so that each pass over W_o[class] serves four of them.
     """
+    _class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out, _direct_or_none(direct, S_next))
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out, direct):
     m = S_next.shape[1]
     C = class_bounds.shape[0] - 1
     start, order = _group_by(target_classes, C)
@@ -117,6 +143,7 @@ def class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out
             for j in range(n_rows):
                 r = order[first + j]
                 z = Z_four[j]
+                _add_direct(z, direct, r)
                 y = targets[r] - lo
                 z_y = z[y] + b_class[y]
                 top = _biased_max(z, b_class, bits)

@@ -20,15 +20,16 @@ def _class_row_kernels(dtype):
     class_bounds[c] ≤ w < class_bounds[c + 1].
 
     S_next, dL_ds (N, m); W_o (V, m); b_o (V,); targets, target_classes (N,) and class_bounds (C + 1,)
-    int32; G (N, ≥ the largest class) scratch for the row's logits, then scale · dL/dz; losses (N,) float64.
+    int32; G (N, ≥ the largest class) scratch for the row's logits, then scale · dL/dz; losses (N,) float64;
+    direct (N, ≥ the largest class) the rows' direct scores, or (1, 0) for none.
     """
     row_stats, write_grad = row_functions(dtype)
     zero = np.dtype(dtype).type(0)
 
     @device.inlined
-    def row_loss(S_next, W_o, b_o, targets, target_classes, class_bounds, G, losses):
-        """G[r, w] = W_o[lo + w] · S_next[r] for the n words of r's class (a thread per word), losses[r] =
-        -log p(targets[r] | class); returns (lo, n, y, top, total), y the target's index in the class."""
+    def row_loss(S_next, W_o, b_o, targets, target_classes, class_bounds, G, losses, direct):
+        """G[r, w] = W_o[lo + w] · S_next[r] (+ direct[r, w]) for the n words of r's class (a thread per word),
+        losses[r] = -log p(targets[r] | class); returns (lo, n, y, top, total), y the target's index in the class."""
         r = cuda.blockIdx.x
         c = target_classes[r]
         lo = class_bounds[c]
@@ -40,6 +41,8 @@ def _class_row_kernels(dtype):
             while i < S_next.shape[1]:
                 acc += W_o[lo + w, i] * S_next[r, i]
                 i += 1
+            if direct.shape[1]:
+                acc += direct[r, w]
             G[r, w] = acc
             w += cuda.blockDim.x
         cuda.syncthreads()
@@ -51,12 +54,17 @@ def _class_row_kernels(dtype):
         return lo, n, y, top, total
 
     @cuda.jit
-    def class_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, G, losses, dL_ds):
-        """row_loss, then G[r, :n] = scale · dL/dz and dL_ds[r] += W_o[class]ᵀ G[r, :n]."""
+    def class_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, G, losses, dL_ds, direct):
+        """row_loss, then G[r, :n] = scale · dL/dz (copied into direct[r, :n]) and dL_ds[r] += W_o[class]ᵀ
+        G[r, :n]."""
         r = cuda.blockIdx.x
-        lo, n, y, top, total = row_loss(S_next, W_o, b_o, targets, target_classes, class_bounds, G, losses)
+        lo, n, y, top, total = row_loss(S_next, W_o, b_o, targets, target_classes, class_bounds, G, losses, direct)
         write_grad(G, r, b_o[lo : lo + n], n, y, top, total, scale)
         cuda.syncthreads()
+        w = cuda.threadIdx.x
+        while direct.shape[1] and w < n:
+            direct[r, w] = G[r, w]
+            w += cuda.blockDim.x
         i = cuda.threadIdx.x
         while i < S_next.shape[1]:
             acc = zero
@@ -68,9 +76,9 @@ def _class_row_kernels(dtype):
             i += cuda.blockDim.x
 
     @cuda.jit
-    def class_loss(S_next, W_o, b_o, targets, target_classes, class_bounds, G, sign, out):
+    def class_loss(S_next, W_o, b_o, targets, target_classes, class_bounds, G, sign, out, direct):
         """out[r] = sign · -log p(targets[r] | class): the loss (sign 1) or the log-probability (sign -1)."""
-        row_loss(S_next, W_o, b_o, targets, target_classes, class_bounds, G, out)
+        row_loss(S_next, W_o, b_o, targets, target_classes, class_bounds, G, out, direct)
         if cuda.threadIdx.x == 0:
             out[cuda.blockIdx.x] *= sign
 
@@ -147,8 +155,13 @@ def _class_scratch(S_next, class_bounds):
     return G, device.workspace("class row losses", (N,), np.float64), n_classes
 
 
+def _direct_or_none(direct, S_next):
+    """The direct scores, or an array without columns standing for none."""
+    return device.workspace("no direct scores", (1, 0), S_next.dtype) if direct is None else direct
+
+
 def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, touched,
-                    dW_o_norm):
+                    dW_o_norm, direct=None):
     """One block per row (logits, loss, dL/dz into a scratch array, dL_ds), then one thread per (word, unit)
     over the class's row list (dW_o, db_o, touched), then the norm of the touched rows by block sums; the
     loss is a DeviceSum."""
@@ -157,7 +170,7 @@ def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, sca
     class_grad, _ = _class_row_kernels(S_next.dtype)
     G, losses, n_classes = _class_scratch(S_next, class_bounds)
     device.launch(class_grad, N, row_threads(max(G.shape[1], m)), S_next, W_o, b_o, targets, target_classes,
-                  class_bounds, S_next.dtype.type(scale), G, losses, dL_ds)
+                  class_bounds, S_next.dtype.type(scale), G, losses, dL_ds, _direct_or_none(direct, S_next))
     next_row, first_row = link(target_classes, n_classes)
     tx, ty = device.threads(m, 32), device.threads(V, 8)
     grid = (device.blocks(m, tx), device.blocks(V, ty))
@@ -170,20 +183,20 @@ def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, sca
     return DeviceSum(losses)
 
 
-def class_xent(S_next, W_o, b_o, targets, target_classes, class_bounds):
+def class_xent(S_next, W_o, b_o, targets, target_classes, class_bounds, direct=None):
     """One block per row; the loss is a DeviceSum."""
     G, losses, _ = _class_scratch(S_next, class_bounds)
-    _class_rows(S_next, W_o, b_o, targets, target_classes, class_bounds, G, 1.0, losses)
+    _class_rows(S_next, W_o, b_o, targets, target_classes, class_bounds, G, 1.0, losses, direct)
     return DeviceSum(losses)
 
 
-def class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out):
+def class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out, direct=None):
     """One block per row, the kernel of ``class_xent`` writing the rows' log-probabilities."""
     G, _, _ = _class_scratch(S_next, class_bounds)
-    _class_rows(S_next, W_o, b_o, targets, target_classes, class_bounds, G, -1.0, out)
+    _class_rows(S_next, W_o, b_o, targets, target_classes, class_bounds, G, -1.0, out, direct)
 
 
-def _class_rows(S_next, W_o, b_o, targets, target_classes, class_bounds, G, sign, out):
+def _class_rows(S_next, W_o, b_o, targets, target_classes, class_bounds, G, sign, out, direct):
     _, class_loss = _class_row_kernels(S_next.dtype)
     device.launch(class_loss, S_next.shape[0], row_threads(G.shape[1]), S_next, W_o, b_o, targets, target_classes,
-                  class_bounds, G, np.float64(sign), out)
+                  class_bounds, G, np.float64(sign), out, _direct_or_none(direct, S_next))
