@@ -105,10 +105,10 @@ class Adam(_Clipped):
             moments = self.moment1[name], self.moment2[name]
             scalars = (dtype(lr_t), clipping, dtype(2.0 * self.l2), dtype(self.beta1), dtype(self.beta2),
                        dtype(eps_t))
-            if name in sparse and self.lazy:
+            if name in sparse and self.lazy:  # clears the gradient's rows and marks as it goes
                 ops.masked_adam_update(param_rows, grad_rows, *moments, sparse[name], *scalars)
-            else:
-                ops.adam_update(param_rows, grad_rows, *moments, *scalars)
+                continue
+            ops.adam_update(param_rows, grad_rows, *moments, *scalars)
             if name in sparse:  # leave the sparse gradient zero for the next window
                 ops.masked_sgd_update(param_rows, grad_rows, sparse[name], 0.0, clipping)
 

@@ -251,6 +251,8 @@ def test_adam_step_equals_a_hand_computed_step(ops, structure, optimizer):
         norm = np.sqrt(sum((g**2).sum() for g in grads.values()))
         adam.update(P, G, window, lr)
         assert adam.last_norm() == pytest.approx(norm, rel=1e-10)
+        for name, mask in step.sparse_names(window).items():  # left zero, unmarked, for the next window
+            assert not ops.to_numpy(step.rows(name, G[name])).any() and not ops.to_numpy(mask).any(), name
         for name in names:
             g = grads[name] * min(1.0, 0.5 / norm) + 0.02 * expected[name]
             new_m1 = 0.8 * m1[name] + 0.2 * g

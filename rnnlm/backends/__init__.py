@@ -103,9 +103,9 @@ OPS = {
                        "param -= lr_t moment1 / (√moment2 + eps), all overwritten in place; lr_t carries the bias "
                        "correction; the scalars in the arrays' dtype"),
     "masked_adam_update": _op("param_rows grad_rows moment1 moment2 mask lr_t clipping decay beta1 beta2 eps",
-                              "adam_update on the rows marked in mask alone, their moments included (lazy Adam); "
-                              "the gradient rows and the mask are left for masked_sgd_update with lr = 0 to clear; "
-                              "param_rows, grad_rows (R, m) any layout, moments (R, m) C-contiguous"),
+                              "adam_update on the rows marked in mask alone, their moments included (lazy Adam), "
+                              "then grad_rows[r] = 0 and mask[r] = 0 for those rows; param_rows, grad_rows (R, m) "
+                              "any layout, moments (R, m) C-contiguous"),
 }
 
 
