@@ -2,10 +2,12 @@
 Billion Word benchmark's vocabulary), m = 256, class softmax, lazy Adam, 2 threads.
 
 The text is generated: V - 2 distinct lowercase words (2 to 12 letters; with <unk> and <eos> the vocabulary
-is V) drawn with probability ∝ 1/rank (Zipf's law, s = 1), in lines of 5 to 40 words, preceded by every
-word once (in lines of 20), so that the store's vocabulary is exactly V. `rnnlm tokenize` turns it into a
-store (its time and peak RSS are reported, and again with the cut-offs --max-vocab and --min-count); a
-separate short text is the validation store.
+is V), a word list of each once (in lines of 20), and a Zipf text (p ∝ 1/rank, s = 1) of --tokens words in
+lines of 5 to 40. `rnnlm tokenize` builds the vocabulary of V from the word list and the Zipf text together
+(its time and peak RSS are reported, and again with the cut-offs --max-vocab and --min-count); the training
+store is the Zipf text alone, tokenized with that vocabulary, so that its windows are Zipf's law throughout
+(the word list would give the streams that cross it uniform words); a separate short Zipf text is the
+validation store.
 
 Training runs in a process of its own (this script with --worker): rnnlm.train.train on the store for
 --windows windows, then stops (no epoch end: no validation and no model or checkpoint written). The speed is
@@ -58,19 +60,25 @@ def distinct_words(n_words, rng):
     return rng.permutation(found)[:n_words]
 
 
-def write_text(path, V, n_tokens, seed):
-    """The text of the module docstring into ``path``: every one of V - 2 words once, then ``n_tokens`` Zipf
-    words; returns the number of words written."""
+def write_texts(words_path, zipf_path, V, n_tokens, seed):
+    """The word list and the Zipf text of the module docstring; returns the words."""
     rng = np.random.default_rng(seed)
     words = distinct_words(V - 2, rng)
-    cdf = np.cumsum(1.0 / np.arange(1, V - 1))
-    cdf /= cdf[-1]
-    with open(path, "w", encoding="ascii") as f:
+    with open(words_path, "w", encoding="ascii") as f:
         for first in range(0, len(words), 20):
             f.write(" ".join(words[first:first + 20]) + "\n")
+    write_zipf(zipf_path, words, n_tokens, rng)
+    return words
+
+
+def write_zipf(path, words, n_tokens, rng):
+    """``n_tokens`` words drawn with p ∝ 1/rank, in lines of 5 to 40."""
+    cdf = np.cumsum(1.0 / np.arange(1, len(words) + 1))
+    cdf /= cdf[-1]
+    with open(path, "w", encoding="ascii") as f:
         for first in range(0, n_tokens, 1 << 20):
             n = min(1 << 20, n_tokens - first)
-            ids = np.minimum(np.searchsorted(cdf, rng.random(n)), V - 3)
+            ids = np.minimum(np.searchsorted(cdf, rng.random(n)), len(words) - 1)
             ends = np.cumsum(rng.integers(5, 41, n // 5 + 1))
             separators = np.full(n, " ", dtype=object)
             separators[ends[ends < n]] = "\n"
@@ -78,7 +86,6 @@ def write_text(path, V, n_tokens, seed):
             pieces = np.empty(2 * n, dtype=object)
             pieces[0::2], pieces[1::2] = words[ids], separators
             f.write("".join(pieces))
-    return len(words) + n_tokens
 
 
 def tokenize(texts, store, folder, *options):
@@ -180,20 +187,22 @@ def run(args):
     folder = Path(args.workdir)
     folder.mkdir(parents=True, exist_ok=True)
     report = {"cpu": cpu_model(), "cores": os.cpu_count(), "load_before": os.getloadavg()}
-    text, valid_text = folder / "text.txt", folder / "valid.txt"
+    word_list, text, valid_text = folder / "words.txt", folder / "text.txt", folder / "valid.txt"
     started = time.perf_counter()
-    report["text_words"] = write_text(text, args.vocab, args.tokens, args.seed)
-    report["text_bytes"] = text.stat().st_size
+    words = write_texts(word_list, text, args.vocab, args.tokens, args.seed)
+    report["text_bytes"] = word_list.stat().st_size + text.stat().st_size
     report["generate_s"] = time.perf_counter() - started
-    write_text(valid_text, args.vocab, args.tokens // 100, args.seed + 1)
-    store, valid = folder / "store", folder / "valid"
-    report["tokenize"] = tokenize([text], store, folder)
+    write_zipf(valid_text, words, args.tokens // 100, np.random.default_rng(args.seed + 1))
+    full, store, valid = folder / "full", folder / "store", folder / "valid"
+    report["tokenize"] = tokenize([word_list, text], full, folder)
     report["tokenize"]["MB_per_s"] = report["text_bytes"] / 1e6 / report["tokenize"]["seconds"]
     for cut in args.cutoffs:
         option, value = cut.split("=")
-        report[f"tokenize_{option}_{value}"] = tokenize([text], folder / "cut", folder, f"--{option}", value)
+        report[f"tokenize_{option}_{value}"] = tokenize([word_list, text], folder / "cut", folder, f"--{option}",
+                                                        value)
         shutil.rmtree(folder / "cut")
-    tokenize([valid_text], valid, folder, "--vocab", store / "vocab.json")
+    report["tokenize_with_vocab"] = tokenize([text], store, folder, "--vocab", full / "vocab.json")
+    tokenize([valid_text], valid, folder, "--vocab", full / "vocab.json")
     report["train"] = train_run(args, folder, store, valid)
     report["load_after"] = os.getloadavg()
     if not args.keep:
@@ -205,7 +214,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/rnnlm-large-vocab")
     parser.add_argument("--vocab", type=int, default=ONE_BILLION_WORD_V, help="V, <unk> and <eos> included")
-    parser.add_argument("--tokens", type=int, default=5_000_000, help="Zipf tokens after the word list")
+    parser.add_argument("--tokens", type=int, default=5_000_000, help="words of the Zipf text")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--classes", type=int, default=500)
     parser.add_argument("--bptt", type=int, default=20)
