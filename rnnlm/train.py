@@ -247,7 +247,7 @@ class Trainer:
                              f"({len(train_ids)} training tokens)")
         self.n_windows = self.windows.n_windows
         self.params = step.to_device(ops, model.params, model.tied)
-        self.grads = step.zero_grads(ops, model.params)
+        self.grads = step.zero_grads(ops, model.params, model.tied)
         self.window = step.Window(ops, config.bptt, len(streams), model.hidden, model.vocab_size,
                                   dropout=config.dropout, **model.structure)
         trainable = step.trainable(self.params, self.window)
@@ -388,7 +388,7 @@ class Trainer:
         state.window, state.epoch_loss = 0, 0.0
         self.window.reset_state()
         # the diverged window's sparse gradients were never applied: clear them and their masks
-        self.grads = step.zero_grads(self.ops, self.model.params)
+        self.grads = step.zero_grads(self.ops, self.model.params, self.model.tied)
         for mask in (self.window.touched_W_x, self.window.touched_W_o):
             self.ops.copy_into(np.zeros(mask.shape, np.uint8), mask)
         self.log({"event": "diverged", "loss": loss})  # with the rate of the next window

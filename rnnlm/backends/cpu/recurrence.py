@@ -223,16 +223,3 @@ def multiply(a, mask, out):
     z = out.reshape(-1)
     for k in prange(x.shape[0]):
         z[k] = x[k] * y[k]
-
-
-@njit(parallel=True, cache=True)
-def masked_add_rows(dst_rows, src_rows, src_mask, dst_mask):
-    """A parallel loop over the rows."""
-    R, m = dst_rows.shape
-    for r in prange(R):
-        if src_mask[r]:
-            for i in range(m):
-                dst_rows[r, i] += src_rows[r, i]
-                src_rows[r, i] = 0
-            src_mask[r] = 0
-            dst_mask[r] = 1
