@@ -211,6 +211,11 @@ def resume(checkpoint, options=None, on_window=None, on_epoch=None, text=None, v
     return trainer.run(on_window, on_epoch)
 
 
+def _equal(a, b, rows=1 << 14):
+    """np.array_equal of two arrays of one shape, a block of rows at a time (no temporary as large as a)."""
+    return a.shape == b.shape and all(np.array_equal(a[k:k + rows], b[k:k + rows]) for k in range(0, len(a), rows))
+
+
 class _Signals:
     """Turns SIGINT and SIGTERM into a flag checked between windows (main thread only)."""
 
@@ -429,10 +434,23 @@ class Trainer:
         for name in self.trainable:
             self.ops.copy_into(self.model.params[name], self.params[name])
 
-    def snapshot(self):
-        """Host copies of the parameters and the optimizer state: (params by name, (arrays, scalars))."""
-        params = {name: self.ops.to_numpy(self.params[name]) for name in self.trainable}
-        return params, self.optimizer.state()
+    def snapshot(self, copy=True):
+        """The parameters and the optimizer state on the host: (params by name, (arrays, scalars)).
+
+        copy: copies that later steps leave as they are (the epoch's start), where a parameter equal to the
+        best model's is that array itself (the best model's arrays are replaced, never written into), which
+        at a vocabulary of 10⁶ saves a copy of the V × m tables at most epochs' starts; else (a checkpoint
+        being written now) the CPU's arrays themselves.
+        """
+        params = {}
+        for name in self.trainable:
+            array, best = self.params[name], self.model.params[name]
+            on_host = isinstance(array, np.ndarray)
+            if copy and on_host and _equal(array, best):
+                params[name] = best
+            else:
+                params[name] = self.ops.to_numpy(array) if copy or not on_host else array
+        return params, self.optimizer.state(copy)
 
     def restore_snapshot(self, snapshot):
         params, (arrays, scalars) = snapshot
@@ -444,8 +462,8 @@ class Trainer:
         """Everything needed to continue (``rnnlm.checkpoint``), written by the writer rank."""
         carried = [self.reducer.gather_streams(self.ops.to_numpy(S[0])) for S in self.window.S]
         state = dict(self.state.to_json(), elapsed_s=time.perf_counter() - self.clock)
-        saved = Saved(self.snapshot(), self.epoch_start, self.model.params, carried, self.rng.bit_generator.state,
-                      state)
+        saved = Saved(self.snapshot(copy=False), self.epoch_start, self.model.params, carried,
+                      self.rng.bit_generator.state, state)
         sources, options = runplan.stored_paths(self.paths, asdict(self.options))
         settings = {"config": asdict(self.config), "options": options, "sources": sources,
                     "vocab": self.model.vocab.tokens}
