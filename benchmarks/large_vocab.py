@@ -12,13 +12,14 @@ validation store.
 Training runs in a process of its own (this script with --worker): rnnlm.train.train on the store for
 --windows windows, then stops (no epoch end: no validation and no model or checkpoint written). The speed is
 the median of the per-window rates after the first --warmup windows (compilation, and the page faults of the
-first touches of the zeroed gradients and moments); the peak RSS is the
-kernel's ru_maxrss of that process (os.wait4), the whole run's from start-up to the last window. The
+first touches of the zeroed gradients and moments); the peak RSS is the kernel's ru_maxrss of that process
+(os.wait4), the whole run's from start-up to the last window. The
 ceiling is the FLOP model's (benchmarks/common.py: 6·m·(C + E|c|) + 6·m² per token, E|c| the mean size of
 the targets' classes on the store's counts) at the GEMM rate measured in the same process (a (T·B, m) ×
 (m, 4096) float32 product, 2 threads), an upper bound no step can beat.
 
-    python benchmarks/large_vocab.py                  # V = 793,470, about 10 minutes
+    python benchmarks/large_vocab.py                  # V = 793,470, 2 to 3 minutes
+    python benchmarks/large_vocab.py --batch 4096 --tied --windows 10 --warmup 3
     python benchmarks/large_vocab.py --quick          # V = 5,000, seconds: the smoke test
 
 Everything generated is in --workdir (default /tmp/rnnlm-large-vocab) and deleted at the end (--keep keeps
