@@ -212,8 +212,12 @@ def resume(checkpoint, options=None, on_window=None, on_epoch=None, text=None, v
 
 
 def _equal(a, b, rows=1 << 14):
-    """np.array_equal of two arrays of one shape, a block of rows at a time (no temporary as large as a)."""
-    return a.shape == b.shape and all(np.array_equal(a[k:k + rows], b[k:k + rows]) for k in range(0, len(a), rows))
+    """Whether two C-contiguous arrays hold the same bits (-0.0 is not 0.0), compared a block of rows at a
+    time (no temporary as large as a)."""
+    if a.shape != b.shape or a.dtype != b.dtype or not (a.flags.c_contiguous and b.flags.c_contiguous):
+        return False
+    return all(np.array_equal(a[k:k + rows].view(np.uint8), b[k:k + rows].view(np.uint8))
+               for k in range(0, len(a), rows))
 
 
 class _Signals:
