@@ -38,3 +38,13 @@ def test_the_large_vocabulary_configuration_on_the_cuda_backend_gives_the_cpus_l
         np.testing.assert_allclose([r[key] for r in gpu_records], [r[key] for r in cpu_records], rtol=1e-5)
     for name, array in cpu_model.params.items():
         np.testing.assert_allclose(gpu_model.params[name], array, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("shape", [(10, 7), (7, 10), (1, 33)])
+def test_initial_weights_drawn_by_blocks_are_those_of_one_draw(shape):
+    """model._scaled_normal draws a table a block of rows at a time (no float64 copy of a 10⁶-row table), and
+    gives the numbers of the whole-array draw it replaced, so seeds keep their models."""
+    from rnnlm.model import _scaled_normal
+
+    whole = (np.random.default_rng(4).standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+    np.testing.assert_array_equal(_scaled_normal(np.random.default_rng(4), shape, np.float32, block=16), whole)
