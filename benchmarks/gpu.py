@@ -197,7 +197,7 @@ def window_results(ops, params, window_data, structure, seed):
         window.draw_masks(np.random.default_rng(seed))  # drawn on the host: the same masks on every backend
     bounds = structure["class_bounds"]
     classes = None if bounds is None else ops.asarray(word_classes(bounds)[y])
-    P, G = step.to_device(ops, params, structure["tied"]), step.zero_grads(ops, params)
+    P, G = step.to_device(ops, params, structure["tied"]), step.zero_grads(ops, params, structure["tied"])
     loss = float(step.forward_backward(ops, P, G, window, ops.asarray(x), ops.asarray(y), classes))
     out = {name: ops.to_numpy(g) for name, g in step.trainable(G, window).items()}
     for k, S in enumerate(window.S):

@@ -80,7 +80,7 @@ class Adapter:
     def __init__(self, ops, params, window, config):
         self.ops, self.params, self.config = ops, params, config
         self.trainable = step.trainable(params, window)
-        self.grads = step.zero_grads(ops, params)
+        self.grads = step.zero_grads(ops, params, window.tied)
         if config.rule == "sgd":
             self.optimizer = SGD(ops, self.trainable, clip=config.clip)
         else:

@@ -79,8 +79,8 @@ class SGD(_Clipped):
                 dense.append((param_rows, grad_rows))
         ops.sgd_updates(dense, lr, shrink, clipping)
 
-    def state(self):
-        """Arrays and scalars a checkpoint needs to continue exactly (none for SGD)."""
+    def state(self, copy=True):
+        """Arrays and scalars a checkpoint needs to continue exactly (none for SGD); copy: see Adam's."""
         return {}, {}
 
     def load_state(self, arrays, scalars):
@@ -120,16 +120,21 @@ class Adam(_Clipped):
             moments = self.moment1[name], self.moment2[name]
             scalars = (dtype(lr_t), clipping, dtype(2.0 * self.l2), dtype(self.beta1), dtype(self.beta2),
                        dtype(eps_t))
-            if name in sparse and self.lazy:
+            if name in sparse and self.lazy:  # clears the gradient's rows and marks as it goes
                 ops.masked_adam_update(param_rows, grad_rows, *moments, sparse[name], *scalars)
-            else:
-                ops.adam_update(param_rows, grad_rows, *moments, *scalars)
+                continue
+            ops.adam_update(param_rows, grad_rows, *moments, *scalars)
             if name in sparse:  # leave the sparse gradient zero for the next window
                 ops.masked_sgd_update(param_rows, grad_rows, sparse[name], 0.0, clipping)
 
-    def state(self):
-        arrays = {f"moment1/{k}": self.ops.to_numpy(v) for k, v in self.moment1.items()}
-        arrays.update({f"moment2/{k}": self.ops.to_numpy(v) for k, v in self.moment2.items()})
+    def state(self, copy=True):
+        """The moments and the step count; copy False: the CPU's moment arrays themselves, not copies (for a
+        checkpoint written at once: at a vocabulary of 10⁶ a copy of the moments is gigabytes)."""
+        def host(array):
+            return array if not copy and isinstance(array, np.ndarray) else self.ops.to_numpy(array)
+
+        arrays = {f"moment1/{k}": host(v) for k, v in self.moment1.items()}
+        arrays.update({f"moment2/{k}": host(v) for k, v in self.moment2.items()})
         return arrays, {"t": self.t}
 
     def load_state(self, arrays, scalars):

@@ -166,9 +166,10 @@ def resumed_vocab(meta, config, checkpoint):
 
 
 def memory_needed(config, vocab_size):
-    """A lower bound, in bytes, of the memory a run takes: float32 parameters kept four times (on the
-    device, their gradients, the best model, the epoch's start) and the optimizer's moments twice, plus
-    the window's buffers (T + 1 states and four more (T, B, m) arrays per layer, the (T·B, V) logits)."""
+    """A lower bound, in bytes, of the memory a run takes: float32 parameters kept three times (on the
+    device, their gradients, the best model, which the epoch's start shares while they are equal) and the
+    optimizer's moments twice (now and at the epoch's start), plus the window's buffers (T + 1 states and
+    four more (T, B, m) arrays per layer, the (T·B, V) logits)."""
     V, m, L, T, B = vocab_size, config.hidden, config.layers, config.bptt, config.batch
     n_out = V if config.softmax == "full" else min(V, config.classes or round(math.sqrt(V)))
     n_params = (1 if config.tied else 2) * V * m + V + (2 * L - 1) * m * m + L * m
@@ -177,7 +178,7 @@ def memory_needed(config, vocab_size):
     n_params += config.direct
     moments = 0 if config.optimizer == "sgd" else 2
     window = T * B * (5 * L * m + n_out)
-    return 4 * ((4 + 2 * moments) * n_params + window)
+    return 4 * ((3 + 2 * moments) * n_params + window)
 
 
 def check_memory(config, vocab_size):

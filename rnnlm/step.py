@@ -29,13 +29,13 @@ def to_device(ops, params, tied=False):
     return device
 
 
-def zero_grads(ops, params):
-    """Zeroed gradient arrays laid out like ``to_device``'s parameters (W_x's always its own); none for the
-    direct features' W_d, which ``rnnlm.direct`` updates where its gradient is computed."""
-    return {
-        name: ops.zeros(p.shape[::-1], p.dtype).T if name == "W_x" else ops.zeros(p.shape, p.dtype)
-        for name, p in params.items() if name != "W_d"
-    }
+def zero_grads(ops, params, tied=False):
+    """Zeroed gradient arrays laid out like ``to_device``'s parameters; tied, W_x's is a view of W_o's, so
+    that the input term's gradient lands in the shared array's rows. None for the direct features' W_d,
+    which ``rnnlm.direct`` updates where its gradient is computed."""
+    grads = {name: ops.zeros(p.shape, p.dtype) for name, p in params.items() if name not in ("W_x", "W_d")}
+    grads["W_x"] = grads["W_o"].T if tied else ops.zeros(params["W_x"].shape[::-1], params["W_x"].dtype).T
+    return grads
 
 
 def rows(name, array):
@@ -49,10 +49,10 @@ class Window:
     Per layer: S (T + 1, B, m) states, S[0] the state carried in; U (T, B, m) the input term; D (T, B, m)
     the dropped-out output (dropout only); dL_ds_out (T, B, m) the gradient reaching s_t from above;
     dL_da (T, B, m). Z (T·B, V), or (T·B, C) with the class softmax: logits, then dL/dz. touched_W_x,
-    touched_W_o (V,) uint8: the sparse gradients' masks. dW_o_norm (1,) float64, class softmax only:
-    the norm of the window's dW_o rows as class_xent_grad leaves them. Dropout masks: mask_in (T, B, m)
-    and one mask_out per layer, refilled by ``draw_masks``. direct: the direct features' buffers
-    (``rnnlm.direct.DirectWindow``) of a model with direct_order > 0, else None.
+    touched_W_o (V,) uint8: the sparse gradients' masks (tied, W_o's marks both). dW_o_norm (1,) float64,
+    class softmax only: the norm of the window's dW_o rows as class_xent_grad leaves them. Dropout masks:
+    mask_in (T, B, m) and one mask_out per layer, refilled by ``draw_masks``. direct: the direct features'
+    buffers (``rnnlm.direct.DirectWindow``) of a model with direct_order > 0, else None.
     """
 
     def __init__(self, ops, T, B, m, V, dtype=np.float32, class_bounds=None, layers=1, tied=False, dropout=0.0,
@@ -157,9 +157,8 @@ def forward_backward(ops, params, grads, window, inputs, targets, target_classes
     if window.dropout:
         ops.multiply(dL_dU, window.mask_in, window.U[0])  # U is free now: reuse it for dL/dU
         dL_dU = window.U[0]
-    ops.input_grads(inputs, dL_dU, grads["W_x"], window.touched_W_x)  # dW_x[:, x_{t-1}] += dL/dU_t
-    if window.tied:  # one shared array: fold W_x's sparse gradient into W_o's
-        ops.masked_add_rows(grads["W_o"], rows("W_x", grads["W_x"]), window.touched_W_x, window.touched_W_o)
+    # dW_x[:, x_{t-1}] += dL/dU_t; tied, into W_o's rows (the output layer's gradient is already there)
+    ops.input_grads(inputs, dL_dU, grads["W_x"], window.touched_W_o if window.tied else window.touched_W_x)
     return loss
 
 

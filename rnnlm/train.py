@@ -218,6 +218,15 @@ def resume(checkpoint, options=None, on_window=None, on_epoch=None, text=None, v
     return trainer.run(on_window, on_epoch)
 
 
+def _equal(a, b, rows=1 << 14):
+    """Whether two C-contiguous arrays hold the same bits (-0.0 is not 0.0), compared a block of rows at a
+    time (no temporary as large as a)."""
+    if a.shape != b.shape or a.dtype != b.dtype or not (a.flags.c_contiguous and b.flags.c_contiguous):
+        return False
+    return all(np.array_equal(a[k:k + rows].view(np.uint8), b[k:k + rows].view(np.uint8))
+               for k in range(0, len(a), rows))
+
+
 class _Signals:
     """Turns SIGINT and SIGTERM into a flag checked between windows (main thread only)."""
 
@@ -257,7 +266,7 @@ class Trainer:
             raise RnnlmError("--direct does not run under MPI: its table's sparse steps are not shared between "
                              "processes")
         self.params = step.to_device(ops, model.params, model.tied)
-        self.grads = step.zero_grads(ops, model.params)
+        self.grads = step.zero_grads(ops, model.params, model.tied)
         self.window = step.Window(ops, config.bptt, len(streams), model.hidden, model.vocab_size,
                                   dropout=config.dropout, **model.structure)
         trainable = step.trainable(self.params, self.window)
@@ -401,7 +410,7 @@ class Trainer:
         state.window, state.epoch_loss = 0, 0.0
         self.window.reset_state()
         # the diverged window's sparse gradients were never applied: clear them and their masks
-        self.grads = step.zero_grads(self.ops, self.model.params)
+        self.grads = step.zero_grads(self.ops, self.model.params, self.model.tied)
         for mask in (self.window.touched_W_x, self.window.touched_W_o):
             self.ops.copy_into(np.zeros(mask.shape, np.uint8), mask)
         self.log({"event": "diverged", "loss": loss})  # with the rate of the next window
@@ -442,10 +451,23 @@ class Trainer:
         for name in self.trainable:
             self.ops.copy_into(self.model.params[name], self.params[name])
 
-    def snapshot(self):
-        """Host copies of the parameters and the optimizer state: (params by name, (arrays, scalars))."""
-        params = {name: self.ops.to_numpy(self.params[name]) for name in self.trainable}
-        return params, self.optimizer.state()
+    def snapshot(self, copy=True):
+        """The parameters and the optimizer state on the host: (params by name, (arrays, scalars)).
+
+        copy: copies that later steps leave as they are (the epoch's start), where a parameter equal to the
+        best model's is that array itself (the best model's arrays are replaced, never written into), which
+        at a vocabulary of 10⁶ saves a copy of the V × m tables at most epochs' starts; else (a checkpoint
+        being written now) the CPU's arrays themselves.
+        """
+        params = {}
+        for name in self.trainable:
+            array, best = self.params[name], self.model.params[name]
+            on_host = isinstance(array, np.ndarray)
+            if copy and on_host and _equal(array, best):
+                params[name] = best
+            else:
+                params[name] = self.ops.to_numpy(array) if copy or not on_host else array
+        return params, self.optimizer.state(copy)
 
     def restore_snapshot(self, snapshot):
         params, (arrays, scalars) = snapshot
@@ -457,8 +479,8 @@ class Trainer:
         """Everything needed to continue (``rnnlm.checkpoint``), written by the writer rank."""
         carried = [self.reducer.gather_streams(self.ops.to_numpy(S[0])) for S in self.window.S]
         state = dict(self.state.to_json(), elapsed_s=time.perf_counter() - self.clock)
-        saved = Saved(self.snapshot(), self.epoch_start, self.model.params, carried, self.rng.bit_generator.state,
-                      state)
+        saved = Saved(self.snapshot(copy=False), self.epoch_start, self.model.params, carried,
+                      self.rng.bit_generator.state, state)
         sources, options = runplan.stored_paths(self.paths, asdict(self.options))
         settings = {"config": asdict(self.config), "options": options, "sources": sources,
                     "vocab": self.model.vocab.tokens}

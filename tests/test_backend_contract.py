@@ -140,13 +140,6 @@ def case_multiply(ops, rng):
     return outputs(ops, None, out=out, in_place=a)
 
 
-def case_masked_add_rows(ops, rng):
-    dst, src = ops.asarray(rand(rng, V, m)), ops.asarray(rand(rng, V, m))
-    src_mask, dst_mask = ops.asarray(ROW_MASK), ops.asarray(np.roll(ROW_MASK, 1))
-    ops.masked_add_rows(dst, src, src_mask, dst_mask)
-    return outputs(ops, None, dst=dst, src=src, src_mask=src_mask, dst_mask=dst_mask)
-
-
 def softmax_args(ops, rng):
     return ops.asarray(3 * rand(rng, N, V)), ops.asarray(rand(rng, V)), ops.asarray(rng.integers(0, V, N), np.int32)
 

@@ -86,7 +86,7 @@ class Problem:
     def run(self, ops):
         """Loss sum, trainable gradients (numpy, dense) and last states from the backend's fused step."""
         P, window, tokens = self.on_device(ops)
-        G = step.zero_grads(ops, self.params)
+        G = step.zero_grads(ops, self.params, window.tied)
         loss = float(step.forward_backward(ops, P, G, window, *tokens))
         grads = {k: ops.to_numpy(G[k]) for k in step.trainable(G, window)}
         return loss, grads, np.stack([ops.to_numpy(S[T]) for S in window.S])
@@ -202,7 +202,7 @@ def test_sgd_step_clips_the_global_norm_and_decays(ops, structure):
     problem = Problem(np.float64, structure, seed=3)
     _, ref_grads, _ = problem.reference()
     P, window, tokens = problem.on_device(ops)
-    G = step.zero_grads(ops, problem.params)
+    G = step.zero_grads(ops, problem.params, window.tied)
     step.forward_backward(ops, P, G, window, *tokens)
     norm = np.sqrt(sum((g**2).sum() for g in ref_grads.values()))
     lr, clip, l2 = 0.5, norm / 4, 0.01
@@ -212,8 +212,8 @@ def test_sgd_step_clips_the_global_norm_and_decays(ops, structure):
     for name in ref_grads:
         expected = problem.params[name] - lr * (ref_grads[name] / 4 + 2 * l2 * problem.params[name])
         np.testing.assert_allclose(ops.to_numpy(P[name]), expected, rtol=1e-10, atol=1e-14, err_msg=name)
-    for name in [*step.sparse_names(window), "W_x"]:
-        assert not ops.to_numpy(G[name]).any(), name
+    for name, mask in step.sparse_names(window).items():  # tied, W_x's gradient is W_o's rows
+        assert not ops.to_numpy(G[name]).any() and not ops.to_numpy(mask).any(), name
     if structure["tied"]:
         np.testing.assert_array_equal(ops.to_numpy(P["W_x"]), ops.to_numpy(P["W_o"]).T)
 
@@ -233,7 +233,7 @@ def test_adam_step_equals_a_hand_computed_step(ops, structure, optimizer):
     problem.inputs %= 6  # tokens 6-10, the last class, stay out of the window
     problem.targets %= 6
     P, window, tokens = problem.on_device(ops)
-    G = step.zero_grads(ops, problem.params)
+    G = step.zero_grads(ops, problem.params, window.tied)
     adam = optimizer(ops, step.trainable(P, window), clip=0.5, l2=0.01, beta1=0.8, beta2=0.9, eps=1e-6)
     lazy_names = step.sparse_names(window) if optimizer.lazy else {}
     expected = {k: v.copy() for k, v in problem.params.items()}
@@ -251,6 +251,8 @@ def test_adam_step_equals_a_hand_computed_step(ops, structure, optimizer):
         norm = np.sqrt(sum((g**2).sum() for g in grads.values()))
         adam.update(P, G, window, lr)
         assert adam.last_norm() == pytest.approx(norm, rel=1e-10)
+        for name, mask in step.sparse_names(window).items():  # left zero, unmarked, for the next window
+            assert not ops.to_numpy(step.rows(name, G[name])).any() and not ops.to_numpy(mask).any(), name
         for name in names:
             g = grads[name] * min(1.0, 0.5 / norm) + 0.02 * expected[name]
             new_m1 = 0.8 * m1[name] + 0.2 * g

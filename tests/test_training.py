@@ -337,3 +337,27 @@ def test_a_short_run_on_the_cuda_backend_gives_the_cpus_losses(tmp_path, softmax
         np.testing.assert_allclose([r[key] for r in gpu_records], [r[key] for r in cpu_records], rtol=1e-5)
     for name, array in cpu_model.params.items():
         np.testing.assert_allclose(gpu_model.params[name], array, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_the_epochs_start_is_the_best_models_arrays_when_they_are_equal(tmp_path, repetitive, monkeypatch):
+    """No third copy of the parameters: at a fresh run's start and after an epoch that improved, the epoch's
+    start holds the best model's own arrays; a checkpoint is written from the live arrays, not copies."""
+    from rnnlm.train import Trainer
+
+    starts, checkpoints = [], []
+    snapshot = Trainer.snapshot
+
+    def spy(self, copy=True):
+        params, (moments, scalars) = result = snapshot(self, copy)
+        if copy:
+            starts.append(all(params[name] is self.model.params[name] for name in self.trainable))
+        else:
+            checkpoints.append(all(params[name] is self.params[name] for name in self.trainable)
+                               and moments["moment1/W_o"] is self.optimizer.moment1["W_o"])
+        return result
+
+    monkeypatch.setattr(Trainer, "snapshot", spy)
+    rnnlm.train(repetitive, tmp_path / "m.npz", config=rnnlm.TrainConfig(**SMALL, epochs=2, optimizer="lazyadam",
+                                                                         softmax="class", classes=3, tied=True))
+    assert starts == [True, True]
+    assert checkpoints and all(checkpoints)

@@ -66,13 +66,11 @@ OPS = {
                     "dL/ds_t; S (T + 1, B, m) from forward, dL_ds_out (T, B, m), dL_da (T, B, m) overwritten. The "
                     "carried state gets no gradient (truncated BPTT)"),
     "input_grads": _op("inputs dL_dU dW_x touched", "dW_x[:, inputs[t, b]] += dL_dU[t, b] over the window and "
-                       "touched[inputs[t, b]] = 1: inputs (T, B), dL_dU (T, B, m), dW_x (m, V) column-major and "
-                       "zero in the columns not marked in touched (V,) on entry; each column's sum in position order"),
+                       "touched[inputs[t, b]] = 1: inputs (T, B), dL_dU (T, B, m), dW_x (m, V) column-major (tied "
+                       "weights pass W_o's gradient transposed, and its mask), touched (V,); each column's sum in "
+                       "position order, added to what the column held"),
     "bias_grad": _op("dL_da db", "db = Σ_rows dL_da: dL_da (N, m), db (m,) overwritten"),
     "multiply": _op("a mask out", "out = a ⊙ mask elementwise, arrays of one shape (out may be a)"),
-    "masked_add_rows": _op("dst_rows src_rows src_mask dst_mask", "for the rows r marked in src_mask: "
-                           "dst_rows[r] += src_rows[r], src_rows[r] = 0, dst_mask[r] = 1, src_mask[r] = 0 (tied "
-                           "weights fold W_x's sparse gradient into W_o's); rows (R, m) any layout"),
     # softmax
     "softmax_xent_grad": _op("Z b_o targets scale db_o", "Z (N, V) holds the logits without the bias on entry "
                              "and scale · (softmax(Z + b_o) - onehot(targets)) on return; targets (N,); db_o (V,) "
@@ -131,9 +129,9 @@ OPS = {
                        "param -= lr_t moment1 / (√moment2 + eps), all overwritten in place; lr_t carries the bias "
                        "correction; the scalars in the arrays' dtype"),
     "masked_adam_update": _op("param_rows grad_rows moment1 moment2 mask lr_t clipping decay beta1 beta2 eps",
-                              "adam_update on the rows marked in mask alone, their moments included (lazy Adam); "
-                              "the gradient rows and the mask are left for masked_sgd_update with lr = 0 to clear; "
-                              "param_rows, grad_rows (R, m) any layout, moments (R, m) C-contiguous"),
+                              "adam_update on the rows marked in mask alone, their moments included (lazy Adam), "
+                              "then grad_rows[r] = 0 and mask[r] = 0 for those rows; param_rows, grad_rows (R, m) "
+                              "any layout, moments (R, m) C-contiguous"),
 }
 
 

@@ -153,22 +153,37 @@ def _backward_streams(W_s, W_sT, S, dL_ds_out, dL_da, b, end):
 
 @njit(parallel=True, fastmath=True, cache=True)
 def input_grads(inputs, dL_dU, dW_x, touched):
-    """The window's positions are grouped by token and each token's column is one thread's, summed in one
-    contiguous pass: repeated tokens never race, and the order of their sum is fixed."""
+    """The window's positions are sorted by token (a stable sort of the T·B tokens: no work proportional to
+    V) and each token's column is one thread's, summed in one contiguous pass: repeated tokens never race,
+    and the order of their sum is fixed (position order)."""
     T, B, m = dL_dU.shape
     tokens = inputs.reshape(T * B)
     rows = dL_dU.reshape(T * B, m)
     columns = dW_x.T  # (V, m): token x's column as a contiguous row
-    start, order = _group_by(tokens, touched.shape[0])
-    present = np.nonzero(start[1:] > start[:-1])[0]
-    for k in prange(present.shape[0]):
-        x = present[k]
+    order = np.argsort(tokens, kind="mergesort")
+    runs = _run_starts(tokens, order)
+    for k in prange(runs.shape[0] - 1):
+        x = tokens[order[runs[k]]]
         column = columns[x]
-        for p in range(start[x], start[x + 1]):
+        for p in range(runs[k], runs[k + 1]):
             g = rows[order[p]]
             for i in range(m):
                 column[i] += g[i]
         touched[x] = 1
+
+
+@njit(cache=True, inline="always")
+def _run_starts(keys, order):
+    """Where the runs of equal keys begin in ``order`` (keys sorted by it), and len(order) last: (runs + 1,)."""
+    N = order.shape[0]
+    starts = np.empty(N + 1, np.int64)
+    n_runs = 0
+    for p in range(N):
+        if p == 0 or keys[order[p]] != keys[order[p - 1]]:
+            starts[n_runs] = p
+            n_runs += 1
+    starts[n_runs] = N
+    return starts[:n_runs + 1]
 
 
 @njit(cache=True, inline="always")
@@ -208,16 +223,3 @@ def multiply(a, mask, out):
     z = out.reshape(-1)
     for k in prange(x.shape[0]):
         z[k] = x[k] * y[k]
-
-
-@njit(parallel=True, cache=True)
-def masked_add_rows(dst_rows, src_rows, src_mask, dst_mask):
-    """A parallel loop over the rows."""
-    R, m = dst_rows.shape
-    for r in prange(R):
-        if src_mask[r]:
-            for i in range(m):
-                dst_rows[r, i] += src_rows[r, i]
-                src_rows[r, i] = 0
-            src_mask[r] = 0
-            dst_mask[r] = 1

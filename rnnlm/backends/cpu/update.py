@@ -78,7 +78,8 @@ def adam_update(param, grad, moment1, moment2, lr_t, clipping, decay, beta1, bet
 
 @njit(parallel=True, fastmath=True, cache=True)
 def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, clipping, decay, beta1, beta2, eps):
-    """A parallel loop over the rows, each marked row's elements by ``_adam_element``."""
+    """A parallel loop over the rows, each marked row's elements by ``_adam_element``, its gradient cleared
+    while it is in cache."""
     R, m = param_rows.shape
     one = param_rows.dtype.type(1)
     grad_scale = param_rows.dtype.type(clipping[1])
@@ -88,6 +89,8 @@ def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, clip
             m1, m2 = moment1[r], moment2[r]
             for i in range(m):
                 _adam_element(p, g, m1, m2, i, lr_t, grad_scale, decay, beta1, one - beta1, beta2, one - beta2, eps)
+                g[i] = 0
+            mask[r] = 0
 
 
 def grad_norm(pairs, clip, clipping):

@@ -21,9 +21,8 @@ import numpy as np
 from numba import cuda, from_dtype
 
 from rnnlm.backends.cuda import device
-from rnnlm.backends.cuda.arrays import asarray, flat
+from rnnlm.backends.cuda.arrays import flat
 from rnnlm.backends.cuda.reductions import column_sums, link
-from rnnlm.backends.cuda.update import marked_rows_update
 
 MAX_STREAMS_PER_BLOCK = 8
 MAX_RECURRENCE_THREADS = 1024
@@ -374,14 +373,3 @@ def multiply(a, mask, out):
     out_flat = flat(out)
     blocks, threads = device.elementwise_grid(out_flat.size)
     device.launch(_multiply_kernel, blocks, threads, flat(a), flat(mask), out_flat)
-
-
-@functools.cache
-def _unit_clipping():
-    """A clipping array (norm, factor) with factor 1: the fold of one gradient into another is a step of -1."""
-    return asarray(np.ones(2))
-
-
-def masked_add_rows(dst_rows, src_rows, src_mask, dst_mask):
-    """The sparse update's kernel with a step of -1 (dst_rows - (-1) · src_rows adds exactly)."""
-    marked_rows_update(dst_rows, src_rows, src_mask, dst_mask, -1.0, _unit_clipping())

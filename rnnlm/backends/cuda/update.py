@@ -110,23 +110,30 @@ def _adam_element(param, grad, moment1, moment2, k, lr_t, grad_scale, decay, bet
 @cuda.jit
 def _masked_adam_kernel(param_rows, grad_rows, moment1, moment2, mask, lr_t, clipping, decay, beta1, rest1, beta2,
                         rest2, eps):
-    """The lazy Adam step of ``masked_adam_update``: blockDim.y rows per block (grid-stride), x-threads
-    along a row. The mask is only read, so no barrier is needed (compare ``_marked_rows_kernel``)."""
+    """The lazy Adam step of ``masked_adam_update``, each marked row's gradient and mark cleared after its
+    step: blockDim.y rows per sweep (grid-stride), x-threads along a row, marks read before the sweep's
+    barrier and cleared after it, as in ``_marked_rows_kernel``."""
     grad_scale = param_rows.dtype.type(clipping[1])
     R, m = param_rows.shape
-    r = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
-    while r < R:
-        if mask[r] != 0:
+    r0 = cuda.blockIdx.x * cuda.blockDim.y
+    while r0 < R:  # the same trip count for every thread of the block
+        r = r0 + cuda.threadIdx.y
+        marked = r < R and mask[r] != 0
+        cuda.syncthreads()
+        if marked:
             i = cuda.threadIdx.x
             while i < m:
                 _adam_element(param_rows[r], grad_rows[r], moment1[r], moment2[r], i, lr_t, grad_scale, decay,
                               beta1, rest1, beta2, rest2, eps)
+                grad_rows[r, i] = 0
                 i += cuda.blockDim.x
-        r += cuda.gridDim.x * cuda.blockDim.y
+            if cuda.threadIdx.x == 0:
+                mask[r] = 0
+        r0 += cuda.gridDim.x * cuda.blockDim.y
 
 
 def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, clipping, decay, beta1, beta2, eps):
-    """Blocks of rows, x-threads along a row; the mask is only read."""
+    """Blocks of rows in sweeps, x-threads along a row, one launch (see ``_masked_adam_kernel``)."""
     one = param_rows.dtype.type(1)
     blocks, threads = device.row_grid(*param_rows.shape)
     device.launch(_masked_adam_kernel, blocks, threads, param_rows, grad_rows, moment1, moment2, mask, lr_t,
