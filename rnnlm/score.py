@@ -30,16 +30,17 @@ import numpy as np
 from rnnlm import reference, step
 from rnnlm.backends import get_backend
 from rnnlm.errors import RnnlmError
-from rnnlm.model import word_classes
+from rnnlm.model import layer_names, word_classes
 from rnnlm.tokenizer import UNK
 
 SENTENCE_MARKS = ("<s>", "</s>")
-DEFAULT_BATCH = 64
+DEFAULT_BATCH = 1024
 CHUNK_LINES = 4096  # lines scored at a time, at most
 READ_WAIT_S = 0.005  # a chunk ends when no line came for this long
 VOCABULARY_CHECK = 20  # tokens: refuse a text whose first ones are all unknown to the model
-MAX_SPAN = 256  # steps of one window
-OUTPUT_BUDGET = 1 << 24  # elements of a window's logits (T·B·V, or T·B·C with the class softmax)
+MAX_SPAN = 256  # steps of one window of stream scoring
+OUTPUT_BUDGET = 1 << 24  # elements of the logits computed at once (rows times V, or C with the class softmax)
+STATE_BUDGET = 1 << 24  # elements of the states of one window of independent scoring (rows · m · layers)
 
 
 @dataclass
@@ -81,11 +82,12 @@ def read_sentence(vocab, text, line=0):
 
 
 class Scorer:
-    """A model on a backend, scoring sentences ``batch`` at a time (independent) or as one stream.
+    """A model on a backend, scoring sentences independently ``batch`` at a time, or as one stream.
 
-    Windows of at most MAX_SPAN steps over the B streams are cut from one set of buffers, sized so that the
-    logits stay under OUTPUT_BUDGET elements; a sentence longer than a window continues in the next one with
-    its state carried.
+    Independent scoring packs a group of sentences (``Packing``) and runs the recurrence step by step over the
+    rows of the sentences still running, in windows of at most ``self.rows`` rows (STATE_BUDGET elements of
+    states); a window's last states are carried into the next. Stream scoring runs windows of at most MAX_SPAN
+    steps over one stream, sized so that the logits stay under OUTPUT_BUDGET elements.
     """
 
     def __init__(self, model, device="cpu", batch=DEFAULT_BATCH):
@@ -96,17 +98,104 @@ class Scorer:
         self.params = step.to_device(ops, model.params, model.tied)
         bounds = model.class_bounds
         self.classes = None if bounds is None else word_classes(bounds)
-        n_out = model.vocab_size if bounds is None else len(bounds) - 1
-        self.span = int(np.clip(OUTPUT_BUDGET // (n_out * batch), 1, MAX_SPAN))
-        dtype = model.params["W_s"].dtype
-        self.full = step.Window(ops, self.span, batch, model.hidden, model.vocab_size, dtype, **model.structure)
-        self.out = ops.zeros(self.span * batch, np.float64)
-        self.views = {self.span: self.full}
+        self.class_bounds = None if bounds is None else ops.asarray(bounds, np.int32)
+        self.n_out = model.vocab_size if bounds is None else len(bounds) - 1
+        self.rows = max(batch, STATE_BUDGET // (model.hidden * model.layers))
+        self.buffers = None  # independent scoring's, made at its first use
+        self.full = self.views = None  # stream scoring's windows, made at its first use
         self.last_step = None  # where the states to carry into the next window are: full.S[k][last_step]
         self.last_token = model.vocab.boundary_id  # stream scoring: the input of the next token
 
+    def output_log_probs(self, s, targets, Z, out):
+        """log p(targets[r]) (N,) float64 on the host for the top layer's rows s (N, m) and host targets (N,),
+        in blocks of Z's rows: full softmax, or class times word in class. out: a device float64 (≥ N,)."""
+        ops, params = self.ops, self.params
+        log_p = np.empty(len(targets))
+        for first in range(0, len(targets), Z.shape[0]):
+            rows = slice(first, min(first + Z.shape[0], len(targets)))
+            n = rows.stop - first
+            s_rows, z, o, y = s[rows], Z[:n], out[:n], ops.asarray(targets[rows])
+            if self.classes is None:
+                ops.matmul_nt(s_rows, params["W_o"], z)
+                ops.softmax_log_probs(z, params["b_o"], y, o)
+                log_p[rows] = ops.to_numpy(o)
+                continue
+            classes = ops.asarray(self.classes[targets[rows]])
+            ops.matmul_nt(s_rows, params["W_c"], z)
+            ops.softmax_log_probs(z, params["b_c"], classes, o)
+            log_p[rows] = ops.to_numpy(o)
+            ops.class_log_probs(s_rows, params["W_o"], params["b_o"], y, classes, self.class_bounds, o)
+            log_p[rows] += ops.to_numpy(o)
+        return log_p
+
+    # ------------------------------------------------------------------------------------ independent
+
+    def score_independent(self, sentences):
+        """Fill every sentence's ln_probs and ln_prob, each read alone from the boundary token."""
+        if not sentences:
+            return
+        lengths = np.fromiter((len(s.ids) for s in sentences), np.int64, len(sentences))
+        ids = np.fromiter(itertools.chain.from_iterable(s.ids for s in sentences), np.int32, int(lengths.sum()))
+        starts = np.cumsum(lengths) - lengths
+        log_p = np.empty(len(ids))
+        longest_first = np.argsort(-lengths, kind="stable")
+        for first in range(0, len(sentences), self.batch):
+            packing = Packing(longest_first[first : first + self.batch], lengths, starts, ids,
+                              self.model.vocab.boundary_id)
+            log_p[packing.source] = self.packed_log_probs(packing)
+        totals = np.add.reduceat(log_p, starts).tolist()
+        for sentence, part, total in zip(sentences, np.split(log_p, starts[1:]), totals, strict=True):
+            sentence.ln_probs, sentence.ln_prob = part, total
+
+    def packed_log_probs(self, packing):
+        """log p of a packing's targets (N,) float64, in its row order."""
+        if self.buffers is None:
+            self.buffers = PackedBuffers(self.ops, self.rows, self.batch, self.model, self.n_out)
+        offsets = packing.offsets.tolist()
+        inputs = self.ops.asarray(packing.inputs)
+        log_p = np.empty(len(packing.targets))
+        t0, T = 0, len(offsets) - 1
+        while t0 < T:
+            t1 = max(t0 + 1, int(np.searchsorted(packing.offsets, offsets[t0] + self.rows, side="right")) - 1)
+            top = self.packed_forward(offsets, inputs, t0, min(t1, T))
+            rows = slice(offsets[t0], offsets[min(t1, T)])
+            log_p[rows] = self.output_log_probs(top, packing.targets[rows], self.buffers.Z, self.buffers.out)
+            t0 = t1
+        return log_p
+
+    def packed_forward(self, offsets, inputs, t0, t1):
+        """Every layer over steps t0 ≤ t < t1 of a packing (rows offsets[t0]:offsets[t1] in the buffers),
+        from the states carried at step t0; keeps the last step's states for the next window and returns
+        the top layer's rows."""
+        ops, params, buffers = self.ops, self.params, self.buffers
+        base, n_rows = offsets[t0], offsets[t1] - offsets[t0]
+        for k in range(self.model.layers):
+            W_in, W_s, b_s = (params[name] for name in layer_names(k + 1))
+            S, carry = buffers.S[k], buffers.carry[k]
+            if k > 0:
+                ops.matmul_nt(buffers.S[k - 1][:n_rows], W_in, buffers.U[:n_rows])
+            for t in range(t0, t1):
+                a, b = offsets[t] - base, offsets[t + 1] - base
+                if t == 0:
+                    previous = None
+                elif t == t0:
+                    previous = carry[: b - a]
+                else:
+                    p = offsets[t - 1] - base
+                    previous = S[p : p + b - a]
+                if k == 0:  # the input term W_x x_{t-1}: W_x's columns, read as rows, at the input tokens
+                    ops.forward_rows(W_s, b_s, step.rows("W_x", params["W_x"]), inputs[base + a : base + b],
+                                     previous, S[a:b])
+                else:
+                    ops.forward_rows(W_s, b_s, buffers.U[a:b], None, previous, S[a:b])
+            last = offsets[t1 - 1] - base
+            ops.copy_into(S[last:n_rows], carry[: n_rows - last])
+        return buffers.S[-1][:n_rows]
+
+    # ------------------------------------------------------------------------------------ stream
+
     def view(self, T):
-        """A window of the first T ≤ span steps of the buffers (views, so states are shared)."""
+        """A window of the first T ≤ span steps of the stream's buffers (views, so states are shared)."""
         window = self.views.get(T)
         if window is None:
             full = self.full
@@ -118,63 +207,29 @@ class Scorer:
             self.views[T] = window
         return window
 
-    def run(self, inputs, targets, carry):
-        """log p(targets[t, b]) (T, B) float64 for inputs and targets (T, B), from the carried states when
-        ``carry``, else from zero states."""
+    def run(self, inputs, targets):
+        """log p(targets[t, b]) (T, B) float64 for inputs and targets (T, B), from the carried states."""
+        if self.full is None:
+            model = self.model
+            self.span = int(np.clip(OUTPUT_BUDGET // (self.n_out * self.batch), 1, MAX_SPAN))
+            self.full = step.Window(self.ops, self.span, self.batch, model.hidden, model.vocab_size,
+                                    model.params["W_s"].dtype, **model.structure)
+            self.out = self.ops.zeros(self.span * self.batch, np.float64)
+            self.views = {self.span: self.full}
         T = len(inputs)
         log_p = np.empty(inputs.shape)
         for start in range(0, T, self.span):
             window = self.view(min(self.span, T - start))
-            if carry and self.last_step is not None:
+            if self.last_step is not None:
                 for S in self.full.S:
                     self.ops.copy_into(S[self.last_step], S[0])
             else:
                 window.reset_state()
             span = slice(start, start + window.T)
-            log_p[span] = self.window_log_probs(window, inputs[span], targets[span]).reshape(window.T, -1)
-            self.last_step, carry = window.T, True
+            s = step.forward(self.ops, self.params, window, self.ops.asarray(inputs[span]), training=False)
+            log_p[span] = self.output_log_probs(s, targets[span].reshape(-1), window.Z, self.out).reshape(window.T, -1)
+            self.last_step = window.T
         return log_p
-
-    def window_log_probs(self, window, inputs, targets):
-        """log p of the window's targets (T·B,) float64 on the host: full, or class times word in class."""
-        ops, params = self.ops, self.params
-        N = window.T * window.B
-        s = step.forward(ops, params, window, ops.asarray(inputs), training=False)
-        targets = targets.reshape(N)
-        device_targets = ops.asarray(targets)
-        out = self.out[:N]
-        if self.classes is None:
-            ops.matmul_nt(s, params["W_o"], window.Z)
-            ops.softmax_log_probs(window.Z, params["b_o"], device_targets, out)
-            return ops.to_numpy(out)
-        classes = ops.asarray(self.classes[targets])
-        ops.matmul_nt(s, params["W_c"], window.Z)
-        ops.softmax_log_probs(window.Z, params["b_c"], classes, out)
-        log_p_class = ops.to_numpy(out)
-        ops.class_log_probs(s, params["W_o"], params["b_o"], device_targets, classes, window.class_bounds, out)
-        return log_p_class + ops.to_numpy(out)
-
-    def score_independent(self, sentences):
-        """Fill every sentence's ln_probs and ln_prob, each read alone from the boundary token."""
-        boundary = self.model.vocab.boundary_id
-        lengths = np.fromiter((len(s.ids) for s in sentences), np.int64, len(sentences))
-        order = np.argsort(lengths, kind="stable")
-        for first in range(0, len(order), self.batch):
-            members = order[first : first + self.batch]
-            n, T = len(members), int(lengths[members].max())
-            tokens = np.full((self.batch, T), boundary, np.int32)  # sentence by sentence, padded
-            present = np.arange(T) < lengths[members][:, None]
-            tokens[:n][present] = np.fromiter(itertools.chain.from_iterable(sentences[k].ids for k in members),
-                                              np.int32, int(present.sum()))
-            targets = np.ascontiguousarray(tokens.T)
-            inputs = np.empty_like(targets)
-            inputs[0] = boundary
-            inputs[1:] = targets[:-1]
-            log_p = self.run(inputs, targets, carry=False).T[:n]
-            totals = np.where(present, log_p, 0.0).sum(axis=1).tolist()
-            for k, row, total in zip(members.tolist(), log_p, totals, strict=True):
-                sentence = sentences[k]
-                sentence.ln_probs, sentence.ln_prob = row[: len(sentence.ids)], total
 
     def score_stream(self, sentences):
         """Fill every sentence's ln_probs and ln_prob reading them, and the sentences of earlier calls, as
@@ -187,11 +242,49 @@ class Scorer:
         inputs = np.empty_like(targets)
         inputs[0] = self.last_token
         inputs[1:] = targets[:-1]
-        log_p = self.run(inputs, targets, carry=True).reshape(-1)
+        log_p = self.run(inputs, targets).reshape(-1)
         self.last_token = int(targets[-1, 0])
         ends = np.cumsum([len(s.ids) for s in sentences])
         for sentence, part in zip(sentences, np.split(log_p, ends[:-1]), strict=True):
             sentence.ln_probs, sentence.ln_prob = part, float(part.sum())
+
+
+class Packing:
+    """A group of sentences laid out as rows for independent scoring, longest first: step t's rows are
+    offsets[t]:offsets[t + 1], one per sentence longer than t, in the same order at every step, so that the
+    streams of step t are the first ones of step t - 1. inputs, targets (N,) int32 in row order; source (N,)
+    each row's position in the sentence-major concatenation ``ids``.
+
+    members: the group's sentences, longest first; lengths, starts: every sentence's length and position in
+    ``ids`` (its token ids, the boundary token last).
+    """
+
+    def __init__(self, members, lengths, starts, ids, boundary):
+        member_lengths = lengths[members]
+        T = int(member_lengths[0])
+        running = np.bincount(member_lengths, minlength=T + 1)[::-1].cumsum()[::-1][1:]  # sentences longer than t
+        self.offsets = np.zeros(T + 1, np.int64)
+        np.cumsum(running, out=self.offsets[1:])
+        steps = np.repeat(np.arange(T), running)
+        ranks = np.arange(len(steps)) - self.offsets[steps]
+        self.source = starts[members[ranks]] + steps
+        self.targets = ids[self.source]
+        self.inputs = np.where(steps == 0, boundary, ids[self.source - 1]).astype(np.int32)
+
+
+class PackedBuffers:
+    """Independent scoring's device buffers: per layer, S (rows, m) the states of a window's rows and carry
+    (batch, m) the states carried into the next window; U (rows, m) the input term of the layers above the
+    first; Z (n, n_out) logits for n rows at a time (OUTPUT_BUDGET elements); out (n,) float64."""
+
+    def __init__(self, ops, rows, batch, model, n_out):
+        dtype, m = model.params["W_s"].dtype, model.hidden
+        self.S = [ops.zeros((rows, m), dtype) for _ in range(model.layers)]
+        self.carry = [ops.zeros((batch, m), dtype) for _ in range(model.layers)]
+        self.U = ops.zeros((rows, m), dtype) if model.layers > 1 else None
+        n = min(rows, max(1, OUTPUT_BUDGET // n_out))
+        self.Z = ops.zeros((n, n_out), dtype)
+        self.out = ops.zeros(n, np.float64)
 
 
 def score(model, sentences, per_token=False, device="cpu", batch=DEFAULT_BATCH):

@@ -109,6 +109,17 @@ def case_forward(ops, rng):
     return outputs(ops, None, S=S)
 
 
+def case_forward_rows(ops, rng):
+    """A step that carries states (read from rows of a larger array) with the input term by index, and a
+    first step from zero states with the input term row by row."""
+    W_s, b_s, U = ops.asarray(rand(rng, m, m) / 2), ops.asarray(rand(rng, m)), ops.asarray(rand(rng, V, m))
+    carried, first = ops.asarray(rand(rng, N, m)), ops.zeros((B, m), np.float64)
+    S = ops.zeros((N - 2, m), np.float64)
+    ops.forward_rows(W_s, b_s, U, ops.asarray(rng.integers(0, V, N - 2), np.int32), carried[1 : N - 1], S)
+    ops.forward_rows(W_s, b_s, U[:B], None, None, first)
+    return outputs(ops, None, S=S, first=first, carried=carried)
+
+
 def case_backward(ops, rng):
     dL_da = ops.asarray(rand(rng, T, B, m))  # overwritten whole
     S = ops.asarray(np.tanh(rand(rng, T + 1, B, m)))

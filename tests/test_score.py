@@ -84,12 +84,29 @@ def test_per_row_kernels_equal_the_float64_reference(ops):
     assert float(ops.class_xent(*args)) == pytest.approx(-sum(in_class), rel=1e-5)
 
 
+def test_forward_rows_equals_the_reference(ops):
+    """One step of the recurrence over rows: carried states and the input term by token, then from zero
+    states with the input term row by row."""
+    rng = np.random.default_rng(4)
+    n, m, V = 5, 7, 9
+    W_s, b_s = (0.5 * rng.standard_normal((m, m))).astype(np.float32), rng.standard_normal(m).astype(np.float32)
+    U, carried = rng.standard_normal((V, m)).astype(np.float32), rng.standard_normal((n + 1, m)).astype(np.float32)
+    tokens = rng.integers(0, V, n).astype(np.int32)
+    S = ops.zeros((n, m))
+    ops.forward_rows(ops.asarray(W_s), ops.asarray(b_s), ops.asarray(U), ops.asarray(tokens),
+                     ops.asarray(carried)[1:], S)
+    expected = np.tanh(carried[1:].astype(np.float64) @ W_s.T.astype(np.float64) + U[tokens] + b_s)
+    np.testing.assert_allclose(ops.to_numpy(S), expected, rtol=1e-5, atol=1e-6)
+    ops.forward_rows(ops.asarray(W_s), ops.asarray(b_s), ops.asarray(U[:n]), None, None, S)
+    np.testing.assert_allclose(ops.to_numpy(S), np.tanh(U[:n].astype(np.float64) + b_s), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.slow
 def test_batched_scores_equal_each_sentence_alone_and_the_reference(structure, device, monkeypatch):
-    """Sentences of different lengths in batches of 3, in windows of 4 steps (so the longest sentence
-    crosses windows with its state carried): the same numbers as each alone and as float64 numpy."""
-    monkeypatch.setattr(scoring, "MAX_SPAN", 4)
+    """Sentences of different lengths in batches of 3, packed in windows of 4 rows at most (so that the longer
+    sentences cross windows with their states carried): the same numbers as each alone and as float64 numpy."""
+    monkeypatch.setattr(scoring, "STATE_BUDGET", 4 * 6 * STRUCTURES[structure].get("layers", 1))
     model = make_model(structure)
     totals, per_token = rnnlm.score(model, SENTENCES, per_token=True, device=device, batch=3)
     for text, total, tokens in zip(SENTENCES, totals, per_token, strict=True):

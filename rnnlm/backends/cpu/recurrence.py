@@ -221,3 +221,30 @@ def masked_add_rows(dst_rows, src_rows, src_mask, dst_mask):
                 src_rows[r, i] = 0
             src_mask[r] = 0
             dst_mask[r] = 1
+
+
+def forward_rows(W_s, b_s, U, index, S_prev, S):
+    """numpy's matmul (BLAS) writes W_s S_prev into S, then a parallel loop over the rows adds the input term
+    and the bias and takes the tanh in place."""
+    if S_prev is not None:
+        np.matmul(S_prev, W_s.T, out=S)
+    _activate_rows(U, index, b_s, S, S_prev is not None, numba.get_num_threads())
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _activate_rows(U, index, b_s, S, add, n_threads):
+    """S[r] = tanh(S[r] + U[index[r]] + b_s) when ``add``, else tanh(U[index[r]] + b_s); index None reads U[r].
+    Rows in one chunk per thread."""
+    n, m = S.shape
+    n_chunks = min(n, n_threads)
+    for c in prange(n_chunks):
+        for r in range(c * n // n_chunks, (c + 1) * n // n_chunks):
+            u = U[r] if index is None else U[index[r]]
+            row = S[r]
+            if add:
+                for i in range(m):
+                    row[i] += u[i] + b_s[i]
+            else:
+                for i in range(m):
+                    row[i] = u[i] + b_s[i]
+            _tanh_inplace(row)

@@ -22,6 +22,7 @@ from numba import cuda, from_dtype
 
 from rnnlm.backends.cuda import device
 from rnnlm.backends.cuda.arrays import asarray, flat
+from rnnlm.backends.cuda.gemm import matmul_nt
 from rnnlm.backends.cuda.reductions import column_sums, link
 from rnnlm.backends.cuda.update import marked_rows_update
 
@@ -317,6 +318,34 @@ def embed(W_x, inputs, U):
     T, B, m = U.shape
     grid, block = _unit_position_grid(m, T * B)
     device.launch(_embed_kernel, grid, block, W_x, inputs.reshape(T * B), U.reshape(T * B, m))
+
+
+@cuda.jit
+def _activate_rows_kernel(U, index, indexed, b_s, S, add):
+    """S[r, i] = tanh(S[r, i] + U[u, i] + b_s[i]) when ``add`` (else without S[r, i]), u = index[r] when
+    ``indexed``, else r: one thread per (state unit i, row r)."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    r = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
+    n, m = S.shape
+    if i < m and r < n:
+        u = index[r] if indexed else r
+        total = U[u, i] + b_s[i]
+        if add:
+            total += S[r, i]
+        S[r, i] = math.tanh(total)
+
+
+def forward_rows(W_s, b_s, U, index, S_prev, S):
+    """The tiled GEMM writes W_s S_prev into S, then a thread per (state unit, row) adds the input term and the
+    bias and takes the tanh."""
+    n, m = S.shape
+    if S_prev is not None:
+        matmul_nt(S_prev, W_s, S)
+    indexed = index is not None
+    if not indexed:
+        index = device.workspace("no index", (1,), np.int32)
+    grid, block = _unit_position_grid(m, n)
+    device.launch(_activate_rows_kernel, grid, block, U, index, int(indexed), b_s, S, int(S_prev is not None))
 
 
 @cuda.jit
