@@ -2,14 +2,15 @@
 
 **Independent** scoring (the default, Mikolov's ``-independent``, KenLM's ``query``): every sentence is
 read from a zero state and the boundary token, and its tokens, the closing boundary token included, are
-predicted. A batch of sentences runs as the B streams of the kernels: sorted by length, padded with the
-boundary token to the longest of the batch, the padding's log-probabilities dropped. Each sentence's
-numbers are those of scoring it alone (to float32 rounding: the same kernels on other rows).
+predicted. A batch of sentences is packed without padding, longest first (``Packing``): step t of the
+recurrence runs the sentences longer than t as the rows of one GEMM, and the output layer takes every row
+of every step at once. Each sentence's numbers are those of scoring it alone (to float32 rounding: the
+same kernels on other rows).
 
 **Stream** scoring carries the state from one sentence to the next, as ``rnnlm perplexity`` reads a text:
 the same per-token numbers, so the same perplexity.
 
-How a line becomes tokens (``read_sentence``): word models split it on whitespace; a leading ``<s>`` and a
+How a line becomes tokens (``read_sentences``): word models split it on whitespace; a leading ``<s>`` and a
 trailing ``</s>`` (the n-gram tools' sentence markers) are dropped, and any other ``<s>`` or ``</s>`` is read
 as the boundary token; character models read its code points. The boundary token closes every sentence,
 so an empty line is scored as the boundary token alone.
@@ -59,26 +60,44 @@ class Sentence:
 
 def read_sentence(vocab, text, line=0):
     """The ``Sentence`` of one line of text (without its newline) for ``vocab``, not yet scored."""
-    if vocab.lowercase:
-        text = text.lower()
+    return read_sentences(vocab, [(line, text)])[0]
+
+
+def read_sentences(vocab, numbered):
+    """The ``Sentence``s of (line number, text) pairs for ``vocab``, not yet scored: the lines split one by one,
+    their tokens looked up all at once."""
+    numbered = list(numbered)
+    texts = [text.lower() if vocab.lowercase else text for _, text in numbered]
     boundary = vocab.tokens[vocab.boundary_id]
     if vocab.level == "char":
-        tokens = list(text)
+        token_lists = [list(text) for text in texts]
     else:
-        tokens = text.split()
-        if tokens and tokens[0] == SENTENCE_MARKS[0]:
-            del tokens[0]
-        if tokens and tokens[-1] == SENTENCE_MARKS[1]:
-            del tokens[-1]
-        if SENTENCE_MARKS[0] in tokens or SENTENCE_MARKS[1] in tokens:
-            tokens = [boundary if token in SENTENCE_MARKS else token for token in tokens]
-    tokens.append(boundary)
-    index, unk_id = vocab.index, vocab.unk_id
-    ids = [index.get(token, unk_id) for token in tokens]
-    oov = []
-    if ids.count(unk_id) != tokens.count(UNK):  # some tokens became <unk>, besides the literal ones
-        oov = [k for k, token in enumerate(tokens) if token not in index]
-    return Sentence(line, tokens, ids, oov)
+        token_lists = [text.split() for text in texts]
+        for k in [k for k, text in enumerate(texts) if SENTENCE_MARKS[0] in text or SENTENCE_MARKS[1] in text]:
+            token_lists[k] = _unmarked(token_lists[k], boundary)
+    for line_tokens in token_lists:
+        line_tokens.append(boundary)
+    tokens = list(itertools.chain.from_iterable(token_lists))
+    ids = list(map(vocab.index.get, tokens, itertools.repeat(vocab.unk_id)))
+    ends = np.cumsum([len(line_tokens) for line_tokens in token_lists]).tolist()
+    oov = [[] for _ in token_lists]  # the positions of tokens that became <unk>, besides the literal ones
+    line = 0
+    for k in np.flatnonzero(np.fromiter(ids, np.int64, len(ids)) == vocab.unk_id).tolist():
+        while k >= ends[line]:
+            line += 1
+        if tokens[k] != UNK:
+            oov[line].append(k - ends[line] + len(token_lists[line]))
+    return [Sentence(number, line_tokens, ids[end - len(line_tokens) : end], line_oov)
+            for (number, _), line_tokens, end, line_oov in zip(numbered, token_lists, ends, oov, strict=True)]
+
+
+def _unmarked(tokens, boundary):
+    """A line's tokens without a leading <s> and a trailing </s>, any other of them read as the boundary."""
+    if tokens and tokens[0] == SENTENCE_MARKS[0]:
+        del tokens[0]
+    if tokens and tokens[-1] == SENTENCE_MARKS[1]:
+        del tokens[-1]
+    return [boundary if token in SENTENCE_MARKS else token for token in tokens]
 
 
 class Scorer:
@@ -297,7 +316,7 @@ def score(model, sentences, per_token=False, device="cpu", batch=DEFAULT_BATCH):
     """
     if isinstance(sentences, str):
         raise RnnlmError("score() takes a list of sentences, not one string: score(model, [sentence])")
-    read = [read_sentence(model.vocab, text, k) for k, text in enumerate(sentences)]
+    read = read_sentences(model.vocab, enumerate(sentences))
     Scorer(model, device, batch).score_independent(read)
     totals = np.array([s.ln_prob for s in read], np.float64)
     if per_token:

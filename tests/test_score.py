@@ -128,6 +128,14 @@ def test_sentence_markers_and_empty_lines():
     assert scoring.read_sentence(vocab, "<s> </s>").ids == [0]
 
 
+def test_a_chunk_of_lines_reads_as_each_line_alone():
+    vocab = make_model().vocab
+    chunk = scoring.read_sentences(vocab, [(7, "zebra"), (8, "the zebra <unk> cat yak"), (9, ""), (10, "cat")])
+    assert [s.line for s in chunk] == [7, 8, 9, 10]
+    assert [s.ids for s in chunk] == [[1, 0], [2, 1, 1, 3, 1, 0], [0], [3, 0]]
+    assert [s.oov for s in chunk] == [[0], [1, 4], [], []]  # positions in each line, the literal <unk> not one
+
+
 def test_stream_scoring_equals_perplexity(tmp_path, monkeypatch):
     """Stream scoring in chunks, windows of 4 steps, equals perplexity over the file (state carried)."""
     monkeypatch.setattr(scoring, "MAX_SPAN", 4)

@@ -1,11 +1,14 @@
-"""Class softmax: the word half, p(w | class(w)), rows grouped by class so that a class's W_o rows are
-read once per group of four positions."""
+"""Class softmax: the word half, p(w | class(w)), rows grouped by class: in training a class's W_o rows are
+read once per group of four positions; in evaluation a class's rows meet its W_o rows in one GEMM."""
 
+import numba
 import numpy as np
 from numba import njit, prange
 
 from rnnlm.backends.cpu.recurrence import _group_by
-from rnnlm.backends.cpu.softmax import _biased_max, _exp_shifted_row
+from rnnlm.backends.cpu.softmax import _biased_max, _exp_shifted_row, _softmax_log_probs
+
+CLASS_LOGITS = 1 << 16  # in-class logits computed at once by class_log_probs
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -90,38 +93,26 @@ def class_xent(S_next, W_o, b_o, targets, target_classes, class_bounds):
     return -out.sum()
 
 
-@njit(parallel=True, fastmath=True, cache=True)
 def class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out):
     """out[r] = log p(targets[r] | its class), the word half of the class softmax (see ``class_xent_grad``),
     for every row of S_next (N, m); out (N,) float64.
 
-    Rows are grouped by class and each class is one thread's, its rows taken four at a time as in
-    ``class_xent_grad``, so that each pass over W_o[class] serves four of them.
+    Rows are grouped by class, and a class's rows, gathered, meet its W_o rows in one GEMM (numpy's matmul,
+    BLAS; at most CLASS_LOGITS logits at a time); then the softmax's per-row kernel takes each row's
+    log-probability of its target.
     """
-    m = S_next.shape[1]
-    C = class_bounds.shape[0] - 1
-    start, order = _group_by(target_classes, C)
-    for c in prange(C):
-        if start[c] == start[c + 1]:
-            continue
-        lo, hi = class_bounds[c], class_bounds[c + 1]
-        b_class = b_o[lo:hi]
-        S_four = np.zeros((4, m), S_next.dtype)
-        Z_four = np.empty((4, hi - lo), S_next.dtype)
-        bits = np.empty(hi - lo, np.int32)
-        for first in range(start[c], start[c + 1], 4):
-            n_rows = min(4, start[c + 1] - first)
-            for j in range(n_rows):
-                S_four[j] = S_next[order[first + j]]
-            _four_rows_logits(W_o[lo:hi], S_four, Z_four)
-            for j in range(n_rows):
-                r = order[first + j]
-                z = Z_four[j]
-                y = targets[r] - lo
-                z_y = z[y] + b_class[y]
-                top = _biased_max(z, b_class, bits)
-                loss = top + np.log(_exp_shifted_row(z, b_class, top, bits)) - z_y
-                out[r] = -loss
+    start, order = _group_by(target_classes, class_bounds.shape[0] - 1)
+    in_class = targets[order] - np.repeat(class_bounds[:-1], np.diff(start))  # the targets' places in their class
+    log_p = np.empty(order.shape[0])
+    n_threads = numba.get_num_threads()
+    for c in np.flatnonzero(np.diff(start)).tolist():
+        lo, hi = int(class_bounds[c]), int(class_bounds[c + 1])
+        step = max(1, CLASS_LOGITS // (hi - lo))
+        for first in range(start[c], start[c + 1], step):
+            rows = slice(first, min(first + step, start[c + 1]))
+            Z = S_next[order[rows]] @ W_o[lo:hi].T
+            _softmax_log_probs(Z, b_o[lo:hi], in_class[rows], log_p[rows], n_threads)
+    out[order] = log_p
 
 
 @njit(fastmath=True, cache=True, inline="always")
