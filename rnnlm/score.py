@@ -163,8 +163,8 @@ class Scorer:
                               self.model.vocab.boundary_id)
             log_p[packing.source] = self.packed_log_probs(packing)
         totals = np.add.reduceat(log_p, starts).tolist()
-        for sentence, part, total in zip(sentences, np.split(log_p, starts[1:]), totals, strict=True):
-            sentence.ln_probs, sentence.ln_prob = part, total
+        for sentence, start, total in zip(sentences, starts.tolist(), totals, strict=True):
+            sentence.ln_probs, sentence.ln_prob = log_p[start : start + len(sentence.ids)], total
 
     def packed_log_probs(self, packing):
         """log p of a packing's targets (N,) float64, in its row order."""

@@ -84,6 +84,23 @@ def test_per_row_kernels_equal_the_float64_reference(ops):
     assert float(ops.class_xent(*args)) == pytest.approx(-sum(in_class), rel=1e-5)
 
 
+def test_class_log_probs_the_same_in_small_blocks_of_logits(monkeypatch):
+    """The CPU kernel with at most 5 logits at a time (a class's rows split between blocks) as in one block."""
+    from rnnlm.backends import cpu
+    from rnnlm.backends.cpu import class_softmax
+
+    rng = np.random.default_rng(5)
+    N, m = 9, 4
+    s, W_o, b_o = (rng.standard_normal(shape).astype(np.float32) for shape in ((N, m), (11, m), (11,)))
+    targets = rng.integers(0, 11, N).astype(np.int32)
+    args = (s, W_o, b_o, targets, word_classes(BOUNDS)[targets].astype(np.int32), BOUNDS)
+    whole, blocks = np.empty(N), np.empty(N)
+    cpu.class_log_probs(*args, whole)
+    monkeypatch.setattr(class_softmax, "CLASS_LOGITS", 5)
+    cpu.class_log_probs(*args, blocks)
+    np.testing.assert_allclose(blocks, whole, rtol=1e-6)
+
+
 def test_forward_rows_equals_the_reference(ops):
     """One step of the recurrence over rows: carried states and the input term by token, then from zero
     states with the input term row by row."""

@@ -6,9 +6,9 @@ import numpy as np
 from numba import njit, prange
 
 from rnnlm.backends.cpu.recurrence import _group_by
-from rnnlm.backends.cpu.softmax import _biased_max, _exp_shifted_row, _softmax_log_probs
+from rnnlm.backends.cpu.softmax import _biased_max, _exp_shifted_row
 
-CLASS_LOGITS = 1 << 16  # in-class logits computed at once by class_log_probs
+CLASS_LOGITS = 1 << 22  # in-class logits computed at once by class_log_probs
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -98,21 +98,48 @@ def class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out
     for every row of S_next (N, m); out (N,) float64.
 
     Rows are grouped by class, and a class's rows, gathered, meet its W_o rows in one GEMM (numpy's matmul,
-    BLAS; at most CLASS_LOGITS logits at a time); then the softmax's per-row kernel takes each row's
-    log-probability of its target.
+    BLAS); then one parallel kernel takes every row's log-probability of its target. At most CLASS_LOGITS
+    logits at a time (a block of grouped rows, a class's rows split between blocks where they must).
     """
     start, order = _group_by(target_classes, class_bounds.shape[0] - 1)
-    in_class = targets[order] - np.repeat(class_bounds[:-1], np.diff(start))  # the targets' places in their class
+    first_word = np.repeat(class_bounds[:-1], np.diff(start))  # of each grouped row's class
+    sizes = np.repeat(np.diff(class_bounds), np.diff(start))
+    z_end = np.cumsum(sizes)  # where each grouped row's logits end among all of them
+    grouped_targets = targets[order]
     log_p = np.empty(order.shape[0])
-    n_threads = numba.get_num_threads()
-    for c in np.flatnonzero(np.diff(start)).tolist():
-        lo, hi = int(class_bounds[c]), int(class_bounds[c + 1])
-        step = max(1, CLASS_LOGITS // (hi - lo))
-        for first in range(start[c], start[c + 1], step):
-            rows = slice(first, min(first + step, start[c + 1]))
-            Z = S_next[order[rows]] @ W_o[lo:hi].T
-            _softmax_log_probs(Z, b_o[lo:hi], in_class[rows], log_p[rows], n_threads)
+    first = 0
+    while first < order.shape[0]:
+        base = z_end[first] - sizes[first]
+        last = max(first + 1, int(np.searchsorted(z_end, base + CLASS_LOGITS, side="right")))
+        Z = np.empty(z_end[last - 1] - base, S_next.dtype)
+        for c in range(np.searchsorted(start, first, side="right") - 1, np.searchsorted(start, last - 1, "right")):
+            a, b = max(start[c], first), min(start[c + 1], last)
+            if a < b:
+                lo, hi = class_bounds[c], class_bounds[c + 1]
+                logits = Z[z_end[a] - sizes[a] - base : z_end[b - 1] - base].reshape(b - a, hi - lo)
+                np.matmul(S_next[order[a:b]], W_o[lo:hi].T, out=logits)
+        rows = slice(first, last)
+        _ragged_log_probs(Z, z_end[rows] - base, sizes[rows], first_word[rows], b_o, grouped_targets[rows],
+                          log_p[rows], numba.get_num_threads())
+        first = last
     out[order] = log_p
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _ragged_log_probs(Z, z_end, sizes, first_word, b_o, targets, out, n_threads):
+    """out[r] = log softmax(z + b_o[w0 : w0 + n])[targets[r] - w0] for row r's logits z = Z[z_end[r] - n :
+    z_end[r]], n = sizes[r] words from w0 = first_word[r]; rows in one chunk per thread."""
+    N = out.shape[0]
+    n_chunks = min(N, n_threads)
+    widest = sizes.max() if N else 0
+    for c in prange(n_chunks):
+        bits = np.empty(widest, np.int32)
+        for r in range(c * N // n_chunks, (c + 1) * N // n_chunks):
+            w0, n = first_word[r], sizes[r]
+            z, b_class, y = Z[z_end[r] - n : z_end[r]], b_o[w0 : w0 + n], targets[r] - w0
+            z_y = z[y] + b_class[y]
+            top = _biased_max(z, b_class, bits[:n])
+            out[r] = z_y - top - np.log(_exp_shifted_row(z, b_class, top, bits[:n]))
 
 
 @njit(fastmath=True, cache=True, inline="always")
