@@ -84,8 +84,8 @@ def test_per_row_kernels_equal_the_float64_reference(ops):
     assert float(ops.class_xent(*args)) == pytest.approx(-sum(in_class), rel=1e-5)
 
 
-def test_class_log_probs_the_same_in_small_blocks_of_logits(monkeypatch):
-    """The CPU kernel with at most 5 logits at a time (a class's rows split between blocks) as in one block."""
+def test_class_log_probs_the_same_by_gemms_in_small_blocks_of_logits(monkeypatch):
+    """The CPU op by GEMMs with at most 5 logits at a time (a class's rows split between blocks) as by rows."""
     from rnnlm.backends import cpu
     from rnnlm.backends.cpu import class_softmax
 
@@ -94,11 +94,12 @@ def test_class_log_probs_the_same_in_small_blocks_of_logits(monkeypatch):
     s, W_o, b_o = (rng.standard_normal(shape).astype(np.float32) for shape in ((N, m), (11, m), (11,)))
     targets = rng.integers(0, 11, N).astype(np.int32)
     args = (s, W_o, b_o, targets, word_classes(BOUNDS)[targets].astype(np.int32), BOUNDS)
-    whole, blocks = np.empty(N), np.empty(N)
-    cpu.class_log_probs(*args, whole)
+    by_rows, blocks = np.empty(N), np.empty(N)
+    cpu.class_log_probs(*args, by_rows)
+    monkeypatch.setattr(class_softmax, "GEMM_ROWS", 0)
     monkeypatch.setattr(class_softmax, "CLASS_LOGITS", 5)
     cpu.class_log_probs(*args, blocks)
-    np.testing.assert_allclose(blocks, whole, rtol=1e-6)
+    np.testing.assert_allclose(blocks, by_rows, rtol=1e-6)
 
 
 def test_forward_rows_equals_the_reference(ops):

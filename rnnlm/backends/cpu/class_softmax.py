@@ -8,7 +8,8 @@ from numba import njit, prange
 from rnnlm.backends.cpu.recurrence import _group_by
 from rnnlm.backends.cpu.softmax import _biased_max, _exp_shifted_row
 
-CLASS_LOGITS = 1 << 22  # in-class logits computed at once by class_log_probs
+GEMM_ROWS = 1 << 14  # rows from which class_log_probs computes the in-class logits by GEMMs
+CLASS_LOGITS = 1 << 22  # in-class logits computed at once by those GEMMs
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -94,13 +95,14 @@ def class_xent(S_next, W_o, b_o, targets, target_classes, class_bounds):
 
 
 def class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out):
-    """out[r] = log p(targets[r] | its class), the word half of the class softmax (see ``class_xent_grad``),
-    for every row of S_next (N, m); out (N,) float64.
-
-    Rows are grouped by class, and a class's rows, gathered, meet its W_o rows in one GEMM (numpy's matmul,
-    BLAS); then one parallel kernel takes every row's log-probability of its target. At most CLASS_LOGITS
-    logits at a time (a block of grouped rows, a class's rows split between blocks where they must).
-    """
+    """Rows are grouped by class. From GEMM_ROWS rows on, a class's rows, gathered, meet its W_o rows in one
+    GEMM (numpy's matmul, BLAS), then one parallel kernel takes every row's log-probability of its target;
+    at most CLASS_LOGITS logits at a time (a block of grouped rows, a class's rows split between blocks where
+    they must). Fewer rows (an evaluation window) take one kernel, ``_class_log_probs_by_rows``, that spares
+    the GEMMs' calls."""
+    if S_next.shape[0] < GEMM_ROWS:
+        _class_log_probs_by_rows(S_next, W_o, b_o, targets, target_classes, class_bounds, out)
+        return
     start, order = _group_by(target_classes, class_bounds.shape[0] - 1)
     first_word = np.repeat(class_bounds[:-1], np.diff(start))  # of each grouped row's class
     sizes = np.repeat(np.diff(class_bounds), np.diff(start))
@@ -123,6 +125,35 @@ def class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out
                           log_p[rows], numba.get_num_threads())
         first = last
     out[order] = log_p
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _class_log_probs_by_rows(S_next, W_o, b_o, targets, target_classes, class_bounds, out):
+    """class_log_probs with each class one thread's, its rows taken four at a time as in ``class_xent_grad``,
+    so that each pass over W_o[class] serves four of them."""
+    m = S_next.shape[1]
+    C = class_bounds.shape[0] - 1
+    start, order = _group_by(target_classes, C)
+    for c in prange(C):
+        if start[c] == start[c + 1]:
+            continue
+        lo, hi = class_bounds[c], class_bounds[c + 1]
+        b_class = b_o[lo:hi]
+        S_four = np.zeros((4, m), S_next.dtype)
+        Z_four = np.empty((4, hi - lo), S_next.dtype)
+        bits = np.empty(hi - lo, np.int32)
+        for first in range(start[c], start[c + 1], 4):
+            n_rows = min(4, start[c + 1] - first)
+            for j in range(n_rows):
+                S_four[j] = S_next[order[first + j]]
+            _four_rows_logits(W_o[lo:hi], S_four, Z_four)
+            for j in range(n_rows):
+                r = order[first + j]
+                z = Z_four[j]
+                y = targets[r] - lo
+                z_y = z[y] + b_class[y]
+                top = _biased_max(z, b_class, bits)
+                out[r] = z_y - top - np.log(_exp_shifted_row(z, b_class, top, bits))
 
 
 @njit(parallel=True, fastmath=True, cache=True)
