@@ -170,45 +170,37 @@ class Scorer:
         """log p of a packing's targets (N,) float64, in its row order."""
         if self.buffers is None:
             self.buffers = PackedBuffers(self.ops, self.rows, self.batch, self.model, self.n_out)
-        offsets = packing.offsets.tolist()
+        offsets = packing.offsets
         inputs = self.ops.asarray(packing.inputs)
         log_p = np.empty(len(packing.targets))
         t0, T = 0, len(offsets) - 1
         while t0 < T:
-            t1 = max(t0 + 1, int(np.searchsorted(packing.offsets, offsets[t0] + self.rows, side="right")) - 1)
-            top = self.packed_forward(offsets, inputs, t0, min(t1, T))
-            rows = slice(offsets[t0], offsets[min(t1, T)])
+            t1 = min(T, max(t0 + 1, int(np.searchsorted(offsets, offsets[t0] + self.rows, side="right")) - 1))
+            top = self.packed_forward(offsets[t0 : t1 + 1], inputs, t0 > 0)
+            rows = slice(offsets[t0], offsets[t1])
             log_p[rows] = self.output_log_probs(top, packing.targets[rows], self.buffers.Z, self.buffers.out)
             t0 = t1
         return log_p
 
-    def packed_forward(self, offsets, inputs, t0, t1):
-        """Every layer over steps t0 ≤ t < t1 of a packing (rows offsets[t0]:offsets[t1] in the buffers),
-        from the states carried at step t0; keeps the last step's states for the next window and returns
+    def packed_forward(self, offsets, inputs, carried):
+        """Every layer over the steps of a packing whose rows are offsets[0]:offsets[-1] (a window of its
+        steps, held in the buffers from row 0), from the states carried from the step before when
+        ``carried``, else from zero states; keeps the last step's states for the next window and returns
         the top layer's rows."""
         ops, params, buffers = self.ops, self.params, self.buffers
-        base, n_rows = offsets[t0], offsets[t1] - offsets[t0]
+        base = int(offsets[0])
+        window, inputs = offsets - base, inputs[base : int(offsets[-1])]
+        n_rows, last = int(window[-1]), int(window[-2])
         for k in range(self.model.layers):
             W_in, W_s, b_s = (params[name] for name in layer_names(k + 1))
-            S, carry = buffers.S[k], buffers.carry[k]
-            if k > 0:
+            S, carry = buffers.S[k][:n_rows], buffers.carry[k]
+            if k == 0:  # the input term W_x x_{t-1}: W_x's columns, read as rows, at the input tokens
+                ops.forward_packed(W_s, b_s, step.rows("W_x", params["W_x"]), inputs, carry if carried else None, S,
+                                   window)
+            else:
                 ops.matmul_nt(buffers.S[k - 1][:n_rows], W_in, buffers.U[:n_rows])
-            for t in range(t0, t1):
-                a, b = offsets[t] - base, offsets[t + 1] - base
-                if t == 0:
-                    previous = None
-                elif t == t0:
-                    previous = carry[: b - a]
-                else:
-                    p = offsets[t - 1] - base
-                    previous = S[p : p + b - a]
-                if k == 0:  # the input term W_x x_{t-1}: W_x's columns, read as rows, at the input tokens
-                    ops.forward_rows(W_s, b_s, step.rows("W_x", params["W_x"]), inputs[base + a : base + b],
-                                     previous, S[a:b])
-                else:
-                    ops.forward_rows(W_s, b_s, buffers.U[a:b], None, previous, S[a:b])
-            last = offsets[t1 - 1] - base
-            ops.copy_into(S[last:n_rows], carry[: n_rows - last])
+                ops.forward_packed(W_s, b_s, buffers.U[:n_rows], None, carry if carried else None, S, window)
+            ops.copy_into(S[last:], carry[: n_rows - last])
         return buffers.S[-1][:n_rows]
 
     # ------------------------------------------------------------------------------------ stream

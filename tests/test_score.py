@@ -102,21 +102,42 @@ def test_class_log_probs_the_same_by_gemms_in_small_blocks_of_logits(monkeypatch
     np.testing.assert_allclose(blocks, by_rows, rtol=1e-6)
 
 
-def test_forward_rows_equals_the_reference(ops):
-    """One step of the recurrence over rows: carried states and the input term by token, then from zero
-    states with the input term row by row."""
+def packed_reference(W_s, b_s, U, index, carried, offsets):
+    """forward_packed in float64 numpy, row by row."""
+    S = np.zeros((offsets[-1], W_s.shape[0]))
+    for t in range(len(offsets) - 1):
+        for j in range(offsets[t + 1] - offsets[t]):
+            r = offsets[t] + j
+            s = carried[j] if t == 0 else S[offsets[t - 1] + j]
+            S[r] = np.tanh(W_s @ s + U[r if index is None else index[r]] + b_s)
+    return S
+
+
+@pytest.mark.parametrize("bands", [1, 2])
+def test_forward_packed_equals_the_reference(ops, bands):
+    """Streams of 4, 3, 3 and 1 steps as rows: from carried states with the input term by token, and from
+    zero states with the input term row by row; on the CPU in one band and in two (threads)."""
     rng = np.random.default_rng(4)
-    n, m, V = 5, 7, 9
+    offsets, m, V = np.array([0, 4, 7, 10, 11]), 6, 9
     W_s, b_s = (0.5 * rng.standard_normal((m, m))).astype(np.float32), rng.standard_normal(m).astype(np.float32)
-    U, carried = rng.standard_normal((V, m)).astype(np.float32), rng.standard_normal((n + 1, m)).astype(np.float32)
-    tokens = rng.integers(0, V, n).astype(np.int32)
-    S = ops.zeros((n, m))
-    ops.forward_rows(ops.asarray(W_s), ops.asarray(b_s), ops.asarray(U), ops.asarray(tokens),
-                     ops.asarray(carried)[1:], S)
-    expected = np.tanh(carried[1:].astype(np.float64) @ W_s.T.astype(np.float64) + U[tokens] + b_s)
-    np.testing.assert_allclose(ops.to_numpy(S), expected, rtol=1e-5, atol=1e-6)
-    ops.forward_rows(ops.asarray(W_s), ops.asarray(b_s), ops.asarray(U[:n]), None, None, S)
-    np.testing.assert_allclose(ops.to_numpy(S), np.tanh(U[:n].astype(np.float64) + b_s), rtol=1e-5, atol=1e-6)
+    U, carried = rng.standard_normal((V, m)).astype(np.float32), rng.standard_normal((4, m)).astype(np.float32)
+    tokens = rng.integers(0, V, 11).astype(np.int32)
+    if ops.name == "cpu":
+        numba = pytest.importorskip("numba")
+        threads = numba.get_num_threads()
+        numba.set_num_threads(min(bands, numba.config.NUMBA_NUM_THREADS))
+    try:
+        S = ops.zeros((11, m))
+        ops.forward_packed(*map(ops.asarray, (W_s, b_s, U, tokens, carried)), S, offsets)
+        np.testing.assert_allclose(ops.to_numpy(S), packed_reference(W_s, b_s, U, tokens, carried, offsets),
+                                   rtol=1e-5, atol=1e-6)
+        rows = U[tokens]
+        ops.forward_packed(ops.asarray(W_s), ops.asarray(b_s), ops.asarray(rows), None, None, S, offsets)
+        np.testing.assert_allclose(ops.to_numpy(S), packed_reference(W_s, b_s, rows, None, 0 * carried, offsets),
+                                   rtol=1e-5, atol=1e-6)
+    finally:
+        if ops.name == "cpu":
+            numba.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

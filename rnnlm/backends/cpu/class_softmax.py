@@ -1,11 +1,10 @@
 """Class softmax: the word half, p(w | class(w)), rows grouped by class: in training a class's W_o rows are
 read once per group of four positions; in evaluation a class's rows meet its W_o rows in one GEMM."""
 
-import numba
 import numpy as np
 from numba import njit, prange
 
-from rnnlm.backends.cpu.recurrence import _group_by
+from rnnlm.backends.cpu.recurrence import _group_by, in_threads
 from rnnlm.backends.cpu.softmax import _biased_max, _exp_shifted_row
 
 GEMM_ROWS = 1 << 14  # rows from which class_log_probs computes the in-class logits by GEMMs
@@ -96,10 +95,10 @@ def class_xent(S_next, W_o, b_o, targets, target_classes, class_bounds):
 
 def class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out):
     """Rows are grouped by class. From GEMM_ROWS rows on, a class's rows, gathered, meet its W_o rows in one
-    GEMM (numpy's matmul, BLAS), then one parallel kernel takes every row's log-probability of its target;
-    at most CLASS_LOGITS logits at a time (a block of grouped rows, a class's rows split between blocks where
-    they must). Fewer rows (an evaluation window) take one kernel, ``_class_log_probs_by_rows``, that spares
-    the GEMMs' calls."""
+    GEMM (numpy's matmul, BLAS), then a kernel takes every row's log-probability of its target; the grouped
+    rows in bands of about as many logits, one per thread (``in_threads``), each in blocks of at most
+    CLASS_LOGITS logits (a class's rows split between them where they must). Fewer rows (an evaluation
+    window) take one kernel, ``_class_log_probs_by_rows``, that spares the GEMMs' calls."""
     if S_next.shape[0] < GEMM_ROWS:
         _class_log_probs_by_rows(S_next, W_o, b_o, targets, target_classes, class_bounds, out)
         return
@@ -109,21 +108,23 @@ def class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out
     z_end = np.cumsum(sizes)  # where each grouped row's logits end among all of them
     grouped_targets = targets[order]
     log_p = np.empty(order.shape[0])
-    first = 0
-    while first < order.shape[0]:
-        base = z_end[first] - sizes[first]
-        last = max(first + 1, int(np.searchsorted(z_end, base + CLASS_LOGITS, side="right")))
-        Z = np.empty(z_end[last - 1] - base, S_next.dtype)
-        for c in range(np.searchsorted(start, first, side="right") - 1, np.searchsorted(start, last - 1, "right")):
-            a, b = max(start[c], first), min(start[c + 1], last)
-            if a < b:
+
+    def band(first, end):
+        while first < end:
+            base = z_end[first] - sizes[first]
+            last = min(end, max(first + 1, int(np.searchsorted(z_end, base + CLASS_LOGITS, side="right"))))
+            Z = np.empty(z_end[last - 1] - base, S_next.dtype)
+            for c in range(np.searchsorted(start, first, "right") - 1, np.searchsorted(start, last - 1, "right")):
+                a, b = max(start[c], first), min(start[c + 1], last)
                 lo, hi = class_bounds[c], class_bounds[c + 1]
                 logits = Z[z_end[a] - sizes[a] - base : z_end[b - 1] - base].reshape(b - a, hi - lo)
                 np.matmul(S_next[order[a:b]], W_o[lo:hi].T, out=logits)
-        rows = slice(first, last)
-        _ragged_log_probs(Z, z_end[rows] - base, sizes[rows], first_word[rows], b_o, grouped_targets[rows],
-                          log_p[rows], numba.get_num_threads())
-        first = last
+            rows = slice(first, last)
+            _ragged_log_probs(Z, z_end[rows] - base, sizes[rows], first_word[rows], b_o, grouped_targets[rows],
+                              log_p[rows])
+            first = last
+
+    in_threads(band, z_end)
     out[order] = log_p
 
 
@@ -156,21 +157,17 @@ def _class_log_probs_by_rows(S_next, W_o, b_o, targets, target_classes, class_bo
                 out[r] = z_y - top - np.log(_exp_shifted_row(z, b_class, top, bits))
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _ragged_log_probs(Z, z_end, sizes, first_word, b_o, targets, out, n_threads):
+@njit(fastmath=True, cache=True, nogil=True)
+def _ragged_log_probs(Z, z_end, sizes, first_word, b_o, targets, out):
     """out[r] = log softmax(z + b_o[w0 : w0 + n])[targets[r] - w0] for row r's logits z = Z[z_end[r] - n :
-    z_end[r]], n = sizes[r] words from w0 = first_word[r]; rows in one chunk per thread."""
-    N = out.shape[0]
-    n_chunks = min(N, n_threads)
-    widest = sizes.max() if N else 0
-    for c in prange(n_chunks):
-        bits = np.empty(widest, np.int32)
-        for r in range(c * N // n_chunks, (c + 1) * N // n_chunks):
-            w0, n = first_word[r], sizes[r]
-            z, b_class, y = Z[z_end[r] - n : z_end[r]], b_o[w0 : w0 + n], targets[r] - w0
-            z_y = z[y] + b_class[y]
-            top = _biased_max(z, b_class, bits[:n])
-            out[r] = z_y - top - np.log(_exp_shifted_row(z, b_class, top, bits[:n]))
+    z_end[r]], n = sizes[r] words from w0 = first_word[r]."""
+    bits = np.empty(sizes.max() if sizes.shape[0] else 0, np.int32)
+    for r in range(out.shape[0]):
+        w0, n = first_word[r], sizes[r]
+        z, b_class, y = Z[z_end[r] - n : z_end[r]], b_o[w0 : w0 + n], targets[r] - w0
+        z_y = z[y] + b_class[y]
+        top = _biased_max(z, b_class, bits[:n])
+        out[r] = z_y - top - np.log(_exp_shifted_row(z, b_class, top, bits[:n]))
 
 
 @njit(fastmath=True, cache=True, inline="always")

@@ -321,31 +321,38 @@ def embed(W_x, inputs, U):
 
 
 @cuda.jit
-def _activate_rows_kernel(U, index, indexed, b_s, S, add):
-    """S[r, i] = tanh(S[r, i] + U[u, i] + b_s[i]) when ``add`` (else without S[r, i]), u = index[r] when
-    ``indexed``, else r: one thread per (state unit i, row r)."""
+def _activate_rows_kernel(U, index, indexed, first, b_s, S, add):
+    """S[r, i] = tanh(S[r, i] + U[u, i] + b_s[i]) when ``add`` (else without S[r, i]), u = index[first + r]
+    when ``indexed``, else first + r: one thread per (state unit i, row r)."""
     i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     r = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
     n, m = S.shape
     if i < m and r < n:
-        u = index[r] if indexed else r
+        u = index[first + r] if indexed else first + r
         total = U[u, i] + b_s[i]
         if add:
             total += S[r, i]
         S[r, i] = math.tanh(total)
 
 
-def forward_rows(W_s, b_s, U, index, S_prev, S):
-    """The tiled GEMM writes W_s S_prev into S, then a thread per (state unit, row) adds the input term and the
-    bias and takes the tanh."""
-    n, m = S.shape
-    if S_prev is not None:
-        matmul_nt(S_prev, W_s, S)
+def forward_packed(W_s, b_s, U, index, S_carried, S, offsets):
+    """Step by step: the tiled GEMM writes W_s s into the step's rows, then a thread per (state unit, row) adds
+    the input term and the bias and takes the tanh."""
+    m = S.shape[1]
     indexed = index is not None
     if not indexed:
         index = device.workspace("no index", (1,), np.int32)
-    grid, block = _unit_position_grid(m, n)
-    device.launch(_activate_rows_kernel, grid, block, U, index, int(indexed), b_s, S, int(S_prev is not None))
+    for t in range(len(offsets) - 1):
+        first, last = int(offsets[t]), int(offsets[t + 1])
+        if first == last:
+            break
+        rows = S[first:last]
+        previous = S_carried if t == 0 else S[int(offsets[t - 1]) :]
+        if previous is not None:
+            matmul_nt(previous[: last - first], W_s, rows)
+        grid, block = _unit_position_grid(m, last - first)
+        device.launch(_activate_rows_kernel, grid, block, U, index, int(indexed), first, b_s, rows,
+                      int(previous is not None))
 
 
 @cuda.jit
