@@ -1,7 +1,8 @@
 """Sentences per second of ``rnnlm score`` (independent sentences, batched by length) on PTB's test set.
 
 Against (a) the same model scored by a plain PyTorch batched scorer (sentences sorted by length, padded,
-nn.RNN and log_softmax, padding masked; the class softmax one class at a time), run in its own process
+``--torch-batch`` at a time, nn.RNN and log_softmax, padding masked; the class softmax one class at a time:
+padding grows with the batch, so it keeps its own, 64 by default), run in its own process
 with PyTorch's default environment, and (b) ``rnnlm perplexity``'s token rate on the same text (one
 stream, B = 1): the cost of batching. m = 200, full and class softmax (C = √V), randomly initialized
 (speed does not depend on training). Timings are the median of ``--rounds`` timed passes after a warm-up, in
@@ -10,7 +11,7 @@ after PyTorch's and pooled, so that a load that changes meanwhile hits both; eve
 this one run. The numbers of both scorers are compared (ln_prob_difference: the sums of their
 sentence scores).
 
-    python benchmarks/scoring.py [--threads 2] [--batch 64] [--rounds 3]
+    python benchmarks/scoring.py [--threads 2] [--batch N] [--torch-batch 64] [--rounds 3]
 
 The text is data/ptb/test.txt (``bash data/ptb/prepare.sh``), else ../shared/data/ptb/test.txt; the
 vocabulary is its train.txt's. ``pip install torch`` for the baseline (skipped without it).
@@ -152,10 +153,10 @@ def run_torch(model_path, sentences, boundary, folder, args):
     thread settings): {"seconds" (median), "ln_prob", "torch"} or None."""
     ids_path = folder / "ids.txt"
     ids_path.write_text("".join(" ".join(map(str, s.ids)) + "\n" for s in sentences))
-    command = [sys.executable, __file__, "--torch-child", str(model_path), str(ids_path), "--batch", str(args.batch),
-               "--threads", str(args.threads), "--rounds", str(args.rounds), "--boundary", str(boundary)]
-    done = subprocess.run(command, capture_output=True, text=True,
-                          env=common.BASELINE_ENV)
+    command = [sys.executable, __file__, "--torch-child", str(model_path), str(ids_path), "--batch",
+               str(args.torch_batch), "--threads", str(args.threads), "--rounds", str(args.rounds), "--boundary",
+               str(boundary)]
+    done = subprocess.run(command, capture_output=True, text=True, env=common.BASELINE_ENV)
     if done.returncode != 0:
         print(f"PyTorch baseline skipped: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
@@ -165,7 +166,8 @@ def run_torch(model_path, sentences, boundary, folder, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=None, help="sentences side by side [default: rnnlm's]")
+    parser.add_argument("--batch", type=int, default=None, help="rnnlm's sentences side by side [default: rnnlm's]")
+    parser.add_argument("--torch-batch", type=int, default=64, help="PyTorch's sentences side by side")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--torch-child", nargs=2, metavar=("MODEL", "IDS"), help=argparse.SUPPRESS)
     parser.add_argument("--boundary", type=int, default=0, help=argparse.SUPPRESS)
@@ -193,6 +195,7 @@ def main():
             stream_s = statistics.median(stream_s + again[1])
             tokens = sum(len(s.ids) for s in sentences)
             row = {"softmax": softmax, "sentences": len(lines), "tokens": tokens, "batch": args.batch,
+                   "torch_batch": args.torch_batch,
                    "threads": args.threads, "cpu": common.cpu_model(), "score_sentences_per_s": len(lines) / score_s,
                    "score_tokens_per_s": tokens / score_s, "perplexity_tokens_per_s": tokens / stream_s}
             row["vs_perplexity"] = row["score_tokens_per_s"] / row["perplexity_tokens_per_s"]
@@ -209,7 +212,8 @@ def main():
         print(f"{row['softmax']:>5}: rnnlm score {row['score_sentences_per_s']:,.0f} sentences/s "
               f"({row['score_tokens_per_s']:,.0f} tok/s, {row['vs_perplexity']:.0%} of perplexity's "
               f"{row['perplexity_tokens_per_s']:,.0f} tok/s){torch_part}")
-    print(f"rnnlm {rnnlm.__version__} on {common.cpu_model()}, {args.threads} threads, batch {args.batch}, "
+    print(f"rnnlm {rnnlm.__version__} on {common.cpu_model()}, {args.threads} threads, batch {args.batch} "
+          f"(PyTorch {args.torch_batch}), "
           f"medians of {args.rounds} rounds (rnnlm: {2 * args.rounds}, before and after PyTorch)")
 
 

@@ -35,7 +35,7 @@ from rnnlm.model import layer_names, word_classes
 from rnnlm.tokenizer import UNK
 
 SENTENCE_MARKS = ("<s>", "</s>")
-DEFAULT_BATCH = 1024
+DEFAULT_BATCH = 4096
 CHUNK_LINES = 4096  # lines scored at a time, at most
 READ_WAIT_S = 0.005  # a chunk ends when no line came for this long
 VOCABULARY_CHECK = 20  # tokens: refuse a text whose first ones are all unknown to the model
