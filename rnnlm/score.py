@@ -32,7 +32,6 @@ from rnnlm import reference, step
 from rnnlm.backends import get_backend
 from rnnlm.errors import RnnlmError
 from rnnlm.model import layer_names, word_classes
-from rnnlm.tokenizer import UNK
 
 SENTENCE_MARKS = ("<s>", "</s>")
 DEFAULT_BATCH = 4096
@@ -77,16 +76,15 @@ def read_sentences(vocab, numbered):
             token_lists[k] = _unmarked(token_lists[k], boundary)
     for line_tokens in token_lists:
         line_tokens.append(boundary)
-    tokens = list(itertools.chain.from_iterable(token_lists))
-    ids = list(map(vocab.index.get, tokens, itertools.repeat(vocab.unk_id)))
-    ends = np.cumsum([len(line_tokens) for line_tokens in token_lists]).tolist()
-    oov = [[] for _ in token_lists]  # the positions of tokens that became <unk>, besides the literal ones
-    line = 0
-    for k in np.flatnonzero(np.fromiter(ids, np.int64, len(ids)) == vocab.unk_id).tolist():
-        while k >= ends[line]:
-            line += 1
-        if tokens[k] != UNK:
-            oov[line].append(k - ends[line] + len(token_lists[line]))
+    ends = np.cumsum([len(line_tokens) for line_tokens in token_lists], dtype=np.int64)
+    ids = np.fromiter(map(vocab.index.get, itertools.chain.from_iterable(token_lists), itertools.repeat(-1)),
+                      np.int64, int(ends[-1]) if len(ends) else 0)
+    unknown = np.flatnonzero(ids < 0)  # tokens outside the vocabulary, read as <unk> (a literal <unk> is known)
+    ids[unknown] = vocab.unk_id
+    oov = [[] for _ in token_lists]
+    for line, k in zip(np.searchsorted(ends, unknown, side="right").tolist(), unknown.tolist(), strict=True):
+        oov[line].append(k - int(ends[line]) + len(token_lists[line]))
+    ids, ends = ids.tolist(), ends.tolist()
     return [Sentence(number, line_tokens, ids[end - len(line_tokens) : end], line_oov)
             for (number, _), line_tokens, end, line_oov in zip(numbered, token_lists, ends, oov, strict=True)]
 
