@@ -11,7 +11,7 @@ after PyTorch's and pooled, so that a load that changes meanwhile hits both; eve
 this one run. The numbers of both scorers are compared (ln_prob_difference: the sums of their
 sentence scores).
 
-    python benchmarks/scoring.py [--threads 2] [--batch N] [--torch-batch 64] [--rounds 3]
+    python benchmarks/scoring.py [--threads 2] [--batch N] [--torch-batch 64] [--rounds 3] [--softmax class]
 
 The text is data/ptb/test.txt (``bash data/ptb/prepare.sh``), else ../shared/data/ptb/test.txt; the
 vocabulary is its train.txt's. ``pip install torch`` for the baseline (skipped without it).
@@ -169,6 +169,8 @@ def main():
     parser.add_argument("--batch", type=int, default=None, help="rnnlm's sentences side by side [default: rnnlm's]")
     parser.add_argument("--torch-batch", type=int, default=64, help="PyTorch's sentences side by side")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--softmax", choices=["full", "class"], action="append",
+                        help="the models to measure (repeatable) [default: both]")
     parser.add_argument("--torch-child", nargs=2, metavar=("MODEL", "IDS"), help=argparse.SUPPRESS)
     parser.add_argument("--boundary", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -188,6 +190,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for softmax, path in make_models(folder, ptb / "train.txt").items():
+            if args.softmax and softmax not in args.softmax:
+                continue
             score_s, stream_s, sentences = measure(path, lines, args.batch, args.rounds)
             baseline = run_torch(path, sentences, rnnlm.load(path).vocab.boundary_id, folder, args)
             again = measure(path, lines, args.batch, args.rounds)  # before and after PyTorch: a load that
