@@ -11,6 +11,7 @@ rnnlm (it records that environment at import).
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -225,6 +226,18 @@ class Worker:
     def close(self):
         self.process.stdin.close()
         self.process.wait()
+
+
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows, else None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def median_ratio(a, b):

@@ -1,14 +1,17 @@
 """Sentences per second of ``rnnlm score`` (independent sentences, batched by length) on PTB's test set.
 
 Against (a) the same model scored by a plain PyTorch batched scorer (sentences sorted by length, padded,
-nn.RNN and log_softmax, padding masked; the class softmax one class at a time), run in its own process
+``--torch-batch`` at a time, nn.RNN and log_softmax, padding masked; the class softmax one class at a time:
+padding grows with the batch, so it keeps its own, 64 by default), run in its own process
 with PyTorch's default environment, and (b) ``rnnlm perplexity``'s token rate on the same text (one
 stream, B = 1): the cost of batching. m = 200, full and class softmax (C = √V), randomly initialized
-(speed does not depend on training). Timings are the best of ``--rounds`` after a warm-up, in process,
-without the start of Python (about 1 s for the command), rnnlm's taken before and after PyTorch's; the
-numbers of both scorers are compared (ln_prob_difference: the sums of their sentence scores).
+(speed does not depend on training). Timings are the median of ``--rounds`` timed passes after a warm-up, in
+process, without the start of Python (about 1 s for the command); rnnlm's rounds are taken before and again
+after PyTorch's and pooled, so that a load that changes meanwhile hits both; every ratio is of medians of
+this one run. The numbers of both scorers are compared (ln_prob_difference: the sums of their
+sentence scores).
 
-    python benchmarks/scoring.py [--threads 2] [--batch 64] [--rounds 3]
+    python benchmarks/scoring.py [--threads 2] [--batch N] [--torch-batch 64] [--rounds 3] [--softmax class]
 
 The text is data/ptb/test.txt (``bash data/ptb/prepare.sh``), else ../shared/data/ptb/test.txt; the
 vocabulary is its train.txt's. ``pip install torch`` for the baseline (skipped without it).
@@ -18,30 +21,29 @@ import argparse
 import importlib
 import json
 import math
-import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import common  # beside this file; before anything that imports rnnlm
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 CANDIDATES = [REPO / "data" / "ptb", REPO.parent / "shared" / "data" / "ptb"]
-RNNLM_ENVIRONMENT = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT", "KMP_BLOCKTIME",
-                     "NUMBA_CACHE_DIR", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS")
 
 
-def best_time(rounds, work):
-    """The shortest of ``rounds`` timed calls of ``work`` after one untimed call, and its last result."""
+def timed(rounds, work):
+    """The seconds of each of ``rounds`` timed calls of ``work`` after one untimed call, and its last result."""
     result = work()
-    best = math.inf
+    seconds = []
     for _ in range(rounds):
         start = time.perf_counter()
         result = work()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        seconds.append(time.perf_counter() - start)
+    return seconds, result
 
 
 # ---------------------------------------------------------------------------------------- PyTorch side
@@ -99,8 +101,9 @@ def torch_scores(model_path, text_path, boundary, batch, threads, rounds):
                 totals[members] = batch_scores(members).double().numpy()
         return totals
 
-    seconds, totals = best_time(rounds, score_all)
-    print(json.dumps({"seconds": seconds, "ln_prob": float(totals.sum()), "torch": torch.__version__}))
+    seconds, totals = timed(rounds, score_all)
+    print(json.dumps({"seconds": statistics.median(seconds), "ln_prob": float(totals.sum()),
+                      "torch": torch.__version__}))
 
 
 # ---------------------------------------------------------------------------------------- rnnlm side
@@ -121,8 +124,8 @@ def make_models(folder, train, level="word"):
 
 
 def measure(model_path, lines, batch, rounds):
-    """rnnlm score's seconds for the lines (read and scored, as the command does), perplexity's seconds for
-    the same tokens, and the scores' sum."""
+    """rnnlm score's seconds per round for the lines (read and scored, as the command does), perplexity's
+    seconds per round for the same tokens, and the scored sentences."""
     import rnnlm
     from rnnlm import evaluate, step
     from rnnlm.backends import get_backend
@@ -132,27 +135,28 @@ def measure(model_path, lines, batch, rounds):
     scorer = scoring.Scorer(model, batch=batch)
 
     def score_all():
-        sentences = [scoring.read_sentence(model.vocab, line, k) for k, line in enumerate(lines)]
+        sentences = scoring.read_sentences(model.vocab, enumerate(lines))
         scorer.score_independent(sentences)
         return sentences
 
-    score_s, sentences = best_time(rounds, score_all)
+    score_s, sentences = timed(rounds, score_all)
     ops = get_backend("cpu")
     params = step.to_device(ops, model.params, model.tied)
     ids = np.concatenate([s.ids for s in sentences])
-    stream_s, _ = best_time(rounds, lambda: evaluate.stream_loss(ops, params, ids, model.vocab.boundary_id,
+    stream_s, _ = timed(rounds, lambda: evaluate.stream_loss(ops, params, ids, model.vocab.boundary_id,
                                                                  model.structure))
     return score_s, stream_s, sentences
 
 
 def run_torch(model_path, sentences, boundary, folder, args):
-    """The PyTorch scorer in its own process and default environment: (seconds, ln p sum) or None."""
+    """The PyTorch scorer in its own process, with the environment this one started with (without rnnlm's
+    thread settings): {"seconds" (median), "ln_prob", "torch"} or None."""
     ids_path = folder / "ids.txt"
     ids_path.write_text("".join(" ".join(map(str, s.ids)) + "\n" for s in sentences))
-    environment = {k: v for k, v in os.environ.items() if k not in RNNLM_ENVIRONMENT}
-    command = [sys.executable, __file__, "--torch-child", str(model_path), str(ids_path), "--batch", str(args.batch),
-               "--threads", str(args.threads), "--rounds", str(args.rounds), "--boundary", str(boundary)]
-    done = subprocess.run(command, capture_output=True, text=True, env=environment)
+    command = [sys.executable, __file__, "--torch-child", str(model_path), str(ids_path), "--batch",
+               str(args.torch_batch), "--threads", str(args.threads), "--rounds", str(args.rounds), "--boundary",
+               str(boundary)]
+    done = subprocess.run(command, capture_output=True, text=True, env=common.BASELINE_ENV)
     if done.returncode != 0:
         print(f"PyTorch baseline skipped: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
@@ -162,8 +166,11 @@ def run_torch(model_path, sentences, boundary, folder, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=None, help="sentences side by side [default: rnnlm's]")
+    parser.add_argument("--batch", type=int, default=None, help="rnnlm's sentences side by side [default: rnnlm's]")
+    parser.add_argument("--torch-batch", type=int, default=64, help="PyTorch's sentences side by side")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--softmax", choices=["full", "class"], action="append",
+                        help="the models to measure (repeatable) [default: both]")
     parser.add_argument("--torch-child", nargs=2, metavar=("MODEL", "IDS"), help=argparse.SUPPRESS)
     parser.add_argument("--boundary", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -183,13 +190,17 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for softmax, path in make_models(folder, ptb / "train.txt").items():
+            if args.softmax and softmax not in args.softmax:
+                continue
             score_s, stream_s, sentences = measure(path, lines, args.batch, args.rounds)
             baseline = run_torch(path, sentences, rnnlm.load(path).vocab.boundary_id, folder, args)
             again = measure(path, lines, args.batch, args.rounds)  # before and after PyTorch: a load that
-            score_s, stream_s = min(score_s, again[0]), min(stream_s, again[1])  # changes meanwhile hits both
+            score_s = statistics.median(score_s + again[0])  # changes meanwhile hits both
+            stream_s = statistics.median(stream_s + again[1])
             tokens = sum(len(s.ids) for s in sentences)
             row = {"softmax": softmax, "sentences": len(lines), "tokens": tokens, "batch": args.batch,
-                   "threads": args.threads, "score_sentences_per_s": len(lines) / score_s,
+                   "torch_batch": args.torch_batch,
+                   "threads": args.threads, "cpu": common.cpu_model(), "score_sentences_per_s": len(lines) / score_s,
                    "score_tokens_per_s": tokens / score_s, "perplexity_tokens_per_s": tokens / stream_s}
             row["vs_perplexity"] = row["score_tokens_per_s"] / row["perplexity_tokens_per_s"]
             if baseline is not None:
@@ -205,7 +216,9 @@ def main():
         print(f"{row['softmax']:>5}: rnnlm score {row['score_sentences_per_s']:,.0f} sentences/s "
               f"({row['score_tokens_per_s']:,.0f} tok/s, {row['vs_perplexity']:.0%} of perplexity's "
               f"{row['perplexity_tokens_per_s']:,.0f} tok/s){torch_part}")
-    print(f"rnnlm {rnnlm.__version__}, {args.threads} threads, batch {args.batch}, best of {args.rounds}")
+    print(f"rnnlm {rnnlm.__version__} on {common.cpu_model()}, {args.threads} threads, batch {args.batch} "
+          f"(PyTorch {args.torch_batch}), "
+          f"medians of {args.rounds} rounds (rnnlm: {2 * args.rounds}, before and after PyTorch)")
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ def environment(workers, gemm_workers, cfg, load):
         "python": platform.python_version(), "numba": numba.__version__, "rnnlm": rnnlm.__version__,
         "numpy": workers["numpy"].setup["versions"]["numpy"],
         "torch": gemm_workers["torch"].setup["versions"]["torch"] if "torch" in gemm_workers else None,
-        "cpu_count": os.cpu_count(), "processor": _cpu_model(), "threads": cfg.threads,
+        "cpu_count": os.cpu_count(), "processor": common.cpu_model(), "threads": cfg.threads,
         "blas": [{k: info.get(k) for k in ("internal_api", "filepath")} for info in threadpoolctl.threadpool_info()],
         "thread_env": {name: w.setup["thread_env"] for name, w in workers.items()},
         "loadavg_start": load[0], "loadavg_end": load[1],
@@ -185,17 +185,6 @@ def run(cfg, log):
         "results": res,
         "breakdown": breakdown,
     }
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def parse_args(argv):

@@ -17,7 +17,7 @@ from rnnlm import nbest
 from rnnlm import ngram as ngram_lm
 from rnnlm._env import set_threads
 from rnnlm.dynamic import StreamScorer
-from rnnlm.score import DEFAULT_BATCH, Scorer, Summary, check_vocabulary, chunks, read_sentence
+from rnnlm.score import DEFAULT_BATCH, Scorer, Summary, check_vocabulary, chunks, read_sentences
 from rnnlm.textio import display_name, iter_lines
 
 from .common import Command, FiniteFloat, device_option, emit_json, json_option, threads_option
@@ -93,7 +93,7 @@ def score(ctx, model_path, texts, stream, per_word, units, nbest_format, best, b
             if nbest_format:
                 hypotheses = [nbest.read(text, nbest_format, number) for number, text in chunk]
                 chunk = [(number, hypothesis.text) for (number, _), hypothesis in zip(chunk, hypotheses, strict=True)]
-            sentences = [read_sentence(model.vocab, text, number) for number, text in chunk]
+            sentences = read_sentences(model.vocab, chunk)
             if k == 0:
                 check_vocabulary(sentences, model.vocab, display_name(sources[0]))
             score_chunk(sentences)

@@ -41,6 +41,13 @@ def context_history(context, order):
     return out
 
 
+def window_contexts(history, T):
+    """Each row's context (P + 1, T·B) of a window, row t·B + b: the inputs x_{t-1-P} .. x_{t-1} of stream b,
+    oldest first, from history (P + T, B) laid out as ``DirectWindow.history``."""
+    P = history.shape[0] - T
+    return np.stack([history[j : j + T].reshape(-1) for j in range(P + 1)])
+
+
 class DirectWindow:
     """A window's direct-feature buffers: history (P + T, B) int32, keys (T·B, N) int64, and with the class
     softmax ``words`` (T·B, widest class): the rows' word scores within their class, then scale · dL/dz, and
@@ -105,3 +112,22 @@ class DirectWindow:
         if self.class_bounds is not None:
             ops.direct_scatter(W_d, self.keys, *word_region, self.target_classes, self.class_bounds, self.words,
                                factor)
+
+
+class DirectRows:
+    """Direct features of rows that each bring their own context (independent scoring's packed rows): a
+    ``DirectWindow`` of one step over ``rows`` streams, whose rows beyond a block's n have no context."""
+
+    def __init__(self, ops, rows, order, boundary_id, n_out, dtype, class_bounds=None):
+        self.window = DirectWindow(ops, 1, rows, order, boundary_id, n_out, dtype, class_bounds)
+        self.rows = rows
+
+    def add_scores(self, W_d, Z, contexts, target_classes=None):
+        """``DirectWindow.add_scores`` for n ≤ rows rows of contexts (P + 1, n) host ints (oldest first, -1:
+        none) into the logits Z (rows, n_out); with the class softmax target_classes (rows,) backend int32."""
+        window = self.window
+        history = np.full((contexts.shape[0], self.rows), -1, np.int32)
+        history[:, : contexts.shape[1]] = contexts
+        window.ops.copy_into(history, window.history)
+        window.ops.direct_keys(window.history, window.boundary_id, window.keys)
+        return window.add_scores(W_d, Z, target_classes)

@@ -109,6 +109,18 @@ def case_forward(ops, rng):
     return outputs(ops, None, S=S)
 
 
+def case_forward_packed(ops, rng):
+    """Streams of 3, 2 and 2 steps from carried states with the input term by token, then from zero states
+    with the input term row by row."""
+    offsets = np.array([0, 3, 6, 7])
+    W_s, b_s, U = ops.asarray(rand(rng, m, m) / 2), ops.asarray(rand(rng, m)), ops.asarray(rand(rng, V, m))
+    carried, first = ops.zeros((7, m), np.float64), ops.zeros((7, m), np.float64)
+    ops.forward_packed(W_s, b_s, U, ops.asarray(rng.integers(0, V, 7), np.int32), ops.asarray(rand(rng, 3, m)),
+                       carried, offsets)
+    ops.forward_packed(W_s, b_s, U, None, None, first, offsets)
+    return outputs(ops, None, carried=carried, first=first)
+
+
 def case_backward(ops, rng):
     dL_da = ops.asarray(rand(rng, T, B, m))  # overwritten whole
     S = ops.asarray(np.tanh(rand(rng, T + 1, B, m)))

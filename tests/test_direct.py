@@ -2,6 +2,7 @@
 reference, the float64 finite-difference check of a window's gradients, and direct models through training,
 the model file, perplexity, score, sample and dynamic evaluation."""
 
+import importlib
 import json
 
 import numba
@@ -234,9 +235,20 @@ def test_dynamic_evaluation_of_a_direct_model_adapts_its_table(direct_model, cor
     assert dynamic[:10].tolist() == static[:10].tolist()  # the first segment is scored before any step
 
 
-def test_score_of_a_direct_model_is_the_per_token_stream_within_a_sentence(direct_model, corpus):
-    lines = (corpus / "valid.txt").read_text().splitlines()[:4]
-    totals = score(direct_model, lines, batch=3)
+@pytest.mark.parametrize("blocks", ["whole", "small"])
+def test_score_of_a_direct_model_is_the_per_token_stream_within_a_sentence(direct_model, corpus, blocks,
+                                                                            monkeypatch):
+    """Packed independent scoring adds each row's direct scores: in one block, and (small) with the logits
+    in blocks of a few rows, states in windows that carry, and the class softmax's word half by GEMMs."""
+    if blocks == "small":
+        from rnnlm.backends.cpu import class_softmax
+
+        scoring = importlib.import_module("rnnlm.score")  # the module, which rnnlm.score (the function) hides
+        monkeypatch.setattr(scoring, "OUTPUT_BUDGET", 7 * direct_model.params["W_o"].shape[0])
+        monkeypatch.setattr(scoring, "STATE_BUDGET", 5 * direct_model.hidden)
+        monkeypatch.setattr(class_softmax, "GEMM_ROWS", 0)
+    lines = (corpus / "valid.txt").read_text().splitlines()[:12]
+    totals = score(direct_model, lines, batch=5)
     for line, total in zip(lines, totals, strict=True):
         ids = np.array([direct_model.vocab.index[w] for w in line.split()] + [direct_model.vocab.boundary_id])
         assert total == pytest.approx(token_log_probs(direct_model, ids).sum(), rel=1e-5)

@@ -84,12 +84,68 @@ def test_per_row_kernels_equal_the_float64_reference(ops):
     assert float(ops.class_xent(*args)) == pytest.approx(-sum(in_class), rel=1e-5)
 
 
+def test_class_log_probs_the_same_by_gemms_in_small_blocks_of_logits(monkeypatch):
+    """The CPU op by GEMMs with at most 5 logits at a time (a class's rows split between blocks) as by rows."""
+    from rnnlm.backends import cpu
+    from rnnlm.backends.cpu import class_softmax
+
+    rng = np.random.default_rng(5)
+    N, m = 9, 4
+    s, W_o, b_o = (rng.standard_normal(shape).astype(np.float32) for shape in ((N, m), (11, m), (11,)))
+    targets = rng.integers(0, 11, N).astype(np.int32)
+    args = (s, W_o, b_o, targets, word_classes(BOUNDS)[targets].astype(np.int32), BOUNDS)
+    by_rows, blocks = np.empty(N), np.empty(N)
+    cpu.class_log_probs(*args, by_rows)
+    monkeypatch.setattr(class_softmax, "GEMM_ROWS", 0)
+    monkeypatch.setattr(class_softmax, "CLASS_LOGITS", 5)
+    cpu.class_log_probs(*args, blocks)
+    np.testing.assert_allclose(blocks, by_rows, rtol=1e-6)
+
+
+def packed_reference(W_s, b_s, U, index, carried, offsets):
+    """forward_packed in float64 numpy, row by row."""
+    S = np.zeros((offsets[-1], W_s.shape[0]))
+    for t in range(len(offsets) - 1):
+        for j in range(offsets[t + 1] - offsets[t]):
+            r = offsets[t] + j
+            s = carried[j] if t == 0 else S[offsets[t - 1] + j]
+            S[r] = np.tanh(W_s @ s + U[r if index is None else index[r]] + b_s)
+    return S
+
+
+@pytest.mark.parametrize("bands", [1, 2])
+def test_forward_packed_equals_the_reference(ops, bands):
+    """Streams of 4, 3, 3 and 1 steps as rows: from carried states with the input term by token, and from
+    zero states with the input term row by row; on the CPU in one band and in two (threads)."""
+    rng = np.random.default_rng(4)
+    offsets, m, V = np.array([0, 4, 7, 10, 11]), 6, 9
+    W_s, b_s = (0.5 * rng.standard_normal((m, m))).astype(np.float32), rng.standard_normal(m).astype(np.float32)
+    U, carried = rng.standard_normal((V, m)).astype(np.float32), rng.standard_normal((4, m)).astype(np.float32)
+    tokens = rng.integers(0, V, 11).astype(np.int32)
+    if ops.name == "cpu":
+        numba = pytest.importorskip("numba")
+        threads = numba.get_num_threads()
+        numba.set_num_threads(min(bands, numba.config.NUMBA_NUM_THREADS))
+    try:
+        S = ops.zeros((11, m))
+        ops.forward_packed(*map(ops.asarray, (W_s, b_s, U, tokens, carried)), S, offsets)
+        np.testing.assert_allclose(ops.to_numpy(S), packed_reference(W_s, b_s, U, tokens, carried, offsets),
+                                   rtol=1e-5, atol=1e-6)
+        rows = U[tokens]
+        ops.forward_packed(ops.asarray(W_s), ops.asarray(b_s), ops.asarray(rows), None, None, S, offsets)
+        np.testing.assert_allclose(ops.to_numpy(S), packed_reference(W_s, b_s, rows, None, 0 * carried, offsets),
+                                   rtol=1e-5, atol=1e-6)
+    finally:
+        if ops.name == "cpu":
+            numba.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.slow
 def test_batched_scores_equal_each_sentence_alone_and_the_reference(structure, device, monkeypatch):
-    """Sentences of different lengths in batches of 3, in windows of 4 steps (so the longest sentence
-    crosses windows with its state carried): the same numbers as each alone and as float64 numpy."""
-    monkeypatch.setattr(scoring, "MAX_SPAN", 4)
+    """Sentences of different lengths in batches of 3, packed in windows of 4 rows at most (so that the longer
+    sentences cross windows with their states carried): the same numbers as each alone and as float64 numpy."""
+    monkeypatch.setattr(scoring, "STATE_BUDGET", 4 * 6 * STRUCTURES[structure].get("layers", 1))
     model = make_model(structure)
     totals, per_token = rnnlm.score(model, SENTENCES, per_token=True, device=device, batch=3)
     for text, total, tokens in zip(SENTENCES, totals, per_token, strict=True):
@@ -109,6 +165,14 @@ def test_sentence_markers_and_empty_lines():
     assert marked.oov == [1]
     assert scoring.read_sentence(vocab, "").ids == [0]
     assert scoring.read_sentence(vocab, "<s> </s>").ids == [0]
+
+
+def test_a_chunk_of_lines_reads_as_each_line_alone():
+    vocab = make_model().vocab
+    chunk = scoring.read_sentences(vocab, [(7, "zebra"), (8, "the zebra <unk> cat yak"), (9, ""), (10, "cat")])
+    assert [s.line for s in chunk] == [7, 8, 9, 10]
+    assert [s.ids for s in chunk] == [[1, 0], [2, 1, 1, 3, 1, 0], [0], [3, 0]]
+    assert [s.oov for s in chunk] == [[0], [1, 4], [], []]  # positions in each line, the literal <unk> not one
 
 
 def test_stream_scoring_equals_perplexity(tmp_path, monkeypatch):

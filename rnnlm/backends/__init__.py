@@ -61,6 +61,13 @@ OPS = {
     "forward": _op("W_s b_s U S", "S[t + 1] = tanh(W_s S[t] + U[t] + b_s) for t < T: W_s (m, m), b_s (m,), U (T, "
                    "B, m) the input term (W_x x_{t-1} in the first layer, W_in times the layer below's output "
                    "above it); S (T + 1, B, m): S[0] the carried state is read, S[1:] overwritten"),
+    "forward_packed": _op("W_s b_s U index S_carried S offsets", "the recurrence over the steps of a "
+                          "packing, its streams as rows: step t's are S[offsets[t]:offsets[t + 1]], n_t of them, "
+                          "non-increasing in t (the streams of step t are the first n_t of step t - 1's); "
+                          "S[offsets[t] + j] = tanh(W_s s + U[index[offsets[t] + j]] + b_s) with s = S[offsets[t - 1] "
+                          "+ j], or at t = 0 S_carried[j] (None for zero states); U (R, m) rows of input terms, index "
+                          "(N,) the row of each (the first layer's: W_x's columns as rows, at the input tokens), None "
+                          "for U[r]; S (N, m) overwritten; offsets (T + 1,) int64 on the host, offsets[0] = 0"),
     "backward": _op("W_s S dL_ds_out dL_da", "backpropagation through time over the window: dL/ds_t = "
                     "dL_ds_out[t] + W_sᵀ dL/da_{t+1} (no later term at t = T - 1), dL_da[t] = (1 - S[t + 1]²) ⊙ "
                     "dL/ds_t; S (T + 1, B, m) from forward, dL_ds_out (T, B, m), dL_da (T, B, m) overwritten. The "

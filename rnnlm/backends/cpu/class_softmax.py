@@ -1,11 +1,14 @@
-"""Class softmax: the word half, p(w | class(w)), rows grouped by class so that a class's W_o rows are
-read once per group of four positions."""
+"""Class softmax: the word half, p(w | class(w)), rows grouped by class: in training a class's W_o rows are
+read once per group of four positions; in evaluation a class's rows meet its W_o rows in one GEMM."""
 
 import numpy as np
 from numba import njit, prange
 
-from rnnlm.backends.cpu.recurrence import _group_by
+from rnnlm.backends.cpu.recurrence import _group_by, in_threads
 from rnnlm.backends.cpu.softmax import _biased_max, _exp_shifted_row
+
+GEMM_ROWS = 1 << 14  # rows from which class_log_probs computes the in-class logits by GEMMs
+CLASS_LOGITS = 1 << 22  # in-class logits computed at once by those GEMMs
 
 
 def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, touched,
@@ -113,17 +116,48 @@ def class_xent(S_next, W_o, b_o, targets, target_classes, class_bounds, direct=N
 
 
 def class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out, direct=None):
-    """out[r] = log p(targets[r] | its class), the word half of the class softmax (see ``class_xent_grad``),
-    for every row of S_next (N, m); out (N,) float64.
+    """Rows are grouped by class. From GEMM_ROWS rows on, a class's rows, gathered, meet its W_o rows in one
+    GEMM (numpy's matmul, BLAS), then a kernel takes every row's log-probability of its target; the grouped
+    rows in bands of about as many logits, one per thread (``in_threads``), each in blocks of at most
+    CLASS_LOGITS logits (a class's rows split between them where they must). Fewer rows (an evaluation
+    window) take one kernel, ``_class_log_probs_by_rows``, that spares the GEMMs' calls. direct: the rows'
+    direct scores of their class's words, added to the logits, or None."""
+    if S_next.shape[0] < GEMM_ROWS:
+        _class_log_probs_by_rows(S_next, W_o, b_o, targets, target_classes, class_bounds, out,
+                                 _direct_or_none(direct, S_next))
+        return
+    start, order = _group_by(target_classes, class_bounds.shape[0] - 1)
+    first_word = np.repeat(class_bounds[:-1], np.diff(start))  # of each grouped row's class
+    sizes = np.repeat(np.diff(class_bounds), np.diff(start))
+    z_end = np.cumsum(sizes)  # where each grouped row's logits end among all of them
+    grouped_targets = targets[order]
+    log_p = np.empty(order.shape[0])
 
-    Rows are grouped by class and each class is one thread's, its rows taken four at a time as in
-    ``class_xent_grad``, so that each pass over W_o[class] serves four of them.
-    """
-    _class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out, _direct_or_none(direct, S_next))
+    def band(first, end):
+        while first < end:
+            base = z_end[first] - sizes[first]
+            last = min(end, max(first + 1, int(np.searchsorted(z_end, base + CLASS_LOGITS, side="right"))))
+            Z = np.empty(z_end[last - 1] - base, S_next.dtype)
+            for c in range(np.searchsorted(start, first, "right") - 1, np.searchsorted(start, last - 1, "right")):
+                a, b = max(start[c], first), min(start[c + 1], last)
+                lo, hi = class_bounds[c], class_bounds[c + 1]
+                logits = Z[z_end[a] - sizes[a] - base : z_end[b - 1] - base].reshape(b - a, hi - lo)
+                np.matmul(S_next[order[a:b]], W_o[lo:hi].T, out=logits)
+                if direct is not None:
+                    logits += direct[order[a:b], : hi - lo]
+            rows = slice(first, last)
+            _ragged_log_probs(Z, z_end[rows] - base, sizes[rows], first_word[rows], b_o, grouped_targets[rows],
+                              log_p[rows])
+            first = last
+
+    in_threads(band, z_end)
+    out[order] = log_p
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out, direct):
+def _class_log_probs_by_rows(S_next, W_o, b_o, targets, target_classes, class_bounds, out, direct):
+    """class_log_probs with each class one thread's, its rows taken four at a time as in ``class_xent_grad``,
+    so that each pass over W_o[class] serves four of them."""
     m = S_next.shape[1]
     C = class_bounds.shape[0] - 1
     start, order = _group_by(target_classes, C)
@@ -147,8 +181,20 @@ def _class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, ou
                 y = targets[r] - lo
                 z_y = z[y] + b_class[y]
                 top = _biased_max(z, b_class, bits)
-                loss = top + np.log(_exp_shifted_row(z, b_class, top, bits)) - z_y
-                out[r] = -loss
+                out[r] = z_y - top - np.log(_exp_shifted_row(z, b_class, top, bits))
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _ragged_log_probs(Z, z_end, sizes, first_word, b_o, targets, out):
+    """out[r] = log softmax(z + b_o[w0 : w0 + n])[targets[r] - w0] for row r's logits z = Z[z_end[r] - n :
+    z_end[r]], n = sizes[r] words from w0 = first_word[r]."""
+    bits = np.empty(sizes.max() if sizes.shape[0] else 0, np.int32)
+    for r in range(out.shape[0]):
+        w0, n = first_word[r], sizes[r]
+        z, b_class, y = Z[z_end[r] - n : z_end[r]], b_o[w0 : w0 + n], targets[r] - w0
+        z_y = z[y] + b_class[y]
+        top = _biased_max(z, b_class, bits[:n])
+        out[r] = z_y - top - np.log(_exp_shifted_row(z, b_class, top, bits[:n]))
 
 
 @njit(fastmath=True, cache=True, inline="always")

@@ -22,6 +22,7 @@ from numba import cuda, from_dtype
 
 from rnnlm.backends.cuda import device
 from rnnlm.backends.cuda.arrays import flat
+from rnnlm.backends.cuda.gemm import matmul_nt
 from rnnlm.backends.cuda.reductions import column_sums, link
 
 MAX_STREAMS_PER_BLOCK = 8
@@ -316,6 +317,41 @@ def embed(W_x, inputs, U):
     T, B, m = U.shape
     grid, block = _unit_position_grid(m, T * B)
     device.launch(_embed_kernel, grid, block, W_x, inputs.reshape(T * B), U.reshape(T * B, m))
+
+
+@cuda.jit
+def _activate_rows_kernel(U, index, indexed, first, b_s, S, add):
+    """S[r, i] = tanh(S[r, i] + U[u, i] + b_s[i]) when ``add`` (else without S[r, i]), u = index[first + r]
+    when ``indexed``, else first + r: one thread per (state unit i, row r)."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    r = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
+    n, m = S.shape
+    if i < m and r < n:
+        u = index[first + r] if indexed else first + r
+        total = U[u, i] + b_s[i]
+        if add:
+            total += S[r, i]
+        S[r, i] = math.tanh(total)
+
+
+def forward_packed(W_s, b_s, U, index, S_carried, S, offsets):
+    """Step by step: the tiled GEMM writes W_s s into the step's rows, then a thread per (state unit, row) adds
+    the input term and the bias and takes the tanh."""
+    m = S.shape[1]
+    indexed = index is not None
+    if not indexed:
+        index = device.workspace("no index", (1,), np.int32)
+    for t in range(len(offsets) - 1):
+        first, last = int(offsets[t]), int(offsets[t + 1])
+        if first == last:
+            break
+        rows = S[first:last]
+        previous = S_carried if t == 0 else S[int(offsets[t - 1]) :]
+        if previous is not None:
+            matmul_nt(previous[: last - first], W_s, rows)
+        grid, block = _unit_position_grid(m, last - first)
+        device.launch(_activate_rows_kernel, grid, block, U, index, int(indexed), first, b_s, rows,
+                      int(previous is not None))
 
 
 @cuda.jit
