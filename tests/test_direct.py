@@ -272,6 +272,9 @@ def test_history_helpers_pad_with_minus_one():
 
 @pytest.mark.parametrize("args, code, message", [
     (["--direct", "5X"], 2, "is not a number of entries"),
+    (["--direct", "²"], 2, "is not a number of entries"),
+    (["--direct", "5²k"], 2, "is not a number of entries"),
+    (["--direct", "٣M"], 2, "is not a number of entries"),
     (["--direct", "3G"], 2, "is not from 0 to"),
     (["--direct", "10k", "--direct-order", "9"], 2, "--direct-order"),
     (["--direct", "1", "--softmax", "class"], 1, "Error: --direct must be 0 or from 2"),
