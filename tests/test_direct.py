@@ -242,9 +242,10 @@ def test_score_of_a_direct_model_is_the_per_token_stream_within_a_sentence(direc
         assert total == pytest.approx(token_log_probs(direct_model, ids).sum(), rel=1e-5)
 
 
-def test_resuming_a_direct_run_writes_the_same_model_bytes(corpus, tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])  # Adam's checkpoint has no moments for W_d
+def test_resuming_a_direct_run_writes_the_same_model_bytes(corpus, tmp_path, optimizer):
     config = rnnlm.TrainConfig(hidden=8, bptt=6, batch=4, epochs=2, direct=3000, direct_order=4, softmax="class",
-                               classes=3)
+                               classes=3, optimizer=optimizer)
     whole = tmp_path / "whole.npz"
     rnnlm.train(corpus / "train.txt", whole, valid=corpus / "valid.txt", config=config)
     interrupted = tmp_path / "part.npz"
