@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from rnnlm.cli import cli
 
 import rnnlm
-from rnnlm import reference, step
+from rnnlm import reference, runplan, step
 from rnnlm.backends import cpu
 from rnnlm.direct import context_history, history_before
 from rnnlm.dynamic import DynamicConfig, token_log_probs
@@ -262,6 +262,21 @@ def test_resuming_a_direct_run_writes_the_same_model_bytes(corpus, tmp_path, opt
                     on_window=on_window)
     rnnlm.resume(tmp_path / "part.ckpt.npz", text=corpus / "train.txt", valid=corpus / "valid.txt")
     assert interrupted.read_bytes() == whole.read_bytes()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_memory_a_run_needs_counts_the_table_on_the_device_and_in_the_best_model(optimizer):
+    """W_d has no gradient and no moments: two float32 copies of it, whatever the optimizer."""
+    config = rnnlm.TrainConfig(optimizer=optimizer, direct=10**9)
+    plain = rnnlm.TrainConfig(optimizer=optimizer)
+    assert runplan.memory_needed(config, 1000) - runplan.memory_needed(plain, 1000) == 2 * 4 * 10**9
+
+
+def test_a_run_too_large_for_the_memory_names_its_direct_table(corpus, tmp_path):
+    result = CliRunner().invoke(cli, ["train", str(corpus / "train.txt"), "-o", str(tmp_path / "m.npz"),
+                                      "--direct", "2147483647", "--hidden", "16384", "--layers", "64"])
+    assert result.exit_code == 1 and "--direct 2,147,483,647" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_history_helpers_pad_with_minus_one():
