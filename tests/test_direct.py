@@ -279,6 +279,12 @@ def test_a_run_too_large_for_the_memory_names_its_direct_table(corpus, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_run_diverging_through_its_table_points_at_direct_lr(corpus, tmp_path):
+    config = rnnlm.TrainConfig(hidden=8, bptt=6, batch=4, epochs=1, direct=1000, direct_lr=1e4)
+    with pytest.raises(RnnlmError, match="diverged .* a lower --direct-lr"):
+        rnnlm.train(corpus / "train.txt", tmp_path / "m.npz", valid=corpus / "valid.txt", config=config)
+
+
 def test_history_helpers_pad_with_minus_one():
     inputs = np.arange(10).reshape(5, 2)
     np.testing.assert_array_equal(history_before(inputs, 1, 2), [[-1, -1], [0, 1]])
