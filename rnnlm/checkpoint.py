@@ -128,7 +128,8 @@ def read_checkpoint(path):
         expected = member_shapes(shapes, config)
         npz.check_members(["meta", *expected] + ([] if class_bounds is None else ["class_bounds"]))
         check_fits(4 * sum(math.prod(shape) for shape in expected.values()), f"{path}'s arrays")
-        arrays = {name: finite_float32(npz.read_array(name, FLOATS, shape), f"{path}: member {name + '.npy'!r}")
+        arrays = {name: finite_float32(npz.read_array(name, FLOATS, shape, into=np.float32),
+                                        f"{path}: member {name + '.npy'!r}")
                   for name, shape in expected.items()}
     if class_bounds is not None:
         arrays["class_bounds"] = class_bounds
