@@ -45,7 +45,7 @@ class TableSize(click.ParamType):
             text = str(value).strip()
             scale = self.SUFFIXES.get(text[-1:], 1)
             digits = text[:-1] if scale > 1 else text
-            if not digits.isdigit():
+            if not (digits.isascii() and digits.isdigit()):  # int() refuses '²', takes '٣'
                 self.fail(f"{value!r} is not a number of entries such as 4000000, 4M or 500k", param, ctx)
             number = int(digits) * scale
         if not 0 <= number <= MAX_DIRECT_SIZE:

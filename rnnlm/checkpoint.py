@@ -24,7 +24,7 @@ arrays, name -> array, exactly these members (no other is read; each read at its
 after its zip and .npy headers agree on the size), all float32, finite and C-contiguous but class_bounds:
   params/N, epoch_start/params/N       for every trainable parameter N (all but W_x when tied)
   best/N                               for every parameter of ``model.param_shapes``
-  optimizer/momentK/N, epoch_start/optimizer/momentK/N (K = 1, 2; Adam only): N's rows, W_x's as (V, m)
+  optimizer/momentK/N, epoch_start/optimizer/momentK/N (K = 1, 2; Adam only): N's rows, W_x's as (V, m); none for W_d
   carried_state/k                      (batch, hidden) for layers k = 0 .. layers - 1
   class_bounds (class softmax only)    (C + 1,) int32 binning ids 0..V-1 into non-empty classes
 """
@@ -128,7 +128,8 @@ def read_checkpoint(path):
         expected = member_shapes(shapes, config)
         npz.check_members(["meta", *expected] + ([] if class_bounds is None else ["class_bounds"]))
         check_fits(4 * sum(math.prod(shape) for shape in expected.values()), f"{path}'s arrays")
-        arrays = {name: finite_float32(npz.read_array(name, FLOATS, shape), f"{path}: member {name + '.npy'!r}")
+        arrays = {name: finite_float32(npz.read_array(name, FLOATS, shape, into=np.float32),
+                                        f"{path}: member {name + '.npy'!r}")
                   for name, shape in expected.items()}
     if class_bounds is not None:
         arrays["class_bounds"] = class_bounds
@@ -151,10 +152,10 @@ def member_shapes(shapes, config):
     for prefix in ("params/", "epoch_start/params/"):
         expected.update({prefix + name: shapes[name] for name in trainable})
     expected.update({"best/" + name: shape for name, shape in shapes.items()})
-    if config.optimizer != "sgd":
+    if config.optimizer != "sgd":  # W_d has no moments: it steps by SGD whatever the optimizer
         for prefix in ("optimizer/", "epoch_start/optimizer/"):
             for moment in ("moment1/", "moment2/"):
-                expected.update({prefix + moment + name: shape for name, shape in rows.items()})
+                expected.update({prefix + moment + name: shape for name, shape in rows.items() if name != "W_d"})
     expected.update({f"carried_state/{k}": (config.batch, config.hidden) for k in range(config.layers)})
     return expected
 

@@ -274,7 +274,8 @@ class Model:
                 shapes = param_shapes(len(vocab), hidden, len(class_bounds) - 1, layers, direct)
                 npz.check_members(["meta", "class_bounds", *shapes])
             check_fits(4 * sum(math.prod(shape) for shape in shapes.values()), f"{path}'s weights")
-            params = {name: finite_float32(npz.read_array(name, FLOATS, shape), f"{path}: member {name + '.npy'!r}")
+            params = {name: finite_float32(npz.read_array(name, FLOATS, shape, into=np.float32),
+                                            f"{path}: member {name + '.npy'!r}")
                       for name, shape in shapes.items()}
         if tied:
             params["W_x"] = params["W_o"].T

@@ -169,16 +169,16 @@ def memory_needed(config, vocab_size):
     """A lower bound, in bytes, of the memory a run takes: float32 parameters kept three times (on the
     device, their gradients, the best model, which the epoch's start shares while they are equal) and the
     optimizer's moments twice (now and at the epoch's start), plus the window's buffers (T + 1 states and
-    four more (T, B, m) arrays per layer, the (T·B, V) logits)."""
+    four more (T, B, m) arrays per layer, the (T·B, V) logits); the direct features' table twice (on the device
+    and the best model: it has no gradient and no moments)."""
     V, m, L, T, B = vocab_size, config.hidden, config.layers, config.bptt, config.batch
     n_out = V if config.softmax == "full" else min(V, config.classes or round(math.sqrt(V)))
     n_params = (1 if config.tied else 2) * V * m + V + (2 * L - 1) * m * m + L * m
     if config.softmax == "class":
         n_params += n_out * (m + 1)
-    n_params += config.direct
     moments = 0 if config.optimizer == "sgd" else 2
     window = T * B * (5 * L * m + n_out)
-    return 4 * ((3 + 2 * moments) * n_params + window)
+    return 4 * ((3 + 2 * moments) * n_params + 2 * config.direct + window)
 
 
 def check_memory(config, vocab_size):
@@ -189,6 +189,7 @@ def check_memory(config, vocab_size):
     except (OSError, ValueError):
         return
     if need > have:
+        direct = f" --direct {config.direct:,}" if config.direct else ""
         raise RnnlmError(f"--hidden {config.hidden} --layers {config.layers} --batch {config.batch} --bptt "
-                         f"{config.bptt} with a vocabulary of {vocab_size:,} needs at least {need / 2**30:,.1f} GiB "
-                         f"of memory; this machine has {have / 2**30:,.1f} GiB")
+                         f"{config.bptt}{direct} with a vocabulary of {vocab_size:,} needs at least "
+                         f"{need / 2**30:,.1f} GiB of memory; this machine has {have / 2**30:,.1f} GiB")

@@ -403,8 +403,8 @@ class Trainer:
         if state.divergences > MAX_DIVERGENCES:
             kept = (f"the best model so far is in {self.paths['model']}" if state.best is not None
                     else f"no model was written to {self.paths['model']}")
-            raise RnnlmError(f"training diverged {MAX_DIVERGENCES + 1} times (loss {loss:.3g} nats/token); "
-                             f"{kept}; try a lower --lr or a --clip above 0")
+            raise RnnlmError(f"training diverged {MAX_DIVERGENCES + 1} times (loss {loss:.3g} nats/token); {kept}; try "
+                             f"{'a lower --direct-lr, ' if self.config.direct else ''}a lower --lr or a --clip above 0")
         self.restore_snapshot(self.epoch_start)
         self.guard.diverged(state, state.tokens_seen // (self.config.bptt * self.config.batch))
         state.window, state.epoch_loss = 0, 0.0

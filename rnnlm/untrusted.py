@@ -193,21 +193,35 @@ def check_dtype(dtype, kinds, where):
         raise RnnlmError(f"{where} has dtype {dtype.str!r}, expected one of {allowed}")
 
 
-def read_data(f, dtype, shape, fortran_order, where):
-    """The array of ``shape`` read from ``f`` in pieces (its size already checked against the file)."""
+def read_data(f, dtype, shape, fortran_order, where, into=None):
+    """The array of ``shape`` read from ``f`` in pieces (its size already checked against the file); with
+    ``into`` (a dtype), converted a piece at a time into an array of that dtype, so that a float64 member
+    never needs a float64 array of its whole size."""
     count = math.prod(shape)
     try:
-        flat = np.empty(count, dtype)
+        flat = np.empty(count, into or dtype)
     except (MemoryError, ValueError):
         raise RnnlmError(f"{where} declares {count:,} elements, more than this machine can hold") from None
-    view = memoryview(flat).cast("B")
+    if flat.dtype == dtype:
+        _read_into(f, memoryview(flat).cast("B"), 0, flat.nbytes, where)
+    else:
+        piece = np.empty(min(count, max(1, CHUNK // dtype.itemsize)), dtype)
+        for start in range(0, count, len(piece)):
+            n = min(len(piece), count - start)
+            _read_into(f, memoryview(piece[:n]).cast("B"), start * dtype.itemsize, count * dtype.itemsize, where)
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is an inf, refused by the caller
+                flat[start:start + n] = piece[:n]
+    return flat.reshape(shape, order="F" if fortran_order else "C")
+
+
+def _read_into(f, view, offset, total, where):
+    """Fill ``view`` from ``f``: bytes ``offset`` onward of a member's ``total`` data bytes (for the error)."""
     done = 0
     while done < len(view):
         got = f.readinto(view[done:done + CHUNK])
         if not got:
-            raise RnnlmError(f"{where} is truncated ({done:,} of {len(view):,} data bytes)")
+            raise RnnlmError(f"{where} is truncated ({offset + done:,} of {total:,} data bytes)")
         done += got
-    return flat.reshape(shape, order="F" if fortran_order else "C")
 
 
 def finite_float32(array, where):
@@ -329,9 +343,9 @@ class Npz:
         if member.read(1):
             raise RnnlmError(f"{where} has data past its array")
 
-    def read_array(self, name, kinds, shape=None, max_length=None):
+    def read_array(self, name, kinds, shape=None, max_length=None, into=None):
         """Member ``name``: of ``shape`` if given, else 1-D of at most ``max_length`` elements; dtype among
-        ``kinds`` ({kind: itemsizes}); returned as stored (the caller converts)."""
+        ``kinds`` ({kind: itemsizes}); returned as stored, or converted to dtype ``into`` as it is read."""
 
         def check_header(found, dtype, where):
             check_dtype(dtype, kinds, where)
@@ -343,7 +357,7 @@ class Npz:
         try:
             member, where, found, fortran_order, dtype = self._open(name, check_header)
             with member:
-                array = read_data(member, dtype, found, fortran_order, where)
+                array = read_data(member, dtype, found, fortran_order, where, into)
                 self._finish(member, where)
             return array
         except _ZIP_ERRORS as exc:

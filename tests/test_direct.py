@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from rnnlm.cli import cli
 
 import rnnlm
-from rnnlm import reference, step
+from rnnlm import reference, runplan, step
 from rnnlm.backends import cpu
 from rnnlm.direct import context_history, history_before
 from rnnlm.dynamic import DynamicConfig, token_log_probs
@@ -254,9 +254,10 @@ def test_score_of_a_direct_model_is_the_per_token_stream_within_a_sentence(direc
         assert total == pytest.approx(token_log_probs(direct_model, ids).sum(), rel=1e-5)
 
 
-def test_resuming_a_direct_run_writes_the_same_model_bytes(corpus, tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])  # Adam's checkpoint has no moments for W_d
+def test_resuming_a_direct_run_writes_the_same_model_bytes(corpus, tmp_path, optimizer):
     config = rnnlm.TrainConfig(hidden=8, bptt=6, batch=4, epochs=2, direct=3000, direct_order=4, softmax="class",
-                               classes=3)
+                               classes=3, optimizer=optimizer)
     whole = tmp_path / "whole.npz"
     rnnlm.train(corpus / "train.txt", whole, valid=corpus / "valid.txt", config=config)
     interrupted = tmp_path / "part.npz"
@@ -275,6 +276,27 @@ def test_resuming_a_direct_run_writes_the_same_model_bytes(corpus, tmp_path):
     assert interrupted.read_bytes() == whole.read_bytes()
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_memory_a_run_needs_counts_the_table_on_the_device_and_in_the_best_model(optimizer):
+    """W_d has no gradient and no moments: two float32 copies of it, whatever the optimizer."""
+    config = rnnlm.TrainConfig(optimizer=optimizer, direct=10**9)
+    plain = rnnlm.TrainConfig(optimizer=optimizer)
+    assert runplan.memory_needed(config, 1000) - runplan.memory_needed(plain, 1000) == 2 * 4 * 10**9
+
+
+def test_a_run_too_large_for_the_memory_names_its_direct_table(corpus, tmp_path):
+    result = CliRunner().invoke(cli, ["train", str(corpus / "train.txt"), "-o", str(tmp_path / "m.npz"),
+                                      "--direct", "2147483647", "--hidden", "16384", "--layers", "64"])
+    assert result.exit_code == 1 and "--direct 2,147,483,647" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_diverging_through_its_table_points_at_direct_lr(corpus, tmp_path):
+    config = rnnlm.TrainConfig(hidden=8, bptt=6, batch=4, epochs=1, direct=1000, direct_lr=1e4)
+    with pytest.raises(RnnlmError, match="diverged .* a lower --direct-lr"):
+        rnnlm.train(corpus / "train.txt", tmp_path / "m.npz", valid=corpus / "valid.txt", config=config)
+
+
 def test_history_helpers_pad_with_minus_one():
     inputs = np.arange(10).reshape(5, 2)
     np.testing.assert_array_equal(history_before(inputs, 1, 2), [[-1, -1], [0, 1]])
@@ -284,6 +306,9 @@ def test_history_helpers_pad_with_minus_one():
 
 @pytest.mark.parametrize("args, code, message", [
     (["--direct", "5X"], 2, "is not a number of entries"),
+    (["--direct", "²"], 2, "is not a number of entries"),
+    (["--direct", "5²k"], 2, "is not a number of entries"),
+    (["--direct", "٣M"], 2, "is not a number of entries"),
     (["--direct", "3G"], 2, "is not from 0 to"),
     (["--direct", "10k", "--direct-order", "9"], 2, "--direct-order"),
     (["--direct", "1", "--softmax", "class"], 1, "Error: --direct must be 0 or from 2"),

@@ -248,6 +248,21 @@ def test_a_zip_bomb_is_refused_in_bounded_memory(valid, tmp_path):
     assert after - before < 32 << 10
 
 
+def test_a_float64_member_is_converted_as_it_is_read_not_held_whole(valid, tmp_path):
+    """A deflated float64 table of zeros (a direct-feature W_d of 32M entries in under a megabyte) is read
+    into its float32 array a piece at a time: never a float64 array of its size beside it."""
+    size = 32 << 20
+    members = arrays_of(valid / "model.npz")
+    meta = json.loads(str(members["meta"]))
+    members.update(W_d=np.zeros(size, np.float64), meta=np.array(json.dumps({**meta, "direct_order": 3,
+                                                                             "direct_size": size})))
+    path = tmp_path / "float64.npz"
+    np.savez_compressed(path, **members)
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS, path], capture_output=True, text=True, check=True)
+    before, after = map(int, result.stdout.split())  # KiB
+    assert after - before < (4 * size + (32 << 20)) >> 10  # the float32 table and a piece, not 12 bytes an entry
+
+
 # --- hostile checkpoints -------------------------------------------------------------------------------------
 
 CHECKPOINT_CASES = {
