@@ -48,6 +48,10 @@ MAX_HIDDEN = 16384
 MAX_LAYERS = 64
 MAX_DIRECT_ORDER = 8
 MAX_DIRECT_SIZE = 2**31 - 1
+# a model's weights are at most this in magnitude: then, for every size allowed, each pre-activation and logit
+# (at most MAX_HIDDEN weights times a state in [-1, 1], plus a bias and MAX_DIRECT_ORDER table entries) stays
+# far inside float32, so that no file can make the scores overflow into NaN
+MAX_ABS_WEIGHT = 1e6
 DEFAULT_DIRECT_ORDER = 3
 
 
@@ -275,7 +279,7 @@ class Model:
                 npz.check_members(["meta", "class_bounds", *shapes])
             check_fits(4 * sum(math.prod(shape) for shape in shapes.values()), f"{path}'s weights")
             params = {name: finite_float32(npz.read_array(name, FLOATS, shape, into=np.float32),
-                                            f"{path}: member {name + '.npy'!r}")
+                                            f"{path}: member {name + '.npy'!r}", MAX_ABS_WEIGHT)
                       for name, shape in shapes.items()}
         if tied:
             params["W_x"] = params["W_o"].T

@@ -224,14 +224,18 @@ def _read_into(f, view, offset, total, where):
         done += got
 
 
-def finite_float32(array, where):
-    """``array`` as C-contiguous float32; RnnlmError if any value is NaN or infinite (or overflows)."""
+def finite_float32(array, where, bound=None):
+    """``array`` as C-contiguous float32; RnnlmError if any value is NaN or infinite (or overflows), or, given
+    ``bound``, larger than it in magnitude."""
     with np.errstate(over="ignore", invalid="ignore"):
         result = np.ascontiguousarray(array, np.float32)
     flat = result.reshape(-1)
     for start in range(0, flat.size, CHUNK):
-        if not np.isfinite(flat[start:start + CHUNK]).all():
+        chunk = flat[start:start + CHUNK]
+        if not np.isfinite(chunk).all():
             raise RnnlmError(f"{where} holds a NaN or infinite value")
+        if bound is not None and chunk.size and np.abs(chunk).max() > bound:
+            raise RnnlmError(f"{where} holds a weight beyond ±{bound:g}")
     return result
 
 

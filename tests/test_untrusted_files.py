@@ -126,6 +126,8 @@ MODEL_CASES = {
     "meta a list": lambda a, m: (a, [m]),
     "W_s +1e30 and NaN": array_case("W_s", lambda w: np.where(np.arange(w.size).reshape(w.shape) % 2, 1e30, np.nan)),
     "W_o infinite": array_case("W_o", lambda w: np.full_like(w, -np.inf)),
+    "W_o 3e38 (finite; overflows the logits)": array_case("W_o", lambda w: np.full_like(w, 3e38)),
+    "b_o -2e6": array_case("b_o", lambda b: np.full_like(b, -2e6)),
     "W_s float64 beyond float32": array_case("W_s", lambda w: np.full(w.shape, 1e300)),
     "W_s of strings": array_case("W_s", lambda w: w.astype(str)),
     "W_s of ints": array_case("W_s", lambda w: w.astype(np.int32)),
