@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 @dataclass
 class TrainState:
-    """epoch (1-based) and window (the next one, within the epoch) are the cursor; epoch_loss the epoch's
-    summed nats so far; lr the epoch-level rate, halving and stalls the schedule's marks (``rnnlm.schedule``);
+    """epoch (1-based; the last + 1 once the run has ended) and window (the next one, within the epoch) are
+    the cursor; epoch_loss the epoch's summed nats so far; lr the epoch-level rate, halving and stalls the
+    schedule's marks (``rnnlm.schedule``);
     best the best validation perplexity (None before the first epoch ends); divergences so far; tokens_seen
     over the run (never rolled back); elapsed_s the run's time when written; records the log's records so
     far; guard_scale and guard_since the divergence guard's cut (``schedule.Guard``)."""

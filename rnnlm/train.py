@@ -390,9 +390,9 @@ class Trainer:
             state.best = valid_ppl
         elif self.schedule.rolls_back:  # an epoch that made validation worse
             self.push_params()
-        stop = self.over_budget() or state.epoch >= config.epochs
-        stop = self.schedule.end_epoch(state, improved) or stop
-        state.epoch, state.window, state.epoch_loss = state.epoch + 1, 0, 0.0
+        ended = self.schedule.end_epoch(state, improved)
+        stop = ended or self.over_budget() or state.epoch >= config.epochs
+        state.epoch, state.window, state.epoch_loss = (config.epochs if ended else state.epoch) + 1, 0, 0.0
         return stop
 
     def recover_from_divergence(self, loss):

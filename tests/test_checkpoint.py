@@ -127,3 +127,18 @@ def test_tied_weights_stay_one_shared_array(tmp_path):
     loaded = rnnlm.load(tmp_path / "tied.npz")
     assert loaded.tied and np.shares_memory(loaded.params["W_x"], loaded.params["W_o"])
     np.testing.assert_array_equal(loaded.params["W_x"], model.params["W_o"].T)
+
+
+def test_resuming_a_run_the_schedule_ended_trains_nothing(corpus, tmp_path):
+    """Mikolov's schedule stops a run well before --epochs; its last checkpoint resumes to the same model."""
+    model = tmp_path / "m.npz"
+    settings = ["--hidden", "8", "--bptt", "8", "--batch", "4", "--epochs", "40", "--lr", "0.5", "--threads", "1"]
+    first = subprocess.run(cli("train", corpus / "train.txt", "--valid", corpus / "valid.txt", "-o", model,
+                               *settings, "--json"), capture_output=True, text=True, check=True)
+    epochs = [json.loads(line)["epoch"] for line in first.stdout.splitlines()]
+    assert len(epochs) < 40  # the schedule ended it
+    trained = model.read_bytes()
+    resumed = subprocess.run(cli("train", corpus / "train.txt", "--valid", corpus / "valid.txt", "--resume",
+                                 model.with_suffix(".ckpt.npz"), "--json"), capture_output=True, text=True, check=True)
+    assert resumed.stdout == ""
+    assert model.read_bytes() == trained
