@@ -20,8 +20,8 @@ def zipf_text(n_words, V, seed):
 @pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_the_large_vocabulary_configuration_on_the_cuda_backend_gives_the_cpus_losses(tmp_path, tied):
-    (tmp_path / "train.txt").write_text(zipf_text(240, 40, 0), encoding="utf-8")
-    (tmp_path / "valid.txt").write_text(zipf_text(60, 40, 1), encoding="utf-8")
+    (tmp_path / "train.txt").write_text(zipf_text(96, 40, 0), encoding="utf-8")
+    (tmp_path / "valid.txt").write_text(zipf_text(30, 40, 1), encoding="utf-8")
     rnnlm.tokenize(tmp_path / "train.txt", tmp_path / "store")
     vocab = rnnlm.Vocab.load(tmp_path / "store" / "vocab.json")
     rnnlm.tokenize(tmp_path / "valid.txt", tmp_path / "valid", vocab=vocab)
