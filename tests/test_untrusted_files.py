@@ -5,6 +5,7 @@ import functools
 import inspect
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from rnnlm.cli import cli
 import rnnlm
 from rnnlm.checkpoint import read_checkpoint
 from rnnlm.errors import RnnlmError
-from rnnlm.model import Model, param_shapes, write_npz
+from rnnlm.model import MAX_ABS_WEIGHT, Model, param_shapes, write_npz
 from rnnlm.tokenizer import Vocab, load_token_dir, load_vocab_source
 from rnnlm.train import RunOptions, TrainConfig
 from rnnlm.untrusted import MAX_JSON_DEPTH, parse_json
@@ -191,13 +192,15 @@ def test_files_that_are_no_model_are_one_error_naming_them(valid, tmp_path):
         assert_cli_error(tmp_path / name, "perplexity", tmp_path / name, valid / "text.txt")
 
 
-def test_huge_finite_weights_give_an_infinite_perplexity_not_an_overflow(valid, tmp_path):
+def test_weights_at_the_bound_give_a_finite_perplexity_and_beyond_it_are_refused(valid, tmp_path):
     arrays = arrays_of(valid / "model.npz")
-    arrays.update(W_o=np.full_like(arrays["W_o"], 1e30), b_o=np.full_like(arrays["b_o"], -1e30))
-    path = write(tmp_path / "big.npz", arrays)
-    assert rnnlm.perplexity(Model.load(path), valid / "text.txt")["perplexity"] == float("inf")
-    result = invoke("perplexity", path, valid / "text.txt", "--json")
-    assert result.exit_code == 0 and json.loads(result.stdout)["perplexity"] is None, result.output
+    signs = np.where(np.arange(arrays["W_o"].size).reshape(arrays["W_o"].shape) % 2, 1.0, -1.0)
+    arrays.update(W_o=(signs * MAX_ABS_WEIGHT).astype(np.float32), b_o=np.full_like(arrays["b_o"], -MAX_ABS_WEIGHT))
+    result = invoke("perplexity", write(tmp_path / "big.npz", arrays), valid / "text.txt", "--json")
+    assert result.exit_code == 0 and math.isfinite(json.loads(result.stdout)["perplexity"]), result.output
+    arrays["W_o"][0, 0] = np.nextafter(np.float32(MAX_ABS_WEIGHT), np.float32(np.inf))
+    with pytest.raises(RnnlmError, match="beyond"):
+        Model.load(write(tmp_path / "beyond.npz", arrays))
 
 
 def test_a_float64_model_loads_as_float32(valid, tmp_path):
