@@ -60,42 +60,36 @@ def sgd_updates(pairs, lr, shrink, clipping):
 
 
 @cuda.jit
-def _marked_rows_kernel(dst_rows, src_rows, src_mask, dst_mask, lr, clipping):
-    """dst_rows[r] -= lr · clipping[1] · src_rows[r], src_rows[r] = 0, dst_mask[r] = 1, then src_mask[r] = 0,
-    for the rows r marked in src_mask (dst_mask may be src_mask: the mark is then cleared).
+def _masked_sgd_kernel(param_rows, grad_rows, mask, lr, clipping):
+    """param_rows[r] -= lr · clipping[1] · grad_rows[r], then grad_rows[r] = 0 and mask[r] = 0, for the rows r
+    marked in mask.
 
     A block takes blockDim.y rows per sweep (grid-stride), x-threads along a row; every thread of the block
     runs every sweep, reads its row's mark before the sweep's barrier, and the mark is cleared after it:
     no thread clears a mark another has yet to read, and one launch suffices.
     """
-    step = dst_rows.dtype.type(lr * clipping[1])
-    R, m = dst_rows.shape
+    step = param_rows.dtype.type(lr * clipping[1])
+    R, m = param_rows.shape
     r0 = cuda.blockIdx.x * cuda.blockDim.y
     while r0 < R:  # the same trip count for every thread of the block
         r = r0 + cuda.threadIdx.y
-        marked = r < R and src_mask[r] != 0
+        marked = r < R and mask[r] != 0
         cuda.syncthreads()
         if marked:
             i = cuda.threadIdx.x
             while i < m:
-                dst_rows[r, i] -= step * src_rows[r, i]
-                src_rows[r, i] = 0
+                param_rows[r, i] -= step * grad_rows[r, i]
+                grad_rows[r, i] = 0
                 i += cuda.blockDim.x
             if cuda.threadIdx.x == 0:
-                dst_mask[r] = 1
-                src_mask[r] = 0
+                mask[r] = 0
         r0 += cuda.gridDim.x * cuda.blockDim.y
 
 
-def marked_rows_update(dst_rows, src_rows, src_mask, dst_mask, lr, clipping):
-    """``_marked_rows_kernel`` in blocks of rows, x-threads along a row."""
-    blocks, threads = device.row_grid(*dst_rows.shape)
-    device.launch(_marked_rows_kernel, blocks, threads, dst_rows, src_rows, src_mask, dst_mask, float(lr), clipping)
-
-
 def masked_sgd_update(param_rows, grad_rows, mask, lr, clipping):
-    """Blocks of rows in sweeps, x-threads along a row, one launch (see ``_marked_rows_kernel``)."""
-    marked_rows_update(param_rows, grad_rows, mask, mask, lr, clipping)
+    """Blocks of rows in sweeps, x-threads along a row, one launch (see ``_masked_sgd_kernel``)."""
+    blocks, threads = device.row_grid(*param_rows.shape)
+    device.launch(_masked_sgd_kernel, blocks, threads, param_rows, grad_rows, mask, float(lr), clipping)
 
 
 @cuda.jit(device=True)
@@ -112,7 +106,7 @@ def _masked_adam_kernel(param_rows, grad_rows, moment1, moment2, mask, lr_t, cli
                         rest2, eps):
     """The lazy Adam step of ``masked_adam_update``, each marked row's gradient and mark cleared after its
     step: blockDim.y rows per sweep (grid-stride), x-threads along a row, marks read before the sweep's
-    barrier and cleared after it, as in ``_marked_rows_kernel``."""
+    barrier and cleared after it, as in ``_masked_sgd_kernel``."""
     grad_scale = param_rows.dtype.type(clipping[1])
     R, m = param_rows.shape
     r0 = cuda.blockIdx.x * cuda.blockDim.y
