@@ -44,15 +44,15 @@ OUTPUT_BUDGET = 1 << 24  # elements of the logits computed at once (rows times V
 STATE_BUDGET = 1 << 24  # elements of the states of one window of independent scoring (rows · m · layers)
 
 
-@dataclass
+@dataclass(slots=True)
 class Sentence:
-    """One line: ``tokens`` as read (str, the boundary token last), their ``ids`` (list of int), ``oov`` the
-    positions of the tokens outside the vocabulary (read as ``<unk>``); once scored, ``ln_probs`` (n,)
-    float64, each token's log-probability, and ``ln_prob`` their sum."""
+    """One line: ``tokens`` as read (str, the boundary token last), their ``ids`` (n,) int32 (a view of its
+    chunk's ids), ``oov`` the positions of the tokens outside the vocabulary (read as ``<unk>``); once
+    scored, ``ln_probs`` (n,) float64, each token's log-probability, and ``ln_prob`` their sum."""
 
     line: int
     tokens: list
-    ids: list
+    ids: np.ndarray
     oov: list
     ln_probs: np.ndarray | None = None
     ln_prob: float = math.nan
@@ -79,13 +79,13 @@ def read_sentences(vocab, numbered):
         line_tokens.append(boundary)
     ends = np.cumsum([len(line_tokens) for line_tokens in token_lists], dtype=np.int64)
     ids = np.fromiter(map(vocab.index.get, itertools.chain.from_iterable(token_lists), itertools.repeat(-1)),
-                      np.int64, int(ends[-1]) if len(ends) else 0)
+                      np.int32, int(ends[-1]) if len(ends) else 0)
     unknown = np.flatnonzero(ids < 0)  # tokens outside the vocabulary, read as <unk> (a literal <unk> is known)
     ids[unknown] = vocab.unk_id
     oov = [[] for _ in token_lists]
     for line, k in zip(np.searchsorted(ends, unknown, side="right").tolist(), unknown.tolist(), strict=True):
         oov[line].append(k - int(ends[line]) + len(token_lists[line]))
-    ids, ends = ids.tolist(), ends.tolist()
+    ends = ends.tolist()
     return [Sentence(number, line_tokens, ids[end - len(line_tokens) : end], line_oov)
             for (number, _), line_tokens, end, line_oov in zip(numbered, token_lists, ends, oov, strict=True)]
 
@@ -174,8 +174,8 @@ class Scorer:
         """Fill every sentence's ln_probs and ln_prob, each read alone from the boundary token."""
         if not sentences:
             return
-        lengths = np.fromiter((len(s.ids) for s in sentences), np.int64, len(sentences))
-        ids = np.fromiter(itertools.chain.from_iterable(s.ids for s in sentences), np.int32, int(lengths.sum()))
+        lengths = np.fromiter(map(len, (s.ids for s in sentences)), np.int64, len(sentences))
+        ids = np.concatenate([s.ids for s in sentences])
         starts = np.cumsum(lengths) - lengths
         log_p = np.empty(len(ids))
         longest_first = np.argsort(-lengths, kind="stable")
@@ -278,7 +278,7 @@ class Scorer:
             raise RnnlmError("stream scoring runs one stream: make the Scorer with batch=1")
         if not sentences:
             return
-        targets = np.fromiter(itertools.chain.from_iterable(s.ids for s in sentences), np.int32).reshape(-1, 1)
+        targets = np.concatenate([s.ids for s in sentences]).reshape(-1, 1)
         inputs = np.empty_like(targets)
         inputs[0] = self.last_token
         inputs[1:] = targets[:-1]

@@ -161,17 +161,17 @@ def test_sentence_markers_and_empty_lines():
     vocab = make_model().vocab
     marked = scoring.read_sentence(vocab, "<s> the zebra </s> cat </s>")
     assert marked.tokens == ["the", "zebra", "<eos>", "cat", "<eos>"]
-    assert marked.ids == [2, 1, 0, 3, 0]
+    assert marked.ids.tolist() == [2, 1, 0, 3, 0]
     assert marked.oov == [1]
-    assert scoring.read_sentence(vocab, "").ids == [0]
-    assert scoring.read_sentence(vocab, "<s> </s>").ids == [0]
+    assert scoring.read_sentence(vocab, "").ids.tolist() == [0]
+    assert scoring.read_sentence(vocab, "<s> </s>").ids.tolist() == [0]
 
 
 def test_a_chunk_of_lines_reads_as_each_line_alone():
     vocab = make_model().vocab
     chunk = scoring.read_sentences(vocab, [(7, "zebra"), (8, "the zebra <unk> cat yak"), (9, ""), (10, "cat")])
     assert [s.line for s in chunk] == [7, 8, 9, 10]
-    assert [s.ids for s in chunk] == [[1, 0], [2, 1, 1, 3, 1, 0], [0], [3, 0]]
+    assert [s.ids.tolist() for s in chunk] == [[1, 0], [2, 1, 1, 3, 1, 0], [0], [3, 0]]
     assert [s.oov for s in chunk] == [[0], [1, 4], [], []]  # positions in each line, the literal <unk> not one
 
 
