@@ -8,7 +8,7 @@ from rnnlm.backends.cpu.recurrence import _group_by, in_threads
 from rnnlm.backends.cpu.softmax import _biased_max, _exp_shifted_row
 
 GEMM_ROWS = 1 << 14  # rows from which class_log_probs computes the in-class logits by GEMMs
-CLASS_LOGITS = 1 << 22  # in-class logits computed at once by those GEMMs
+CLASS_LOGITS = 1 << 18  # in-class logits computed at once by those GEMMs (a block that stays in cache)
 
 
 def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, touched,
@@ -116,41 +116,35 @@ def class_xent(S_next, W_o, b_o, targets, target_classes, class_bounds, direct=N
 
 
 def class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out, direct=None):
-    """Rows are grouped by class. From GEMM_ROWS rows on, a class's rows, gathered, meet its W_o rows in one
-    GEMM (numpy's matmul, BLAS), then a kernel takes every row's log-probability of its target; the grouped
-    rows in bands of about as many logits, one per thread (``in_threads``), each in blocks of at most
-    CLASS_LOGITS logits (a class's rows split between them where they must). Fewer rows (an evaluation
-    window) take one kernel, ``_class_log_probs_by_rows``, that spares the GEMMs' calls. direct: the rows'
-    direct scores of their class's words, added to the logits, or None."""
+    """Rows are grouped by class. From GEMM_ROWS rows on, a class's rows, gathered, meet its W_o rows in GEMMs
+    of at most CLASS_LOGITS logits (one row at least), each giving the logits transposed, a column per row,
+    so that a kernel takes the log-softmax of every column at once (``_column_log_probs``); the grouped rows
+    in bands of about as many logits, one per thread (``in_threads``). Fewer rows (an evaluation window)
+    take one kernel, ``_class_log_probs_by_rows``, that spares the GEMMs' calls. direct: the rows' direct
+    scores of their class's words, added to the logits, or None."""
     if S_next.shape[0] < GEMM_ROWS:
         _class_log_probs_by_rows(S_next, W_o, b_o, targets, target_classes, class_bounds, out,
                                  _direct_or_none(direct, S_next))
         return
     start, order = _group_by(target_classes, class_bounds.shape[0] - 1)
-    first_word = np.repeat(class_bounds[:-1], np.diff(start))  # of each grouped row's class
-    sizes = np.repeat(np.diff(class_bounds), np.diff(start))
-    z_end = np.cumsum(sizes)  # where each grouped row's logits end among all of them
+    logits = np.cumsum(np.repeat(np.diff(class_bounds), np.diff(start)))  # up to each grouped row
     grouped_targets = targets[order]
     log_p = np.empty(order.shape[0])
 
     def band(first, end):
-        while first < end:
-            base = z_end[first] - sizes[first]
-            last = min(end, max(first + 1, int(np.searchsorted(z_end, base + CLASS_LOGITS, side="right"))))
-            Z = np.empty(z_end[last - 1] - base, S_next.dtype)
-            for c in range(np.searchsorted(start, first, "right") - 1, np.searchsorted(start, last - 1, "right")):
-                a, b = max(start[c], first), min(start[c + 1], last)
-                lo, hi = class_bounds[c], class_bounds[c + 1]
-                logits = Z[z_end[a] - sizes[a] - base : z_end[b - 1] - base].reshape(b - a, hi - lo)
-                np.matmul(S_next[order[a:b]], W_o[lo:hi].T, out=logits)
+        scratch = np.empty(CLASS_LOGITS, S_next.dtype)
+        for c in range(np.searchsorted(start, first, "right") - 1, np.searchsorted(start, end - 1, "right")):
+            lo, hi = class_bounds[c], class_bounds[c + 1]
+            rows_at_once = max(1, CLASS_LOGITS // (hi - lo))
+            for a in range(max(start[c], first), min(start[c + 1], end), rows_at_once):
+                b = min(start[c + 1], end, a + rows_at_once)
+                Z_t = scratch[: (hi - lo) * (b - a)].reshape(hi - lo, b - a)
+                np.matmul(W_o[lo:hi], S_next[order[a:b]].T, out=Z_t)
                 if direct is not None:
-                    logits += direct[order[a:b], : hi - lo]
-            rows = slice(first, last)
-            _ragged_log_probs(Z, z_end[rows] - base, sizes[rows], first_word[rows], b_o, grouped_targets[rows],
-                              log_p[rows])
-            first = last
+                    Z_t += direct[order[a:b], : hi - lo].T
+                _column_log_probs(Z_t, b_o[lo:hi], grouped_targets[a:b] - lo, log_p[a:b])
 
-    in_threads(band, z_end)
+    in_threads(band, logits)
     out[order] = log_p
 
 
@@ -185,16 +179,29 @@ def _class_log_probs_by_rows(S_next, W_o, b_o, targets, target_classes, class_bo
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _ragged_log_probs(Z, z_end, sizes, first_word, b_o, targets, out):
-    """out[r] = log softmax(z + b_o[w0 : w0 + n])[targets[r] - w0] for row r's logits z = Z[z_end[r] - n :
-    z_end[r]], n = sizes[r] words from w0 = first_word[r]."""
-    bits = np.empty(sizes.max() if sizes.shape[0] else 0, np.int32)
-    for r in range(out.shape[0]):
-        w0, n = first_word[r], sizes[r]
-        z, b_class, y = Z[z_end[r] - n : z_end[r]], b_o[w0 : w0 + n], targets[r] - w0
-        z_y = z[y] + b_class[y]
-        top = _biased_max(z, b_class, bits[:n])
-        out[r] = z_y - top - np.log(_exp_shifted_row(z, b_class, top, bits[:n]))
+def _column_log_probs(Z_t, b_class, targets, out):
+    """out[r] = log softmax(Z_t[:, r] + b_class)[targets[r]] for every column r of the logits Z_t (n, R) of R
+    rows over n words (used as scratch); targets (R,) in [0, n). Each step runs along a word's row of Z_t, so
+    that it vectorizes across the columns."""
+    n, R = Z_t.shape
+    top = Z_t[0] + b_class[0]
+    z_y = np.empty(R, Z_t.dtype)
+    for r in range(R):
+        z_y[r] = Z_t[targets[r], r] + b_class[targets[r]]
+    for j in range(1, n):
+        b, row = b_class[j], Z_t[j]
+        for r in range(R):
+            top[r] = max(top[r], row[r] + b)
+    neg_top = -top
+    total = np.zeros(R, Z_t.dtype)
+    bits = np.empty(R, np.int32)
+    for j in range(n):
+        _exp_shifted_row(Z_t[j], neg_top, -b_class[j], bits)  # Z_t[j] := exp(Z_t[j] + b_class[j] - top)
+        row = Z_t[j]
+        for r in range(R):
+            total[r] += row[r]
+    for r in range(R):
+        out[r] = z_y[r] - top[r] - np.log(total[r])
 
 
 @njit(fastmath=True, cache=True, inline="always")
