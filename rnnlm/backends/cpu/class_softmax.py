@@ -9,6 +9,7 @@ from rnnlm.backends.cpu.softmax import _biased_max, _exp_shifted_row
 
 GEMM_ROWS = 1 << 14  # rows from which class_log_probs computes the in-class logits by GEMMs
 CLASS_LOGITS = 1 << 18  # in-class logits computed at once by those GEMMs (a block that stays in cache)
+CLASS_ROWS = 1 << 11  # rows gathered at once for them (idem)
 
 
 def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, touched,
@@ -133,13 +134,15 @@ def class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out
 
     def band(first, end):
         scratch = np.empty(CLASS_LOGITS, S_next.dtype)
+        gathered = np.empty((CLASS_ROWS, S_next.shape[1]), S_next.dtype)
         for c in range(np.searchsorted(start, first, "right") - 1, np.searchsorted(start, end - 1, "right")):
             lo, hi = class_bounds[c], class_bounds[c + 1]
-            rows_at_once = max(1, CLASS_LOGITS // (hi - lo))
+            rows_at_once = max(1, min(CLASS_ROWS, CLASS_LOGITS // (hi - lo)))
             for a in range(max(start[c], first), min(start[c + 1], end), rows_at_once):
                 b = min(start[c + 1], end, a + rows_at_once)
                 Z_t = scratch[: (hi - lo) * (b - a)].reshape(hi - lo, b - a)
-                np.matmul(W_o[lo:hi], S_next[order[a:b]].T, out=Z_t)
+                _gather_rows(S_next, order[a:b], gathered)
+                np.matmul(W_o[lo:hi], gathered[: b - a].T, out=Z_t)
                 if direct is not None:
                     Z_t += direct[order[a:b], : hi - lo].T
                 _column_log_probs(Z_t, b_o[lo:hi], grouped_targets[a:b] - lo, log_p[a:b])
@@ -176,6 +179,15 @@ def _class_log_probs_by_rows(S_next, W_o, b_o, targets, target_classes, class_bo
                 z_y = z[y] + b_class[y]
                 top = _biased_max(z, b_class, bits)
                 out[r] = z_y - top - np.log(_exp_shifted_row(z, b_class, top, bits))
+
+
+@njit(cache=True, nogil=True)
+def _gather_rows(S, rows, out):
+    """out[k] = S[rows[k]] for every k < len(rows)."""
+    for k in range(rows.shape[0]):
+        row, r = out[k], rows[k]
+        for i in range(S.shape[1]):
+            row[i] = S[r, i]
 
 
 @njit(fastmath=True, cache=True, nogil=True)
