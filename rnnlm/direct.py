@@ -121,6 +121,7 @@ class DirectRows:
     def __init__(self, ops, rows, order, boundary_id, n_out, dtype, class_bounds=None):
         self.window = DirectWindow(ops, 1, rows, order, boundary_id, n_out, dtype, class_bounds)
         self.rows = rows
+        self.no_scores = None  # zeros (rows, n_out) to clear logits with, made at the first use of ``scores``
 
     def add_scores(self, W_d, Z, contexts, target_classes=None):
         """``DirectWindow.add_scores`` for n ≤ rows rows of contexts (P + 1, n) host ints (oldest first, -1:
@@ -131,3 +132,12 @@ class DirectRows:
         window.ops.copy_into(history, window.history)
         window.ops.direct_keys(window.history, window.boundary_id, window.keys)
         return window.add_scores(W_d, Z, target_classes)
+
+    def scores(self, W_d, Z, contexts, target_classes):
+        """The class softmax's direct scores of n ≤ rows rows (see ``add_scores``): their classes' written into Z
+        (rows, C), overwritten, and their class's words' returned."""
+        ops = self.window.ops
+        if self.no_scores is None:
+            self.no_scores = ops.zeros(Z.shape, Z.dtype)
+        ops.copy_into(self.no_scores, Z)
+        return self.add_scores(W_d, Z, contexts, target_classes)

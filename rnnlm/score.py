@@ -148,15 +148,13 @@ class Scorer:
             row_classes = np.zeros(Z.shape[0], np.int32)
             row_classes[:n] = self.classes[targets[rows]]
             classes = ops.asarray(row_classes)[:n]
-            ops.matmul_nt(s_rows, params["W_c"], z)
-            words = None
+            class_scores = words = None
             if contexts is not None:
-                words = self.direct_for(Z).add_scores(params["W_d"], Z, contexts[:, rows], ops.asarray(row_classes))
-                words = words[:n]
-            ops.softmax_log_probs(z, params["b_c"], classes, o)
+                words = self.direct_for(Z).scores(params["W_d"], Z, contexts[:, rows], ops.asarray(row_classes))
+                class_scores, words = z, words[:n]
+            ops.class_output_log_probs(s_rows, params["W_c"], params["b_c"], params["W_o"], params["b_o"], y, classes,
+                                       self.class_bounds, o, class_scores, words)
             log_p[rows] = ops.to_numpy(o)
-            ops.class_log_probs(s_rows, params["W_o"], params["b_o"], y, classes, self.class_bounds, o, words)
-            log_p[rows] += ops.to_numpy(o)
         return log_p
 
     def direct_for(self, Z):

@@ -208,6 +208,17 @@ def case_class_log_probs(ops, rng):
     return outputs(ops, None, out=out, with_direct=with_direct)
 
 
+def case_class_output_log_probs(ops, rng):
+    S_next, W_o, b_o, targets, target_classes, bounds = class_args(ops, rng)
+    C = len(CLASS_BOUNDS) - 1
+    W_c, b_c = ops.asarray(rand(rng, C, m)), ops.asarray(rand(rng, C))
+    out, with_scores = ops.zeros(N, np.float64), ops.zeros(N, np.float64)
+    ops.class_output_log_probs(S_next, W_c, b_c, W_o, b_o, targets, target_classes, bounds, out)
+    ops.class_output_log_probs(S_next, W_c, b_c, W_o, b_o, targets, target_classes, bounds, with_scores,
+                               ops.asarray(rand(rng, N, C)), direct_scores(ops, rng))
+    return outputs(ops, None, out=out, with_scores=with_scores)
+
+
 def direct_args(ops, rng, size=13):
     """Keys of N rows (some cut), a region of a table of size + 2 entries, rows' classes of CLASS_BOUNDS."""
     keys = rng.integers(0, 2**61 - 1, (N, 3))

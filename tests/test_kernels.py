@@ -267,3 +267,28 @@ def test_adam_step_equals_a_hand_computed_step(ops, structure, optimizer):
                 step.rows(name, ours)[stepped] = step.rows(name, new)[stepped]
     for name in names:
         np.testing.assert_allclose(ops.to_numpy(P[name]), expected[name], rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["by rows", "grouped"])
+def test_class_output_log_probs_equal_reference(ops, grouped, monkeypatch):
+    """Both halves of the class softmax at once, with scores added to the class and the word logits, equal
+    the float64 reference: by rows, and (CPU) by grouped GEMMs in blocks that split classes and rows."""
+    if grouped:
+        from rnnlm.backends.cpu import class_softmax
+
+        for name, value in (("GEMM_ROWS", 0), ("CLASS_LOGITS", 5), ("CLASS_ROWS", 2)):
+            monkeypatch.setattr(class_softmax, name, value)
+    rng = np.random.default_rng(3)
+    N, C, widest = 9, len(CLASS_BOUNDS) - 1, int(np.diff(CLASS_BOUNDS).max())
+    S, W_c, b_c, W_o, b_o = (rng.standard_normal(shape) for shape in ((N, m), (C, m), C, (V, m), V))
+    class_scores, words = rng.standard_normal((N, C)), rng.standard_normal((N, widest))
+    targets = rng.integers(0, V, N).astype(np.int32)
+    classes = word_classes(CLASS_BOUNDS)[targets].astype(np.int32)
+    expected = reference.log_softmax(S @ W_c.T + b_c + class_scores)[np.arange(N), classes]
+    for r, (y, c) in enumerate(zip(targets, classes, strict=True)):
+        lo, hi = CLASS_BOUNDS[c], CLASS_BOUNDS[c + 1]
+        expected[r] += reference.log_softmax((W_o[lo:hi] @ S[r] + b_o[lo:hi] + words[r, : hi - lo])[None])[0, y - lo]
+    out = ops.zeros(N, np.float64)
+    arrays = [ops.asarray(a) for a in (S, W_c, b_c, W_o, b_o, targets, classes, CLASS_BOUNDS)]
+    ops.class_output_log_probs(*arrays, out, ops.asarray(class_scores), ops.asarray(words))
+    np.testing.assert_allclose(ops.to_numpy(out), expected, rtol=1e-12)

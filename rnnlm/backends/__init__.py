@@ -105,6 +105,12 @@ OPS = {
     "class_log_probs": _op("S_next W_o b_o targets target_classes class_bounds out direct", "out[r] = log "
                            "p(targets[r] | target_classes[r]) as in class_xent_grad, the per-row form of class_xent: "
                            "out (N,) float64 overwritten, nothing else written"),
+    "class_output_log_probs": _op("S W_c b_c W_o b_o targets target_classes class_bounds out class_scores direct",
+                                  "out[r] = log softmax(W_c S[r] + b_c + class_scores[r])[target_classes[r]] + log "
+                                  "p(targets[r] | target_classes[r]) (class_log_probs): a row's log-probability "
+                                  "under both halves of the class softmax; S (N, m), W_c (C, m), b_c (C,); "
+                                  "class_scores None or (N, C) added to the class logits (the direct features'); "
+                                  "direct as in class_log_probs; out (N,) float64 overwritten, nothing else written"),
     # direct features (n-gram hash features into the output layer)
     "direct_keys": _op("history boundary_id keys", "keys[t·B + b, n] = the hash key (DIRECT_PRIMES' hash, "
                        "above) of the n tokens before position t of stream b, or -1 where that context is cut: "

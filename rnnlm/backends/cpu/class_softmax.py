@@ -1,11 +1,12 @@
 """Class softmax: the word half, p(w | class(w)), rows grouped by class: in training a class's W_o rows are
-read once per group of four positions; in evaluation a class's rows meet its W_o rows in one GEMM."""
+read once per group of four positions; in evaluation a class's rows meet its W_o rows (and the class layer's
+W_c) in GEMMs."""
 
 import numpy as np
 from numba import njit, prange
 
 from rnnlm.backends.cpu.recurrence import _group_by, in_threads
-from rnnlm.backends.cpu.softmax import _biased_max, _exp_shifted_row
+from rnnlm.backends.cpu.softmax import _biased_max, _exp_shifted_row, softmax_log_probs
 
 GEMM_ROWS = 1 << 14  # rows from which class_log_probs computes the in-class logits by GEMMs
 CLASS_LOGITS = 1 << 18  # in-class logits computed at once by those GEMMs (a block that stays in cache)
@@ -117,38 +118,78 @@ def class_xent(S_next, W_o, b_o, targets, target_classes, class_bounds, direct=N
 
 
 def class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out, direct=None):
-    """Rows are grouped by class. From GEMM_ROWS rows on, a class's rows, gathered, meet its W_o rows in GEMMs
-    of at most CLASS_LOGITS logits (one row at least), each giving the logits transposed, a column per row,
-    so that a kernel takes the log-softmax of every column at once (``_column_log_probs``); the grouped rows
-    in bands of about as many logits, one per thread (``in_threads``). Fewer rows (an evaluation window)
-    take one kernel, ``_class_log_probs_by_rows``, that spares the GEMMs' calls. direct: the rows' direct
-    scores of their class's words, added to the logits, or None."""
+    """From GEMM_ROWS rows on, ``_grouped_log_probs``; fewer rows (an evaluation window) take one kernel,
+    ``_class_log_probs_by_rows``, that spares the GEMMs' calls. direct: the rows' direct scores of their
+    class's words, added to the logits, or None."""
     if S_next.shape[0] < GEMM_ROWS:
         _class_log_probs_by_rows(S_next, W_o, b_o, targets, target_classes, class_bounds, out,
                                  _direct_or_none(direct, S_next))
         return
+    _grouped_log_probs(S_next, None, W_o, b_o, targets, target_classes, class_bounds, out, direct)
+
+
+def class_output_log_probs(S, W_c, b_c, W_o, b_o, targets, target_classes, class_bounds, out, class_scores=None,
+                           direct=None):
+    """From GEMM_ROWS rows on, ``_grouped_log_probs`` with the class layer, so that the rows gathered for their
+    class's words serve the class layer too; fewer rows take the class layer's GEMM and softmax_log_probs,
+    then class_log_probs."""
+    if S.shape[0] >= GEMM_ROWS:
+        _grouped_log_probs(S, (W_c, b_c, class_scores), W_o, b_o, targets, target_classes, class_bounds, out, direct)
+        return
+    Z = np.matmul(S, W_c.T)
+    if class_scores is not None:
+        Z += class_scores
+    softmax_log_probs(Z, b_c, target_classes, out)
+    words = np.empty(S.shape[0])
+    class_log_probs(S, W_o, b_o, targets, target_classes, class_bounds, words, direct)
+    out += words
+
+
+def _grouped_log_probs(S, class_layer, W_o, b_o, targets, target_classes, class_bounds, out, direct):
+    """out[r] = log p(targets[r] | its class) (class_log_probs), plus log p(its class) with class_layer = (W_c,
+    b_c, class_scores) (class_output_log_probs). Rows are grouped by class and gathered CLASS_ROWS at a time;
+    a block of a class's rows meets its W_o rows (and W_c) in GEMMs of at most CLASS_LOGITS logits (one row
+    at least), each giving the logits transposed, a column per row, for ``_column_log_probs``. The grouped
+    rows go in bands of about as many logits, one per thread (``in_threads``)."""
     start, order = _group_by(target_classes, class_bounds.shape[0] - 1)
-    logits = np.cumsum(np.repeat(np.diff(class_bounds), np.diff(start)))  # up to each grouped row
+    n_classes = 0 if class_layer is None else class_layer[0].shape[0]
+    logits = np.cumsum(np.repeat(np.diff(class_bounds) + n_classes, np.diff(start)))  # up to each grouped row
     grouped_targets = targets[order]
     log_p = np.empty(order.shape[0])
+    widest = max(int(np.diff(class_bounds).max()), n_classes)
 
     def band(first, end):
-        scratch = np.empty(CLASS_LOGITS, S_next.dtype)
-        gathered = np.empty((CLASS_ROWS, S_next.shape[1]), S_next.dtype)
+        scratch = np.empty(max(CLASS_LOGITS, widest), S.dtype)
+        gathered = np.empty((CLASS_ROWS, S.shape[1]), S.dtype)
         for c in range(np.searchsorted(start, first, "right") - 1, np.searchsorted(start, end - 1, "right")):
             lo, hi = class_bounds[c], class_bounds[c + 1]
-            rows_at_once = max(1, min(CLASS_ROWS, CLASS_LOGITS // (hi - lo)))
-            for a in range(max(start[c], first), min(start[c + 1], end), rows_at_once):
-                b = min(start[c + 1], end, a + rows_at_once)
-                Z_t = scratch[: (hi - lo) * (b - a)].reshape(hi - lo, b - a)
-                _gather_rows(S_next, order[a:b], gathered)
-                np.matmul(W_o[lo:hi], gathered[: b - a].T, out=Z_t)
-                if direct is not None:
-                    Z_t += direct[order[a:b], : hi - lo].T
-                _column_log_probs(Z_t, b_o[lo:hi], grouped_targets[a:b] - lo, log_p[a:b])
+            at_once = max(1, min(CLASS_ROWS, CLASS_LOGITS // max(hi - lo, n_classes)))
+            for a in range(max(start[c], first), min(start[c + 1], end), at_once):
+                b = min(start[c + 1], end, a + at_once)
+                rows, block = order[a:b], gathered[: b - a]
+                _gather_rows(S, rows, block)
+                words = None if direct is None else direct[rows, : hi - lo]
+                log_p[a:b] = _block_log_probs(block, W_o[lo:hi], b_o[lo:hi], grouped_targets[a:b] - lo, words,
+                                              scratch)
+                if class_layer is not None:
+                    W_c, b_c, class_scores = class_layer
+                    scores = None if class_scores is None else class_scores[rows]
+                    log_p[a:b] += _block_log_probs(block, W_c, b_c, np.full(b - a, c, np.int32), scores, scratch)
 
     in_threads(band, logits)
     out[order] = log_p
+
+
+def _block_log_probs(G, W, b, targets, scores, scratch):
+    """log softmax(W g + b + score)[target] (R,) float64 for each row g of G (R, m), its score (a row of
+    scores (R, n), or none) and target: the logits (n, R) in scratch, transposed, a column per row."""
+    Z_t = scratch[: W.shape[0] * G.shape[0]].reshape(W.shape[0], G.shape[0])
+    np.matmul(W, G.T, out=Z_t)
+    if scores is not None:
+        Z_t += scores.T
+    out = np.empty(G.shape[0])
+    _column_log_probs(Z_t, b, targets, out)
+    return out
 
 
 @njit(parallel=True, fastmath=True, cache=True)

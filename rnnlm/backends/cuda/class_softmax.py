@@ -1,6 +1,7 @@
 """Class softmax: the word half, p(w | class(w)), one block per row for the logits, loss and dL/dz, then one
 thread per (word, unit) for dW_o and db_o over the rows of the word's class, linked into a list in row order:
-deterministic. The class half is a full softmax over the C classes (softmax.py).
+deterministic. The class half is a full softmax over the C classes (softmax.py); class_output_log_probs
+composes the two.
 """
 
 import functools
@@ -10,8 +11,10 @@ import numpy as np
 from numba import cuda
 
 from rnnlm.backends.cuda import device
+from rnnlm.backends.cuda.arrays import flat
+from rnnlm.backends.cuda.gemm import matmul_nt
 from rnnlm.backends.cuda.reductions import link, masked_sum_squares_kernel, norm
-from rnnlm.backends.cuda.softmax import DeviceSum, row_functions, row_threads
+from rnnlm.backends.cuda.softmax import DeviceSum, row_functions, row_threads, softmax_log_probs
 
 
 @functools.cache
@@ -194,6 +197,36 @@ def class_log_probs(S_next, W_o, b_o, targets, target_classes, class_bounds, out
     """One block per row, the kernel of ``class_xent`` writing the rows' log-probabilities."""
     G, _, _ = _class_scratch(S_next, class_bounds)
     _class_rows(S_next, W_o, b_o, targets, target_classes, class_bounds, G, -1.0, out, direct)
+
+
+def class_output_log_probs(S, W_c, b_c, W_o, b_o, targets, target_classes, class_bounds, out, class_scores=None,
+                           direct=None):
+    """The class layer's GEMM into a workspace (class_scores added) and softmax_log_probs, then the rows of
+    class_log_probs added."""
+    N = S.shape[0]
+    Z = device.workspace("class layer logits", (N, W_c.shape[0]), S.dtype)
+    matmul_nt(S, W_c, Z)
+    if class_scores is not None:
+        _add_into(Z, class_scores)
+    softmax_log_probs(Z, b_c, target_classes, out)
+    words = device.workspace("in-class log-probabilities", (N,), np.float64)
+    class_log_probs(S, W_o, b_o, targets, target_classes, class_bounds, words, direct)
+    _add_into(out, words)
+
+
+def _add_into(out, a):
+    """out += a, arrays of one shape: a grid-stride kernel over the flat arrays."""
+    out_flat = flat(out)
+    blocks, threads = device.elementwise_grid(out_flat.size)
+    device.launch(_add_kernel, blocks, threads, out_flat, flat(a))
+
+
+@cuda.jit
+def _add_kernel(out, a):
+    k = cuda.grid(1)
+    while k < out.shape[0]:
+        out[k] += a[k]
+        k += cuda.gridsize(1)
 
 
 def _class_rows(S_next, W_o, b_o, targets, target_classes, class_bounds, G, sign, out, direct):
