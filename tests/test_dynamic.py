@@ -1,13 +1,15 @@
 """Per-token log-probabilities and dynamic evaluation (rnnlm.dynamic), on both backends at toy sizes."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 import rnnlm
-from rnnlm.corpus import load_corpus
-from rnnlm.dynamic import DynamicConfig, StreamScorer, token_log_probs
+from rnnlm import reference, step
+from rnnlm.corpus import batchify, load_corpus
+from rnnlm.dynamic import Decay, DynamicConfig, StreamScorer, gradient_rms, token_log_probs
 from rnnlm.model import Model, frequency_classes
 
 # a text that repeats itself, so that adapting to its first half helps on its second
@@ -88,6 +90,8 @@ def test_both_backends_adapt_alike(model_and_ids):
     ({"lr": 0.1, "segment": 0}, "--dynamic-segment"),
     ({"lr": 0.1, "decay": 1.0}, "--dynamic-decay"),
     ({"lr": 0.1, "rule": "adam"}, "--dynamic-rule"),
+    ({"lr": 0.1, "direct_lr": -1.0}, "--dynamic-direct-lr"),
+    ({"lr": 0.1, "rule": "sgd", "stats": "train.txt"}, "--dynamic-stats needs --dynamic-rule rms"),
 ])
 def test_bad_settings_are_refused(settings, message, model_and_ids):
     model, ids, _ = model_and_ids
@@ -113,3 +117,67 @@ def test_a_tied_stacked_model_adapts_without_a_leak(tmp_path):
     config = DynamicConfig(lr=0.05, segment=5, rule="rms", decay=0.1)
     assert token_log_probs(model, ids, dynamic=config).mean() > static.mean()
     assert_no_leak(model, ids, "cpu", config)
+
+
+def stats_config(model, ids, **settings):
+    """A config with the fixed RMS of gradients on ids (two streams of 5-token windows)."""
+    return DynamicConfig(lr=0.01, segment=5, rms=gradient_rms(model, ids, 5, streams=2), **settings)
+
+
+def test_gradient_rms_is_the_root_mean_square_of_the_windows_gradients(tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    ids, vocab = load_corpus(tmp_path / "text.txt")
+    model = Model.create(vocab, 8, seed=1)
+    model.params.update({name: p.astype(np.float64) for name, p in model.params.items()})
+    inputs, targets = batchify(ids, vocab.boundary_id, 2, 5)
+    squares, state = [], np.zeros((1, 2, 8))
+    for start in range(0, len(inputs), 5):
+        _, grads, state = reference.loss_and_grads(model.params, inputs[start:start + 5], targets[start:start + 5],
+                                                   state)
+        squares.append({name: step.rows(name, g) ** 2 for name, g in grads.items()})
+    assert len(squares) == 5
+    rms = gradient_rms(model, ids, 5, streams=2)
+    assert sorted(rms) == sorted(model.params)
+    for name, value in rms.items():
+        np.testing.assert_allclose(value, np.sqrt(np.mean([s[name] for s in squares], axis=0)), rtol=1e-6,
+                                   atol=1e-12, err_msg=name)
+
+
+def test_gradient_rms_needs_a_whole_window(model_and_ids):
+    model, ids, _ = model_and_ids
+    with pytest.raises(rnnlm.RnnlmError, match="--dynamic-stats needs a text of at least 500 tokens"):
+        gradient_rms(model, ids, 5)
+
+
+def test_the_lazy_decay_equals_pulling_every_row_at_every_step(model_and_ids, monkeypatch):
+    model, ids, _ = model_and_ids
+    for config in (DynamicConfig(lr=0.05, segment=4, decay=0.2), stats_config(model, ids, decay=0.2)):
+        lazy = token_log_probs(model, ids, dynamic=config)
+        with monkeypatch.context() as patched:
+            patched.setattr(Decay, "rows_read", lambda self, inputs, targets: {
+                name: np.arange(len(stamps), dtype=np.int32) for name, stamps in self.stamps.items()})
+            every_row = token_log_probs(model, ids, dynamic=config)
+        np.testing.assert_allclose(lazy, every_row, rtol=1e-5)
+        assert not np.allclose(lazy, token_log_probs(model, ids, dynamic=replace(config, decay=0.0)), rtol=1e-3)
+
+
+def test_the_fixed_rms_rule_and_the_direct_rate_adapt_without_a_leak(tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    ids, vocab = load_corpus(tmp_path / "text.txt")
+    bounds = frequency_classes(np.bincount(ids, minlength=len(vocab)), 3)
+    model = Model.create(vocab, 8, seed=1, class_bounds=bounds, direct=1 << 10, direct_order=3)
+    static = token_log_probs(model, ids)
+    config = stats_config(model, ids, decay=0.05, direct_lr=0.5)
+    assert token_log_probs(model, ids, dynamic=config).mean() > static.mean() + 0.1
+    assert_no_leak(model, ids, "cpu", config)
+    assert not np.allclose(token_log_probs(model, ids, dynamic=replace(config, direct_lr=0.0)),
+                           token_log_probs(model, ids, dynamic=config))
+
+
+def test_the_stats_text_is_read_once_for_the_config(model_and_ids, tmp_path):
+    model, ids, path = model_and_ids
+    (tmp_path / "long.txt").write_text(TEXT * 20, encoding="utf-8")
+    config = DynamicConfig(lr=0.01, segment=5, stats=str(tmp_path / "long.txt")).prepared(model)
+    assert config.rms is not None and config.prepared(model) is config
+    np.testing.assert_array_equal(token_log_probs(model, ids, dynamic=config),
+                                  token_log_probs(model, ids, dynamic=replace(config, rms=None)))
