@@ -16,12 +16,12 @@ where rms's v is either the running v ← β₂ v + (1 - β₂) g² on the score
 with β₁ = 0, stepping sparse rows lazily), or, with ``stats``, fixed before scoring: the mean g² over windows
 of the training text at the trained weights, ε = STATS_EPS (Krause et al.'s "RMS with global prior").
 
-With ``decay`` = d > 0, each step first pulls the weights toward the trained ones θ₀: θ ← θ₀ + keep ⊙ (θ - θ₀),
-keep = 1 - d, or with ``stats`` 1 - d min(√v / r̄, 1 / d) (r̄ the parameters' mean √v: Krause et al.'s per-weight decay
-rate). The pull is lazy on sparse rows (``Decay``), so it costs what the step costs. Dropout is off. The
-direct features' table W_d adapts by its unclipped sparse SGD step at ``direct_lr`` (η when None) under every
-rule, as in training, and is not pulled back. The same command gives the same numbers (with the same thread
-count on the CPU).
+With ``decay`` = d > 0, each step first pulls the weights toward the trained ones θ₀:
+θ ← θ₀ + keep ⊙ (θ - θ₀), keep = 1 - d, or with ``stats`` 1 - d min(√v / r̄, 1 / d) (r̄ the parameters' mean
+√v: Krause et al.'s per-weight decay rate). The pull is lazy on sparse rows (``Decay``), so it costs what the
+step costs. Dropout is off. The direct features' table W_d adapts by its unclipped sparse SGD step at
+``direct_lr`` (η when None) under every rule, as in training, and is not pulled back. The same command gives
+the same numbers (with the same thread count on the CPU).
 """
 
 from dataclasses import dataclass, field, replace

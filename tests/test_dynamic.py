@@ -1,10 +1,14 @@
 """Per-token log-probabilities and dynamic evaluation (rnnlm.dynamic), on both backends at toy sizes."""
 
+import inspect
+import json
 import math
 from dataclasses import replace
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
+from rnnlm.cli import cli
 
 import rnnlm
 from rnnlm import reference, step
@@ -181,3 +185,40 @@ def test_the_stats_text_is_read_once_for_the_config(model_and_ids, tmp_path):
     assert config.rms is not None and config.prepared(model) is config
     np.testing.assert_array_equal(token_log_probs(model, ids, dynamic=config),
                                   token_log_probs(model, ids, dynamic=replace(config, rms=None)))
+
+
+def run_cli(*args):
+    runner = CliRunner(mix_stderr=False) if "mix_stderr" in inspect.signature(CliRunner).parameters else CliRunner()
+    return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_the_cli_scores_with_the_training_texts_rms(tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    (tmp_path / "train.txt").write_text(TEXT * 20, encoding="utf-8")
+    ids, vocab = load_corpus(tmp_path / "text.txt")
+    model = Model.create(vocab, 8, seed=1)
+    model.save(tmp_path / "model.npz")
+    options = ["--dynamic", "0.01", "--dynamic-segment", "5", "--dynamic-decay", "0.1", "--dynamic-stats",
+               tmp_path / "train.txt", "--dynamic-direct-lr", "0.5"]
+    result = run_cli("perplexity", tmp_path / "model.npz", tmp_path / "text.txt", *options, "--json")
+    assert result.exit_code == 0, result.output
+    config = DynamicConfig(lr=0.01, segment=5, decay=0.1, stats=str(tmp_path / "train.txt"), direct_lr=0.5)
+    expected = math.exp(-token_log_probs(rnnlm.load(tmp_path / "model.npz"), ids, dynamic=config).mean())
+    assert json.loads(result.stdout)["perplexity"] == pytest.approx(expected, rel=1e-9)
+    assert expected != pytest.approx(math.exp(-token_log_probs(model, ids, dynamic=replace(config, stats=None)).mean()))
+    scored = run_cli("score", tmp_path / "model.npz", tmp_path / "text.txt", "--stream", *options, "--json")
+    assert json.loads(scored.stdout.splitlines()[-1])["perplexity"] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dynamic-stats", "train.txt"], "need --dynamic LR"),
+    (["--dynamic-direct-lr", "1"], "need --dynamic LR"),
+    (["--dynamic", "0.1", "--dynamic-rule", "sgd", "--dynamic-stats", "train.txt"], "needs --dynamic-rule rms"),
+    (["--dynamic", "0.1", "--dynamic-direct-lr", "-1"], "Invalid value for '--dynamic-direct-lr'"),
+])
+def test_bad_dynamic_options_are_usage_errors(args, message, tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    _, vocab = load_corpus(tmp_path / "text.txt")
+    Model.create(vocab, 8, seed=1).save(tmp_path / "model.npz")
+    result = run_cli("perplexity", tmp_path / "model.npz", tmp_path / "text.txt", *args)
+    assert result.exit_code == 2 and message in result.stderr, result.output
