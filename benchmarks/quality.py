@@ -56,8 +56,8 @@ DIRECT = ["--direct", "10M", "--direct-order", "4", "--direct-lr", "4"]
 # The whole system's dynamic evaluation (README, "With a Kneser-Ney 5-gram and dynamic evaluation"), tuned on
 # validation for the 5-minute direct model: Krause et al.'s fixed RMS from the training text's gradients, its
 # per-weight decay toward the trained weights, the direct table adapted at its own rate.
-WHOLE_SYSTEM_DYNAMIC = ["--dynamic", "7e-5", "--dynamic-segment", "10", "--dynamic-decay", "0.03",
-                        "--dynamic-direct-lr", "1"]
+WHOLE_SYSTEM_DYNAMIC = ["--dynamic", "5e-5", "--dynamic-segment", "5", "--dynamic-decay", "0.02",
+                        "--dynamic-direct-lr", "0.5"]
 # seconds kept aside from the training budget for start-up, the last validation and the test evaluation
 RESERVE_S = {"ptb": 25, "shakespeare": 15}
 
