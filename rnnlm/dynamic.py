@@ -90,7 +90,7 @@ class DynamicConfig:
 def gradient_rms(model, ids, segment, device="cpu", streams=STATS_STREAMS):
     """√(mean g²) of each parameter but W_d at the trained weights, g the gradient of a window's mean loss, over
     the windows (``segment`` steps, ``streams`` streams, states carried) of ``ids`` (the training text, as
-    Krause et al. collect it): {name: float32 array shaped as ``step.rows`` of the parameter}."""
+    Krause et al. collect it): {name: array shaped as ``step.rows`` of the parameter, in its dtype}."""
     ops = get_backend(device)
     params = step.to_device(ops, model.params, model.tied)
     grads = step.zero_grads(ops, params, model.tied)
@@ -151,16 +151,17 @@ def keep_factors(config, params):
     """{name: keep (shaped as ``step.rows``)} of the decay θ ← θ₀ + keep ⊙ (θ - θ₀) for each parameter of
     ``params`` but W_d: 1 - d, or with a fixed RMS (Krause et al.) 1 - d · min(rms / r̄, 1 / d), r̄ the mean over
     the parameters of each one's mean rms, so that the weights whose gradients are larger are pulled harder."""
-    shapes = {name: step.rows(name, p).shape for name, p in params.items() if name != "W_d"}
+    params = {name: step.rows(name, p) for name, p in params.items() if name != "W_d"}
     d = config.decay
     if config.rms is None:
-        return {name: np.full(shape, 1 - d, np.float32) for name, shape in shapes.items()}
-    mean_rms = np.mean([config.rms[name].mean() for name in shapes])
-    return {name: (1 - d * np.minimum(config.rms[name] / mean_rms, 1 / d)).astype(np.float32) for name in shapes}
+        return {name: np.full(p.shape, 1 - d, p.dtype) for name, p in params.items()}
+    mean_rms = np.mean([config.rms[name].mean() for name in params])
+    return {name: (1 - d * np.minimum(config.rms[name] / mean_rms, 1 / d)).astype(p.dtype)
+            for name, p in params.items()}
 
 
 class Decay:
-    """The decay toward θ₀ after each step (see ``keep_factors``) of every parameter but W_d. The sparse ones' rows
+    """The pull toward θ₀ at each step (see ``keep_factors``) of every parameter but W_d. The sparse ones' rows
     (W_x's columns, the class softmax's W_o rows: ``step.sparse_names``) are pulled lazily: a row's pending steps
     are applied at once (keepⁿ) when a segment reads it (``catch_up``), so that a step costs the rows it touches,
     not the whole table."""
@@ -171,6 +172,8 @@ class Decay:
         self.start = {name: ops.asarray(ops.to_numpy(rows)) for name, rows in self.rows.items()}
         self.keep = {name: ops.asarray(_as_rows(k)) for name, k in keep.items()}
         self.stamps = {name: np.zeros(len(self.rows[name]), np.int64) for name in step.sparse_names(window)}
+        self.every_row = {name: (ops.asarray(np.arange(len(rows), dtype=np.int32)), ops.asarray(np.ones(len(rows),
+                          np.int32))) for name, rows in self.rows.items() if name not in self.stamps}
         self.steps = 0
 
     def rows_read(self, inputs, targets):
@@ -198,11 +201,8 @@ class Decay:
     def step(self, read):
         """One step's pull: every dense parameter now, the sparse ones' rows of ``read`` (the step's own)."""
         self.steps += 1
-        for name, rows in self.rows.items():
-            if name not in self.stamps:
-                every = self.ops.asarray(np.arange(len(rows), dtype=np.int32))
-                self.ops.decay_rows(rows, self.start[name], self.keep[name], every,
-                                    self.ops.asarray(np.ones(len(rows), np.int32)))
+        for name, (every, once) in self.every_row.items():
+            self.ops.decay_rows(self.rows[name], self.start[name], self.keep[name], every, once)
         self.catch_up(read)
 
 
