@@ -12,8 +12,9 @@ from rnnlm.cli import cli
 
 import rnnlm
 from rnnlm import reference, step
+from rnnlm.backends import cpu
 from rnnlm.corpus import batchify, load_corpus
-from rnnlm.dynamic import Decay, DynamicConfig, StreamScorer, gradient_rms, token_log_probs
+from rnnlm.dynamic import Adapter, Decay, DynamicConfig, StreamScorer, gradient_rms, keep_factors, token_log_probs
 from rnnlm.model import Model, frequency_classes
 
 # a text that repeats itself, so that adapting to its first half helps on its second
@@ -222,3 +223,33 @@ def test_bad_dynamic_options_are_usage_errors(args, message, tmp_path):
     Model.create(vocab, 8, seed=1).save(tmp_path / "model.npz")
     result = run_cli("perplexity", tmp_path / "model.npz", tmp_path / "text.txt", *args)
     assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+def test_a_fixed_rms_step_divides_the_gradient_by_rms_plus_eps(tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    ids, vocab = load_corpus(tmp_path / "text.txt")
+    model = Model.create(vocab, 8, seed=1)
+    rng = np.random.default_rng(0)
+    rms = {name: rng.random(step.rows(name, p).shape).astype(np.float32) * 1e-3 for name, p in model.params.items()}
+    config = DynamicConfig(lr=1e-4, segment=5, rms=rms, eps=1e-4)
+    ops = cpu
+    inputs, targets = (np.asarray(a[:5], np.int32).reshape(5, 1) for a in (np.r_[vocab.boundary_id, ids[:-1]], ids))
+    window = step.Window(ops, 5, 1, 8, len(vocab))
+    params, reference_params = (step.to_device(ops, model.params) for _ in range(2))
+    grads = step.zero_grads(ops, reference_params)
+    step.forward_backward(ops, reference_params, grads, window, inputs, targets)
+    Adapter(ops, params, window, config, None).update(window, (inputs, targets), inputs, targets)
+    for name, before in model.params.items():
+        expected = step.rows(name, before) - 1e-4 * step.rows(name, grads[name]) / (rms[name] + 1e-4)
+        np.testing.assert_allclose(step.rows(name, params[name]), expected, rtol=1e-5, atol=1e-9, err_msg=name)
+
+
+def test_the_decay_pulls_each_weight_by_its_rms_over_the_mean():
+    rms = {"W_s": np.array([[1.0, 3.0]]), "b_s": np.array([0.0] * 11 + [240.0])}  # means 2 and 20: r̄ = 11
+    keep = keep_factors(DynamicConfig(lr=0.1, decay=0.1, rms=rms), {name: r.astype(np.float32)
+                                                                      for name, r in rms.items()})
+    np.testing.assert_allclose(keep["W_s"], [[1 - 0.1 / 11, 1 - 0.3 / 11]], rtol=1e-6)
+    np.testing.assert_allclose(keep["b_s"], [1.0] * 11 + [0.0])  # 0.1 · 240 / 11 > 1: capped at a full pull
+    assert keep["W_s"].dtype == np.float32
+    uniform = keep_factors(DynamicConfig(lr=0.1, decay=0.1), {"W_s": np.zeros((2, 2), np.float64)})
+    np.testing.assert_array_equal(uniform["W_s"], np.full((2, 2), 0.9))
