@@ -45,7 +45,9 @@ def mixing_options(command):
         click.option("--dynamic-segment", type=click.IntRange(min=1), default=DYNAMIC.segment, show_default=True,
                      help="Tokens scored between two adaptation steps."),
         click.option("--dynamic-decay", type=FiniteFloat(min=0, max=1, max_open=True), default=DYNAMIC.decay,
-                     show_default=True, help="Pull toward the trained weights after each step: θ += d (θ₀ - θ)."),
+                     show_default=True,
+                     help="Pull toward the trained weights at each step: θ += d (θ₀ - θ) (not the direct features' "
+                          "table)."),
         click.option("--dynamic-rule", type=click.Choice(RULES), default=DYNAMIC.rule, show_default=True,
                      help="sgd: θ -= LR g (Mikolov); rms: steps over the gradient's running RMS (Krause et al.)."),
         click.option("--dynamic-stats", default=None, metavar="TEXT",
