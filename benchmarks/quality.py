@@ -3,6 +3,7 @@
     python benchmarks/quality.py ptb --minutes 5
     python benchmarks/quality.py ptb --minutes 5 --direct
     python benchmarks/quality.py shakespeare --minutes 3
+    python benchmarks/quality.py ptb --minutes 5 --direct --whole-system runs/kn5/ptb.kn5.arpa
 
 Reads data/<corpus>/ (run data/ptb/prepare.sh or data/shakespeare/prepare.sh first; this project's ../shared
 copy is the fallback). Runs ``rnnlm train`` (then ``rnnlm perplexity`` for PTB's test set) as subprocesses; the
@@ -10,6 +11,10 @@ budget covers
 training, validation and the final evaluation. Ends by printing one JSON line
 {"corpus", "metric", "value", "wall_s", "command"}: test perplexity for PTB (Mikolov's split), validation
 nats per character for tiny-shakespeare (first 90% train, last 10% validation, as nanoGPT splits it).
+``--whole-system ARPA`` (PTB) then scores the test set with the whole system, the trained model with dynamic
+evaluation mixed with the n-gram model (λ fitted on validation), outside the budget, and adds
+"whole_system_test_perplexity", "whole_system_rnn_perplexity", "whole_system_lambda", "whole_system_wall_s"
+and "whole_system_command" to the line.
 """
 
 import argparse
@@ -48,6 +53,11 @@ RECIPES = {
 # Direct features (Mikolov's RNNME) added to a recipe by --direct: a hash table of 10⁷ weights (Mikolov's PTB
 # setting), contexts of up to three words, stepped by SGD beside the recipe's optimizer.
 DIRECT = ["--direct", "10M", "--direct-order", "4", "--direct-lr", "4"]
+# The whole system's dynamic evaluation (README, "With a Kneser-Ney 5-gram and dynamic evaluation"), tuned on
+# validation for the 5-minute direct model: Krause et al.'s fixed RMS from the training text's gradients, its
+# per-weight decay toward the trained weights, the direct table adapted at its own rate.
+WHOLE_SYSTEM_DYNAMIC = ["--dynamic", "5e-5", "--dynamic-segment", "5", "--dynamic-decay", "0.02",
+                        "--dynamic-direct-lr", "0.5"]
 # seconds kept aside from the training budget for start-up, the last validation and the test evaluation
 RESERVE_S = {"ptb": 25, "shakespeare": 15}
 
@@ -63,6 +73,21 @@ def rnnlm_command():
     return [script] if script else [sys.executable, "-m", "rnnlm"]
 
 
+def whole_system(model, train, valid, test, arpa, threads):
+    """The whole_system_* entries of the result line: the test set scored by the RNN with dynamic evaluation and
+    the n-gram model at ``arpa`` mixed in."""
+    command = [*rnnlm_command(), "perplexity", str(model), str(test), "--ngram", str(arpa), "--lambda", "auto",
+               "--lambda-text", str(valid), *WHOLE_SYSTEM_DYNAMIC, "--dynamic-stats", str(train), "--threads",
+               str(threads), "--json"]
+    print(" ".join(command), file=sys.stderr)
+    start = time.perf_counter()
+    scored = json.loads(subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout)
+    return {"whole_system_test_perplexity": round(scored["perplexity"], 4),
+            "whole_system_rnn_perplexity": round(scored["rnn_perplexity"], 4),
+            "whole_system_lambda": round(scored["lambda"], 4),
+            "whole_system_wall_s": round(time.perf_counter() - start, 1), "whole_system_command": " ".join(command)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("corpus", choices=sorted(RECIPES))
@@ -70,7 +95,11 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     parser.add_argument("--out", type=Path, default=None, help="keep the model and its log in this folder")
     parser.add_argument("--direct", action="store_true", help="add direct features to the recipe: " + " ".join(DIRECT))
+    parser.add_argument("--whole-system", type=Path, default=None, metavar="ARPA",
+                        help="PTB: then score the test set with dynamic evaluation and this n-gram model mixed in")
     args = parser.parse_args()
+    if args.whole_system and args.corpus != "ptb":
+        parser.error("--whole-system needs the ptb corpus (its test set)")
 
     start = time.perf_counter()
     workdir = args.out or Path(tempfile.mkdtemp(prefix=f"rnnlm-{args.corpus}-"))
@@ -94,6 +123,8 @@ def main():
         metric, value = "valid_nats_per_char", math.log(min(r["valid_perplexity"] for r in epochs))
     result = {"corpus": args.corpus, "metric": metric, "value": round(value, 4),
               "wall_s": round(time.perf_counter() - start, 1), "command": " ".join(command)}
+    if args.whole_system:
+        result.update(whole_system(model, train, valid, test, args.whole_system, args.threads))
     print(json.dumps(result))
 
 

@@ -45,16 +45,26 @@ def mixing_options(command):
         click.option("--dynamic-segment", type=click.IntRange(min=1), default=DYNAMIC.segment, show_default=True,
                      help="Tokens scored between two adaptation steps."),
         click.option("--dynamic-decay", type=FiniteFloat(min=0, max=1, max_open=True), default=DYNAMIC.decay,
-                     show_default=True, help="Pull toward the trained weights after each step: θ += d (θ₀ - θ)."),
+                     show_default=True,
+                     help="Pull toward the trained weights at each step: θ += d (θ₀ - θ) (not the direct features' "
+                          "table)."),
         click.option("--dynamic-rule", type=click.Choice(RULES), default=DYNAMIC.rule, show_default=True,
                      help="sgd: θ -= LR g (Mikolov); rms: steps over the gradient's running RMS (Krause et al.)."),
+        click.option("--dynamic-stats", default=None, metavar="TEXT",
+                     help="The rms rule divides by a fixed RMS of the gradients on TEXT (the training text: "
+                          "segments of its first 300,000 tokens, computed at start) instead of the scored text's "
+                          "running RMS, and pulls each weight back by --dynamic-decay times its RMS over the mean "
+                          "(Krause et al.) [default: none]."),
+        click.option("--dynamic-direct-lr", type=FiniteFloat(min=0), default=None, metavar="RATE",
+                     help="The direct features' SGD rate in dynamic evaluation [default: LR]."),
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def read_mixing(ctx, ngram, lam, lambda_text, dynamic, dynamic_segment, dynamic_decay, dynamic_rule):
+def read_mixing(ctx, ngram, lam, lambda_text, dynamic, dynamic_segment, dynamic_decay, dynamic_rule, dynamic_stats,
+                dynamic_direct_lr):
     """(ARPA path or None, λ or "auto", --lambda-text, DynamicConfig or None) from ``mixing_options``;
     a usage error for an option that needs another one."""
     given = {name for name in ctx.params if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
@@ -62,9 +72,14 @@ def read_mixing(ctx, ngram, lam, lambda_text, dynamic, dynamic_segment, dynamic_
         raise click.UsageError("--lambda and --lambda-text need --ngram ARPA")
     if (lam == "auto") != (lambda_text is not None):
         raise click.UsageError("--lambda auto and --lambda-text VALID go together")
-    if dynamic is None and given & {"dynamic_segment", "dynamic_decay", "dynamic_rule"}:
-        raise click.UsageError("--dynamic-segment, --dynamic-decay and --dynamic-rule need --dynamic LR")
-    config = None if dynamic is None else DynamicConfig(dynamic, dynamic_segment, dynamic_decay, dynamic_rule)
+    if dynamic is None and given & {"dynamic_segment", "dynamic_decay", "dynamic_rule", "dynamic_stats",
+                                    "dynamic_direct_lr"}:
+        raise click.UsageError("--dynamic-segment, --dynamic-decay, --dynamic-rule, --dynamic-stats and "
+                               "--dynamic-direct-lr need --dynamic LR")
+    if dynamic_stats is not None and dynamic_rule != "rms":
+        raise click.UsageError("--dynamic-stats needs --dynamic-rule rms")
+    config = None if dynamic is None else DynamicConfig(dynamic, dynamic_segment, dynamic_decay, dynamic_rule,
+                                                        direct_lr=dynamic_direct_lr, stats=dynamic_stats)
     return ngram, lam, lambda_text, config
 
 

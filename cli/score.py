@@ -81,6 +81,8 @@ def score(ctx, model_path, texts, stream, per_word, units, nbest_format, best, b
     sources = texts or ("-",)
     lines = itertools.chain.from_iterable([iter_lines(source) for source in sources])
     model = rnnlm.load(model_path)
+    if dynamic is not None:
+        dynamic = dynamic.prepared(model, device)
     scorer = Scorer(model, device, 1 if stream else batch)
     score_chunk = StreamScorer(model, device, dynamic).score_sentences if dynamic else (
         scorer.score_stream if stream else scorer.score_independent)

@@ -241,6 +241,8 @@ def perplexity(model, text, device="cpu", ngram=None, lam=0.5, lambda_text=None,
         ngram = NgramModel(ngram)
     result = {} if ngram is None else vocab_mismatch(model.vocab, ngram)
     ids = _text_ids(model, text)
+    if dynamic is not None:
+        dynamic = dynamic.prepared(model, device)  # the fixed RMS of --dynamic-stats, once for both texts
     fitted_on = str(lambda_text) if lam == "auto" else None
     if ngram is not None and lam == "auto":
         lam = fit_lambda_on(model, ngram, lambda_text, device, dynamic, progress)

@@ -108,9 +108,7 @@ class Adam(_Clipped):
         ops, sparse, clipping = self.ops, sparse_names(window), self.clipping
         grad_norm(ops, grads, window, self.clip, clipping)
         self.t += 1
-        # bias corrections folded into the step: lr m̂ / (√v̂ + ε) = lr_t m / (√v + ε_t)
-        lr_t = lr * np.sqrt(1 - self.beta2**self.t) / (1 - self.beta1**self.t)
-        eps_t = self.eps * np.sqrt(1 - self.beta2**self.t)
+        lr_t, eps_t = self.corrected(lr)
         self.direct_step(params, window, lr)
         for name, param in trainable(params, window).items():
             if name == "W_d":
@@ -126,6 +124,11 @@ class Adam(_Clipped):
             ops.adam_update(param_rows, grad_rows, *moments, *scalars)
             if name in sparse:  # leave the sparse gradient zero for the next window
                 ops.masked_sgd_update(param_rows, grad_rows, sparse[name], 0.0, clipping)
+
+    def corrected(self, lr):
+        """(lr_t, ε_t) of step t: the bias corrections folded into the step, lr m̂ / (√v̂ + ε) = lr_t m / (√v + ε_t)."""
+        unbias2 = np.sqrt(1 - self.beta2**self.t)
+        return lr * unbias2 / (1 - self.beta1**self.t), self.eps * unbias2
 
     def state(self, copy=True):
         """The moments and the step count; copy False: the CPU's moment arrays themselves, not copies (for a

@@ -12,6 +12,8 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from rnnlm.corpus import load_ids
 from rnnlm.errors import RnnlmError
 from rnnlm.model import Model, frequency_classes
@@ -53,6 +55,11 @@ def load_data(text, valid, config, vocab=None):
         ids, valid_ids = ids.view(0, len(ids) - n_valid), ids.view(len(ids) - n_valid, len(ids))
     if len(valid_ids) == 0:
         raise RnnlmError(f"{valid} has no tokens")
+    words = np.asarray(valid_ids.read(0, len(valid_ids)))
+    words = words[words != vocab.boundary_id]
+    if len(words) and (words == vocab.unk_id).all():
+        raise RnnlmError(f"every word of {valid} is outside the training text's vocabulary (read as <unk>): a text "
+                         "of another vocabulary, case or language?")
     return ids, valid_ids, vocab, unknown
 
 

@@ -297,6 +297,14 @@ def case_masked_adam_update(ops, rng):
     return outputs(ops, None, param=param, grad=grad, moment1=moment1, moment2=moment2, mask=mask)
 
 
+def case_decay_rows(ops, rng):
+    param, start = ops.asarray(rand(rng, V, m)), ops.asarray(rand(rng, V, m))
+    keep = ops.asarray(rng.random((V, m)))
+    rows, powers = (ops.asarray(np.array(a, np.int32)) for a in ([0, 3, V - 1], [1, 5, 2]))
+    ops.decay_rows(param, start, keep, rows, powers)
+    return outputs(ops, None, param=param)
+
+
 CASES = {name[len("case_"):]: case for name, case in globals().items() if name.startswith("case_")}
 CASES.update(matmul_nt=matmul_case("matmul_nt", (4, 3), (7, 3)), matmul_nn=matmul_case("matmul_nn", (4, 3), (3, 7)),
              matmul_tn=matmul_case("matmul_tn", (3, 4), (3, 7)))

@@ -217,6 +217,13 @@ def test_with_valid_the_whole_text_is_trained_on(tmp_path, repetitive):
     assert rnnlm.perplexity(model, valid)["perplexity"] == pytest.approx(best, rel=1e-6)
 
 
+def test_a_valid_text_of_unknown_words_alone_is_refused_before_training(tmp_path, repetitive):
+    valid = write(tmp_path / "v.txt", "zebra yak\nquux\n")
+    with pytest.raises(rnnlm.RnnlmError, match="every word of .* outside the training text's vocabulary"):
+        rnnlm.train(repetitive, tmp_path / "m.npz", valid=valid, config=rnnlm.TrainConfig(**SMALL, epochs=1))
+    assert not (tmp_path / "m.npz").exists()
+
+
 def test_on_window_reports_progress(tmp_path, repetitive):
     """Every window once, in order; the running mean loss ends at the epoch's train loss, and the speed
     counts the tokens done over at most the run's wall time."""

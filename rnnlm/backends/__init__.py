@@ -145,6 +145,10 @@ OPS = {
                               "adam_update on the rows marked in mask alone, their moments included (lazy Adam), "
                               "then grad_rows[r] = 0 and mask[r] = 0 for those rows; param_rows, grad_rows (R, m) "
                               "any layout, moments (R, m) C-contiguous"),
+    "decay_rows": _op("param_rows start_rows keep_rows rows powers", "for each j, r = rows[j], n = powers[j]: "
+                      "param_rows[r] = start_rows[r] + keep_rows[r]ⁿ ⊙ (param_rows[r] - start_rows[r]), the pull "
+                      "toward start of n steps at once: param_rows (R, m) any layout, start_rows and keep_rows (R, "
+                      "m) C-contiguous; rows (k,) int32, distinct; powers (k,) int32 ≥ 1"),
 }
 
 

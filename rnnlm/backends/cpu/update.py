@@ -104,3 +104,28 @@ def sgd_updates(pairs, lr, shrink, clipping):
     """One ``sgd_update`` per pair."""
     for param, grad in pairs:
         sgd_update(param, grad, lr, param.dtype.type(shrink), clipping)
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _power(x, n):
+    """xⁿ for an integer n ≥ 1 by repeated squaring (the same products on both backends)."""
+    result = x
+    n -= 1
+    while n > 0:
+        if n & 1:
+            result *= x
+        x *= x
+        n >>= 1
+    return result
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def decay_rows(param_rows, start_rows, keep_rows, rows, powers):
+    """A parallel loop over the listed rows."""
+    m = param_rows.shape[1]
+    for j in prange(rows.shape[0]):
+        r = rows[j]
+        n = powers[j]
+        for i in range(m):
+            keep = _power(keep_rows[r, i], n)
+            param_rows[r, i] = start_rows[r, i] + keep * (param_rows[r, i] - start_rows[r, i])

@@ -152,3 +152,37 @@ def adam_update(param, grad, moment1, moment2, lr_t, clipping, decay, beta1, bet
     moments = flat(moment1), flat(moment2)
     device.launch(_adam_kernel, blocks, threads, out, flat(grad), *moments, lr_t, clipping, decay, beta1,
                   one - beta1, beta2, one - beta2, eps)
+
+
+@cuda.jit(device=True)
+def _power(x, n):
+    """xⁿ for an integer n ≥ 1 by repeated squaring (the CPU's products, in its order)."""
+    result = x
+    n -= 1
+    while n > 0:
+        if n & 1:
+            result *= x
+        x *= x
+        n >>= 1
+    return result
+
+
+@cuda.jit
+def _decay_rows_kernel(param_rows, start_rows, keep_rows, rows, powers):
+    """The pull of ``decay_rows``: blockDim.y listed rows per sweep (grid-stride), x-threads along a row."""
+    m = param_rows.shape[1]
+    j = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+    while j < rows.shape[0]:
+        r = rows[j]
+        i = cuda.threadIdx.x
+        while i < m:
+            keep = _power(keep_rows[r, i], powers[j])
+            param_rows[r, i] = start_rows[r, i] + keep * (param_rows[r, i] - start_rows[r, i])
+            i += cuda.blockDim.x
+        j += cuda.gridDim.x * cuda.blockDim.y
+
+
+def decay_rows(param_rows, start_rows, keep_rows, rows, powers):
+    """Blocks of listed rows in sweeps, x-threads along a row, one launch (see ``_decay_rows_kernel``)."""
+    blocks, threads = device.row_grid(rows.shape[0], param_rows.shape[1])
+    device.launch(_decay_rows_kernel, blocks, threads, param_rows, start_rows, keep_rows, rows, powers)
