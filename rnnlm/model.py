@@ -297,12 +297,16 @@ def read_class_bounds(npz, vocab_size):
 
 def write_npz(file, arrays):
     """An .npz of ``arrays`` (name -> array) into a binary file object, byte for byte the same for the
-    same arrays: unlike np.savez, every member carries the same fixed timestamp."""
+    same arrays: unlike np.savez, every member carries the same fixed timestamp. A value with a ``write_npy``
+    method (``rnnlm.stored.StoredArray``) writes itself."""
     with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         for name, array in arrays.items():
             info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
             with archive.open(info, "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+                if hasattr(array, "write_npy"):
+                    array.write_npy(member)
+                else:
+                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
 def atomic_savez(path, arrays):
