@@ -1,12 +1,13 @@
 """The trainer's parameters on the host and in its checkpoints: the best model, the epoch's start, writing and
 restoring checkpoints (``Checkpoints``, a part of ``rnnlm.train.Trainer``).
 
-The epoch's start, which a rolled-back epoch or a divergence restores (weights and optimizer state), is kept
-in the checkpoint on disk by the rank that writes it: a checkpoint is written at a run's start and at every
-epoch's end, so that the epoch's start is always its ``params/`` and ``optimizer/`` members, carried into each
-later checkpoint of the epoch as its ``epoch_start/`` members (``rnnlm.stored.StoredArray``, copied from the
-file being replaced). Restoring reads them back a piece at a time: the same bits as an in-memory copy, without
-the gigabytes of one at a vocabulary of 10⁶. The other ranks of an MPI run keep host copies (``snapshot``).
+The rank that writes the checkpoint keeps neither the best model nor the epoch's start (weights and optimizer
+state, which a rolled-back epoch or a divergence restores) in memory, but in the checkpoint on disk: one is
+written at a run's start and at every epoch's end, so that the epoch's start is always its ``params/`` and
+``optimizer/`` members, and the best model its ``best/`` ones (or, from an improvement to the checkpoint that
+follows it at once, the live parameters). Each later checkpoint copies them from the file it replaces
+(``rnnlm.stored.StoredArray``); restoring reads them back a piece at a time: the same bits as an in-memory copy,
+without the gigabytes of one at a vocabulary of 10⁶. The other ranks of an MPI run keep host copies.
 """
 
 import time
@@ -17,12 +18,14 @@ import numpy as np
 from rnnlm import runplan
 from rnnlm.checkpoint import Saved, write_checkpoint
 from rnnlm.state import TrainState
-from rnnlm.stored import StoredArray, put
+from rnnlm.stored import in_memory, put, stored_as
 
 
 def _equal(a, b, rows=1 << 14):
-    """Whether two C-contiguous arrays hold the same bits (-0.0 is not 0.0), compared a block of rows at a
-    time (no temporary as large as a)."""
+    """Whether two arrays both C-contiguous (or both Fortran-contiguous) hold the same bits (-0.0 is not 0.0),
+    compared a block of rows at a time (no temporary as large as a)."""
+    if a.flags.f_contiguous and b.flags.f_contiguous and not a.flags.c_contiguous:
+        a, b = a.T, b.T
     if a.shape != b.shape or a.dtype != b.dtype or not (a.flags.c_contiguous and b.flags.c_contiguous):
         return False
     return all(np.array_equal(a[k:k + rows].view(np.uint8), b[k:k + rows].view(np.uint8))
@@ -38,16 +41,19 @@ class Checkpoints:
     checkpoint_is_now = False
 
     def pull_params(self):
-        """Copy the device parameters into the model (the best so far)."""
+        """Make the device parameters the model (the best so far): the writer's CPU arrays themselves (the
+        checkpoint that follows stores them), else host copies."""
         for name in self.trainable:
-            self.model.params[name] = np.ascontiguousarray(self.ops.to_numpy(self.params[name]), np.float32)
+            array = self.params[name]
+            live = self.reducer.is_writer and isinstance(array, np.ndarray)
+            self.model.params[name] = array if live else self.ops.to_numpy(array)
         if self.model.tied:
             self.model.params["W_x"] = self.model.params["W_o"].T
 
     def push_params(self):
         """Restore the device parameters from the model (roll back to the best so far)."""
         for name in self.trainable:
-            self.ops.copy_into(self.model.params[name], self.params[name])
+            put(self.ops, self.model.params[name], self.params[name])
         self.checkpoint_is_now = False
 
     def mark_epoch_start(self):
@@ -59,16 +65,9 @@ class Checkpoints:
         if not self.checkpoint_is_now:
             self.epoch_start = self.snapshot(copy=False)
             self.write_checkpoint()
-        self.epoch_start = self.stored_snapshot("", self.optimizer.state(copy=False)[1])
-
-    def stored_snapshot(self, prefix, scalars):
-        """The snapshot whose arrays are the members ``prefix + "params/" ...`` and ``prefix + "optimizer/" ...``
-        of the checkpoint on disk, with the optimizer ``scalars``."""
-        path = self.checkpoint_path
-        params = {name: StoredArray.like(path, f"{prefix}params/{name}", self.params[name]) for name in self.trainable}
-        arrays = {name: StoredArray.like(path, f"{prefix}optimizer/{name}", array)
-                  for name, array in self.optimizer.arrays().items()}
-        return params, (arrays, scalars)
+        path, scalars = self.checkpoint_path, self.optimizer.state(copy=False)[1]
+        self.epoch_start = (stored_as(path, "params/", {name: self.params[name] for name in self.trainable}),
+                            (stored_as(path, "optimizer/", self.optimizer.arrays()), scalars))
 
     def snapshot(self, copy=True):
         """The parameters and the optimizer state on the host: (params by name, (arrays, scalars)).
@@ -106,17 +105,22 @@ class Checkpoints:
                     "vocab": self.model.vocab.tokens}
         self.reducer.on_writer(write_checkpoint, self.checkpoint_path, settings, saved, self.model.class_bounds)
         self.last_checkpoint = time.perf_counter()
-        if self.reducer.is_writer:  # the epoch's start is now the new file's copy
-            self.epoch_start = self.stored_snapshot("epoch_start/", self.epoch_start[1][1])
+        if self.reducer.is_writer:  # the best model and the epoch's start are now the new file's copies
+            path, (params, (arrays, scalars)) = self.checkpoint_path, self.epoch_start
+            self.epoch_start = (stored_as(path, "epoch_start/params/", params),
+                                (stored_as(path, "epoch_start/optimizer/", arrays), scalars))
+            self.model.params = stored_as(path, "best/", self.model.params)
             self.checkpoint_is_now = True
 
     def restore(self, saved):
-        """Load a checkpoint's ``Saved`` run into this freshly built trainer (its arrays in memory or stored:
-        another rank than the writer copies stored ones into memory)."""
+        """Load a checkpoint's ``Saved`` run into this freshly built trainer (its arrays in memory or stored; the
+        writer keeps the best model stored, another rank copies the epoch's start into memory)."""
         self.restore_snapshot(saved.now)
         params, (arrays, scalars) = saved.epoch_start
-        if not self.reducer.is_writer:
-            params, arrays = ({name: _in_memory(a) for name, a in group.items()} for group in (params, arrays))
+        if self.reducer.is_writer:
+            self.model.params = dict(saved.best)
+        else:
+            params, arrays = ({name: in_memory(a) for name, a in group.items()} for group in (params, arrays))
         self.epoch_start = params, (arrays, scalars)
         for S, carried in zip(self.window.S, saved.carried, strict=True):
             self.ops.copy_into(self.reducer.streams(carried, axis=0), S[0])
@@ -125,7 +129,3 @@ class Checkpoints:
         self.start_log()
         if self.state.best is not None:  # the model file may be another than the interrupted run's
             self.save_model()
-
-
-def _in_memory(array):
-    return array.to_numpy() if isinstance(array, StoredArray) else array

@@ -231,8 +231,11 @@ class Model:
         }
 
     def save(self, path):
-        """Write the model atomically: a temporary file in the same folder, fsync, then rename."""
-        arrays = {name: np.ascontiguousarray(array, np.float32) for name, array in self.params.items()}
+        """Write the model atomically: a temporary file in the same folder, fsync, then rename. A float32 array in
+        C or Fortran order is written as it is, a piece at a time (no copy of a transposed W_x); a
+        ``rnnlm.stored.StoredArray`` copies itself."""
+        arrays = {name: array if hasattr(array, "write_npy") or _plain_float32(array)
+                  else np.ascontiguousarray(array, np.float32) for name, array in self.params.items()}
         if self.class_bounds is not None:
             arrays["class_bounds"] = np.asarray(self.class_bounds, np.int32)
         arrays["meta"] = np.array(json.dumps(self.meta(), ensure_ascii=False))
@@ -293,6 +296,11 @@ def read_class_bounds(npz, vocab_size):
         raise RnnlmError(f"{npz.path} is not a valid rnnlm model (class_bounds do not bin 0..{vocab_size - 1} "
                          "into non-empty classes)")
     return bounds.astype(np.int32)
+
+
+def _plain_float32(array):
+    return isinstance(array, np.ndarray) and array.dtype == np.float32 and (array.flags.c_contiguous
+                                                                           or array.flags.f_contiguous)
 
 
 def write_npz(file, arrays):

@@ -1,12 +1,12 @@
 """Arrays that a run keeps in a file it wrote rather than in memory: ``StoredArray``, one float32 member of
 an .npz, and ``put``, which copies an array, in memory or stored, into a backend array.
 
-At a vocabulary of 10⁶ every V × m table is most of a gigabyte: the epoch's start, which a rolled-back epoch
-restores, is kept as the checkpoint's members (``rnnlm.train``) and read back a piece at a time, so that
-neither keeping it nor restoring it needs a table's worth of memory.
+At a vocabulary of 10⁶ every V × m table is most of a gigabyte: the best model and the epoch's start, which a
+rolled-back epoch restores, are kept as the checkpoint's members (``rnnlm.checkpointing``) and read back a piece
+at a time, so that neither keeping nor restoring them needs a table's worth of memory.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,18 @@ class StoredArray:
 
         self.read(store)
         return flat.reshape(self.shape, order="F" if self.fortran_order else "C")
+
+
+def stored_as(path, prefix, arrays):
+    """{name: the member ``prefix + name`` of the .npz at ``path``} for ``arrays`` (by name: numpy, backend or
+    ``StoredArray``) just written there, each laid out as it was."""
+    return {name: replace(array, path=Path(path), name=prefix + name) if isinstance(array, StoredArray)
+            else StoredArray.like(path, prefix + name, array) for name, array in arrays.items()}
+
+
+def in_memory(array):
+    """A ``StoredArray`` read into memory; anything else as it is."""
+    return array.to_numpy() if isinstance(array, StoredArray) else array
 
 
 def put(ops, source, dst):

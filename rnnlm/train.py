@@ -39,6 +39,7 @@ from rnnlm.model import DEFAULT_DIRECT_ORDER, INITS, check_direct, word_classes
 from rnnlm.optim import OPTIMIZERS, make_optimizer
 from rnnlm.paths import atomic_output, naming_errors
 from rnnlm.state import TrainState
+from rnnlm.stored import in_memory
 
 MAX_DIVERGENCES = 3
 LOGS_PER_EPOCH = 10
@@ -190,7 +191,7 @@ def resume(checkpoint, options=None, on_window=None, on_epoch=None, text=None, v
     on_start(paths) is called with the paths the run reads and writes ({"text", "valid", "model",
     "checkpoint", "log"}) once they are checked.
     """
-    arrays, meta = read_checkpoint(checkpoint, stored=("params/", "optimizer/", "epoch_start/"))
+    arrays, meta = read_checkpoint(checkpoint, stored=("params/", "optimizer/", "epoch_start/", "best/"))
     config = TrainConfig(**meta["config"])
     if epochs is not None:
         config.epochs = epochs
@@ -212,7 +213,7 @@ def resume(checkpoint, options=None, on_window=None, on_epoch=None, text=None, v
     train_ids, valid_ids, vocab, _ = runplan.load_data(paths["text"], paths["valid"], config, fixed)
     if vocab.tokens != meta["vocab"]:
         raise RnnlmError(f"{paths['text']} is not the text of {checkpoint} (its vocabulary differs)")
-    model = runplan.resumed_model(arrays, vocab, config)
+    model = runplan.resumed_model({name: in_memory(array) for name, array in arrays.items()}, vocab, config)
     trainer = Trainer(ops, model, config, options, train_ids, valid_ids, paths, distributed.world())
     check_cursor(meta, trainer.n_windows, checkpoint)
     trainer.restore(saved_run(arrays, meta))
@@ -403,7 +404,7 @@ class Trainer(Checkpoints):
         state.window, state.epoch_loss = 0, 0.0
         self.window.reset_state()
         # the diverged window's sparse gradients were never applied: clear them and their masks
-        self.grads = step.zero_grads(self.ops, self.model.params, self.model.tied)
+        self.grads = step.zero_grads(self.ops, self.params, self.model.tied)
         for mask in (self.window.touched_W_x, self.window.touched_W_o):
             self.ops.copy_into(np.zeros(mask.shape, np.uint8), mask)
         self.log({"event": "diverged", "loss": loss})  # with the rate of the next window
