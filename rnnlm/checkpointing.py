@@ -59,12 +59,14 @@ class Checkpoints:
     def mark_epoch_start(self):
         """Keep the parameters and optimizer as they are now as the epoch's start: on the writing rank, the
         checkpoint's members (written first unless it holds them), elsewhere host copies."""
-        if not self.reducer.is_writer:
-            self.epoch_start = self.snapshot()
-            return
-        if not self.checkpoint_is_now:
-            self.epoch_start = self.snapshot(copy=False)
+        writer = self.reducer.is_writer
+        if not self.checkpoint_is_now:  # every rank: a checkpoint gathers the ranks' carried states
+            self.epoch_start = self.snapshot(copy=not writer)
             self.write_checkpoint()
+        elif not writer:
+            self.epoch_start = self.snapshot()
+        if not writer:
+            return
         path, scalars = self.checkpoint_path, self.optimizer.state(copy=False)[1]
         self.epoch_start = (stored_as(path, "params/", {name: self.params[name] for name in self.trainable}),
                             (stored_as(path, "optimizer/", self.optimizer.arrays()), scalars))
@@ -110,7 +112,7 @@ class Checkpoints:
             self.epoch_start = (stored_as(path, "epoch_start/params/", params),
                                 (stored_as(path, "epoch_start/optimizer/", arrays), scalars))
             self.model.params = stored_as(path, "best/", self.model.params)
-            self.checkpoint_is_now = True
+        self.checkpoint_is_now = True
 
     def restore(self, saved):
         """Load a checkpoint's ``Saved`` run into this freshly built trainer (its arrays in memory or stored; the
