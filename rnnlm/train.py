@@ -10,11 +10,12 @@ a cosine, from lr to 0 at the end of the last epoch or of the time budget, which
 with a time budget then depends on the clock, and so is not reproducible to the bit). Within an epoch
 the rate is warmed up over the run's first ``warmup`` windows and cut for a while after a divergence.
 
-Checkpoints (at every epoch end, every ``checkpoint_every`` minutes, and on SIGINT/SIGTERM) hold
-everything the run needs to continue — weights, the best weights, optimizer state, schedule, data
+Checkpoints (at the run's start, every epoch end, every ``checkpoint_every`` minutes, and on SIGINT/SIGTERM)
+hold everything the run needs to continue — weights, the best weights, optimizer state, schedule, data
 cursor, carried state (``rnnlm.checkpoint`` writes and reads them; the schedule and cursor are a
 ``rnnlm.state.TrainState``) — so that ``resume`` ends with a model file byte-identical to an uninterrupted
-run's (same thread count). A training log of JSON lines is written beside the model.
+run's (same thread count). The best weights and the epoch's start are kept there, not in memory
+(``rnnlm.checkpointing``). A training log of JSON lines is written beside the model.
 """
 
 import json
@@ -213,7 +214,10 @@ def resume(checkpoint, options=None, on_window=None, on_epoch=None, text=None, v
     train_ids, valid_ids, vocab, _ = runplan.load_data(paths["text"], paths["valid"], config, fixed)
     if vocab.tokens != meta["vocab"]:
         raise RnnlmError(f"{paths['text']} is not the text of {checkpoint} (its vocabulary differs)")
-    model = runplan.resumed_model({name: in_memory(array) for name, array in arrays.items()}, vocab, config)
+    best = {name: in_memory(array) for name, array in arrays.items()  # tied, W_x is W_o's transpose
+            if name.startswith("best/") and not (config.tied and name == "best/W_x") or name == "class_bounds"}
+    model = runplan.resumed_model(best, vocab, config)
+    del best  # its arrays are the model's, which the writing rank replaces by stored ones (rnnlm.checkpointing)
     trainer = Trainer(ops, model, config, options, train_ids, valid_ids, paths, distributed.world())
     check_cursor(meta, trainer.n_windows, checkpoint)
     trainer.restore(saved_run(arrays, meta))
