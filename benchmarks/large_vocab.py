@@ -10,7 +10,8 @@ store is the Zipf text alone, tokenized with that vocabulary, so that its window
 validation store.
 
 Training runs in a process of its own (this script with --worker): rnnlm.train.train on the store for
---windows windows, then stops (no epoch end: no validation and no model or checkpoint written). The speed is
+--windows windows, then stops (no epoch end: no validation and no model written; the run's start checkpoint,
+6.6 GB at this size, is, and its time is part of start_to_first_window_s). The speed is
 the median of the per-window rates after the first --warmup windows (compilation, and the page faults of the
 first touches of the zeroed gradients and moments); the peak RSS is the kernel's ru_maxrss of that process
 (os.wait4), the whole run's from start-up to the last window. The

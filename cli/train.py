@@ -110,7 +110,8 @@ class TableSize(click.ParamType):
 @device_option
 @threads_option
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-              help="Checkpoint file, written at every epoch end and on Ctrl-C/SIGTERM [default: MODEL.ckpt.npz].")
+              help="Checkpoint file, written at the start, at every epoch end and on Ctrl-C/SIGTERM; it holds the "
+                   "best weights and the epoch's start, which are not kept in memory [default: MODEL.ckpt.npz].")
 @click.option("--checkpoint-every", type=MINUTES, default=None,
               help="Also write the checkpoint every this many minutes [default: only at epoch ends].")
 @click.option("--time-budget", type=MINUTES, default=None,

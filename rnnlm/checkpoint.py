@@ -38,6 +38,7 @@ import numpy as np
 
 from rnnlm.errors import RnnlmError
 from rnnlm.model import DEFAULT_DIRECT_ORDER, MAX_HIDDEN, MAX_LAYERS, atomic_savez, param_shapes, read_class_bounds
+from rnnlm.stored import StoredArray
 from rnnlm.tokenizer import vocab_of
 from rnnlm.untrusted import FLOATS, Npz, check_fits, checked, finite_float32
 
@@ -106,8 +107,12 @@ def saved_run(arrays, meta):
     return Saved(now, epoch_start, group("best/"), carried, state.pop("rng"), state)
 
 
-def read_checkpoint(path):
-    """(arrays, meta) of the checkpoint at ``path``, every field and array checked as the module says."""
+def read_checkpoint(path, stored=()):
+    """(arrays, meta) of the checkpoint at ``path``, every field and array checked as the module says.
+
+    stored: prefixes ("params/", ...) of float members given as ``rnnlm.stored.StoredArray`` (read through to be
+    checked, not kept in memory) rather than as arrays.
+    """
     with Npz(path, "checkpoint") as npz:
         if "meta" not in npz.names:
             raise RnnlmError(f"{path} is not a rnnlm checkpoint (no 'meta' member)")
@@ -128,8 +133,9 @@ def read_checkpoint(path):
         expected = member_shapes(shapes, config)
         npz.check_members(["meta", *expected] + ([] if class_bounds is None else ["class_bounds"]))
         check_fits(4 * sum(math.prod(shape) for shape in expected.values()), f"{path}'s arrays")
-        arrays = {name: finite_float32(npz.read_array(name, FLOATS, shape, into=np.float32),
-                                        f"{path}: member {name + '.npy'!r}")
+        arrays = {name: StoredArray.checked(npz, name, shape) if name.startswith(tuple(stored))
+                  else finite_float32(npz.read_array(name, FLOATS, shape, into=np.float32),
+                                      f"{path}: member {name + '.npy'!r}")
                   for name, shape in expected.items()}
     if class_bounds is not None:
         arrays["class_bounds"] = class_bounds

@@ -14,7 +14,8 @@ from rnnlm.errors import RnnlmError
 from rnnlm.store import TokenIds
 from rnnlm.tokenizer import encode_file, load_token_dir, open_token_dir, tokenize_text
 
-READ_IDS = 1 << 16  # ids read ahead per training stream
+READ_IDS = 1 << 16  # ids read ahead per training stream, at most
+READ_IDS_TOTAL = 1 << 24  # and over all streams (64 MiB of int32: 1 GiB at --batch 4096 had it been READ_IDS each)
 
 
 def load_corpus(path, vocab=None, level="word", min_count=1, max_vocab=None, lowercase=False):
@@ -85,7 +86,8 @@ class Windows:
     ``window(w)`` returns [inputs, targets] (and the targets' classes when ``classes``, a (V,) table, is
     given), each (T, b) int32 and C-contiguous, equal to rows [w·T, (w+1)·T) of :func:`batchify`'s arrays
     (classes: ``classes[targets]``). Stream b at window w reads ids[b·steps + w·T - 1 : b·steps + (w+1)·T],
-    out of a buffer of the stream's next READ_IDS ids (b, READ_IDS), refilled from ``ids`` as it runs out.
+    out of a buffer of the stream's next READ_IDS ids (b, READ_IDS), refilled from ``ids`` as it runs out (fewer
+    ids a stream when b · READ_IDS would pass READ_IDS_TOTAL, never fewer than a window's T + 1).
     """
 
     def __init__(self, ids, boundary_id, batch, bptt, classes=None, streams=None):
@@ -93,7 +95,8 @@ class Windows:
         self.steps = (len(self.ids) // batch) // bptt * bptt
         self.n_windows = self.steps // bptt
         self.starts = np.asarray(range(batch) if streams is None else streams, np.int64) * self.steps
-        self.buffer = np.zeros((len(self.starts), max(READ_IDS, bptt + 1)), self.ids.dtype)
+        read_ahead = min(READ_IDS, READ_IDS_TOTAL // len(self.starts))
+        self.buffer = np.zeros((len(self.starts), max(read_ahead, bptt + 1)), self.ids.dtype)
         self.first = np.full(len(self.starts), -(1 << 62), np.int64)  # where each stream's buffer starts: none yet
 
     def window(self, w):

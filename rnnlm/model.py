@@ -231,8 +231,11 @@ class Model:
         }
 
     def save(self, path):
-        """Write the model atomically: a temporary file in the same folder, fsync, then rename."""
-        arrays = {name: np.ascontiguousarray(array, np.float32) for name, array in self.params.items()}
+        """Write the model atomically: a temporary file in the same folder, fsync, then rename. A float32 array in
+        C or Fortran order is written as it is, a piece at a time (no copy of a transposed W_x); a
+        ``rnnlm.stored.StoredArray`` copies itself."""
+        arrays = {name: array if hasattr(array, "write_npy") or _plain_float32(array)
+                  else np.ascontiguousarray(array, np.float32) for name, array in self.params.items()}
         if self.class_bounds is not None:
             arrays["class_bounds"] = np.asarray(self.class_bounds, np.int32)
         arrays["meta"] = np.array(json.dumps(self.meta(), ensure_ascii=False))
@@ -295,14 +298,23 @@ def read_class_bounds(npz, vocab_size):
     return bounds.astype(np.int32)
 
 
+def _plain_float32(array):
+    return isinstance(array, np.ndarray) and array.dtype == np.float32 and (array.flags.c_contiguous
+                                                                           or array.flags.f_contiguous)
+
+
 def write_npz(file, arrays):
     """An .npz of ``arrays`` (name -> array) into a binary file object, byte for byte the same for the
-    same arrays: unlike np.savez, every member carries the same fixed timestamp."""
+    same arrays: unlike np.savez, every member carries the same fixed timestamp. A value with a ``write_npy``
+    method (``rnnlm.stored.StoredArray``) writes itself."""
     with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         for name, array in arrays.items():
             info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
             with archive.open(info, "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+                if hasattr(array, "write_npy"):
+                    array.write_npy(member)
+                else:
+                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
 def atomic_savez(path, arrays):

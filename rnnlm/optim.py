@@ -10,6 +10,7 @@ schedule of the optimizer's rate.
 import numpy as np
 
 from rnnlm.step import direct_update, rows, sparse_names, trainable
+from rnnlm.stored import put
 
 OPTIMIZERS = ("sgd", "adam", "lazyadam")
 
@@ -79,6 +80,10 @@ class SGD(_Clipped):
                 dense.append((param_rows, grad_rows))
         ops.sgd_updates(dense, lr, shrink, clipping)
 
+    def arrays(self):
+        """The arrays of ``state`` as the backend holds them (none)."""
+        return {}
+
     def state(self, copy=True):
         """Arrays and scalars a checkpoint needs to continue exactly (none for SGD); copy: see Adam's."""
         return {}, {}
@@ -130,20 +135,24 @@ class Adam(_Clipped):
         unbias2 = np.sqrt(1 - self.beta2**self.t)
         return lr * unbias2 / (1 - self.beta1**self.t), self.eps * unbias2
 
+    def arrays(self):
+        """The moments as the backend holds them, by their names in ``state``."""
+        arrays = {f"moment1/{k}": v for k, v in self.moment1.items()}
+        arrays.update({f"moment2/{k}": v for k, v in self.moment2.items()})
+        return arrays
+
     def state(self, copy=True):
         """The moments and the step count; copy False: the CPU's moment arrays themselves, not copies (for a
         checkpoint written at once: at a vocabulary of 10⁶ a copy of the moments is gigabytes)."""
         def host(array):
             return array if not copy and isinstance(array, np.ndarray) else self.ops.to_numpy(array)
 
-        arrays = {f"moment1/{k}": host(v) for k, v in self.moment1.items()}
-        arrays.update({f"moment2/{k}": host(v) for k, v in self.moment2.items()})
-        return arrays, {"t": self.t}
+        return {name: host(array) for name, array in self.arrays().items()}, {"t": self.t}
 
     def load_state(self, arrays, scalars):
-        for name in self.moment1:
-            self.ops.copy_into(arrays[f"moment1/{name}"], self.moment1[name])
-            self.ops.copy_into(arrays[f"moment2/{name}"], self.moment2[name])
+        """Restore what ``state`` returned, or ``rnnlm.stored.StoredArray`` members that hold it."""
+        for name, array in self.arrays().items():
+            put(self.ops, arrays[name], array)
         self.t = int(scalars["t"])
 
 

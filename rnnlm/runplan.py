@@ -173,11 +173,11 @@ def resumed_vocab(meta, config, checkpoint):
 
 
 def memory_needed(config, vocab_size):
-    """A lower bound, in bytes, of the memory a run takes: float32 parameters kept three times (on the
-    device, their gradients, the best model, which the epoch's start shares while they are equal) and the
-    optimizer's moments twice (now and at the epoch's start), plus the window's buffers (T + 1 states and
+    """A lower bound, in bytes, of the memory a run takes: float32 parameters kept twice (on the device and
+    their gradients; the best model and the epoch's start stay in the checkpoint on disk, see
+    ``rnnlm.checkpointing``) and the optimizer's moments once, plus the window's buffers (T + 1 states and
     four more (T, B, m) arrays per layer, the (T·B, V) logits); the direct features' table twice (on the device
-    and the best model: it has no gradient and no moments)."""
+    and, until the run's start checkpoint, the initial model: it has no gradient and no moments)."""
     V, m, L, T, B = vocab_size, config.hidden, config.layers, config.bptt, config.batch
     n_out = V if config.softmax == "full" else min(V, config.classes or round(math.sqrt(V)))
     n_params = (1 if config.tied else 2) * V * m + V + (2 * L - 1) * m * m + L * m
@@ -185,7 +185,7 @@ def memory_needed(config, vocab_size):
         n_params += n_out * (m + 1)
     moments = 0 if config.optimizer == "sgd" else 2
     window = T * B * (5 * L * m + n_out)
-    return 4 * ((3 + 2 * moments) * n_params + 2 * config.direct + window)
+    return 4 * ((2 + moments) * n_params + 2 * config.direct + window)
 
 
 def check_memory(config, vocab_size):

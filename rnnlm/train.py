@@ -10,11 +10,12 @@ a cosine, from lr to 0 at the end of the last epoch or of the time budget, which
 with a time budget then depends on the clock, and so is not reproducible to the bit). Within an epoch
 the rate is warmed up over the run's first ``warmup`` windows and cut for a while after a divergence.
 
-Checkpoints (at every epoch end, every ``checkpoint_every`` minutes, and on SIGINT/SIGTERM) hold
-everything the run needs to continue — weights, the best weights, optimizer state, schedule, data
+Checkpoints (at the run's start, every epoch end, every ``checkpoint_every`` minutes, and on SIGINT/SIGTERM)
+hold everything the run needs to continue — weights, the best weights, optimizer state, schedule, data
 cursor, carried state (``rnnlm.checkpoint`` writes and reads them; the schedule and cursor are a
 ``rnnlm.state.TrainState``) — so that ``resume`` ends with a model file byte-identical to an uninterrupted
-run's (same thread count). A training log of JSON lines is written beside the model.
+run's (same thread count). The best weights and the epoch's start are kept there, not in memory
+(``rnnlm.checkpointing``). A training log of JSON lines is written beside the model.
 """
 
 import json
@@ -22,7 +23,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,8 @@ import numpy as np
 from rnnlm import adapt, distributed, runplan, schedule, step
 from rnnlm._env import set_threads
 from rnnlm.backends import get_backend
-from rnnlm.checkpoint import Saved, check_cursor, read_checkpoint, saved_run, write_checkpoint
+from rnnlm.checkpoint import check_cursor, read_checkpoint, saved_run
+from rnnlm.checkpointing import Checkpoints
 from rnnlm.corpus import Windows
 from rnnlm.errors import RnnlmError
 from rnnlm.evaluate import stream_loss
@@ -38,6 +40,7 @@ from rnnlm.model import DEFAULT_DIRECT_ORDER, INITS, check_direct, word_classes
 from rnnlm.optim import OPTIMIZERS, make_optimizer
 from rnnlm.paths import atomic_output, naming_errors
 from rnnlm.state import TrainState
+from rnnlm.stored import in_memory
 
 MAX_DIVERGENCES = 3
 LOGS_PER_EPOCH = 10
@@ -189,7 +192,7 @@ def resume(checkpoint, options=None, on_window=None, on_epoch=None, text=None, v
     on_start(paths) is called with the paths the run reads and writes ({"text", "valid", "model",
     "checkpoint", "log"}) once they are checked.
     """
-    arrays, meta = read_checkpoint(checkpoint)
+    arrays, meta = read_checkpoint(checkpoint, stored=("params/", "optimizer/", "epoch_start/", "best/"))
     config = TrainConfig(**meta["config"])
     if epochs is not None:
         config.epochs = epochs
@@ -211,20 +214,14 @@ def resume(checkpoint, options=None, on_window=None, on_epoch=None, text=None, v
     train_ids, valid_ids, vocab, _ = runplan.load_data(paths["text"], paths["valid"], config, fixed)
     if vocab.tokens != meta["vocab"]:
         raise RnnlmError(f"{paths['text']} is not the text of {checkpoint} (its vocabulary differs)")
-    model = runplan.resumed_model(arrays, vocab, config)
+    best = {name: in_memory(array) for name, array in arrays.items()  # tied, W_x is W_o's transpose
+            if name.startswith("best/") and not (config.tied and name == "best/W_x") or name == "class_bounds"}
+    model = runplan.resumed_model(best, vocab, config)
+    del best  # its arrays are the model's, which the writing rank replaces by stored ones (rnnlm.checkpointing)
     trainer = Trainer(ops, model, config, options, train_ids, valid_ids, paths, distributed.world())
     check_cursor(meta, trainer.n_windows, checkpoint)
     trainer.restore(saved_run(arrays, meta))
     return trainer.run(on_window, on_epoch)
-
-
-def _equal(a, b, rows=1 << 14):
-    """Whether two C-contiguous arrays hold the same bits (-0.0 is not 0.0), compared a block of rows at a
-    time (no temporary as large as a)."""
-    if a.shape != b.shape or a.dtype != b.dtype or not (a.flags.c_contiguous and b.flags.c_contiguous):
-        return False
-    return all(np.array_equal(a[k:k + rows].view(np.uint8), b[k:k + rows].view(np.uint8))
-               for k in range(0, len(a), rows))
 
 
 class _Signals:
@@ -248,8 +245,9 @@ class _Signals:
             signal.signal(sig, handler)
 
 
-class Trainer:
-    """The state of one run: device parameters and gradients, optimizer, windows, schedule, cursor."""
+class Trainer(Checkpoints):
+    """The state of one run: device parameters and gradients, optimizer, windows, schedule, cursor (its host
+    side, the best model, the epoch's start and checkpoints: ``rnnlm.checkpointing``)."""
 
     def __init__(self, ops, model, config, options, train_ids, valid_ids, paths, reducer=distributed.SINGLE):
         self.ops, self.model, self.config, self.options = ops, model, config, options
@@ -278,7 +276,6 @@ class Trainer:
         self.schedule = self.epoch_schedule()
         self.warmup = schedule.Warmup(config.warmup)
         self.guard = schedule.Guard(min(self.n_windows, schedule.RECOVERY_WINDOWS))
-        self.epoch_start = None  # host copy of the parameters and optimizer at the epoch's start
         self.clock = time.perf_counter()  # the run's start (less its time before a resume: set by run)
 
     def epoch_schedule(self):
@@ -301,7 +298,7 @@ class Trainer:
             while state.epoch <= config.epochs:
                 if state.window == 0:
                     self.window.reset_state()
-                    self.epoch_start = self.snapshot()
+                    self.mark_epoch_start()
                 tokens_per_s = self.train_epoch(on_window)
                 if tokens_per_s is None:  # a signal: checkpoint written
                     if state.best is None:  # no epoch has ended yet: keep what there is as the model
@@ -331,6 +328,7 @@ class Trainer:
             loss = step.forward_backward(ops, self.params, self.grads, window, *tokens)
             loss = self.reducer.reduce(ops, self.grads, window, loss)
             self.optimizer.update(self.params, self.grads, window, self.current_lr())
+            self.checkpoint_is_now = False
             loss = float(loss)  # the whole step is queued before the host waits for the device
             if not loss / (T * B) < max_loss:  # NaN, inf, or far worse than guessing: diverged (the rollback
                 self.recover_from_divergence(loss / (T * B))  # undoes this step's update too)
@@ -410,7 +408,7 @@ class Trainer:
         state.window, state.epoch_loss = 0, 0.0
         self.window.reset_state()
         # the diverged window's sparse gradients were never applied: clear them and their masks
-        self.grads = step.zero_grads(self.ops, self.model.params, self.model.tied)
+        self.grads = step.zero_grads(self.ops, self.params, self.model.tied)
         for mask in (self.window.touched_W_x, self.window.touched_W_o):
             self.ops.copy_into(np.zeros(mask.shape, np.uint8), mask)
         self.log({"event": "diverged", "loss": loss})  # with the rate of the next window
@@ -436,65 +434,3 @@ class Trainer:
 
     def save_model(self):
         self.reducer.on_writer(self.model.save, self.paths["model"])
-
-    # ------------------------------------------------------------------ parameters and checkpoints
-
-    def pull_params(self):
-        """Copy the device parameters into the model (the best so far)."""
-        for name in self.trainable:
-            self.model.params[name] = np.ascontiguousarray(self.ops.to_numpy(self.params[name]), np.float32)
-        if self.model.tied:
-            self.model.params["W_x"] = self.model.params["W_o"].T
-
-    def push_params(self):
-        """Restore the device parameters from the model (roll back to the best so far)."""
-        for name in self.trainable:
-            self.ops.copy_into(self.model.params[name], self.params[name])
-
-    def snapshot(self, copy=True):
-        """The parameters and the optimizer state on the host: (params by name, (arrays, scalars)).
-
-        copy: copies that later steps leave as they are (the epoch's start), where a parameter equal to the
-        best model's is that array itself (the best model's arrays are replaced, never written into), which
-        at a vocabulary of 10⁶ saves a copy of the V × m tables at most epochs' starts; else (a checkpoint
-        being written now) the CPU's arrays themselves.
-        """
-        params = {}
-        for name in self.trainable:
-            array, best = self.params[name], self.model.params[name]
-            on_host = isinstance(array, np.ndarray)
-            if copy and on_host and _equal(array, best):
-                params[name] = best
-            else:
-                params[name] = self.ops.to_numpy(array) if copy or not on_host else array
-        return params, self.optimizer.state(copy)
-
-    def restore_snapshot(self, snapshot):
-        params, (arrays, scalars) = snapshot
-        for name, array in params.items():
-            self.ops.copy_into(array, self.params[name])
-        self.optimizer.load_state(arrays, scalars)
-
-    def write_checkpoint(self):
-        """Everything needed to continue (``rnnlm.checkpoint``), written by the writer rank."""
-        carried = [self.reducer.gather_streams(self.ops.to_numpy(S[0])) for S in self.window.S]
-        state = dict(self.state.to_json(), elapsed_s=time.perf_counter() - self.clock)
-        saved = Saved(self.snapshot(copy=False), self.epoch_start, self.model.params, carried,
-                      self.rng.bit_generator.state, state)
-        sources, options = runplan.stored_paths(self.paths, asdict(self.options))
-        settings = {"config": asdict(self.config), "options": options, "sources": sources,
-                    "vocab": self.model.vocab.tokens}
-        self.reducer.on_writer(write_checkpoint, self.checkpoint_path, settings, saved, self.model.class_bounds)
-        self.last_checkpoint = time.perf_counter()
-
-    def restore(self, saved):
-        """Load a checkpoint's ``Saved`` run into this freshly built trainer."""
-        self.restore_snapshot(saved.now)
-        self.epoch_start = saved.epoch_start
-        for S, carried in zip(self.window.S, saved.carried, strict=True):
-            self.ops.copy_into(self.reducer.streams(carried, axis=0), S[0])
-        self.rng.bit_generator.state = saved.rng
-        self.state = TrainState.from_json(saved.state)
-        self.start_log()
-        if self.state.best is not None:  # the model file may be another than the interrupted run's
-            self.save_model()

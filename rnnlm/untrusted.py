@@ -368,6 +368,36 @@ class Npz:
             raise RnnlmError(f"{self.path}: member {name + '.npy'!r} is corrupt ({type(exc).__name__}: {exc})") \
                 from None
 
+    def read_pieces(self, name, shape, fortran_order, store):
+        """Member ``name``, a float array of ``shape`` stored in ``fortran_order`` (else RnnlmError; None: either),
+        as float32 pieces of at most CHUNK bytes in the file's order: store(start, piece) for each, start its
+        first element's index; each piece is checked finite first, so that no whole-size array is ever
+        allocated. Returns the member's order (True: Fortran's)."""
+
+        def check_header(found, dtype, where):
+            check_dtype(dtype, FLOATS, where)
+            if found != tuple(shape):
+                raise RnnlmError(f"{where} has shape {found}, expected {tuple(shape)}")
+
+        try:
+            member, where, _, found_order, dtype = self._open(name, check_header)
+            with member:
+                if fortran_order is not None and found_order != fortran_order:
+                    raise RnnlmError(f"{where} is stored in {'Fortran' if found_order else 'C'} order, expected "
+                                     f"{'Fortran' if fortran_order else 'C'}")
+                count = math.prod(shape)
+                piece = np.empty(min(count, max(1, CHUNK // dtype.itemsize)), dtype)
+                for start in range(0, count, len(piece)):
+                    n = min(len(piece), count - start)
+                    _read_into(member, memoryview(piece[:n]).cast("B"), start * dtype.itemsize,
+                               count * dtype.itemsize, where)
+                    store(start, finite_float32(piece[:n], where))
+                self._finish(member, where)
+            return found_order
+        except _ZIP_ERRORS as exc:
+            raise RnnlmError(f"{self.path}: member {name + '.npy'!r} is corrupt ({type(exc).__name__}: {exc})") \
+                from None
+
     def read_json(self, name, max_chars=MAX_JSON_CHARS):
         """The JSON value held as text by member ``name`` (a 0-d unicode array), bounded as ``parse_json``."""
 

@@ -178,10 +178,11 @@ def no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def test_a_full_disk_while_writing_the_model_is_one_error_and_keeps_the_old_file(d, monkeypatch):
+def test_a_full_disk_while_writing_is_one_error_and_keeps_the_old_model(d, monkeypatch):
+    """The run's first write is its start checkpoint (which holds the epoch's start, ``rnnlm.checkpointing``)."""
     (d / "m.npz").write_bytes(b"the previous model")
     monkeypatch.setattr(np.lib.format, "write_array", no_space)
-    line = refused(d, *train(d, "-o", d / "m.npz"), names=["m.npz", "No space left on device"],
+    line = refused(d, *train(d, "-o", d / "m.npz"), names=["m.ckpt.npz", "No space left on device"],
                    outputs=["m.log.jsonl"])
     assert line.startswith("Error: cannot write")
     assert (d / "m.npz").read_bytes() == b"the previous model"

@@ -172,14 +172,17 @@ def test_windows_are_batchify_rows_across_shards(streams):
     np.testing.assert_array_equal(token_counts(TokenIds(parts), 50), np.bincount(ids, minlength=50))
 
 
-def test_windows_refill_their_buffers_across_shards_in_two_epochs(tmp_path, monkeypatch):
-    monkeypatch.setattr("rnnlm.corpus.READ_IDS", 70)
+@pytest.mark.parametrize("limit, read_ahead", [(("READ_IDS", 70), 70), (("READ_IDS_TOTAL", 4 * 60), 60)])
+def test_windows_refill_their_buffers_across_shards_in_two_epochs(tmp_path, monkeypatch, limit, read_ahead):
+    """Each stream reads ahead READ_IDS ids, fewer when the streams together would pass READ_IDS_TOTAL."""
+    monkeypatch.setattr(f"rnnlm.corpus.{limit[0]}", limit[1])
     text = write(tmp_path / "a.txt", zipf_text(8, 300))
     tokenize_file(text, tmp_path / "tok", shard_tokens=333)
     stored, _ = open_token_dir(tmp_path / "tok")
     assert len(stored.parts) > 3 and stored.files[0] is not None
     inputs, targets = batchify(np.asarray(stored), 1, 4, 50)
     windows = Windows(stored, 1, 4, 50)
+    assert windows.buffer.shape == (4, read_ahead)
     for epoch in range(2):
         for w in range(windows.n_windows):
             x, y = windows.window(w)

@@ -1,6 +1,7 @@
 """Library-level training, evaluation and model-file tests on tiny texts (fast; the CPU backend, and the
 CUDA one under the simulator where a test says so)."""
 
+import importlib
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 import rnnlm
+from rnnlm import distributed
 from rnnlm.corpus import batchify, stream_pairs
 from rnnlm.model import Model, param_shapes
 from rnnlm.optim import OPTIMIZERS
@@ -346,9 +348,15 @@ def test_a_short_run_on_the_cuda_backend_gives_the_cpus_losses(tmp_path, softmax
         np.testing.assert_allclose(gpu_model.params[name], array, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-def test_the_epochs_start_is_the_best_models_arrays_when_they_are_equal(tmp_path, repetitive, monkeypatch):
-    """No third copy of the parameters: at a fresh run's start and after an epoch that improved, the epoch's
-    start holds the best model's own arrays; a checkpoint is written from the live arrays, not copies."""
+class _KeepsCopies(distributed.Single):
+    """One process that keeps the epoch's start in memory, as an MPI rank that writes no checkpoint does."""
+
+    is_writer = False
+
+
+def _spy_snapshots(monkeypatch):
+    """Record, for every snapshot(copy=True) (an epoch's start in memory), whether its parameters are the best
+    model's own arrays, and for every snapshot(copy=False) (a checkpoint), whether it holds the live arrays."""
     from rnnlm.train import Trainer
 
     starts, checkpoints = [], []
@@ -364,7 +372,75 @@ def test_the_epochs_start_is_the_best_models_arrays_when_they_are_equal(tmp_path
         return result
 
     monkeypatch.setattr(Trainer, "snapshot", spy)
-    rnnlm.train(repetitive, tmp_path / "m.npz", config=rnnlm.TrainConfig(**SMALL, epochs=2, optimizer="lazyadam",
-                                                                         softmax="class", classes=3, tied=True))
+    return starts, checkpoints
+
+
+def test_the_epochs_start_is_kept_in_the_checkpoint_not_in_memory(tmp_path, repetitive, monkeypatch):
+    """A process that writes the checkpoint keeps no copy of the parameters or moments: the best model and the
+    epoch's start are the checkpoint's members; a checkpoint is written from the live arrays. A rank that writes
+    none keeps the epoch's start in memory, where a parameter equal to the best model's is that array itself (at
+    a fresh run's start and after an epoch that improved)."""
+    from rnnlm import stored
+    from rnnlm.train import Trainer
+
+    config = rnnlm.TrainConfig(**SMALL, epochs=2, optimizer="lazyadam", softmax="class", classes=3, tied=True)
+    starts, checkpoints = _spy_snapshots(monkeypatch)
+    kept = []
+    write = Trainer.write_checkpoint
+
+    def spy(self):
+        write(self)
+        kept.extend(type(array) for group in (self.model.params, self.epoch_start[0], self.epoch_start[1][0])
+                    for array in group.values())
+
+    monkeypatch.setattr(Trainer, "write_checkpoint", spy)
+    rnnlm.train(repetitive, tmp_path / "m.npz", config=config)
+    assert starts == [] and checkpoints and all(checkpoints)
+    assert kept and set(kept) == {stored.StoredArray}
+    monkeypatch.setattr(distributed, "world", _KeepsCopies)
+    rnnlm.train(repetitive, tmp_path / "copies.npz", config=config)
     assert starts == [True, True]
-    assert checkpoints and all(checkpoints)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_rollback_from_the_checkpoint_is_bit_identical_to_one_from_memory(tmp_path, repetitive, monkeypatch,
+                                                                            tied):
+    """A divergence in the second epoch restores the epoch's start, weights and Adam's moments, and a worse
+    validation at its end the best model: read back from the checkpoint on disk, or from copies in memory, the
+    run ends with the same bytes."""
+    from rnnlm import step, stored
+
+    train_module = importlib.import_module("rnnlm.train")  # rnnlm.train is also the function
+    stream_loss = train_module.stream_loss
+
+    def worse_second(*args, calls=[]):  # noqa: B006  (the calls so far, over both runs)
+        calls.append(1)
+        return stream_loss(*args) + (len(args[2]) if len(calls) % 3 == 2 else 0)  # a nat a token more
+
+    monkeypatch.setattr(train_module, "stream_loss", worse_second)
+
+    n_windows = (len(LINE.split()) + 1) * 300 // SMALL["batch"] // SMALL["bptt"]
+    config = rnnlm.TrainConfig(**SMALL, epochs=3, optimizer="lazyadam", softmax="class", classes=3, tied=tied)
+    reads = []
+    read = stored.StoredArray.read
+    monkeypatch.setattr(stored.StoredArray, "read", lambda self, store: reads.append(self.name) or read(self, store))
+    real = step.forward_backward
+    for name in ("disk", "memory"):
+        def forward_backward(*args, calls=[]):  # noqa: B006  (one list per run: the calls so far)
+            loss = real(*args)
+            calls.append(1)
+            return math.nan if len(calls) == n_windows + 5 else loss
+
+        monkeypatch.setattr(step, "forward_backward", forward_backward)
+        if name == "memory":
+            reads.clear()
+            monkeypatch.setattr(distributed, "world", _KeepsCopies)
+        records = rnnlm.train(repetitive, tmp_path / f"{name}.npz", config=config)
+        assert len(records) == 3
+        restored = [n for n in reads if "optimizer/moment1/" in n]
+        assert bool(restored) == (name == "disk")
+    assert (tmp_path / "disk.npz").read_bytes() == (tmp_path / "memory.npz").read_bytes()
+    events = [json.loads(line) for line in (tmp_path / "disk.log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in events if e.get("event") == "diverged"] == [2]
+    perplexities = [e["valid_perplexity"] for e in events if e.get("valid_perplexity")]
+    assert perplexities[1] > perplexities[0] > perplexities[2]  # epoch 2 rolled back, epoch 3 improved
