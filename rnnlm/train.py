@@ -34,7 +34,7 @@ from rnnlm.checkpoint import Saved, check_cursor, read_checkpoint, saved_run, wr
 from rnnlm.corpus import Windows
 from rnnlm.errors import RnnlmError
 from rnnlm.evaluate import stream_loss
-from rnnlm.model import DEFAULT_DIRECT_ORDER, INITS, check_direct, word_classes
+from rnnlm.model import DEFAULT_DIRECT_ORDER, INITS, SOFTMAXES, check_direct, check_hs, word_classes
 from rnnlm.optim import OPTIMIZERS, make_optimizer
 from rnnlm.paths import atomic_output, naming_errors
 from rnnlm.state import TrainState
@@ -87,7 +87,7 @@ class TrainConfig:
             if getattr(self, name) is not None or name not in ("max_vocab", "classes"):
                 _check_number(name, getattr(self, name), least, integer=True)
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("init", INITS),
-                              ("softmax", ("full", "class")), ("level", ("word", "char"))):
+                              ("softmax", SOFTMAXES), ("level", ("word", "char"))):
             if getattr(self, name) not in allowed:
                 raise RnnlmError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         _check_number("lr", self.lr, 0, above=True)
@@ -98,6 +98,8 @@ class TrainConfig:
         _check_number("direct_order", self.direct_order, 1, integer=True)
         _check_number("direct_lr", self.direct_lr, 0, above=True)
         check_direct(self.direct, self.direct_order, self.softmax == "class")
+        if self.softmax == "hs":
+            check_hs(self.tied, self.direct)
 
 
 def _check_number(name, value, least, below=math.inf, integer=False, above=False):
@@ -484,7 +486,9 @@ class Trainer:
         sources, options = runplan.stored_paths(self.paths, asdict(self.options))
         settings = {"config": asdict(self.config), "options": options, "sources": sources,
                     "vocab": self.model.vocab.tokens}
-        self.reducer.on_writer(write_checkpoint, self.checkpoint_path, settings, saved, self.model.class_bounds)
+        tree = self.model.hs_tree
+        self.reducer.on_writer(write_checkpoint, self.checkpoint_path, settings, saved, self.model.class_bounds,
+                               None if tree is None else tree.counts)
         self.last_checkpoint = time.perf_counter()
 
     def restore(self, saved):
