@@ -1,30 +1,34 @@
 """Hierarchical softmax (``rnnlm.huffman``): each row walks its target's path up the tree's parent pointers.
 
 In training the rows are split over threads for the node logits, the loss and dL/ds (each row writes only
-its own); the node rows' gradients are then summed in row order, every thread taking the same band of
-columns of every node row, so that no two threads write one value and the sums do not depend on the
-threads.
+its own); the node rows' gradients are then summed in row order, each thread taking one band of the columns
+of every node row, so that no two threads write one value and the sums do not depend on the threads. Inner
+loops run over 1-D slices from index 0, the form Numba vectorizes.
 """
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
 
-COLUMNS = 64  # columns of dW_o a thread takes at once in the node rows' gradient sums
-
 
 def hs_xent_grad(S_next, W_o, b_o, targets, tree_parent, tree_sign, scale, dW_o, db_o, dL_ds, touched, dW_o_norm):
-    """Three passes: the rows (parallel), each path's nodes in row order (one thread: db_o, the touched rows),
-    the node rows' gradients (parallel over bands of COLUMNS columns, with their sums of squares)."""
+    """Five passes: the paths written out (parallel over rows: the walk up the parents first, so that the rows'
+    W_o reads do not wait on it), the rows (parallel), each path's nodes in row order (one thread: db_o, the
+    touched rows), the node rows' gradients (parallel over bands of columns), their norm (parallel over the
+    rows used)."""
     first = _path_starts(targets, tree_parent)
-    G = np.empty(first[-1], S_next.dtype)
     K = np.empty(first[-1], np.int32)
+    signs = np.empty(first[-1], np.int8)
+    _paths(targets, tree_parent, tree_sign, first, K, signs)
+    G = np.empty(first[-1], S_next.dtype)
     losses = np.empty(S_next.shape[0])
-    _hs_rows(S_next, W_o, b_o, targets, tree_parent, tree_sign, scale, first, G, K, dL_ds, losses)
+    _hs_rows(S_next, W_o, b_o, first, K, signs, scale, G, dL_ds, losses)
     used = _node_biases(G, K, db_o, touched)
-    squares = np.zeros(-(-S_next.shape[1] // COLUMNS))
-    _node_weight_grads(S_next, first, G, K, dW_o, used, squares)
+    _node_weight_grads(S_next, first, G, K, dW_o, min(numba.get_num_threads(), S_next.shape[1]))
+    squares = np.empty(used.shape[0])
+    _row_squares(dW_o, used, squares)
     dW_o_norm[0] = math.sqrt(squares.sum())
     return losses.sum()
 
@@ -41,6 +45,17 @@ def _path_starts(targets, parent):
             n += 1
         first[r + 1] = n
     return np.cumsum(first)
+
+
+@njit(parallel=True, cache=True)
+def _paths(targets, parent, sign, first, K, signs):
+    """K[j], signs[j] = the W_o row and the sign of entry j of the rows' paths, from the word up."""
+    V = (parent.shape[0] + 1) // 2
+    for r in prange(targets.shape[0]):
+        node, j = targets[r], first[r]
+        while parent[node] >= 0:
+            K[j], signs[j] = parent[node] - V, sign[node]
+            node, j = parent[node], j + 1
 
 
 @njit(fastmath=True, cache=True, inline="always")
@@ -62,25 +77,22 @@ def _node_logit(W_o, b_o, k, s):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _hs_rows(S_next, W_o, b_o, targets, parent, sign, scale, first, G, K, dL_ds, losses):
-    """losses[r] = -log p(targets[r] | S_next[r]); G[j] = scale · dL/dz and K[j] = the W_o row of row r's path
-    entry j; dL_ds[r] = Σ_j G[j] W_o[K[j]] (overwritten)."""
-    V = (parent.shape[0] + 1) // 2
+def _hs_rows(S_next, W_o, b_o, first, K, signs, scale, G, dL_ds, losses):
+    """losses[r] = -log p(row r's target | S_next[r]); G[j] = scale · dL/dz of row r's path entries j;
+    dL_ds[r] = Σ_j G[j] W_o[K[j]] (overwritten)."""
     for r in prange(S_next.shape[0]):
         s, d = S_next[r], dL_ds[r]
         d[:] = 0
-        node, j, loss = targets[r], first[r], 0.0
-        while parent[node] >= 0:
-            k = parent[node] - V
-            z = _node_logit(W_o, b_o, k, s)
-            term, complement = _node_terms(np.float64(sign[node]) * z)
+        loss = 0.0
+        for j in range(first[r], first[r + 1]):
+            k = K[j]
+            term, complement = _node_terms(np.float64(signs[j]) * _node_logit(W_o, b_o, k, s))
             loss += term
-            g = S_next.dtype.type(-scale * sign[node] * complement)
-            G[j], K[j] = g, k
+            g = S_next.dtype.type(-scale * signs[j] * complement)
+            G[j] = g
             w = W_o[k]
             for i in range(s.shape[0]):
                 d[i] += g * w[i]
-            node, j = parent[node], j + 1
         losses[r] = loss
 
 
@@ -104,23 +116,30 @@ def _node_biases(G, K, db_o, touched):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _node_weight_grads(S_next, first, G, K, dW_o, used, squares):
-    """dW_o[K[j]] += G[j] S_next[r] over the rows r and their entries j, in that order; squares[b] = the sum of
-    squares of band b's columns of the used rows of dW_o (zero on entry in those rows)."""
+def _node_weight_grads(S_next, first, G, K, dW_o, n_bands):
+    """dW_o[K[j]] += G[j] S_next[r] over the rows r and their entries j, in that order, the columns in n_bands
+    bands."""
     m = S_next.shape[1]
-    for band in prange(squares.shape[0]):
-        lo, hi = band * COLUMNS, min(m, (band + 1) * COLUMNS)
+    width = -(-m // n_bands)
+    for band in prange(n_bands):
+        lo, hi = band * width, min(m, (band + 1) * width)
         for r in range(S_next.shape[0]):
-            s = S_next[r]
+            s = S_next[r, lo:hi]
             for j in range(first[r], first[r + 1]):
-                g, row = G[j], dW_o[K[j]]
-                for i in range(lo, hi):
+                g, row = G[j], dW_o[K[j], lo:hi]
+                for i in range(row.shape[0]):
                     row[i] += g * s[i]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _row_squares(dW_o, used, out):
+    """out[u] = ‖dW_o[used[u]]‖² in float64."""
+    for u in prange(used.shape[0]):
+        row = dW_o[used[u]]
         total = 0.0
-        for k in used:
-            for i in range(lo, hi):
-                total += dW_o[k, i] * dW_o[k, i]
-        squares[band] = total
+        for i in range(row.shape[0]):
+            total += row[i] * row[i]
+        out[u] = total
 
 
 def hs_xent(S_next, W_o, b_o, targets, tree_parent, tree_sign):
