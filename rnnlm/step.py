@@ -49,8 +49,8 @@ class Window:
 
     Per layer: S (T + 1, B, m) states, S[0] the state carried in; U (T, B, m) the input term; D (T, B, m)
     the dropped-out output (dropout only); dL_ds_out (T, B, m) the gradient reaching s_t from above;
-    dL_da (T, B, m). Z (T·B, V), or (T·B, C) with the class softmax: logits, then dL/dz; None with the
-    hierarchical softmax, which needs no logits buffer. touched_W_x (V,), touched_W_o (W_o's rows,) uint8: the
+    dL_da (T, B, m). Z (T·B, V), or (T·B, C) with the class softmax: logits, then dL/dz; (T·B, 0) with the
+    hierarchical softmax, which reads no logits. touched_W_x (V,), touched_W_o (W_o's rows,) uint8: the
     sparse gradients' masks (tied, W_o's marks both). dW_o_norm (1,) float64, class and hierarchical softmax
     only: the norm of the window's dW_o rows as class_xent_grad or hs_xent_grad leaves them. tree_parent,
     tree_sign: the hierarchical softmax's tree (``rnnlm.huffman``) on the device, else None. Dropout masks:
@@ -70,9 +70,9 @@ class Window:
         self.D = [ops.zeros(shape, dtype) for _ in range(layers)] if dropout else None
         self.mask_in = ops.zeros(shape, dtype) if dropout else None
         self.mask_out = [ops.zeros(shape, dtype) for _ in range(layers)] if dropout else None
-        n_out = V if class_bounds is None else len(class_bounds) - 1
         self.hs = hs_tree is not None
-        self.Z = None if self.hs else ops.zeros((T * B, n_out), dtype)
+        n_out = 0 if self.hs else V if class_bounds is None else len(class_bounds) - 1
+        self.Z = ops.zeros((T * B, n_out), dtype)
         self.touched_W_x = ops.zeros(V, np.uint8)
         self.touched_W_o = ops.zeros(V - 1 if self.hs else V, np.uint8)
         self.class_bounds = None if class_bounds is None else ops.asarray(class_bounds, np.int32)

@@ -3,17 +3,26 @@ numpy reference written here, a window's gradients against central differences, 
 training, the model file, perplexity, score, sample and dynamic evaluation."""
 
 import heapq
+import json
 import math
+import os
+import signal
 
 import numba
 import numpy as np
 import pytest
+from click.testing import CliRunner
+from rnnlm.cli import cli
 
+import rnnlm
 from rnnlm import reference, step
 from rnnlm.backends import cpu
+from rnnlm.dynamic import DynamicConfig, token_log_probs
 from rnnlm.errors import RnnlmError
 from rnnlm.huffman import MAX_DEPTH, huffman_tree
-from rnnlm.model import init_params
+from rnnlm.model import init_params, write_npz
+from rnnlm.score import Decoder, score
+from tests.conftest import REPO, reference_perplexity
 
 V, m, T, B = 11, 5, 4, 3
 COUNTS = np.array([40, 3, 3, 17, 0, 9, 1, 1, 25, 6, 2])  # ties, a zero, the first word the most frequent
@@ -214,3 +223,160 @@ def test_a_windows_gradients_pass_the_float64_finite_difference_check(ops):
             numeric[index] = (up - problem.reference_loss(shifted)) / (2 * eps) / (T * B)
         assert np.abs(numeric).max() > 0, name
         assert np.abs(grads[name] - numeric).max() / np.abs(numeric).max() < 1e-7, name
+
+
+# ------------------------------------------------------------------------------------------ every path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hs")
+    lines = (REPO / "data" / "demo" / "train.txt").read_text(encoding="utf-8").splitlines()
+    (folder / "train.txt").write_text("\n".join(lines[:600]) + "\n", encoding="utf-8")
+    (folder / "valid.txt").write_text("\n".join(lines[-60:]) + "\n", encoding="utf-8")
+    (folder / "short.txt").write_text("\n".join(lines[-8:]) + "\n", encoding="utf-8")
+    return folder
+
+
+def train(corpus, name, **settings):
+    config = rnnlm.TrainConfig(**{"hidden": 12, "bptt": 6, "batch": 4, "epochs": 2, "softmax": "hs",
+                                  "optimizer": "lazyadam", "lr": 0.01, **settings})
+    path = corpus / name
+    records = rnnlm.train(corpus / "train.txt", path, valid=corpus / "valid.txt", config=config)
+    return records, rnnlm.load(path)
+
+
+@pytest.fixture(scope="module")
+def hs_model(corpus):
+    return train(corpus, "hs.npz")
+
+
+def test_an_hs_model_learns_and_its_file_rebuilds_the_tree(hs_model, corpus):
+    records, model = hs_model
+    assert model.softmax == "hs" and model.params["W_o"].shape == (model.vocab_size - 1, 12)
+    assert records[-1]["valid_perplexity"] < records[0]["valid_perplexity"] < model.vocab_size
+    assert model.hs_tree.counts.sum() > 0 and model.hs_tree.max_depth <= MAX_DEPTH
+
+
+def test_perplexity_is_the_references_on_both_backends(hs_model, corpus):
+    _, model = hs_model
+    expected = reference_perplexity(model, corpus / "short.txt")
+    for device in ("cpu", "cuda"):
+        assert rnnlm.perplexity(model, corpus / "short.txt", device)["perplexity"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("settings", [{"optimizer": "sgd", "lr": 0.5}, {"optimizer": "adam"},
+                                      {"dropout": 0.3, "clip": 0.01, "layers": 2}],
+                         ids=["sgd", "adam", "dropout-clip-layers"])
+def test_every_optimizer_trains_an_hs_model(corpus, settings):
+    records, _ = train(corpus, "variant.npz", epochs=1, **settings)
+    assert np.isfinite(records[0]["valid_perplexity"])
+
+
+def test_score_stream_dynamic_sample_and_decoder_agree(hs_model, corpus):
+    """Independent scoring against the Decoder's distributions (which sum to one), the stream scorer on both
+    backends, dynamic evaluation and sampling."""
+    _, model = hs_model
+    sentences = (corpus / "valid.txt").read_text(encoding="utf-8").splitlines()[:5]
+    totals, per_token = score(model, sentences, per_token=True)
+    decoder = Decoder(model)
+    for sentence, result, total in zip(sentences, per_token, totals, strict=True):
+        ids = list(model.vocab.encode_text(sentence + "\n")[0])
+        state, expected = decoder.initial(1), []
+        for token in ids:
+            log_p = decoder.log_probs(state)[0]
+            assert np.exp(log_p).sum() == pytest.approx(1.0, rel=1e-9)
+            expected.append(log_p[token])
+            state = decoder.advance(state, [token])
+        np.testing.assert_allclose(result, expected, rtol=1e-4, atol=1e-4)
+        assert total == pytest.approx(sum(expected), rel=1e-4)
+    ids = np.concatenate([model.vocab.encode_text(s + "\n")[0] for s in sentences])
+    static = token_log_probs(model, ids)
+    np.testing.assert_allclose(token_log_probs(model, ids[:60], device="cuda"), static[:60], atol=1e-5)
+    assert -static.sum() / len(ids) == pytest.approx(math.log(rnnlm.perplexity(model, corpus / "valid.txt")[
+        "perplexity"]), rel=0.5)  # another text: the same scale
+    dynamic = token_log_probs(model, ids, dynamic=DynamicConfig(lr=0.1))
+    assert np.isfinite(dynamic).all() and not np.array_equal(dynamic, static)
+    texts, _ = rnnlm.sample(model, prompt="the", num=2, length=5, seed=1)
+    assert len(texts) == 2 and all(t.startswith("the") for t in texts)
+
+
+def test_init_from_an_hs_model_keeps_its_tree(hs_model, corpus):
+    _, model = hs_model
+    config = rnnlm.TrainConfig(epochs=1, lr=0.01, optimizer="lazyadam", bptt=6, batch=4, level=None)
+    rnnlm.train(corpus / "valid.txt", corpus / "adapted.npz", config=config, init_from=corpus / "hs.npz")
+    adapted = rnnlm.load(corpus / "adapted.npz")
+    assert adapted.softmax == "hs"
+    np.testing.assert_array_equal(adapted.hs_tree.parent, model.hs_tree.parent)
+
+
+def test_an_interrupted_run_resumes_to_the_same_bytes(corpus, tmp_path):
+    settings = {"hidden": 8, "bptt": 5, "batch": 3, "epochs": 2, "softmax": "hs", "optimizer": "lazyadam",
+                "lr": 0.01, "dropout": 0.1}
+    rnnlm.train(corpus / "train.txt", tmp_path / "whole.npz", valid=corpus / "valid.txt",
+                config=rnnlm.TrainConfig(**settings))
+
+    def interrupt(done, total, stats):
+        if done == total // 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(rnnlm.TrainingInterrupted):
+        rnnlm.train(corpus / "train.txt", tmp_path / "cut.npz", valid=corpus / "valid.txt",
+                    config=rnnlm.TrainConfig(**settings), on_window=interrupt)
+    rnnlm.resume(tmp_path / "cut.ckpt.npz", text=corpus / "train.txt", valid=corpus / "valid.txt")
+    assert (tmp_path / "cut.npz").read_bytes() == (tmp_path / "whole.npz").read_bytes()
+
+
+@pytest.mark.parametrize("flags, message", [(["--tied"], "cannot be tied"), (["--direct", "1000"], "direct")])
+def test_hs_refuses_tied_weights_and_direct_features(corpus, flags, message):
+    result = CliRunner().invoke(cli, ["train", str(corpus / "train.txt"), "-o", str(corpus / "refused.npz"),
+                                      "--softmax", "hs", *flags])
+    assert result.exit_code == 1 and result.output.startswith("Error:") and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def rewrite(source, target, **changes):
+    """The model file ``source`` written to ``target`` with members replaced (None: removed) and meta updated."""
+    with np.load(source, allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta.update(changes.pop("meta", {}))
+    arrays["meta"] = np.array(json.dumps(meta))
+    for name, array in changes.items():
+        if array is None:
+            arrays.pop(name)
+        else:
+            arrays[name] = array
+    with open(target, "wb") as f:
+        write_npz(f, arrays)
+    return target
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hs_counts": None}, "hs_counts"),
+    ({"hs_counts": np.full(3, 5)}, "shape"),
+    ({"hs_counts": "negative"}, "non-negative"),
+    ({"hs_counts": "deep"}, "deep"),
+    ({"hs_counts": "float"}, "hs_counts"),
+    ({"meta": {"tied": True}}, "cannot be tied"),
+], ids=["missing", "shape", "negative", "deep", "float", "tied"])
+def test_bad_hs_model_files_are_one_line_errors(hs_model, corpus, tmp_path, change, message):
+    _, model = hs_model
+    V = model.vocab_size
+    counts = model.hs_tree.counts.copy()
+    value = change.get("hs_counts", 0)
+    if isinstance(value, str):
+        if value == "negative":
+            counts[3] = -1
+        elif value == "deep":
+            counts = np.zeros(V, np.int64)
+            counts[:2] = 1
+            for k in range(2, MAX_DEPTH + 3):
+                counts[k] = counts[k - 1] + counts[k - 2]
+        else:
+            counts = counts.astype(np.float32)
+        change = {"hs_counts": counts}
+    path = rewrite(corpus / "hs.npz", tmp_path / "bad.npz", **change)
+    with pytest.raises(RnnlmError, match=message) as error:
+        rnnlm.load(path)
+    assert "\n" not in str(error.value)
