@@ -164,6 +164,21 @@ def test_hs_xent_grad_equals_the_numpy_reference(ops):
     assert ops.to_numpy(norm)[0] == pytest.approx(np.linalg.norm(expected[1]), rel=1e-12)
 
 
+def test_float32_kernels_follow_the_float64_ones(ops):
+    """Training's dtype: the float32 loss, gradients and log-probabilities within float32 rounding."""
+    results = []
+    for dtype in (np.float64, np.float32):
+        tree, W_o, b_o, S, targets = kernel_problem(np.random.default_rng(6), dtype)
+        args = [ops.asarray(a) for a in (S, W_o, b_o, targets, tree.parent, tree.sign)]
+        dW_o, db_o, dL_ds = ops.zeros(W_o.shape, dtype), ops.zeros(V - 1, dtype), ops.zeros(S.shape, dtype)
+        norm, out = ops.zeros(1, np.float64), ops.zeros(len(targets), np.float64)
+        loss = float(ops.hs_xent_grad(*args, 0.5, dW_o, db_o, dL_ds, ops.zeros(V - 1, np.uint8), norm))
+        ops.hs_log_probs(*args, out)
+        results.append([loss, *(ops.to_numpy(a) for a in (dW_o, db_o, dL_ds, norm, out))])
+    for wide, narrow in zip(*results, strict=True):
+        np.testing.assert_allclose(narrow, wide, rtol=1e-5, atol=1e-6)
+
+
 def test_the_cpu_gradient_has_the_same_bits_on_any_number_of_threads():
     tree, W_o, b_o, S, targets = kernel_problem(np.random.default_rng(2), np.float32)
     S = np.random.default_rng(3).standard_normal((400, m)).astype(np.float32)
