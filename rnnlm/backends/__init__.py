@@ -111,8 +111,9 @@ OPS = {
                         "the root, z_n = W_o[k] s + b_o[k] with k = tree_parent[n] - V: S_next, dL_ds (N, m); W_o, "
                         "dW_o (V - 1, m); b_o, db_o, touched (V - 1,); targets (N,); tree_parent (2V - 1,) int32 "
                         "(-1 at the root), tree_sign (2V - 1,) int8. Adds scale · dL/dz_n ⊗ S_next[r] to dW_o[k] "
-                        "(zero on entry in every row used), summed in row order; overwrites dL_ds[r] with Σ_n "
-                        "scale · dL/dz_n W_o[k] and db_o with Σ scale · dL/dz_n (zero outside the rows used); sets "
+                        "(zero on entry in every row used), summed in a fixed order (the rows sorted, stably, by "
+                        "their targets' depth-first ranks among the leaves); overwrites dL_ds[r] with Σ_n scale · "
+                        "dL/dz_n W_o[k] and db_o with Σ scale · dL/dz_n (zero outside the rows used); sets "
                         "touched[k] = 1 for every row used; dW_o_norm (1,) float64 overwritten with the norm of dW_o "
                         "over the rows used. Returns the loss"),
     "hs_xent": _op("S_next W_o b_o targets tree_parent tree_sign", "returns the loss of the hierarchical "

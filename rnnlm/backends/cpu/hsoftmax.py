@@ -1,7 +1,7 @@
 """Hierarchical softmax (``rnnlm.huffman``): each row walks its target's path up the tree's parent pointers.
 
 In training the rows are split over threads for the node logits, the loss and dL/ds (each row writes only
-its own); the node rows' gradients are then summed in row order, each thread taking one band of the columns
+its own); the node rows' gradients are then summed in the rows' order, each thread taking one band of the columns
 of every node row, so that no two threads write one value and the sums do not depend on the threads. Inner
 loops run over 1-D slices from index 0, the form Numba vectorizes.
 """
@@ -14,45 +14,67 @@ from numba import njit, prange
 
 
 def hs_xent_grad(S_next, W_o, b_o, targets, tree_parent, tree_sign, scale, dW_o, db_o, dL_ds, touched, dW_o_norm):
-    """Five passes: the paths written out (parallel over rows: the walk up the parents first, so that the rows'
-    W_o reads do not wait on it), the rows (parallel), each path's nodes in row order (one thread: db_o, the
+    """The rows are taken in the depth-first order of their targets among the leaves (stable), so that rows that
+    follow each other share most of their paths and the node rows they read and write stay in cache; then
+    five passes: the paths written out (parallel over rows: the walk up the parents first, so that the rows'
+    W_o reads do not wait on it), the rows (parallel), the path entries in that order (one thread: db_o, the
     touched rows), the node rows' gradients (parallel over bands of columns), their norm (parallel over the
     rows used)."""
-    first = _path_starts(targets, tree_parent)
+    order = np.argsort(_leaf_ranks(tree_parent, tree_sign)[targets], kind="stable")
+    first = _path_starts(targets, tree_parent, order)
     K = np.empty(first[-1], np.int32)
     signs = np.empty(first[-1], np.int8)
-    _paths(targets, tree_parent, tree_sign, first, K, signs)
+    _paths(targets, tree_parent, tree_sign, order, first, K, signs)
     G = np.empty(first[-1], S_next.dtype)
     losses = np.empty(S_next.shape[0])
-    _hs_rows(S_next, W_o, b_o, first, K, signs, scale, G, dL_ds, losses)
+    _hs_rows(S_next, W_o, b_o, order, first, K, signs, scale, G, dL_ds, losses)
     used = _node_biases(G, K, db_o, touched)
-    _node_weight_grads(S_next, first, G, K, dW_o, min(numba.get_num_threads(), S_next.shape[1]))
+    _node_weight_grads(S_next, order, first, G, K, dW_o, min(numba.get_num_threads(), S_next.shape[1]))
     squares = np.empty(used.shape[0])
     _row_squares(dW_o, used, squares)
     dW_o_norm[0] = math.sqrt(squares.sum())
     return losses.sum()
 
 
+@njit(cache=True)
+def _leaf_ranks(parent, sign):
+    """Each word's rank among the leaves in depth-first order, the first child (sign +1) before the second."""
+    n_nodes = parent.shape[0]
+    V = (n_nodes + 1) // 2
+    leaves = np.zeros(n_nodes, np.int64)
+    leaves[:V] = 1
+    first_leaves = np.zeros(n_nodes, np.int64)  # of each node's first child
+    for node in range(n_nodes - 1):  # children before parents
+        leaves[parent[node]] += leaves[node]
+        if sign[node] == 1:
+            first_leaves[parent[node]] = leaves[node]
+    start = np.zeros(n_nodes, np.int64)
+    for node in range(n_nodes - 2, -1, -1):  # parents before children
+        start[node] = start[parent[node]] + (0 if sign[node] == 1 else first_leaves[parent[node]])
+    return start[:V]
+
+
 @njit(parallel=True, cache=True)
-def _path_starts(targets, parent):
-    """first (N + 1,) int64: row r's path nodes are entries first[r] .. first[r + 1] - 1 of the flat lists."""
+def _path_starts(targets, parent, order):
+    """first (N + 1,) int64: the path nodes of row order[q] are entries first[q] .. first[q + 1] - 1 of the flat
+    lists."""
     N = targets.shape[0]
     first = np.zeros(N + 1, np.int64)
-    for r in prange(N):
-        node, n = targets[r], 0
+    for q in prange(N):
+        node, n = targets[order[q]], 0
         while parent[node] >= 0:
             node = parent[node]
             n += 1
-        first[r + 1] = n
+        first[q + 1] = n
     return np.cumsum(first)
 
 
 @njit(parallel=True, cache=True)
-def _paths(targets, parent, sign, first, K, signs):
+def _paths(targets, parent, sign, order, first, K, signs):
     """K[j], signs[j] = the W_o row and the sign of entry j of the rows' paths, from the word up."""
     V = (parent.shape[0] + 1) // 2
-    for r in prange(targets.shape[0]):
-        node, j = targets[r], first[r]
+    for q in prange(targets.shape[0]):
+        node, j = targets[order[q]], first[q]
         while parent[node] >= 0:
             K[j], signs[j] = parent[node] - V, sign[node]
             node, j = parent[node], j + 1
@@ -77,14 +99,14 @@ def _node_logit(W_o, b_o, k, s):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _hs_rows(S_next, W_o, b_o, first, K, signs, scale, G, dL_ds, losses):
-    """losses[r] = -log p(row r's target | S_next[r]); G[j] = scale · dL/dz of row r's path entries j;
-    dL_ds[r] = Σ_j G[j] W_o[K[j]] (overwritten)."""
-    for r in prange(S_next.shape[0]):
-        s, d = S_next[r], dL_ds[r]
+def _hs_rows(S_next, W_o, b_o, order, first, K, signs, scale, G, dL_ds, losses):
+    """For r = order[q]: losses[q] = -log p(row r's target | S_next[r]); G[j] = scale · dL/dz of the row's path
+    entries j; dL_ds[r] = Σ_j G[j] W_o[K[j]] (overwritten)."""
+    for q in prange(S_next.shape[0]):
+        s, d = S_next[order[q]], dL_ds[order[q]]
         d[:] = 0
         loss = 0.0
-        for j in range(first[r], first[r + 1]):
+        for j in range(first[q], first[q + 1]):
             k = K[j]
             term, complement = _node_terms(np.float64(signs[j]) * _node_logit(W_o, b_o, k, s))
             loss += term
@@ -93,7 +115,7 @@ def _hs_rows(S_next, W_o, b_o, first, K, signs, scale, G, dL_ds, losses):
             w = W_o[k]
             for i in range(s.shape[0]):
                 d[i] += g * w[i]
-        losses[r] = loss
+        losses[q] = loss
 
 
 @njit(cache=True)
@@ -116,16 +138,16 @@ def _node_biases(G, K, db_o, touched):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _node_weight_grads(S_next, first, G, K, dW_o, n_bands):
-    """dW_o[K[j]] += G[j] S_next[r] over the rows r and their entries j, in that order, the columns in n_bands
-    bands."""
+def _node_weight_grads(S_next, order, first, G, K, dW_o, n_bands):
+    """dW_o[K[j]] += G[j] S_next[order[q]] over the positions q and their entries j, in that order, the columns
+    in n_bands bands."""
     m = S_next.shape[1]
     width = -(-m // n_bands)
     for band in prange(n_bands):
         lo, hi = band * width, min(m, (band + 1) * width)
-        for r in range(S_next.shape[0]):
-            s = S_next[r, lo:hi]
-            for j in range(first[r], first[r + 1]):
+        for q in range(S_next.shape[0]):
+            s = S_next[order[q], lo:hi]
+            for j in range(first[q], first[q + 1]):
                 g, row = G[j], dW_o[K[j], lo:hi]
                 for i in range(row.shape[0]):
                     row[i] += g * s[i]
