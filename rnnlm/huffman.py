@@ -71,8 +71,8 @@ def huffman_tree(counts, where="the counts"):
         raise RnnlmError(f"{where}: word counts must be non-negative and sum below 2^62")
     counts = counts.astype(np.int64)
     order = np.argsort(counts, kind="stable").astype(np.int64)
-    parent, sign, depth = _build(counts, order)
-    tree = HuffmanTree(counts, parent, sign, depth)
+    parent, sign = _build(counts, order)
+    tree = HuffmanTree(counts, parent, sign, subtree_spans(parent, sign)[2])
     if tree.max_depth > MAX_DEPTH:
         raise RnnlmError(f"{where}: the Huffman tree is {tree.max_depth} deep, more than {MAX_DEPTH}")
     return tree
@@ -102,7 +102,27 @@ def _build(counts, order):
             parent[node] = V + k
             sign[node] = 1 - 2 * side
         weight[k] = total
-    depth = np.zeros(2 * V - 1, np.int32)
-    for node in range(2 * V - 3, -1, -1):  # parents before children: a parent's number is above its children's
+    return parent, sign
+
+
+@njit(cache=True)
+def subtree_spans(parent, sign):
+    """(start, leaves, depth) (2V - 1,) of a tree's parent pointers and signs: the words below each node are
+    the leaves of depth-first ranks start .. start + leaves - 1 (int64), the first child (sign +1) before the
+    second, so that a word's rank is its start; depth (int32) each node's distance from the root. The backends
+    order the rows of a window by the ranks, so that rows sharing a node follow each other."""
+    n_nodes = parent.shape[0]
+    V = (n_nodes + 1) // 2
+    leaves = np.zeros(n_nodes, np.int64)
+    leaves[:V] = 1
+    first_leaves = np.zeros(n_nodes, np.int64)  # of each node's first child
+    for node in range(n_nodes - 1):  # children before parents
+        leaves[parent[node]] += leaves[node]
+        if sign[node] == 1:
+            first_leaves[parent[node]] = leaves[node]
+    start = np.zeros(n_nodes, np.int64)
+    depth = np.zeros(n_nodes, np.int32)
+    for node in range(n_nodes - 2, -1, -1):  # parents before children
+        start[node] = start[parent[node]] + (0 if sign[node] == 1 else first_leaves[parent[node]])
         depth[node] = depth[parent[node]] + 1
-    return parent, sign, depth
+    return start, leaves, depth

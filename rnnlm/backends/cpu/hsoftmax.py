@@ -12,6 +12,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from rnnlm.huffman import subtree_spans
+
 
 def hs_xent_grad(S_next, W_o, b_o, targets, tree_parent, tree_sign, scale, dW_o, db_o, dL_ds, touched, dW_o_norm):
     """The rows are taken in the depth-first order of their targets among the leaves (stable), so that rows that
@@ -20,7 +22,7 @@ def hs_xent_grad(S_next, W_o, b_o, targets, tree_parent, tree_sign, scale, dW_o,
     W_o reads do not wait on it), the rows (parallel), the path entries in that order (one thread: db_o, the
     touched rows), the node rows' gradients (parallel over bands of columns), their norm (parallel over the
     rows used)."""
-    order = np.argsort(_leaf_ranks(tree_parent, tree_sign)[targets], kind="stable")
+    order = np.argsort(subtree_spans(tree_parent, tree_sign)[0][targets], kind="stable")
     first = _path_starts(targets, tree_parent, order)
     K = np.empty(first[-1], np.int32)
     signs = np.empty(first[-1], np.int8)
@@ -34,24 +36,6 @@ def hs_xent_grad(S_next, W_o, b_o, targets, tree_parent, tree_sign, scale, dW_o,
     _row_squares(dW_o, used, squares)
     dW_o_norm[0] = math.sqrt(squares.sum())
     return losses.sum()
-
-
-@njit(cache=True)
-def _leaf_ranks(parent, sign):
-    """Each word's rank among the leaves in depth-first order, the first child (sign +1) before the second."""
-    n_nodes = parent.shape[0]
-    V = (n_nodes + 1) // 2
-    leaves = np.zeros(n_nodes, np.int64)
-    leaves[:V] = 1
-    first_leaves = np.zeros(n_nodes, np.int64)  # of each node's first child
-    for node in range(n_nodes - 1):  # children before parents
-        leaves[parent[node]] += leaves[node]
-        if sign[node] == 1:
-            first_leaves[parent[node]] = leaves[node]
-    start = np.zeros(n_nodes, np.int64)
-    for node in range(n_nodes - 2, -1, -1):  # parents before children
-        start[node] = start[parent[node]] + (0 if sign[node] == 1 else first_leaves[parent[node]])
-    return start[:V]
 
 
 @njit(parallel=True, cache=True)

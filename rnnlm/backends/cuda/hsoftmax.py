@@ -3,7 +3,8 @@
 (node, unit) sums dW_o over the rows whose targets lie below the node.
 
 Those rows are contiguous once the rows are sorted by their target's rank among the leaves in depth-first
-order (a node's leaves are one run of ranks): the node finds them by bisection and adds them in that order,
+order (``huffman.subtree_spans``: a node's leaves are one run of ranks; the CPU takes the rows in the same
+order): the node finds them by bisection and adds them in that order,
 deterministically and without atomics. The sort is done on the host (the targets come from the host; reading
 them back waits for the kernels queued before); the tree's layout (ranks, each node's run of ranks and its
 depth) is computed on the host once per tree array.
@@ -18,43 +19,29 @@ from numba import cuda
 from rnnlm.backends.cuda import device
 from rnnlm.backends.cuda.reductions import masked_sum_squares_kernel, norm
 from rnnlm.backends.cuda.softmax import DeviceSum
+from rnnlm.huffman import subtree_spans
 
 
 class _Layout:
-    """A tree's layout on the device: rank (V,) int32 each leaf's depth-first rank; first, end (V - 1,) int32
-    the run of leaf ranks below each internal node; node_depth (V - 1,) int32; max_depth, on the host."""
+    """A tree's layout: on the device first, end (V - 1,) int64 the run of leaf ranks below each internal node
+    and node_depth (V - 1,) int32; on the host rank (V,) each word's depth-first rank and max_depth (the
+    longest path)."""
 
-    def __init__(self, parent):
-        n_nodes = len(parent)
-        V = (n_nodes + 1) // 2
-        children = [[] for _ in range(V - 1)]
-        for node in range(n_nodes - 1):
-            children[parent[node] - V].append(node)
-        rank = np.empty(V, np.int32)
-        first, end, depth = (np.empty(V - 1, np.int32) for _ in range(3))
-        stack, next_rank = [(n_nodes - 1, 0, False)], 0
-        while stack:
-            node, d, done = stack.pop()
-            if node < V:
-                rank[node], next_rank = next_rank, next_rank + 1
-            elif done:
-                end[node - V] = next_rank
-            else:
-                first[node - V], depth[node - V] = next_rank, d
-                stack.append((node, d, True))
-                stack.extend((child, d + 1, False) for child in reversed(children[node - V]))
-        self.host_rank = rank
-        self.max_depth = int(depth.max(initial=0)) + 1
-        self.rank, self.first, self.end, self.node_depth = (device.to_device(a) for a in (rank, first, end, depth))
+    def __init__(self, parent, sign):
+        V = (len(parent) + 1) // 2
+        start, leaves, depth = subtree_spans(parent, sign)
+        self.rank, self.max_depth = start[:V], int(depth[:V].max())
+        self.first, self.end, self.node_depth = (device.to_device(np.ascontiguousarray(a))
+                                                 for a in (start[V:], start[V:] + leaves[V:], depth[V:]))
 
 
 _layouts = {}  # id(tree_parent) -> (that array, its _Layout); the array stays referenced so its id is not reused
 
 
-def _layout(tree_parent):
+def _layout(tree_parent, tree_sign):
     entry = _layouts.get(id(tree_parent))
     if entry is None:
-        entry = _layouts[id(tree_parent)] = tree_parent, _Layout(tree_parent.copy_to_host())
+        entry = _layouts[id(tree_parent)] = tree_parent, _Layout(tree_parent.copy_to_host(), tree_sign.copy_to_host())
     return entry[1]
 
 
@@ -178,14 +165,14 @@ def hs_xent_grad(S_next, W_o, b_o, targets, tree_parent, tree_sign, scale, dW_o,
     ranks, a thread per (node, unit) over its run of sorted rows (dW_o, db_o, touched), then the norm of the
     touched rows by block sums; the loss is a DeviceSum."""
     N, m = S_next.shape
-    layout = _layout(tree_parent)
+    layout = _layout(tree_parent, tree_sign)
     hs_rows, _ = _row_kernels(S_next.dtype)
     G = device.workspace("hs node gradients", (N, layout.max_depth), S_next.dtype)
     losses = device.workspace("hs row losses", (N,), np.float64)
     n_threads = device.threads(N, 128)
     device.launch(hs_rows, device.blocks(N, n_threads), n_threads, S_next, W_o, b_o, targets, tree_parent, tree_sign,
                   np.float64(scale), G, losses, dL_ds)
-    ranks = layout.host_rank[targets.copy_to_host()]
+    ranks = layout.rank[targets.copy_to_host()]
     order = np.argsort(ranks, kind="stable").astype(np.int32)
     n_nodes = W_o.shape[0]
     tx, ty = device.threads(m, 32), device.threads(n_nodes, 8)
