@@ -79,12 +79,11 @@ class Saved:
     state: dict
 
 
-def write_checkpoint(path, settings, saved, class_bounds=None, hs_counts=None):
+def write_checkpoint(path, settings, saved, structure_arrays=None):
     """Write the checkpoint at ``path`` atomically (a crash leaves the previous one), as the module says.
 
-    settings: meta's {"config", "options", "sources", "vocab"}; saved: a ``Saved``; class_bounds: the
-    class softmax's (C + 1,) bounds, None for another softmax; hs_counts: the hierarchical softmax's (V,) word
-    counts, None for another softmax.
+    settings: meta's {"config", "options", "sources", "vocab"}; saved: a ``Saved``; structure_arrays: the
+    model's ``Model.structure_arrays()`` (the class bounds or the hierarchical softmax's word counts).
     """
     params, (opt_arrays, opt_scalars) = saved.now
     start_params, (start_arrays, start_scalars) = saved.epoch_start
@@ -94,10 +93,7 @@ def write_checkpoint(path, settings, saved, class_bounds=None, hs_counts=None):
     arrays.update({f"epoch_start/params/{k}": v for k, v in start_params.items()})
     arrays.update({f"epoch_start/optimizer/{k}": v for k, v in start_arrays.items()})
     arrays.update({f"carried_state/{k}": S for k, S in enumerate(saved.carried)})
-    if class_bounds is not None:
-        arrays["class_bounds"] = class_bounds
-    if hs_counts is not None:
-        arrays["hs_counts"] = hs_counts
+    arrays.update(structure_arrays or {})
     state = dict(saved.state, optimizer=opt_scalars, epoch_start_optimizer=start_scalars, rng=saved.rng)
     meta = {"kind": KIND, **settings, "state": state}
     arrays["meta"] = np.array(json.dumps(meta, allow_nan=False))

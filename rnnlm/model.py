@@ -221,12 +221,10 @@ class Model:
             raise RnnlmError(f"--layers must be at least 1, got {layers}")
         rng = np.random.default_rng(seed)
         n_classes = None if class_bounds is None else len(class_bounds) - 1
-        check_direct(direct, direct_order, n_classes is not None)
+        softmax = "hs" if hs_counts is not None else "full" if n_classes is None else "class"
+        check_output_layer(softmax, tied, direct, direct_order)
         direct_order = direct_order if direct else 0
-        tree = None
-        if hs_counts is not None:
-            check_hs(tied, direct_order)
-            tree = huffman_tree(hs_counts, "the training text's word counts")
+        tree = None if hs_counts is None else huffman_tree(hs_counts, "the training text's word counts")
         params = init_params(len(vocab), hidden, rng, n_classes=n_classes, init=init, layers=layers, tied=tied,
                              direct=direct if direct_order else 0, hs=tree is not None)
         return cls(params, vocab, dict(hparams or {}), class_bounds, layers, tied, direct_order, tree)
@@ -246,13 +244,17 @@ class Model:
             "hparams": self.hparams,
         }
 
+    def structure_arrays(self):
+        """The arrays a model file and a checkpoint store besides the weights: the class bounds (C + 1,) int32
+        of a class softmax, the word counts (V,) int64 a hierarchical softmax's tree is built from."""
+        if self.hs_tree is not None:
+            return {"hs_counts": self.hs_tree.counts}
+        return {} if self.class_bounds is None else {"class_bounds": np.asarray(self.class_bounds, np.int32)}
+
     def save(self, path):
         """Write the model atomically: a temporary file in the same folder, fsync, then rename."""
         arrays = {name: np.ascontiguousarray(array, np.float32) for name, array in self.params.items()}
-        if self.class_bounds is not None:
-            arrays["class_bounds"] = np.asarray(self.class_bounds, np.int32)
-        if self.hs_tree is not None:
-            arrays["hs_counts"] = self.hs_tree.counts
+        arrays.update(self.structure_arrays())
         arrays["meta"] = np.array(json.dumps(self.meta(), ensure_ascii=False))
         atomic_savez(path, arrays)
 
@@ -293,7 +295,7 @@ class Model:
             npz.check_members(["meta", *shapes], optional)
             class_bounds = tree = None
             if softmax == "hs":
-                check_hs(tied, direct_order, f"{path} is not a valid rnnlm model: ")
+                check_output_layer(softmax, tied, direct, direct_order, f"{path} is not a valid rnnlm model: ")
                 tree = read_hs_tree(npz, len(vocab))
                 npz.check_members(["meta", "hs_counts", *shapes])
             if softmax == "class":
@@ -312,13 +314,17 @@ class Model:
 SOFTMAXES = ("full", "class", "hs")
 
 
-def check_hs(tied, direct_order, prefix=""):
-    """RnnlmError when a hierarchical softmax is asked for with tied weights (its W_o rows are tree nodes, not
-    words) or direct features (they score words, which the tree never lists)."""
+def check_output_layer(softmax, tied, direct, direct_order, prefix=""):
+    """RnnlmError unless the output layer's settings go together: the direct features' as ``check_direct``,
+    and a hierarchical softmax with neither tied weights (its W_o rows are tree nodes, not words) nor direct
+    features (they score words, which the tree never lists); ``prefix`` starts the message."""
+    check_direct(direct, direct_order, softmax == "class")
+    if softmax != "hs":
+        return
     if tied:
         raise RnnlmError(f"{prefix}the hierarchical softmax (--softmax hs) cannot be tied: its W_o rows are tree "
                          "nodes, not words")
-    if direct_order:
+    if direct:
         raise RnnlmError(f"{prefix}the hierarchical softmax (--softmax hs) does not take direct features (--direct)")
 
 

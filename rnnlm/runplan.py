@@ -176,7 +176,7 @@ def memory_needed(config, vocab_size):
     four more (T, B, m) arrays per layer, the (T·B, V) logits); the direct features' table twice (on the device
     and the best model: it has no gradient and no moments)."""
     V, m, L, T, B = vocab_size, config.hidden, config.layers, config.bptt, config.batch
-    n_out = {"full": V, "hs": 0}.get(config.softmax) or min(V, config.classes or round(math.sqrt(V)))
+    n_out = {"full": V, "hs": 0, "class": min(V, config.classes or round(math.sqrt(V)))}[config.softmax]
     n_params = (1 if config.tied else 2) * V * m + V + (2 * L - 1) * m * m + L * m
     if config.softmax == "class":
         n_params += n_out * (m + 1)

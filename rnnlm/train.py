@@ -34,7 +34,7 @@ from rnnlm.checkpoint import Saved, check_cursor, read_checkpoint, saved_run, wr
 from rnnlm.corpus import Windows
 from rnnlm.errors import RnnlmError
 from rnnlm.evaluate import stream_loss
-from rnnlm.model import DEFAULT_DIRECT_ORDER, INITS, SOFTMAXES, check_direct, check_hs, word_classes
+from rnnlm.model import DEFAULT_DIRECT_ORDER, INITS, SOFTMAXES, check_output_layer, word_classes
 from rnnlm.optim import OPTIMIZERS, make_optimizer
 from rnnlm.paths import atomic_output, naming_errors
 from rnnlm.state import TrainState
@@ -97,9 +97,7 @@ class TrainConfig:
         _check_number("direct", self.direct, 0, integer=True)
         _check_number("direct_order", self.direct_order, 1, integer=True)
         _check_number("direct_lr", self.direct_lr, 0, above=True)
-        check_direct(self.direct, self.direct_order, self.softmax == "class")
-        if self.softmax == "hs":
-            check_hs(self.tied, self.direct)
+        check_output_layer(self.softmax, self.tied, self.direct, self.direct_order)
 
 
 def _check_number(name, value, least, below=math.inf, integer=False, above=False):
@@ -486,9 +484,7 @@ class Trainer:
         sources, options = runplan.stored_paths(self.paths, asdict(self.options))
         settings = {"config": asdict(self.config), "options": options, "sources": sources,
                     "vocab": self.model.vocab.tokens}
-        tree = self.model.hs_tree
-        self.reducer.on_writer(write_checkpoint, self.checkpoint_path, settings, saved, self.model.class_bounds,
-                               None if tree is None else tree.counts)
+        self.reducer.on_writer(write_checkpoint, self.checkpoint_path, settings, saved, self.model.structure_arrays())
         self.last_checkpoint = time.perf_counter()
 
     def restore(self, saved):
