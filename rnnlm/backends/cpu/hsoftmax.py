@@ -22,7 +22,7 @@ def hs_xent_grad(S_next, W_o, b_o, targets, tree_parent, tree_sign, scale, dW_o,
     W_o reads do not wait on it), the rows (parallel), the path entries in that order (one thread: db_o, the
     touched rows), the node rows' gradients (parallel over bands of columns), their norm (parallel over the
     rows used)."""
-    order = np.argsort(subtree_spans(tree_parent, tree_sign)[0][targets], kind="stable")
+    order = np.argsort(_leaf_ranks(tree_parent, tree_sign)[targets], kind="stable")
     first = _path_starts(targets, tree_parent, order)
     K = np.empty(first[-1], np.int32)
     signs = np.empty(first[-1], np.int8)
@@ -36,6 +36,19 @@ def hs_xent_grad(S_next, W_o, b_o, targets, tree_parent, tree_sign, scale, dW_o,
     _row_squares(dW_o, used, squares)
     dW_o_norm[0] = math.sqrt(squares.sum())
     return losses.sum()
+
+
+_ranks = {}  # id(tree_parent) -> (that array, its words' depth-first ranks); the array stays referenced
+
+
+def _leaf_ranks(tree_parent, tree_sign):
+    """The words' depth-first ranks (``huffman.subtree_spans``), computed once per tree array: an O(V) pass
+    that would otherwise cost every window about as much as a small window's rows."""
+    entry = _ranks.get(id(tree_parent))
+    if entry is None:
+        start = subtree_spans(tree_parent, tree_sign)[0]
+        entry = _ranks[id(tree_parent)] = tree_parent, start[: (len(tree_parent) + 1) // 2]
+    return entry[1]
 
 
 @njit(parallel=True, cache=True)
