@@ -1,5 +1,6 @@
 """Training at a million-word vocabulary: tokens/s and peak memory of `rnnlm train` at V = 793,470 (the One
-Billion Word benchmark's vocabulary), m = 256, class softmax, lazy Adam, 2 threads.
+Billion Word benchmark's vocabulary), m = 256, class softmax (or --softmax hs: the hierarchical softmax), lazy
+Adam, 2 threads.
 
 The text is generated: V - 2 distinct lowercase words (2 to 12 letters; with <unk> and <eos> the vocabulary
 is V), a word list of each once (in lines of 20), and a Zipf text (p ∝ 1/rank, s = 1) of --tokens words in
@@ -16,11 +17,13 @@ the median of the per-window rates after the first --warmup windows (compilation
 first touches of the zeroed gradients and moments); the peak RSS is the kernel's ru_maxrss of that process
 (os.wait4), the whole run's from start-up to the last window. The
 ceiling is the FLOP model's (benchmarks/common.py: 6·m·(C + E|c|) + 6·m² per token, E|c| the mean size of
-the targets' classes on the store's counts) at the GEMM rate measured in the same process (a (T·B, m) ×
-(m, 4096) float32 product, 2 threads), an upper bound no step can beat.
+the targets' classes on the store's counts; with --softmax hs, C + E|c| becomes the mean path length of the
+Huffman tree over the targets) at the GEMM rate measured in the same process (a (T·B, m) × (m, 4096) float32
+product, 2 threads), an upper bound no step can beat (for hs a loose one: its node products are not GEMMs).
 
     python benchmarks/large_vocab.py                  # V = 793,470, 2 to 3 minutes
     python benchmarks/large_vocab.py --batch 4096 --tied --windows 10 --warmup 3
+    python benchmarks/large_vocab.py --softmax hs --batch 1024 --cutoffs ''
     python benchmarks/large_vocab.py --quick          # V = 5,000, seconds: the smoke test
 
 Everything generated is in --workdir (default /tmp/rnnlm-large-vocab) and deleted at the end (--keep keeps
@@ -97,6 +100,15 @@ def tokenize(texts, store, folder, *options):
     return {"seconds": seconds, "peak_rss_mib": rss, **json.loads(stdout.splitlines()[-1])}
 
 
+def hs_costs(counts):
+    """The hierarchical softmax's cost: nodes per training token (the Huffman tree's count-weighted mean path
+    length over ``counts``) and its deepest path."""
+    from rnnlm.huffman import huffman_tree
+
+    tree = huffman_tree(counts.astype(np.int64))
+    return {"rows_per_token": tree.mean_depth(), "max_depth": tree.max_depth}
+
+
 def class_costs(counts, class_counts):
     """For each C: C + E|c|, the output rows one training token reads (E|c| over the counts' targets)."""
     from rnnlm.model import frequency_classes
@@ -145,16 +157,18 @@ def worker(spec):
         if done >= spec["windows"]:
             raise _EnoughWindowsError
 
-    config = TrainConfig(hidden=spec["hidden"], softmax="class", classes=spec["classes"], optimizer="lazyadam",
+    classes = spec["classes"] if spec["softmax"] == "class" else None
+    config = TrainConfig(hidden=spec["hidden"], softmax=spec["softmax"], classes=classes, optimizer="lazyadam",
                          bptt=spec["bptt"], batch=spec["batch"], epochs=1, tied=spec["tied"])
     started = time.perf_counter()
     with contextlib.suppress(_EnoughWindowsError):
         train(spec["store"], spec["model"], valid=spec["valid"], config=config,
               options=RunOptions(threads=spec["threads"]), on_window=on_window)
     ids, vocab = open_token_dir(spec["store"])
-    counts = token_counts(ids, len(vocab)).astype(np.float64)
+    counts = token_counts(ids, len(vocab))
     record = {"window_s": np.diff(stamps).tolist(), "start_to_first_window_s": stamps[0] - started,
-              "vocab_size": len(vocab), "class_costs": class_costs(counts, sorted({spec["classes"], *CLASS_SWEEP})),
+              "vocab_size": len(vocab), "hs_cost": hs_costs(counts),
+              "class_costs": class_costs(counts.astype(np.float64), sorted({spec["classes"], *CLASS_SWEEP})),
               "gemm_gflops": gemm_rate(spec["bptt"] * spec["batch"], spec["hidden"], spec["threads"])}
     print(json.dumps(record))
 
@@ -163,14 +177,19 @@ def train_run(args, folder, store, valid):
     """Run the worker; the training part of the report."""
     spec = {"store": str(store), "valid": str(valid), "model": str(folder / "model.npz"), "hidden": args.hidden,
             "classes": args.classes, "bptt": args.bptt, "batch": args.batch, "threads": args.threads,
-            "windows": args.windows, "tied": args.tied}
+            "windows": args.windows, "tied": args.tied, "softmax": args.softmax}
     seconds, rss, stdout = measured([sys.executable, __file__, "--worker", json.dumps(spec)], folder)
     record = json.loads(stdout.splitlines()[-1])
     tokens = args.bptt * args.batch
     rates = tokens / np.array(record["window_s"][args.warmup - 1:])  # window_s[k]: window k + 2's time
-    cost = record["class_costs"][str(args.classes)]
-    flops = flops_per_token(args.hidden, record["vocab_size"], cost["classes"], cost["mean_class_size"])["train"]
-    return {"vocab_size": record["vocab_size"], **cost, "hidden": args.hidden, "bptt": args.bptt,
+    if args.softmax == "hs":
+        cost = record["hs_cost"]
+        flops = flops_per_token(args.hidden, record["vocab_size"], 0, cost["rows_per_token"])["train"]
+    else:
+        cost = record["class_costs"][str(args.classes)]
+        flops = flops_per_token(args.hidden, record["vocab_size"], cost["classes"], cost["mean_class_size"])["train"]
+    return {"vocab_size": record["vocab_size"], "softmax": args.softmax, **cost, "hidden": args.hidden,
+            "bptt": args.bptt,
             "batch": args.batch, "tied": args.tied, "threads": args.threads, "windows_timed": len(rates),
             "tokens_per_s_median": float(np.median(rates)), "tokens_per_s_min": float(rates.min()),
             "tokens_per_s_max": float(rates.max()), "peak_rss_mib": rss, "process_s": seconds,
@@ -218,7 +237,8 @@ def main():
     parser.add_argument("--vocab", type=int, default=ONE_BILLION_WORD_V, help="V, <unk> and <eos> included")
     parser.add_argument("--tokens", type=int, default=5_000_000, help="words of the Zipf text")
     parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--classes", type=int, default=500)
+    parser.add_argument("--softmax", choices=("class", "hs"), default="class")
+    parser.add_argument("--classes", type=int, default=500, help="C of --softmax class")
     parser.add_argument("--bptt", type=int, default=20)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tied", action="store_true")

@@ -10,7 +10,7 @@ from click.core import ParameterSource
 
 import rnnlm
 from rnnlm import adapt, distributed
-from rnnlm.model import INITS, MAX_DIRECT_ORDER, MAX_DIRECT_SIZE
+from rnnlm.model import INITS, MAX_DIRECT_ORDER, MAX_DIRECT_SIZE, SOFTMAXES
 from rnnlm.optim import OPTIMIZERS
 from rnnlm.runplan import ResumeConflictError
 from rnnlm.tokenizer import LEVELS
@@ -94,8 +94,9 @@ class TableSize(click.ParamType):
 @click.option("--l2", type=FiniteFloat(min=0), default=DEFAULTS.l2, help="Weight λ of the penalty λ‖θ‖².")
 @click.option("--init", type=click.Choice(INITS), default=DEFAULTS.init,
               help="Initialization: fanin N(0, 1/fan-in), orthogonal or identity W_s, or zero (to see why not).")
-@click.option("--softmax", type=click.Choice(["full", "class"]), default=DEFAULTS.softmax,
-              help="Output layer: full softmax, or Mikolov's class-based factorization (much faster).")
+@click.option("--softmax", type=click.Choice(SOFTMAXES), default=DEFAULTS.softmax,
+              help="Output layer: full softmax, Mikolov's class-based factorization (much faster), or hs: a "
+                   "hierarchical softmax over a Huffman tree of the words (fastest for large vocabularies).")
 @click.option("--classes", type=click.IntRange(min=1), default=DEFAULTS.classes,
               help="Number of word classes of --softmax class [default: √V].")
 @click.option("--direct", type=TableSize(), default=DEFAULTS.direct,

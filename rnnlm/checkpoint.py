@@ -27,6 +27,7 @@ after its zip and .npy headers agree on the size), all float32, finite and C-con
   optimizer/momentK/N, epoch_start/optimizer/momentK/N (K = 1, 2; Adam only): N's rows, W_x's as (V, m); none for W_d
   carried_state/k                      (batch, hidden) for layers k = 0 .. layers - 1
   class_bounds (class softmax only)    (C + 1,) int32 binning ids 0..V-1 into non-empty classes
+  hs_counts (hierarchical softmax only) (V,) integer word counts that ``huffman.huffman_tree`` accepts
 """
 
 import json
@@ -37,7 +38,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from rnnlm.errors import RnnlmError
-from rnnlm.model import DEFAULT_DIRECT_ORDER, MAX_HIDDEN, MAX_LAYERS, atomic_savez, param_shapes, read_class_bounds
+from rnnlm.model import (
+    DEFAULT_DIRECT_ORDER,
+    MAX_HIDDEN,
+    MAX_LAYERS,
+    atomic_savez,
+    param_shapes,
+    read_class_bounds,
+    read_hs_tree,
+)
 from rnnlm.stored import StoredArray
 from rnnlm.tokenizer import vocab_of
 from rnnlm.untrusted import FLOATS, Npz, check_fits, checked, finite_float32
@@ -71,11 +80,11 @@ class Saved:
     state: dict
 
 
-def write_checkpoint(path, settings, saved, class_bounds=None):
+def write_checkpoint(path, settings, saved, structure_arrays=None):
     """Write the checkpoint at ``path`` atomically (a crash leaves the previous one), as the module says.
 
-    settings: meta's {"config", "options", "sources", "vocab"}; saved: a ``Saved``; class_bounds: the
-    class softmax's (C + 1,) bounds, None for a full softmax.
+    settings: meta's {"config", "options", "sources", "vocab"}; saved: a ``Saved``; structure_arrays: the
+    model's ``Model.structure_arrays()`` (the class bounds or the hierarchical softmax's word counts).
     """
     params, (opt_arrays, opt_scalars) = saved.now
     start_params, (start_arrays, start_scalars) = saved.epoch_start
@@ -85,8 +94,7 @@ def write_checkpoint(path, settings, saved, class_bounds=None):
     arrays.update({f"epoch_start/params/{k}": v for k, v in start_params.items()})
     arrays.update({f"epoch_start/optimizer/{k}": v for k, v in start_arrays.items()})
     arrays.update({f"carried_state/{k}": S for k, S in enumerate(saved.carried)})
-    if class_bounds is not None:
-        arrays["class_bounds"] = class_bounds
+    arrays.update(structure_arrays or {})
     state = dict(saved.state, optimizer=opt_scalars, epoch_start_optimizer=start_scalars, rng=saved.rng)
     meta = {"kind": KIND, **settings, "state": state}
     arrays["meta"] = np.array(json.dumps(meta, allow_nan=False))
@@ -125,13 +133,16 @@ def read_checkpoint(path, stored=()):
         check_sources(meta.get("sources"), f"{where}.sources")
         vocab = vocab_of({"level": config.level, "lowercase": config.lowercase, "vocab": meta.get("vocab")}, where)
         check_state(meta.get("state"), config, f"{where}.state")
-        shapes = param_shapes(len(vocab), config.hidden, None, config.layers, config.direct)
-        class_bounds = None
+        shapes = param_shapes(len(vocab), config.hidden, None, config.layers, config.direct, config.softmax == "hs")
+        class_bounds = hs_counts = None
+        if config.softmax == "hs":
+            hs_counts = read_hs_tree(npz, len(vocab)).counts
         if config.softmax == "class":
             class_bounds = read_class_bounds(npz, len(vocab))
             shapes = param_shapes(len(vocab), config.hidden, len(class_bounds) - 1, config.layers, config.direct)
         expected = member_shapes(shapes, config)
-        npz.check_members(["meta", *expected] + ([] if class_bounds is None else ["class_bounds"]))
+        npz.check_members(["meta", *expected] + ([] if class_bounds is None else ["class_bounds"])
+                          + ([] if hs_counts is None else ["hs_counts"]))
         check_fits(4 * sum(math.prod(shape) for shape in expected.values()), f"{path}'s arrays")
         arrays = {name: StoredArray.checked(npz, name, shape) if name.startswith(tuple(stored))
                   else finite_float32(npz.read_array(name, FLOATS, shape, into=np.float32),
@@ -139,6 +150,8 @@ def read_checkpoint(path, stored=()):
                   for name, shape in expected.items()}
     if class_bounds is not None:
         arrays["class_bounds"] = class_bounds
+    if hs_counts is not None:
+        arrays["hs_counts"] = hs_counts
     return arrays, meta
 
 

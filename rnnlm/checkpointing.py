@@ -105,7 +105,7 @@ class Checkpoints:
         sources, options = runplan.stored_paths(self.paths, asdict(self.options))
         settings = {"config": asdict(self.config), "options": options, "sources": sources,
                     "vocab": self.model.vocab.tokens}
-        self.reducer.on_writer(write_checkpoint, self.checkpoint_path, settings, saved, self.model.class_bounds)
+        self.reducer.on_writer(write_checkpoint, self.checkpoint_path, settings, saved, self.model.structure_arrays())
         self.last_checkpoint = time.perf_counter()
         if self.reducer.is_writer:  # the best model and the epoch's start are now the new file's copies
             path, (params, (arrays, scalars)) = self.checkpoint_path, self.epoch_start

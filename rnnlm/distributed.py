@@ -216,7 +216,8 @@ class Reducer(Single):
         union = np.concatenate([_host(ops, mask) for mask in sparse.values()])
         self.comm.Allreduce(self.MPI.IN_PLACE, union, op=self.MPI.MAX)
         touched = {}
-        for name, part in zip(sparse, np.split(union, len(sparse)), strict=True):
+        cuts = np.cumsum([mask.shape[0] for mask in sparse.values()])[:-1]  # W_o's rows need not be V
+        for name, part in zip(sparse, np.split(union, cuts), strict=True):
             ops.copy_into(part, sparse[name])
             touched[name] = np.flatnonzero(part)
         return touched

@@ -123,6 +123,9 @@ def window_log_probs(ops, params, window, s, targets, classes, out):
     """ln p_t(x̂_t) of a window's T·B rows as a float64 numpy (T·B,), from the top layer's outputs s
     (T·B, m) that ``step.forward`` left. targets, classes: device int32 (T·B,) (classes None with the full
     softmax); out: a device float64 (T·B,) scratch."""
+    if window.hs:
+        ops.hs_log_probs(s, params["W_o"], params["b_o"], targets, window.tree_parent, window.tree_sign, out)
+        return ops.to_numpy(out)
     if window.class_bounds is None:
         step.output_logits(ops, params, window, s)
         ops.softmax_log_probs(window.Z, params["b_o"], targets, out)

@@ -15,6 +15,11 @@ consecutive ids, class c holding ids class_bounds[c] ≤ w < class_bounds[c + 1]
 
 with two more parameters W_c (C, m) and b_c (C,).
 
+With the hierarchical softmax (``rnnlm.huffman``: a Huffman tree over the training counts, Morin & Bengio's
+factorization as word2vec and faster-rnnlm build it) W_o (V - 1, m) and b_o (V - 1,) hold the tree's internal
+nodes, and log p_t(w) = Σ_{nodes on w's path} log σ(±(W_o[node] s_t + b_o[node])), the sign saying which child
+the path takes.
+
 Direct features (Mikolov's RNNME, ``direct_order`` N > 0): hashed n-gram features of the tokens before
 position t connect straight to the output layer through one table of weights W_d (D,),
 
@@ -39,6 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rnnlm.errors import RnnlmError
+from rnnlm.huffman import huffman_tree
 from rnnlm.paths import atomic_output
 from rnnlm.tokenizer import Vocab, vocab_of
 from rnnlm.untrusted import FLOATS, INTEGERS, Npz, check_fits, checked, finite_float32
@@ -80,15 +86,17 @@ def check_direct(size, order, class_softmax):
         raise RnnlmError(f"--direct-order must be from 1 to {MAX_DIRECT_ORDER}, got {order}")
 
 
-def param_shapes(vocab_size, hidden, n_classes=None, layers=1, direct=0):
+def param_shapes(vocab_size, hidden, n_classes=None, layers=1, direct=0, hs=False):
     """The shape of every parameter array for a vocabulary of V, a state of size m, C classes, L layers and
-    a direct-feature table of ``direct`` entries (0: none)."""
+    a direct-feature table of ``direct`` entries (0: none); ``hs``: the hierarchical softmax's V - 1 nodes
+    as W_o's and b_o's rows."""
     V, m = vocab_size, hidden
     shapes = {"W_x": (m, V), "W_s": (m, m), "b_s": (m,)}
     for k in range(2, layers + 1):
         W_in, W_s, b_s = layer_names(k)
         shapes.update({W_in: (m, m), W_s: (m, m), b_s: (m,)})
-    shapes.update(W_o=(V, m), b_o=(V,))
+    n_out = V - 1 if hs else V
+    shapes.update(W_o=(n_out, m), b_o=(n_out,))
     if n_classes:
         shapes.update(W_c=(n_classes, m), b_c=(n_classes,))
     if direct:
@@ -123,7 +131,7 @@ INITS = ("fanin", "orthogonal", "identity", "zero")
 
 
 def init_params(vocab_size, hidden, rng, dtype=np.float32, n_classes=None, init="fanin", layers=1, tied=False,
-                direct=0):
+                direct=0, hs=False):
     """Initial parameters; biases and the direct-feature table W_d (``direct`` entries) are zero.
 
     fanin (Mikolov's): every weight N(0, 1/d) with d the fan-in: V for W_x (its input is one-hot),
@@ -135,7 +143,7 @@ def init_params(vocab_size, hidden, rng, dtype=np.float32, n_classes=None, init=
     if init not in INITS:
         raise RnnlmError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
     params = {}
-    for name, shape in param_shapes(vocab_size, hidden, n_classes, layers, direct).items():
+    for name, shape in param_shapes(vocab_size, hidden, n_classes, layers, direct, hs).items():
         if name.startswith("b") or name == "W_d" or init == "zero":
             params[name] = np.zeros(shape, dtype)
         else:
@@ -174,6 +182,7 @@ class Model:
     layers: int = 1
     tied: bool = False
     direct_order: int = 0
+    hs_tree: object = None  # the hierarchical softmax's rnnlm.huffman.HuffmanTree, None for another softmax
 
     @property
     def hidden(self):
@@ -188,7 +197,7 @@ class Model:
     def structure(self):
         """What step.Window needs to know of the model besides its sizes."""
         return {"class_bounds": self.class_bounds, "layers": self.layers, "tied": self.tied,
-                "direct_order": self.direct_order, "boundary_id": self.vocab.boundary_id}
+                "direct_order": self.direct_order, "boundary_id": self.vocab.boundary_id, "hs_tree": self.hs_tree}
 
     @property
     def vocab_size(self):
@@ -196,24 +205,29 @@ class Model:
 
     @property
     def softmax(self):
+        if self.hs_tree is not None:
+            return "hs"
         return "full" if self.class_bounds is None else "class"
 
     @classmethod
     def create(cls, vocab, hidden, seed=0, hparams=None, class_bounds=None, init="fanin", layers=1, tied=False,
-               direct=0, direct_order=0):
-        """A freshly initialized float32 model (class softmax when class_bounds are given; direct features of
-        order ``direct_order`` in a table of ``direct`` entries when both are positive)."""
+               direct=0, direct_order=0, hs_counts=None):
+        """A freshly initialized float32 model (class softmax when class_bounds are given, hierarchical softmax
+        over the Huffman tree of hs_counts (V,) when they are; direct features of order ``direct_order`` in a
+        table of ``direct`` entries when both are positive)."""
         if hidden < 1:
             raise RnnlmError(f"--hidden must be at least 1, got {hidden}")
         if layers < 1:
             raise RnnlmError(f"--layers must be at least 1, got {layers}")
         rng = np.random.default_rng(seed)
         n_classes = None if class_bounds is None else len(class_bounds) - 1
-        check_direct(direct, direct_order, n_classes is not None)
+        softmax = "hs" if hs_counts is not None else "full" if n_classes is None else "class"
+        check_output_layer(softmax, tied, direct, direct_order)
         direct_order = direct_order if direct else 0
+        tree = None if hs_counts is None else huffman_tree(hs_counts, "the training text's word counts")
         params = init_params(len(vocab), hidden, rng, n_classes=n_classes, init=init, layers=layers, tied=tied,
-                             direct=direct if direct_order else 0)
-        return cls(params, vocab, dict(hparams or {}), class_bounds, layers, tied, direct_order)
+                             direct=direct if direct_order else 0, hs=tree is not None)
+        return cls(params, vocab, dict(hparams or {}), class_bounds, layers, tied, direct_order, tree)
 
     def meta(self):
         """The JSON-serializable description stored beside the arrays."""
@@ -230,14 +244,20 @@ class Model:
             "hparams": self.hparams,
         }
 
+    def structure_arrays(self):
+        """The arrays a model file and a checkpoint store besides the weights: the class bounds (C + 1,) int32
+        of a class softmax, the word counts (V,) int64 a hierarchical softmax's tree is built from."""
+        if self.hs_tree is not None:
+            return {"hs_counts": self.hs_tree.counts}
+        return {} if self.class_bounds is None else {"class_bounds": np.asarray(self.class_bounds, np.int32)}
+
     def save(self, path):
         """Write the model atomically: a temporary file in the same folder, fsync, then rename. A float32 array in
         C or Fortran order is written as it is, a piece at a time (no copy of a transposed W_x); a
         ``rnnlm.stored.StoredArray`` copies itself."""
         arrays = {name: array if hasattr(array, "write_npy") or _plain_float32(array)
                   else np.ascontiguousarray(array, np.float32) for name, array in self.params.items()}
-        if self.class_bounds is not None:
-            arrays["class_bounds"] = np.asarray(self.class_bounds, np.int32)
+        arrays.update(self.structure_arrays())
         arrays["meta"] = np.array(json.dumps(self.meta(), ensure_ascii=False))
         atomic_savez(path, arrays)
 
@@ -248,9 +268,10 @@ class Model:
 
         Only ``meta`` is read before its fields are checked (format_version 1; level, lowercase and a
         vocabulary as ``tokenizer.vocab_of``; hidden 1..MAX_HIDDEN; layers 1..MAX_LAYERS; tied a bool;
-        softmax full or class; hparams an object; direct_order 0..MAX_DIRECT_ORDER, absent for 0, and with it
-        direct_size, the table's entries, 1 (2 with classes) .. MAX_DIRECT_SIZE); then the members must be
-        exactly those fields imply, class_bounds must bin 0..V-1 into non-empty classes, and every weight is
+        softmax full, class or hs (untied, without direct features); hparams an object; direct_order
+        0..MAX_DIRECT_ORDER, absent for 0, and with it direct_size, the table's entries, 1 (2 with classes) ..
+        MAX_DIRECT_SIZE); then the members must be exactly those fields imply, class_bounds must bin 0..V-1 into
+        non-empty classes, hs_counts must be V counts that ``huffman.huffman_tree`` accepts, and every weight is
         read at its expected shape, as float32, and must be finite.
         """
         with Npz(path, "model file") as npz:
@@ -265,17 +286,21 @@ class Model:
             hidden = checked(meta, "hidden", where, (int,), low=1, high=MAX_HIDDEN)
             layers = checked(meta, "layers", where, (int,), default=1, low=1, high=MAX_LAYERS)
             tied = checked(meta, "tied", where, (bool,), default=False)
-            softmax = checked(meta, "softmax", where, (str,), default="full", choices=("full", "class"))
+            softmax = checked(meta, "softmax", where, (str,), default="full", choices=SOFTMAXES)
             hparams = checked(meta, "hparams", where, (dict,), default={})
             direct_order = checked(meta, "direct_order", where, (int,), default=0, low=0, high=MAX_DIRECT_ORDER)
             direct = 0
             if direct_order:
                 direct = checked(meta, "direct_size", where, (int,), low=2 if softmax == "class" else 1,
                                  high=MAX_DIRECT_SIZE)
-            shapes = param_shapes(len(vocab), hidden, None, layers, direct)
-            optional = () if softmax == "full" else ("class_bounds", "W_c", "b_c")
+            shapes = param_shapes(len(vocab), hidden, None, layers, direct, softmax == "hs")
+            optional = {"full": (), "class": ("class_bounds", "W_c", "b_c"), "hs": ("hs_counts",)}[softmax]
             npz.check_members(["meta", *shapes], optional)
-            class_bounds = None
+            class_bounds = tree = None
+            if softmax == "hs":
+                check_output_layer(softmax, tied, direct, direct_order, f"{path} is not a valid rnnlm model: ")
+                tree = read_hs_tree(npz, len(vocab))
+                npz.check_members(["meta", "hs_counts", *shapes])
             if softmax == "class":
                 class_bounds = read_class_bounds(npz, len(vocab))
                 shapes = param_shapes(len(vocab), hidden, len(class_bounds) - 1, layers, direct)
@@ -286,7 +311,30 @@ class Model:
                       for name, shape in shapes.items()}
         if tied:
             params["W_x"] = params["W_o"].T
-        return cls(params, vocab, hparams, class_bounds, layers, tied, direct_order)
+        return cls(params, vocab, hparams, class_bounds, layers, tied, direct_order, tree)
+
+
+SOFTMAXES = ("full", "class", "hs")
+
+
+def check_output_layer(softmax, tied, direct, direct_order, prefix=""):
+    """RnnlmError unless the output layer's settings go together: the direct features' as ``check_direct``,
+    and a hierarchical softmax with neither tied weights (its W_o rows are tree nodes, not words) nor direct
+    features (they score words, which the tree never lists); ``prefix`` starts the message."""
+    check_direct(direct, direct_order, softmax == "class")
+    if softmax != "hs":
+        return
+    if tied:
+        raise RnnlmError(f"{prefix}the hierarchical softmax (--softmax hs) cannot be tied: its W_o rows are tree "
+                         "nodes, not words")
+    if direct:
+        raise RnnlmError(f"{prefix}the hierarchical softmax (--softmax hs) does not take direct features (--direct)")
+
+
+def read_hs_tree(npz, vocab_size):
+    """The HuffmanTree rebuilt from an .npz's hs_counts (V,) integers."""
+    counts = npz.read_array("hs_counts", INTEGERS, (vocab_size,))
+    return huffman_tree(counts, f"{npz.path} is not a valid rnnlm model: member 'hs_counts.npy'")
 
 
 def read_class_bounds(npz, vocab_size):

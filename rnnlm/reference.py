@@ -109,9 +109,48 @@ def log_softmax(z):
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
-def log_probs(params, s, class_bounds=None, keys=None):
-    """log p(w | s) for every word: (N, V) from states s (N, m), full or class-based softmax; keys (N, order):
-    the rows' direct-feature keys (``direct_keys``), when params hold W_d."""
+def log_sigmoid(u):
+    return -np.logaddexp(0.0, -u)
+
+
+def hs_log_probs(params, s, tree):
+    """log p(w | s) for every word (N, V) under the hierarchical softmax of ``tree`` (``rnnlm.huffman``): each
+    node's log-probability is its parent's plus log σ(sign · z_parent), computed a tree level at a time."""
+    V = tree.vocab_size
+    z = s @ params["W_o"].T + params["b_o"]
+    out = np.zeros((len(s), 2 * V - 1), z.dtype)
+    for nodes in tree.levels:
+        parents = tree.parent[nodes]
+        out[:, nodes] = out[:, parents] + log_sigmoid(tree.sign[nodes] * z[:, parents - V])
+    return out[:, :V]
+
+
+def hs_output_grads(params, s, targets, tree):
+    """``output_grads`` of the hierarchical softmax: per row and node on the target's path, u = sign · z,
+    -log σ(u) added to the loss and dL/dz = -sign · σ(-u)."""
+    N, V = len(targets), tree.vocab_size
+    W_o, b_o = params["W_o"], params["b_o"]
+    grads = {"W_o": np.zeros_like(W_o), "b_o": np.zeros_like(b_o)}
+    dL_ds = np.zeros_like(s)
+    total = 0.0
+    for r, node in enumerate(targets):
+        while tree.parent[node] >= 0:
+            k = tree.parent[node] - V
+            u = tree.sign[node] * (W_o[k] @ s[r] + b_o[k])
+            total -= log_sigmoid(u)
+            g = -tree.sign[node] * np.exp(log_sigmoid(-u)) / N
+            grads["W_o"][k] += g * s[r]
+            grads["b_o"][k] += g
+            dL_ds[r] += g * W_o[k]
+            node = tree.parent[node]
+    return total, grads, dL_ds
+
+
+def log_probs(params, s, class_bounds=None, keys=None, tree=None):
+    """log p(w | s) for every word: (N, V) from states s (N, m), full, class-based or (tree given) hierarchical
+    softmax; keys (N, order): the rows' direct-feature keys (``direct_keys``), when params hold W_d."""
+    if tree is not None:
+        return hs_log_probs(params, s, tree)
     class_term, word_term = direct_logits(params, keys, len(s), class_bounds)
     z = s @ params["W_o"].T + params["b_o"] + word_term
     if class_bounds is None:
@@ -123,11 +162,11 @@ def log_probs(params, s, class_bounds=None, keys=None):
     return out
 
 
-def loss(params, inputs, targets, s0, class_bounds=None, masks=None, keys=None):
+def loss(params, inputs, targets, s0, class_bounds=None, masks=None, keys=None, tree=None):
     """Sum over the window of -log p_t(x̂_t), and the last states (L, B, m)."""
     S, D = forward(params, inputs, s0, masks)
     T, B = inputs.shape
-    logp = log_probs(params, D[-1].reshape(T * B, -1), class_bounds, keys)
+    logp = log_probs(params, D[-1].reshape(T * B, -1), class_bounds, keys, tree)
     return -logp[np.arange(T * B), targets.reshape(-1)].sum(), np.stack([states[T] for states in S])
 
 
@@ -181,7 +220,7 @@ def output_grads(params, s, targets, class_bounds=None, keys=None):
     return total, grads, dL_ds
 
 
-def loss_and_grads(params, inputs, targets, s0, class_bounds=None, masks=None, tied=False, keys=None):
+def loss_and_grads(params, inputs, targets, s0, class_bounds=None, masks=None, tied=False, keys=None, tree=None):
     """Sum of the window's losses, the gradients of the *mean* loss, and the last states (L, B, m).
 
     Backpropagation through time with the model's names: dL/dz = p_t - onehot(x̂_t),
@@ -191,8 +230,11 @@ def loss_and_grads(params, inputs, targets, s0, class_bounds=None, masks=None, t
     T, B = inputs.shape
     L = n_layers(params)
     S, D = forward(params, inputs, s0, masks)
-    total, out_grads, dL_ds_out = output_grads(params, D[-1].reshape(T * B, -1), targets.reshape(-1), class_bounds,
-                                               keys)
+    if tree is not None:
+        total, out_grads, dL_ds_out = hs_output_grads(params, D[-1].reshape(T * B, -1), targets.reshape(-1), tree)
+    else:
+        total, out_grads, dL_ds_out = output_grads(params, D[-1].reshape(T * B, -1), targets.reshape(-1),
+                                                   class_bounds, keys)
     grads = {name: np.zeros(p.shape, p.dtype) for name, p in params.items()}
     grads.update(out_grads)
     dL_ds_out = dL_ds_out.reshape(T, B, -1)

@@ -16,6 +16,7 @@ import numpy as np
 
 from rnnlm.corpus import load_ids
 from rnnlm.errors import RnnlmError
+from rnnlm.huffman import huffman_tree
 from rnnlm.model import Model, frequency_classes
 from rnnlm.paths import check_outputs, inside, relative_to, same_file
 from rnnlm.store import TokenIds, store_members, token_counts
@@ -71,14 +72,16 @@ def initial_model(config, vocab, train_ids, source=None):
         params = {name: array.copy() for name, array in source.params.items()}
         if source.tied:
             params["W_x"] = params["W_o"].T
-        return Model(params, vocab, hparams, source.class_bounds, source.layers, source.tied, source.direct_order)
+        return Model(params, vocab, hparams, source.class_bounds, source.layers, source.tied, source.direct_order,
+                     source.hs_tree)
     class_bounds = None
     if config.softmax == "class":
         n_classes = config.classes or round(math.sqrt(len(vocab)))
         class_bounds = frequency_classes(token_counts(train_ids, len(vocab)), n_classes)
+    hs_counts = token_counts(train_ids, len(vocab)) if config.softmax == "hs" else None
     return Model.create(vocab, config.hidden, seed=config.seed, hparams=hparams, class_bounds=class_bounds,
                         init=config.init, layers=config.layers, tied=config.tied, direct=config.direct,
-                        direct_order=config.direct_order)
+                        direct_order=config.direct_order, hs_counts=hs_counts)
 
 
 def default_paths(model_path, options):
@@ -155,13 +158,14 @@ def resume_paths(checkpoint, meta, options, text, valid, model_path):
 
 
 def resumed_model(arrays, vocab, config):
-    """The best model so far of a checkpoint's ``arrays`` (its class bounds taken out of them)."""
+    """The best model so far of a checkpoint's ``arrays`` (its class bounds or word counts taken out of them)."""
     class_bounds = arrays.pop("class_bounds", None)
+    hs_counts = arrays.pop("hs_counts", None)
     best = {name[len("best/"):]: arrays[name] for name in arrays if name.startswith("best/")}
     if config.tied:
         best["W_x"] = best["W_o"].T
     return Model(best, vocab, asdict(config), class_bounds, config.layers, config.tied,
-                 config.direct_order if config.direct else 0)
+                 config.direct_order if config.direct else 0, None if hs_counts is None else huffman_tree(hs_counts))
 
 
 def resumed_vocab(meta, config, checkpoint):
@@ -179,7 +183,7 @@ def memory_needed(config, vocab_size):
     four more (T, B, m) arrays per layer, the (T·B, V) logits); the direct features' table twice (on the device
     and, until the run's start checkpoint, the initial model: it has no gradient and no moments)."""
     V, m, L, T, B = vocab_size, config.hidden, config.layers, config.bptt, config.batch
-    n_out = V if config.softmax == "full" else min(V, config.classes or round(math.sqrt(V)))
+    n_out = {"full": V, "hs": 0, "class": min(V, config.classes or round(math.sqrt(V)))}[config.softmax]
     n_params = (1 if config.tied else 2) * V * m + V + (2 * L - 1) * m * m + L * m
     if config.softmax == "class":
         n_params += n_out * (m + 1)

@@ -1,8 +1,8 @@
 """Sampling text from a model: the prompt is fed after the boundary token, then tokens are drawn.
 
 The recurrence runs on the chosen backend through ``rnnlm.score.Decoder``, ``num`` samples side by side as B
-streams; the next-token distribution (full or class softmax), temperature, top-k and top-p are computed on
-the host in float64. ``draw`` yields the tokens as they are drawn, ``Texts`` turns them into text as they
+streams; the next-token distribution (full, class or hierarchical softmax), temperature, top-k and top-p are
+computed on the host in float64. ``draw`` yields the tokens as they are drawn, ``Texts`` turns them into text as they
 come, ``sample`` returns the whole texts.
 """
 

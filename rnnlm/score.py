@@ -117,10 +117,13 @@ class Scorer:
         bounds = model.class_bounds
         self.classes = None if bounds is None else word_classes(bounds)
         self.class_bounds = None if bounds is None else ops.asarray(bounds, np.int32)
-        self.n_out = model.vocab_size if bounds is None else len(bounds) - 1
-        # logits' width per row: the output layer's, or a direct class model's widest class if wider
+        tree = model.hs_tree
+        self.tree = None if tree is None else (ops.asarray(tree.parent), ops.asarray(tree.sign))
+        self.n_out = 0 if tree is not None else model.vocab_size if bounds is None else len(bounds) - 1
+        # logits' width per row: the output layer's, or a direct class model's widest class if wider (1 for the
+        # hierarchical softmax, which reads no logits: rows are then blocked by rows alone)
         widest = 0 if bounds is None or not model.direct_order else int(np.diff(bounds).max())
-        self.width = max(self.n_out, widest)
+        self.width = max(self.n_out, widest, 1)
         self.direct_rows = {}  # direct features' buffers, by the rows of the logits they serve
         self.rows = max(batch, STATE_BUDGET // (model.hidden * model.layers))
         self.buffers = None  # independent scoring's, made at its first use
@@ -130,7 +133,8 @@ class Scorer:
 
     def output_log_probs(self, s, targets, Z, out, contexts=None):
         """log p(targets[r]) (N,) float64 on the host for the top layer's rows s (N, m) and host targets (N,),
-        in blocks of Z's rows: full softmax, or class times word in class. out: a device float64 (≥ N,).
+        in blocks of Z's rows: full softmax, class times word in class, or the hierarchical softmax's path. out:
+        a device float64 (≥ N,).
         contexts (P + 1, N) host ints: each row's inputs for the direct features (``DirectRows``), or None."""
         ops, params = self.ops, self.params
         log_p = np.empty(len(targets))
@@ -138,6 +142,10 @@ class Scorer:
             rows = slice(first, min(first + Z.shape[0], len(targets)))
             n = rows.stop - first
             s_rows, z, o, y = s[rows], Z[:n], out[:n], ops.asarray(targets[rows])
+            if self.tree is not None:
+                ops.hs_log_probs(s_rows, params["W_o"], params["b_o"], y, *self.tree, o)
+                log_p[rows] = ops.to_numpy(o)
+                continue
             if self.classes is None:
                 ops.matmul_nt(s_rows, params["W_o"], z)
                 if contexts is not None:
@@ -478,4 +486,4 @@ class Decoder:
                 raise RnnlmError("log_probs: a model with direct features needs each hypothesis's tokens read so "
                                  "far (context, one row per hypothesis)")
             keys = reference.direct_keys(context_history(context, order), self.model.vocab.boundary_id, order)
-        return reference.log_probs(self.host_params, s, self.model.class_bounds, keys)
+        return reference.log_probs(self.host_params, s, self.model.class_bounds, keys, self.model.hs_tree)

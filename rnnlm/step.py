@@ -4,7 +4,8 @@
 composition below and so the model and the loss are shared.
 
 Sparse gradients: a window touches only the W_x columns of its input tokens (and, with the class
-softmax, only the W_o rows of its targets' classes). Those gradients are kept zero elsewhere, marked
+softmax, only the W_o rows of its targets' classes, with the hierarchical softmax only the W_o rows of the
+tree nodes on its targets' paths). Those gradients are kept zero elsewhere, marked
 in a uint8 mask, and the optimizer visits the marked rows alone. W_x lives on the device column-major
 (as the transpose of a (V, m) array, one contiguous m-vector per token), which makes its reads and
 updates contiguous, and makes tying (W_o = W_xᵀ) a matter of two views of one array.
@@ -48,15 +49,17 @@ class Window:
 
     Per layer: S (T + 1, B, m) states, S[0] the state carried in; U (T, B, m) the input term; D (T, B, m)
     the dropped-out output (dropout only); dL_ds_out (T, B, m) the gradient reaching s_t from above;
-    dL_da (T, B, m). Z (T·B, V), or (T·B, C) with the class softmax: logits, then dL/dz. touched_W_x,
-    touched_W_o (V,) uint8: the sparse gradients' masks (tied, W_o's marks both). dW_o_norm (1,) float64,
-    class softmax only: the norm of the window's dW_o rows as class_xent_grad leaves them. Dropout masks:
+    dL_da (T, B, m). Z (T·B, V), or (T·B, C) with the class softmax: logits, then dL/dz; (T·B, 0) with the
+    hierarchical softmax, which reads no logits. touched_W_x (V,), touched_W_o (W_o's rows,) uint8: the
+    sparse gradients' masks (tied, W_o's marks both). dW_o_norm (1,) float64, class and hierarchical softmax
+    only: the norm of the window's dW_o rows as class_xent_grad or hs_xent_grad leaves them. tree_parent,
+    tree_sign: the hierarchical softmax's tree (``rnnlm.huffman``) on the device, else None. Dropout masks:
     mask_in (T, B, m) and one mask_out per layer, refilled by ``draw_masks``. direct: the direct features'
     buffers (``rnnlm.direct.DirectWindow``) of a model with direct_order > 0, else None.
     """
 
     def __init__(self, ops, T, B, m, V, dtype=np.float32, class_bounds=None, layers=1, tied=False, dropout=0.0,
-                 direct_order=0, boundary_id=0):
+                 direct_order=0, boundary_id=0, hs_tree=None):
         self.ops, self.T, self.B, self.layers, self.tied, self.dropout = ops, T, B, layers, tied, dropout
         self.dtype = np.dtype(dtype)
         shape = (T, B, m)
@@ -67,12 +70,15 @@ class Window:
         self.D = [ops.zeros(shape, dtype) for _ in range(layers)] if dropout else None
         self.mask_in = ops.zeros(shape, dtype) if dropout else None
         self.mask_out = [ops.zeros(shape, dtype) for _ in range(layers)] if dropout else None
-        n_out = V if class_bounds is None else len(class_bounds) - 1
+        self.hs = hs_tree is not None
+        n_out = 0 if self.hs else V if class_bounds is None else len(class_bounds) - 1
         self.Z = ops.zeros((T * B, n_out), dtype)
         self.touched_W_x = ops.zeros(V, np.uint8)
-        self.touched_W_o = ops.zeros(V, np.uint8)
+        self.touched_W_o = ops.zeros(V - 1 if self.hs else V, np.uint8)
         self.class_bounds = None if class_bounds is None else ops.asarray(class_bounds, np.int32)
-        self.dW_o_norm = None if class_bounds is None else ops.zeros(1, np.float64)
+        self.tree_parent = None if hs_tree is None else ops.asarray(hs_tree.parent)
+        self.tree_sign = None if hs_tree is None else ops.asarray(hs_tree.sign)
+        self.dW_o_norm = None if class_bounds is None and not self.hs else ops.zeros(1, np.float64)
         self.direct = None if not direct_order else DirectWindow(ops, T, B, direct_order, boundary_id, n_out, dtype,
                                                                  self.class_bounds)
 
@@ -176,6 +182,9 @@ def output_logits(ops, params, window, s, classes=None):
 def output_backward(ops, params, grads, window, s, targets, target_classes, scale, dL_ds):
     """Output layer on rows s (N, m): loss sum, its parameters' gradients, and dL/ds into dL_ds (N, m)."""
     Z = window.Z
+    if window.hs:
+        return ops.hs_xent_grad(s, params["W_o"], params["b_o"], targets, window.tree_parent, window.tree_sign, scale,
+                                grads["W_o"], grads["b_o"], dL_ds, window.touched_W_o, window.dW_o_norm)
     if window.class_bounds is None:
         output_logits(ops, params, window, s)
         loss = ops.softmax_xent_grad(Z, params["b_o"], targets, scale, grads["b_o"])  # Z := dL/dz
@@ -196,6 +205,9 @@ def window_loss(ops, params, window, inputs, targets, target_classes=None):
     """Σ -log p_t(x̂_t) over a window, without gradients or dropout; window.S[k][T] holds the last states."""
     N = window.T * window.B
     s = forward(ops, params, window, inputs, training=False)
+    if window.hs:
+        return float(ops.hs_xent(s, params["W_o"], params["b_o"], targets.reshape(N), window.tree_parent,
+                                 window.tree_sign))
     if window.class_bounds is None:
         output_logits(ops, params, window, s)
         return float(ops.softmax_xent(window.Z, params["b_o"], targets.reshape(N)))
@@ -209,7 +221,7 @@ def window_loss(ops, params, window, inputs, targets, target_classes=None):
 def sparse_names(window):
     """The trainable parameters whose gradients are sparse for this window's model, with their masks."""
     names = {} if window.tied else {"W_x": window.touched_W_x}
-    if window.class_bounds is not None:
+    if window.class_bounds is not None or window.hs:
         names["W_o"] = window.touched_W_o
     return names
 

@@ -36,7 +36,7 @@ from rnnlm.checkpointing import Checkpoints
 from rnnlm.corpus import Windows
 from rnnlm.errors import RnnlmError
 from rnnlm.evaluate import stream_loss
-from rnnlm.model import DEFAULT_DIRECT_ORDER, INITS, check_direct, word_classes
+from rnnlm.model import DEFAULT_DIRECT_ORDER, INITS, SOFTMAXES, check_output_layer, word_classes
 from rnnlm.optim import OPTIMIZERS, make_optimizer
 from rnnlm.paths import atomic_output, naming_errors
 from rnnlm.state import TrainState
@@ -90,7 +90,7 @@ class TrainConfig:
             if getattr(self, name) is not None or name not in ("max_vocab", "classes"):
                 _check_number(name, getattr(self, name), least, integer=True)
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("init", INITS),
-                              ("softmax", ("full", "class")), ("level", ("word", "char"))):
+                              ("softmax", SOFTMAXES), ("level", ("word", "char"))):
             if getattr(self, name) not in allowed:
                 raise RnnlmError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         _check_number("lr", self.lr, 0, above=True)
@@ -100,7 +100,7 @@ class TrainConfig:
         _check_number("direct", self.direct, 0, integer=True)
         _check_number("direct_order", self.direct_order, 1, integer=True)
         _check_number("direct_lr", self.direct_lr, 0, above=True)
-        check_direct(self.direct, self.direct_order, self.softmax == "class")
+        check_output_layer(self.softmax, self.tied, self.direct, self.direct_order)
 
 
 def _check_number(name, value, least, below=math.inf, integer=False, above=False):
@@ -215,7 +215,8 @@ def resume(checkpoint, options=None, on_window=None, on_epoch=None, text=None, v
     if vocab.tokens != meta["vocab"]:
         raise RnnlmError(f"{paths['text']} is not the text of {checkpoint} (its vocabulary differs)")
     best = {name: in_memory(array) for name, array in arrays.items()  # tied, W_x is W_o's transpose
-            if name.startswith("best/") and not (config.tied and name == "best/W_x") or name == "class_bounds"}
+            if name.startswith("best/") and not (config.tied and name == "best/W_x")
+            or name in ("class_bounds", "hs_counts")}
     model = runplan.resumed_model(best, vocab, config)
     del best  # its arrays are the model's, which the writing rank replaces by stored ones (rnnlm.checkpointing)
     trainer = Trainer(ops, model, config, options, train_ids, valid_ids, paths, distributed.world())

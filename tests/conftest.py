@@ -65,5 +65,5 @@ def reference_perplexity(model, path):
         history = np.concatenate([np.full(max(model.direct_order - 2, 0), -1), inputs]).reshape(-1, 1)
         keys = reference.direct_keys(history, vocab.boundary_id, model.direct_order)
     nats, _ = reference.loss(params, inputs.reshape(-1, 1), ids.reshape(-1, 1), np.zeros((1, model.hidden)),
-                             model.class_bounds, keys=keys)
+                             model.class_bounds, keys=keys, tree=model.hs_tree)
     return math.exp(nats / len(ids))

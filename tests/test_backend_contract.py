@@ -10,6 +10,7 @@ import pytest
 
 from rnnlm.backends import OPS, cpu, cuda
 from rnnlm.backends.cuda import device
+from rnnlm.huffman import huffman_tree
 
 N, m, V, T, B = 6, 5, 9, 3, 2
 CLASS_BOUNDS = np.array([0, 2, 5, 7, 9], np.int32)  # class 3 unused by the targets below
@@ -217,6 +218,32 @@ def case_class_output_log_probs(ops, rng):
     ops.class_output_log_probs(S_next, W_c, b_c, W_o, b_o, targets, target_classes, bounds, with_scores,
                                ops.asarray(rand(rng, N, C)), direct_scores(ops, rng))
     return outputs(ops, None, out=out, with_scores=with_scores)
+
+
+def hs_args(ops, rng):
+    """S_next, W_o, b_o, targets (a repeated one) and the Huffman tree of V words with tied counts."""
+    tree = huffman_tree(np.array([9, 1, 4, 4, 0, 2, 7, 1, 3]))
+    targets = np.array([0, 4, 8, 4, 2, 6], np.int32)
+    return [ops.asarray(a) for a in (rand(rng, N, m), rand(rng, V - 1, m), rand(rng, V - 1), targets, tree.parent,
+                                     tree.sign)]
+
+
+def case_hs_xent_grad(ops, rng):
+    args = hs_args(ops, rng)
+    written = {"dW_o": ops.zeros((V - 1, m), np.float64), "db_o": ops.asarray(rand(rng, V - 1)),
+               "dL_ds": ops.asarray(rand(rng, N, m)), "touched": ops.zeros(V - 1, np.uint8),
+               "dW_o_norm": ops.zeros(1, np.float64)}
+    return outputs(ops, ops.hs_xent_grad(*args, 0.25, *written.values()), **written)
+
+
+def case_hs_xent(ops, rng):
+    return outputs(ops, ops.hs_xent(*hs_args(ops, rng)))
+
+
+def case_hs_log_probs(ops, rng):
+    out = ops.zeros(N, np.float64)
+    ops.hs_log_probs(*hs_args(ops, rng), out)
+    return outputs(ops, None, out=out)
 
 
 def direct_args(ops, rng, size=13):

@@ -28,6 +28,7 @@ RECIPES = {
     "full softmax, SGD": ["--softmax", "full", "--optimizer", "sgd", "--lr", "0.5"],
     "class softmax, lazy Adam, dropout": ["--softmax", "class", "--classes", "4", "--optimizer", "lazyadam",
                                           "--dropout", "0.3"],
+    "hierarchical softmax, lazy Adam": ["--softmax", "hs", "--optimizer", "lazyadam"],
 }
 
 

@@ -111,6 +111,21 @@ OPS = {
                                   "under both halves of the class softmax; S (N, m), W_c (C, m), b_c (C,); "
                                   "class_scores None or (N, C) added to the class logits (the direct features'); "
                                   "direct as in class_log_probs; out (N,) float64 overwritten, nothing else written"),
+    # hierarchical softmax (rnnlm.huffman: the tree as parent pointers, node V + k owning W_o's row k)
+    "hs_xent_grad": _op("S_next W_o b_o targets tree_parent tree_sign scale dW_o db_o dL_ds touched dW_o_norm",
+                        "log p(w | s) = Σ_n log σ(tree_sign[n] · z_n) over the nodes n of w's walk up tree_parent to "
+                        "the root, z_n = W_o[k] s + b_o[k] with k = tree_parent[n] - V: S_next, dL_ds (N, m); W_o, "
+                        "dW_o (V - 1, m); b_o, db_o, touched (V - 1,); targets (N,); tree_parent (2V - 1,) int32 "
+                        "(-1 at the root), tree_sign (2V - 1,) int8. Adds scale · dL/dz_n ⊗ S_next[r] to dW_o[k] "
+                        "(zero on entry in every row used), summed in a fixed order (the rows sorted, stably, by "
+                        "their targets' depth-first ranks among the leaves); overwrites dL_ds[r] with Σ_n scale · "
+                        "dL/dz_n W_o[k] and db_o with Σ scale · dL/dz_n (zero outside the rows used); sets "
+                        "touched[k] = 1 for every row used; dW_o_norm (1,) float64 overwritten with the norm of dW_o "
+                        "over the rows used. Returns the loss"),
+    "hs_xent": _op("S_next W_o b_o targets tree_parent tree_sign", "returns the loss of the hierarchical "
+                   "softmax as in hs_xent_grad, nothing written"),
+    "hs_log_probs": _op("S_next W_o b_o targets tree_parent tree_sign out", "out[r] = log p(targets[r] | "
+                        "S_next[r]) as in hs_xent_grad, the per-row form of hs_xent: out (N,) float64 overwritten"),
     # direct features (n-gram hash features into the output layer)
     "direct_keys": _op("history boundary_id keys", "keys[t·B + b, n] = the hash key (DIRECT_PRIMES' hash, "
                        "above) of the n tokens before position t of stream b, or -1 where that context is cut: "

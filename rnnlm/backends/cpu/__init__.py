@@ -5,7 +5,7 @@ written once, in ``rnnlm.backends.OPS``, and the docstrings here say how the CPU
 ``rnnlm/step.py`` composes them into a training or evaluation step once for both. Arrays are numpy
 arrays, float32 in training (float64 works too, for the gradient checks); token ids are int32. The modules
 follow the sections of the ``cuda`` package, in its order: ``arrays``, ``gemm``, ``recurrence``,
-``softmax``, ``class_softmax``, ``direct``, ``update``.
+``softmax``, ``class_softmax``, ``hsoftmax``, ``direct``, ``update``.
 
 The helpers that kernels call are inlined at Numba's level (``inline="always"``): linked as separate
 functions, a freshly compiled caller and the same caller loaded from the cache rounded differently, and a
@@ -15,8 +15,8 @@ after that module changed: ``rnnlm._env`` keys the cache folder on a digest of e
 """
 
 from rnnlm.backends import export_ops
-from rnnlm.backends.cpu import arrays, class_softmax, direct, gemm, recurrence, softmax, update
+from rnnlm.backends.cpu import arrays, class_softmax, direct, gemm, hsoftmax, recurrence, softmax, update
 
 name = "cpu"
 
-__all__ = export_ops(globals(), (arrays, gemm, recurrence, softmax, class_softmax, direct, update))
+__all__ = export_ops(globals(), (arrays, gemm, recurrence, softmax, class_softmax, hsoftmax, direct, update))

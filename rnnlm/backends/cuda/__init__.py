@@ -9,6 +9,7 @@ side computes them. The modules follow the sections of the cpu package, in its o
   (``embed``) and the gradients that end in the recurrence;
 - ``softmax``: one block per row; the loss as a ``DeviceSum``;
 - ``class_softmax``: the word half of the class-based softmax, by row and then by word;
+- ``hsoftmax``: the hierarchical softmax, by row and then by tree node;
 - ``direct``: the direct features' hash keys, scores and sparse table step;
 - ``update``: the gradient norm and clipping factor on the device, SGD and Adam;
 
@@ -26,8 +27,8 @@ type are built by small factories cached per dtype (and per tile constant).
 """
 
 from rnnlm.backends import export_ops
-from rnnlm.backends.cuda import arrays, class_softmax, direct, gemm, recurrence, softmax, update
+from rnnlm.backends.cuda import arrays, class_softmax, direct, gemm, hsoftmax, recurrence, softmax, update
 
 name = "cuda"
 
-__all__ = export_ops(globals(), (arrays, gemm, recurrence, softmax, class_softmax, direct, update))
+__all__ = export_ops(globals(), (arrays, gemm, recurrence, softmax, class_softmax, hsoftmax, direct, update))
