@@ -442,13 +442,15 @@ class Decoder:
     A state of B hypotheses is a numpy array (L, B, m) (layers, hypotheses, units): ``state[:, order]``
     reorders or duplicates hypotheses, ``np.concatenate(..., axis=1)`` joins them. ``initial(B)`` is the
     state after the boundary token, ``advance(state, tokens)`` reads one token (B,) per hypothesis, and
-    ``log_probs(state)`` gives log p(next token) (B, V) float64, computed on the host in float64.
+    ``log_probs(state)`` gives log p(next token) (B, V) float64, computed on the host: the logits by float32
+    products with the model's own tables (no copies of them), biased and normalized in float64.
     """
 
     def __init__(self, model, device="cpu"):
         self.model, self.ops = model, get_backend(device)
         self.params = step.to_device(self.ops, model.params, model.tied)
-        self.host_params = {name: array.astype(np.float64) for name, array in model.params.items()}
+        self.host_params = {name: array.astype(np.float64) if name in ("b_o", "b_c") else array
+                            for name, array in model.params.items() if name in ("W_o", "b_o", "W_c", "b_c", "W_d")}
         self.windows = {}
 
     def initial(self, n):
@@ -478,7 +480,7 @@ class Decoder:
     def log_probs(self, state, context=None):
         """log p(next token | each hypothesis) (B, V) float64. context (B, k): the tokens each hypothesis has
         read, most recent last (the boundary token first), for a model with direct features."""
-        s = state[-1].astype(np.float64)
+        s = np.asarray(state[-1], self.model.params["W_o"].dtype)
         order = self.model.direct_order
         keys = None
         if order:
