@@ -67,3 +67,12 @@ def reference_perplexity(model, path):
     nats, _ = reference.loss(params, inputs.reshape(-1, 1), ids.reshape(-1, 1), np.zeros((1, model.hidden)),
                              model.class_bounds, keys=keys, tree=model.hs_tree)
     return math.exp(nats / len(ids))
+
+
+def demo_texts(folder, train_lines, valid_lines, train_name="train.txt"):
+    """Write the first train_lines lines of data/demo/train.txt to folder/train_name and its last valid_lines to
+    folder/valid.txt; returns the demo text's lines."""
+    lines = (REPO / "data" / "demo" / "train.txt").read_text(encoding="utf-8").splitlines()
+    (folder / train_name).write_text("\n".join(lines[:train_lines]) + "\n", encoding="utf-8")
+    (folder / "valid.txt").write_text("\n".join(lines[-valid_lines:]) + "\n", encoding="utf-8")
+    return lines

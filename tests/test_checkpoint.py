@@ -14,7 +14,7 @@ import pytest
 import rnnlm
 from rnnlm.model import atomic_savez
 
-from .conftest import REPO
+from .conftest import demo_texts
 
 # dropout and Adam: the resumed run must also restore the RNG and the optimizer's moments
 SETTINGS = ["--hidden", "16", "--bptt", "8", "--batch", "4", "--epochs", "3", "--threads", "1", "--seed", "3",
@@ -28,9 +28,7 @@ def cli(*args):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
-    lines = (REPO / "data" / "demo" / "train.txt").read_text(encoding="utf-8").splitlines()
-    (folder / "train.txt").write_text("\n".join(lines[:6000]) + "\n", encoding="utf-8")
-    (folder / "valid.txt").write_text("\n".join(lines[-150:]) + "\n", encoding="utf-8")
+    demo_texts(folder, 6000, 150)
     return folder
 
 

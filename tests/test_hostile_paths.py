@@ -21,7 +21,7 @@ import rnnlm
 from rnnlm.corpus import load_corpus
 from rnnlm.model import atomic_savez
 
-from .conftest import REPO
+from .conftest import demo_texts
 
 TINY = ["--hidden", "8", "--bptt", "5", "--batch", "2", "--epochs", "1", "--threads", "1"]
 OLD_CLICK = "mix_stderr" in inspect.signature(CliRunner).parameters
@@ -70,9 +70,7 @@ def refused(folder, *args, code=1, names=(), outputs=()):
 @pytest.fixture()
 def d(tmp_path, monkeypatch):
     """A folder with a tiny text, a validation text, a token directory and some bystander files."""
-    lines = (REPO / "data" / "demo" / "train.txt").read_text(encoding="utf-8").splitlines()
-    (tmp_path / "text.txt").write_text("\n".join(lines[:120]) + "\n", encoding="utf-8")
-    (tmp_path / "valid.txt").write_text("\n".join(lines[-20:]) + "\n", encoding="utf-8")
+    demo_texts(tmp_path, 120, 20, "text.txt")
     (tmp_path / "other.npz").write_bytes(b"someone's file")
     (tmp_path / "adir").mkdir()
     (tmp_path / "adir" / "keep.txt").write_text("keep", encoding="utf-8")

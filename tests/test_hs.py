@@ -22,7 +22,7 @@ from rnnlm.errors import RnnlmError
 from rnnlm.huffman import MAX_DEPTH, huffman_tree
 from rnnlm.model import init_params, write_npz
 from rnnlm.score import Decoder, score
-from tests.conftest import REPO, reference_perplexity
+from tests.conftest import demo_texts, reference_perplexity
 
 V, m, T, B = 11, 5, 4, 3
 COUNTS = np.array([40, 3, 3, 17, 0, 9, 1, 1, 25, 6, 2])  # ties, a zero, the first word the most frequent
@@ -246,9 +246,7 @@ def test_a_windows_gradients_pass_the_float64_finite_difference_check(ops):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hs")
-    lines = (REPO / "data" / "demo" / "train.txt").read_text(encoding="utf-8").splitlines()
-    (folder / "train.txt").write_text("\n".join(lines[:600]) + "\n", encoding="utf-8")
-    (folder / "valid.txt").write_text("\n".join(lines[-60:]) + "\n", encoding="utf-8")
+    lines = demo_texts(folder, 600, 60)
     (folder / "short.txt").write_text("\n".join(lines[-8:]) + "\n", encoding="utf-8")
     return folder
 
