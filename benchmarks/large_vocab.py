@@ -15,7 +15,12 @@ Training runs in a process of its own (this script with --worker): rnnlm.train.t
 6.6 GB at this size, is, and its time is part of start_to_first_window_s). The speed is
 the median of the per-window rates after the first --warmup windows (compilation, and the page faults of the
 first touches of the zeroed gradients and moments); the peak RSS is the kernel's ru_maxrss of that process
-(os.wait4), the whole run's from start-up to the last window. The
+(os.wait4), the whole run's from start-up to the last window (training_peak_rss_bytes: the same at the last
+window, before the GEMM probe below allocates its arrays). --moments bfloat16 stores Adam's moments in
+bfloat16; --touch-all writes a word on every page of the parameters and the moments after the start checkpoint,
+before the first window (and of the gradients with --no-release), so that the peak is a long run's, whose
+every row has been touched;
+--no-release keeps the sparse gradients' pages between windows (``step.release_sparse`` made a no-op). The
 ceiling is the FLOP model's (benchmarks/common.py: 6·m·(C + E|c|) + 6·m² per token, E|c| the mean size of
 the targets' classes on the store's counts; with --softmax hs, C + E|c| becomes the mean path length of the
 Huffman tree over the targets) at the GEMM rate measured in the same process (a (T·B, m) × (m, 4096) float32
@@ -24,6 +29,7 @@ product, 2 threads), an upper bound no step can beat (for hs a loose one: its no
     python benchmarks/large_vocab.py                  # V = 793,470, 2 to 3 minutes
     python benchmarks/large_vocab.py --batch 4096 --tied --windows 10 --warmup 3
     python benchmarks/large_vocab.py --softmax hs --batch 1024 --cutoffs ''
+    python benchmarks/large_vocab.py --softmax hs --batch 2048 --moments bfloat16 --touch-all --cutoffs ''
     python benchmarks/large_vocab.py --quick          # V = 5,000, seconds: the smoke test
 
 Everything generated is in --workdir (default /tmp/rnnlm-large-vocab) and deleted at the end (--keep keeps
@@ -35,6 +41,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import string
 import sys
@@ -144,12 +151,41 @@ class _EnoughWindowsError(Exception):
     """Raised from the window callback once the worker has timed its windows (not an error)."""
 
 
+def touch_pages(array):
+    """Write one element of every 4 KiB page of a C- or F-contiguous numpy array (its own value back)."""
+    flat = (array.T if array.flags.f_contiguous and not array.flags.c_contiguous else array).reshape(-1)
+    stride = 4096 // flat.itemsize
+    flat[::stride] = flat[::stride]
+
+
+def steady_state(touch_gradients):
+    """Make a run touch its parameters' and moments' pages (and its gradients') before its first window, once its
+    start checkpoint is written (which frees the initial model's host copy)."""
+    from rnnlm.train import Trainer
+
+    mark_epoch_start = Trainer.mark_epoch_start
+
+    def touching_mark(self):
+        mark_epoch_start(self)
+        arrays = [*self.params.values(), *self.optimizer.arrays().values()]
+        arrays += [g for g in self.grads.values() if touch_gradients and g is not None]
+        for array in arrays:
+            touch_pages(array)
+
+    Trainer.mark_epoch_start = touching_mark
+
+
 def worker(spec):
     """Train for spec's windows in this process; prints a JSON record of the per-window times."""
+    from rnnlm import step
     from rnnlm.store import token_counts
     from rnnlm.tokenizer import open_token_dir
     from rnnlm.train import RunOptions, TrainConfig, train
 
+    if not spec["release"]:
+        step.release_sparse = lambda ops, grads, window: None
+    if spec["touch_all"]:
+        steady_state(touch_gradients=not spec["release"])
     stamps = []
 
     def on_window(done, total, stats):
@@ -159,14 +195,16 @@ def worker(spec):
 
     classes = spec["classes"] if spec["softmax"] == "class" else None
     config = TrainConfig(hidden=spec["hidden"], softmax=spec["softmax"], classes=classes, optimizer="lazyadam",
-                         bptt=spec["bptt"], batch=spec["batch"], epochs=1, tied=spec["tied"])
+                         bptt=spec["bptt"], batch=spec["batch"], epochs=1, tied=spec["tied"], moments=spec["moments"])
     started = time.perf_counter()
     with contextlib.suppress(_EnoughWindowsError):
         train(spec["store"], spec["model"], valid=spec["valid"], config=config,
               options=RunOptions(threads=spec["threads"]), on_window=on_window)
+    training_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the GEMM probe's arrays
     ids, vocab = open_token_dir(spec["store"])
     counts = token_counts(ids, len(vocab))
     record = {"window_s": np.diff(stamps).tolist(), "start_to_first_window_s": stamps[0] - started,
+              "training_peak_rss_bytes": training_peak,
               "vocab_size": len(vocab), "hs_cost": hs_costs(counts),
               "class_costs": class_costs(counts.astype(np.float64), sorted({spec["classes"], *CLASS_SWEEP})),
               "gemm_gflops": gemm_rate(spec["bptt"] * spec["batch"], spec["hidden"], spec["threads"])}
@@ -177,7 +215,8 @@ def train_run(args, folder, store, valid):
     """Run the worker; the training part of the report."""
     spec = {"store": str(store), "valid": str(valid), "model": str(folder / "model.npz"), "hidden": args.hidden,
             "classes": args.classes, "bptt": args.bptt, "batch": args.batch, "threads": args.threads,
-            "windows": args.windows, "tied": args.tied, "softmax": args.softmax}
+            "windows": args.windows, "tied": args.tied, "softmax": args.softmax, "moments": args.moments,
+            "release": args.release, "touch_all": args.touch_all}
     seconds, rss, stdout = measured([sys.executable, __file__, "--worker", json.dumps(spec)], folder)
     record = json.loads(stdout.splitlines()[-1])
     tokens = args.bptt * args.batch
@@ -190,9 +229,11 @@ def train_run(args, folder, store, valid):
         flops = flops_per_token(args.hidden, record["vocab_size"], cost["classes"], cost["mean_class_size"])["train"]
     return {"vocab_size": record["vocab_size"], "softmax": args.softmax, **cost, "hidden": args.hidden,
             "bptt": args.bptt,
-            "batch": args.batch, "tied": args.tied, "threads": args.threads, "windows_timed": len(rates),
+            "batch": args.batch, "tied": args.tied, "moments": args.moments, "release": args.release,
+            "touch_all": args.touch_all, "threads": args.threads, "windows_timed": len(rates),
             "tokens_per_s_median": float(np.median(rates)), "tokens_per_s_min": float(rates.min()),
-            "tokens_per_s_max": float(rates.max()), "peak_rss_mib": rss, "process_s": seconds,
+            "tokens_per_s_max": float(rates.max()), "peak_rss_mib": rss,
+            "training_peak_rss_bytes": record["training_peak_rss_bytes"], "process_s": seconds,
             "start_to_first_window_s": record["start_to_first_window_s"], "mflop_per_token": flops / 1e6,
             "gemm_gflops": record["gemm_gflops"],
             "ceiling_tokens_per_s": record["gemm_gflops"] * 1e9 / flops, "class_sweep": record["class_costs"]}
@@ -242,6 +283,11 @@ def main():
     parser.add_argument("--bptt", type=int, default=20)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tied", action="store_true")
+    parser.add_argument("--moments", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--no-release", dest="release", action="store_false",
+                        help="keep the sparse gradients' pages between windows")
+    parser.add_argument("--touch-all", action="store_true",
+                        help="touch every page of the weights and moments first (a long run's steady state)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--windows", type=int, default=40, help="windows trained")
     parser.add_argument("--warmup", type=int, default=10, help="first windows left out of the rates (at least 1)")

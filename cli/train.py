@@ -11,7 +11,7 @@ from click.core import ParameterSource
 import rnnlm
 from rnnlm import adapt, distributed
 from rnnlm.model import INITS, MAX_DIRECT_ORDER, MAX_DIRECT_SIZE, SOFTMAXES
-from rnnlm.optim import OPTIMIZERS
+from rnnlm.optim import MOMENTS, OPTIMIZERS
 from rnnlm.runplan import ResumeConflictError
 from rnnlm.tokenizer import LEVELS
 from rnnlm.train import SCHEDULES
@@ -79,6 +79,9 @@ class TableSize(click.ParamType):
               help="SGD on the mean loss plus the L2 term, Adam, or lazy Adam (Adam that steps only the "
                    "rows of W_x and of the class softmax's W_o that a window touched: much faster with "
                    "--softmax class).")
+@click.option("--moments", type=click.Choice(MOMENTS), default=DEFAULTS.moments,
+              help="Storage of Adam's two moments: float32, or bfloat16 (half their memory: stepped in float32 and "
+                   "stored back by stochastic rounding with reproducible random bits).")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
               help="Learning-rate schedule: mikolov (halve after a stall, stop at the next), plateau "
                    "(halve at every stall, stop after three) or cosine (anneal to 0 by the last epoch or the "

@@ -22,14 +22,17 @@ os.environ.setdefault("KMP_BLOCKTIME", "0")
 
 
 def _kernel_digest():
-    """A digest of the CPU kernels' sources: cache=True checks only a kernel's own file, and the kernels
-    inline helpers from their sibling modules, so any change to any of them must start a fresh cache."""
-    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backends", "cpu")
+    """A digest of the CPU kernels' sources and of ``rnnlm.backends`` (whose hash constants they compile in):
+    cache=True checks only a kernel's own file, and the kernels inline helpers from their sibling modules, so
+    any change to any of them must start a fresh cache."""
+    backends = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backends")
+    folder = os.path.join(backends, "cpu")
+    paths = [os.path.join(backends, "__init__.py")]
+    paths += [os.path.join(folder, name) for name in sorted(os.listdir(folder)) if name.endswith(".py")]
     digest = hashlib.sha256()
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".py"):
-            with open(os.path.join(folder, name), "rb") as source:
-                digest.update(name.encode() + b"\0" + source.read())
+    for path in paths:
+        with open(path, "rb") as source:
+            digest.update(os.path.basename(path).encode() + b"\0" + source.read())
     return digest.hexdigest()[:16]
 
 

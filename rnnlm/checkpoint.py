@@ -21,10 +21,12 @@ most ``untrusted.MAX_JSON_DEPTH`` deep, no NaN or infinity):
            records a list of objects of JSON scalars; optimizer and
            epoch_start_optimizer {} for SGD, {"t": int ≥ 0} for Adam; rng a PCG64 state that numpy takes.
 arrays, name -> array, exactly these members (no other is read; each read at its expected shape only
-after its zip and .npy headers agree on the size), all float32, finite and C-contiguous but class_bounds:
+after its zip and .npy headers agree on the size), all float32, finite and C-contiguous but class_bounds
+and bfloat16 moments:
   params/N, epoch_start/params/N       for every trainable parameter N (all but W_x when tied)
   best/N                               for every parameter of ``model.param_shapes``
-  optimizer/momentK/N, epoch_start/optimizer/momentK/N (K = 1, 2; Adam only): N's rows, W_x's as (V, m); none for W_d
+  optimizer/momentK/N, epoch_start/optimizer/momentK/N (K = 1, 2; Adam only): N's rows, W_x's as (V, m); none for W_d;
+                                       with config.moments "bfloat16" uint16 bfloat16 bits, none a NaN or infinity
   carried_state/k                      (batch, hidden) for layers k = 0 .. layers - 1
   class_bounds (class softmax only)    (C + 1,) int32 binning ids 0..V-1 into non-empty classes
   hs_counts (hierarchical softmax only) (V,) integer word counts that ``huffman.huffman_tree`` accepts
@@ -49,7 +51,7 @@ from rnnlm.model import (
 )
 from rnnlm.stored import StoredArray
 from rnnlm.tokenizer import vocab_of
-from rnnlm.untrusted import FLOATS, Npz, check_fits, checked, finite_float32
+from rnnlm.untrusted import BFLOAT16, FLOATS, Npz, check_fits, checked, finite_bfloat16, finite_float32
 
 KIND = "rnnlm-checkpoint"
 MAX_WINDOW = 100_000
@@ -60,6 +62,7 @@ STATE_FIELDS = {
     "rng": (dict,), "guard_scale": (float,), "guard_since": (int,),
 }
 SCALARS = (str, int, float, bool, type(None))
+MOMENT_PREFIXES = ("optimizer/", "epoch_start/optimizer/")
 
 
 @dataclass
@@ -144,15 +147,24 @@ def read_checkpoint(path, stored=()):
         npz.check_members(["meta", *expected] + ([] if class_bounds is None else ["class_bounds"])
                           + ([] if hs_counts is None else ["hs_counts"]))
         check_fits(4 * sum(math.prod(shape) for shape in expected.values()), f"{path}'s arrays")
-        arrays = {name: StoredArray.checked(npz, name, shape) if name.startswith(tuple(stored))
-                  else finite_float32(npz.read_array(name, FLOATS, shape, into=np.float32),
-                                      f"{path}: member {name + '.npy'!r}")
-                  for name, shape in expected.items()}
+        arrays = {name: read_member(npz, name, shape, config, stored) for name, shape in expected.items()}
     if class_bounds is not None:
         arrays["class_bounds"] = class_bounds
     if hs_counts is not None:
         arrays["hs_counts"] = hs_counts
     return arrays, meta
+
+
+def read_member(npz, name, shape, config, stored):
+    """Member ``name`` of a checkpoint's ``expected`` members, float32 or (Adam's moments with config.moments
+    bfloat16) uint16, checked; a ``StoredArray`` if ``name`` starts with one of the ``stored`` prefixes."""
+    bfloat16 = config.moments == "bfloat16" and name.startswith(MOMENT_PREFIXES)
+    if name.startswith(tuple(stored)):
+        return StoredArray.checked(npz, name, shape, "uint16" if bfloat16 else "float32")
+    where = f"{npz.path}: member {name + '.npy'!r}"
+    if bfloat16:
+        return finite_bfloat16(npz.read_array(name, BFLOAT16, shape), where)
+    return finite_float32(npz.read_array(name, FLOATS, shape, into=np.float32), where)
 
 
 def check_cursor(meta, n_windows, path):
@@ -201,8 +213,8 @@ def check_config(record, where):
     """The ``train.TrainConfig`` of a checkpoint's meta, checked."""
     from rnnlm.train import TrainConfig  # rnnlm.train imports this module
 
-    if isinstance(record, dict):  # checkpoints from before direct features lack their fields
-        record = {"direct": 0, "direct_order": DEFAULT_DIRECT_ORDER, "direct_lr": 1.0, **record}
+    if isinstance(record, dict):  # checkpoints from before direct features (and bfloat16 moments) lack their fields
+        record = {"direct": 0, "direct_order": DEFAULT_DIRECT_ORDER, "direct_lr": 1.0, "moments": "float32", **record}
     config = _dataclass(record, TrainConfig, where)
     for name, high in (("hidden", MAX_HIDDEN), ("layers", MAX_LAYERS), ("bptt", MAX_WINDOW), ("batch", MAX_WINDOW)):
         checked(record, name, where, (int,), low=1, high=high)

@@ -13,6 +13,7 @@ from rnnlm.step import direct_update, rows, sparse_names, trainable
 from rnnlm.stored import put
 
 OPTIMIZERS = ("sgd", "adam", "lazyadam")
+MOMENTS = ("float32", "bfloat16")
 
 
 def grad_norm(ops, grads, window, clip, clipping):
@@ -93,20 +94,32 @@ class SGD(_Clipped):
 
 
 class Adam(_Clipped):
-    """Adam (Kingma & Ba) on the clipped gradient plus 2λθ, with bias-corrected moments."""
+    """Adam (Kingma & Ba) on the clipped gradient plus 2λθ, with bias-corrected moments.
+
+    moments "bfloat16": the moments are uint16 arrays of bfloat16 bits (half the memory), stepped in float32
+    and stored back by stochastic rounding whose random bits are a hash of the step count and the element
+    (``rnnlm.backends``): round to nearest would freeze the second moment, whose step (1 - β2)(g² - v) is
+    below half a bfloat16 ulp of v; the hash makes a run, and a resumed one, the same to the bit.
+    """
 
     name = "adam"
     lazy = False
 
-    def __init__(self, ops, params, clip=0.0, l2=0.0, beta1=0.9, beta2=0.999, eps=1e-8, direct_scale=1.0):
+    def __init__(self, ops, params, clip=0.0, l2=0.0, beta1=0.9, beta2=0.999, eps=1e-8, direct_scale=1.0,
+                 moments="float32"):
         """params: the trainable parameters (``step.trainable``), for the moments' shapes (W_d has none)."""
         super().__init__(ops, direct_scale)
         self.clip, self.l2 = clip, l2
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.bfloat16 = moments == "bfloat16"
         params = {name: p for name, p in params.items() if name != "W_d"}
-        self.moment1 = {name: ops.zeros(rows(name, p).shape, p.dtype) for name, p in params.items()}
-        self.moment2 = {name: ops.zeros(rows(name, p).shape, p.dtype) for name, p in params.items()}
+        self.moment1 = {name: ops.zeros(rows(name, p).shape, self.moment_dtype(p)) for name, p in params.items()}
+        self.moment2 = {name: ops.zeros(rows(name, p).shape, self.moment_dtype(p)) for name, p in params.items()}
         self.t = 0
+
+    def moment_dtype(self, param):
+        """uint16 (bfloat16 bits) or the parameter's own dtype."""
+        return np.dtype(np.uint16) if self.bfloat16 else param.dtype
 
     def update(self, params, grads, window, lr):
         """Apply one step (queued on the device, like the kernels that computed grads)."""
@@ -115,18 +128,21 @@ class Adam(_Clipped):
         self.t += 1
         lr_t, eps_t = self.corrected(lr)
         self.direct_step(params, window, lr)
+        dense, masked = ((ops.adam_update_bf16, ops.masked_adam_update_bf16) if self.bfloat16
+                         else (ops.adam_update, ops.masked_adam_update))
+        step_count = (self.t,) if self.bfloat16 else ()  # the bfloat16 rounding's random bits depend on it
         for name, param in trainable(params, window).items():
             if name == "W_d":
                 continue
             dtype = param.dtype.type
             param_rows, grad_rows = rows(name, param), rows(name, grads[name])
             moments = self.moment1[name], self.moment2[name]
-            scalars = (dtype(lr_t), clipping, dtype(2.0 * self.l2), dtype(self.beta1), dtype(self.beta2),
+            scalars = (*step_count, dtype(lr_t), clipping, dtype(2.0 * self.l2), dtype(self.beta1), dtype(self.beta2),
                        dtype(eps_t))
             if name in sparse and self.lazy:  # clears the gradient's rows and marks as it goes
-                ops.masked_adam_update(param_rows, grad_rows, *moments, sparse[name], *scalars)
+                masked(param_rows, grad_rows, *moments, sparse[name], *scalars)
                 continue
-            ops.adam_update(param_rows, grad_rows, *moments, *scalars)
+            dense(param_rows, grad_rows, *moments, *scalars)
             if name in sparse:  # leave the sparse gradient zero for the next window
                 ops.masked_sgd_update(param_rows, grad_rows, sparse[name], 0.0, clipping)
 
@@ -166,6 +182,9 @@ class LazyAdam(Adam):
     lazy = True
 
 
-def make_optimizer(name, ops, params, clip=0.0, l2=0.0, direct_scale=1.0):
-    return {"sgd": SGD, "adam": Adam, "lazyadam": LazyAdam}[name](ops, params, clip=clip, l2=l2,
-                                                                   direct_scale=direct_scale)
+def make_optimizer(name, ops, params, clip=0.0, l2=0.0, direct_scale=1.0, moments="float32"):
+    """The optimizer ``name`` of OPTIMIZERS; moments (one of MOMENTS) is Adam's (SGD has none)."""
+    if name == "sgd":
+        return SGD(ops, params, clip=clip, l2=l2, direct_scale=direct_scale)
+    adam = {"adam": Adam, "lazyadam": LazyAdam}[name]
+    return adam(ops, params, clip=clip, l2=l2, direct_scale=direct_scale, moments=moments)

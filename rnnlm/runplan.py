@@ -179,15 +179,16 @@ def resumed_vocab(meta, config, checkpoint):
 def memory_needed(config, vocab_size):
     """A lower bound, in bytes, of the memory a run takes: float32 parameters kept twice (on the device and
     their gradients; the best model and the epoch's start stay in the checkpoint on disk, see
-    ``rnnlm.checkpointing``) and the optimizer's moments once, plus the window's buffers (T + 1 states and
-    four more (T, B, m) arrays per layer, the (T·B, V) logits); the direct features' table twice (on the device
-    and, until the run's start checkpoint, the initial model: it has no gradient and no moments)."""
+    ``rnnlm.checkpointing``) and the optimizer's moments once (bfloat16 ones in half the bytes), plus the
+    window's buffers (T + 1 states and four more (T, B, m) arrays per layer, the (T·B, V) logits); the direct
+    features' table twice (on the device and, until the run's start checkpoint, the initial model: it has no
+    gradient and no moments)."""
     V, m, L, T, B = vocab_size, config.hidden, config.layers, config.bptt, config.batch
     n_out = {"full": V, "hs": 0, "class": min(V, config.classes or round(math.sqrt(V)))}[config.softmax]
     n_params = (1 if config.tied else 2) * V * m + V + (2 * L - 1) * m * m + L * m
     if config.softmax == "class":
         n_params += n_out * (m + 1)
-    moments = 0 if config.optimizer == "sgd" else 2
+    moments = 0 if config.optimizer == "sgd" else 1 if config.moments == "bfloat16" else 2  # in float32 tables
     window = T * B * (5 * L * m + n_out)
     return 4 * ((2 + moments) * n_params + 2 * config.direct + window)
 

@@ -30,13 +30,32 @@ def to_device(ops, params, tied=False):
     return device
 
 
-def zero_grads(ops, params, tied=False):
+RELEASE_BYTES = 64 << 20  # a sparse gradient this large gives its pages back after every update
+
+
+def zero_grads(ops, params, tied=False, sparse=()):
     """Zeroed gradient arrays laid out like ``to_device``'s parameters; tied, W_x's is a view of W_o's, so
     that the input term's gradient lands in the shared array's rows. None for the direct features' W_d,
-    which ``rnnlm.direct`` updates where its gradient is computed."""
-    grads = {name: ops.zeros(p.shape, p.dtype) for name, p in params.items() if name not in ("W_x", "W_d")}
-    grads["W_x"] = grads["W_o"].T if tied else ops.zeros(params["W_x"].shape[::-1], params["W_x"].dtype).T
+    which ``rnnlm.direct`` updates where its gradient is computed. sparse: the names of ``sparse_names``,
+    whose arrays of RELEASE_BYTES or more are ``ops.releasable_zeros`` (see ``release_sparse``)."""
+    def zeros(name, shape):
+        dtype = params[name].dtype
+        releasable = name in sparse and np.prod(shape) * dtype.itemsize >= RELEASE_BYTES
+        return (ops.releasable_zeros if releasable else ops.zeros)(shape, dtype)
+
+    grads = {name: zeros(name, p.shape) for name, p in params.items() if name not in ("W_x", "W_d")}
+    grads["W_x"] = grads["W_o"].T if tied else zeros("W_x", params["W_x"].shape[::-1]).T
     return grads
+
+
+def release_sparse(ops, grads, window):
+    """Give the memory of the sparse gradients of RELEASE_BYTES or more back (``ops.release``) once an update
+    has left them zero: their pages then hold the rows one window writes, not every row a run has touched
+    (a smaller one would cost its page faults and gain nothing worth them)."""
+    for name in sparse_names(window):
+        grad_rows = rows(name, grads[name])
+        if grad_rows.size * grad_rows.dtype.itemsize >= RELEASE_BYTES:
+            ops.release(grad_rows)
 
 
 def rows(name, array):

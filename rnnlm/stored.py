@@ -16,44 +16,46 @@ from rnnlm.untrusted import Npz
 
 @dataclass(frozen=True)
 class StoredArray:
-    """Member ``name`` of the .npz at ``path``: float32, of ``shape``, in Fortran order if ``fortran_order``
-    (as ``np.lib.format.write_array`` wrote it from an array of that layout)."""
+    """Member ``name`` of the .npz at ``path``: float32 (or dtype "uint16": bfloat16 bits, Adam's moments with
+    --moments bfloat16), of ``shape``, in Fortran order if ``fortran_order`` (as ``np.lib.format.write_array``
+    wrote it from an array of that layout)."""
 
     path: Path
     name: str
     shape: tuple
     fortran_order: bool
+    dtype: str = "float32"
 
     @classmethod
     def like(cls, path, name, array):
         """The member ``name`` of ``path`` that holds an array laid out like ``array`` (numpy or backend)."""
         flags = array.flags  # a dict for numba's device arrays
         fortran_order = bool(flags["F_CONTIGUOUS"] and not flags["C_CONTIGUOUS"])
-        return cls(Path(path), name, tuple(array.shape), fortran_order)
+        return cls(Path(path), name, tuple(array.shape), fortran_order, np.dtype(array.dtype).name)
 
     @classmethod
-    def checked(cls, npz, name, shape):
+    def checked(cls, npz, name, shape, dtype="float32"):
         """Member ``name`` of the open ``npz`` (``rnnlm.untrusted.Npz``), read through once to check it: a float
-        array of ``shape``, every value finite."""
-        fortran_order = npz.read_pieces(name, shape, None, lambda start, piece: None)
-        return cls(npz.path, name, tuple(shape), fortran_order)
+        array (uint16 for dtype "uint16") of ``shape``, every value finite."""
+        fortran_order = npz.read_pieces(name, shape, None, lambda start, piece: None, dtype)
+        return cls(npz.path, name, tuple(shape), fortran_order, dtype)
 
     def read(self, store):
-        """store(start, piece) for the member's consecutive float32 pieces, in the file's order."""
+        """store(start, piece) for the member's consecutive pieces (of its dtype), in the file's order."""
         with Npz(self.path, "checkpoint") as npz:
-            npz.read_pieces(self.name, self.shape, self.fortran_order, store)
+            npz.read_pieces(self.name, self.shape, self.fortran_order, store, self.dtype)
 
     def write_npy(self, file):
         """Write the member as an .npy into ``file``, byte for byte what ``np.lib.format.write_array`` writes for
         the array it holds."""
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": self.fortran_order,
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(self.dtype)), "fortran_order": self.fortran_order,
                   "shape": self.shape}
         np.lib.format.write_array_header_1_0(file, header)
         self.read(lambda start, piece: file.write(piece.tobytes()))
 
     def to_numpy(self):
         """The member as a numpy array (all of it in memory)."""
-        flat = np.empty(int(np.prod(self.shape)), np.float32)
+        flat = np.empty(int(np.prod(self.shape)), self.dtype)
 
         def store(start, piece):
             flat[start:start + len(piece)] = piece

@@ -37,7 +37,7 @@ from rnnlm.corpus import Windows
 from rnnlm.errors import RnnlmError
 from rnnlm.evaluate import stream_loss
 from rnnlm.model import DEFAULT_DIRECT_ORDER, INITS, SOFTMAXES, check_output_layer, word_classes
-from rnnlm.optim import OPTIMIZERS, make_optimizer
+from rnnlm.optim import MOMENTS, OPTIMIZERS, make_optimizer
 from rnnlm.paths import atomic_output, naming_errors
 from rnnlm.state import TrainState
 from rnnlm.stored import in_memory
@@ -62,6 +62,7 @@ class TrainConfig:
     bptt: int = 20
     batch: int = 20
     optimizer: str = "sgd"
+    moments: str = "float32"
     schedule: str | None = None
     lr: float | None = None
     epochs: int = 20
@@ -89,10 +90,12 @@ class TrainConfig:
             least = {"seed": 0, "max_vocab": 2, "warmup": 0}.get(name, 1)
             if getattr(self, name) is not None or name not in ("max_vocab", "classes"):
                 _check_number(name, getattr(self, name), least, integer=True)
-        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("init", INITS),
-                              ("softmax", SOFTMAXES), ("level", ("word", "char"))):
+        for name, allowed in (("optimizer", OPTIMIZERS), ("moments", MOMENTS), ("schedule", SCHEDULES),
+                              ("init", INITS), ("softmax", SOFTMAXES), ("level", ("word", "char"))):
             if getattr(self, name) not in allowed:
                 raise RnnlmError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.moments != "float32" and self.optimizer == "sgd":
+            raise RnnlmError(f"--moments {self.moments} is Adam's: sgd keeps no moments")
         _check_number("lr", self.lr, 0, above=True)
         _check_number("clip", self.clip, 0)
         _check_number("l2", self.l2, 0)
@@ -265,13 +268,13 @@ class Trainer(Checkpoints):
             raise RnnlmError("--direct does not run under MPI: its table's sparse steps are not shared between "
                              "processes")
         self.params = step.to_device(ops, model.params, model.tied)
-        self.grads = step.zero_grads(ops, model.params, model.tied)
         self.window = step.Window(ops, config.bptt, len(streams), model.hidden, model.vocab_size,
                                   dropout=config.dropout, **model.structure)
+        self.grads = step.zero_grads(ops, model.params, model.tied, step.sparse_names(self.window))
         trainable = step.trainable(self.params, self.window)
         self.trainable = list(trainable)
         self.optimizer = make_optimizer(config.optimizer, ops, trainable, clip=config.clip, l2=config.l2,
-                                        direct_scale=config.direct_lr / config.lr)
+                                        direct_scale=config.direct_lr / config.lr, moments=config.moments)
         self.rng = reducer.mask_rng(np.random.default_rng(config.seed + 1), config.batch)  # dropout masks
         self.state = TrainState(lr=config.lr)
         self.schedule = self.epoch_schedule()
@@ -329,6 +332,7 @@ class Trainer(Checkpoints):
             loss = step.forward_backward(ops, self.params, self.grads, window, *tokens)
             loss = self.reducer.reduce(ops, self.grads, window, loss)
             self.optimizer.update(self.params, self.grads, window, self.current_lr())
+            step.release_sparse(ops, self.grads, window)
             self.checkpoint_is_now = False
             loss = float(loss)  # the whole step is queued before the host waits for the device
             if not loss / (T * B) < max_loss:  # NaN, inf, or far worse than guessing: diverged (the rollback
@@ -409,7 +413,7 @@ class Trainer(Checkpoints):
         state.window, state.epoch_loss = 0, 0.0
         self.window.reset_state()
         # the diverged window's sparse gradients were never applied: clear them and their masks
-        self.grads = step.zero_grads(self.ops, self.params, self.model.tied)
+        self.grads = step.zero_grads(self.ops, self.params, self.model.tied, step.sparse_names(self.window))
         for mask in (self.window.touched_W_x, self.window.touched_W_o):
             self.ops.copy_into(np.zeros(mask.shape, np.uint8), mask)
         self.log({"event": "diverged", "loss": loss})  # with the rate of the next window

@@ -46,6 +46,7 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, Valu
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 FLOATS = {"f": (2, 4, 8)}  # read as float32: values out of its range are refused as infinite
+BFLOAT16 = {"u": (2,)}  # bfloat16 bit patterns (Adam's moments with --moments bfloat16)
 INTEGERS = {"i": (1, 2, 4, 8), "u": (1, 2, 4, 8)}
 REQUIRED = object()
 
@@ -239,6 +240,22 @@ def finite_float32(array, where, bound=None):
     return result
 
 
+def finite_bfloat16(array, where):
+    """``array`` of bfloat16 bits as C-contiguous native uint16; RnnlmError if any is a NaN or an infinity (all
+    eight exponent bits set)."""
+    result = np.ascontiguousarray(array, np.uint16)
+    flat = result.reshape(-1)
+    for start in range(0, flat.size, CHUNK):
+        if ((flat[start:start + CHUNK] & 0x7F80) == 0x7F80).any():
+            raise RnnlmError(f"{where} holds a NaN or infinite value")
+    return result
+
+
+def finite(array, dtype, where):
+    """``array`` checked and converted by ``finite_float32`` (dtype float32) or ``finite_bfloat16`` (uint16)."""
+    return finite_bfloat16(array, where) if np.dtype(dtype) == np.uint16 else finite_float32(array, where)
+
+
 def read_npy_file(path, what, kinds):
     """The 1-D array of a .npy file whose size matches its header exactly, dtype among ``kinds``."""
     with open_regular(path, what) as f:
@@ -368,14 +385,15 @@ class Npz:
             raise RnnlmError(f"{self.path}: member {name + '.npy'!r} is corrupt ({type(exc).__name__}: {exc})") \
                 from None
 
-    def read_pieces(self, name, shape, fortran_order, store):
+    def read_pieces(self, name, shape, fortran_order, store, into=np.float32):
         """Member ``name``, a float array of ``shape`` stored in ``fortran_order`` (else RnnlmError; None: either),
         as float32 pieces of at most CHUNK bytes in the file's order: store(start, piece) for each, start its
         first element's index; each piece is checked finite first, so that no whole-size array is ever
-        allocated. Returns the member's order (True: Fortran's)."""
+        allocated. into uint16: a member of bfloat16 bits, its pieces uint16. Returns the member's order (True:
+        Fortran's)."""
 
         def check_header(found, dtype, where):
-            check_dtype(dtype, FLOATS, where)
+            check_dtype(dtype, BFLOAT16 if np.dtype(into) == np.uint16 else FLOATS, where)
             if found != tuple(shape):
                 raise RnnlmError(f"{where} has shape {found}, expected {tuple(shape)}")
 
@@ -391,7 +409,7 @@ class Npz:
                     n = min(len(piece), count - start)
                     _read_into(member, memoryview(piece[:n]).cast("B"), start * dtype.itemsize,
                                count * dtype.itemsize, where)
-                    store(start, finite_float32(piece[:n], where))
+                    store(start, finite(piece[:n], into, where))
                 self._finish(member, where)
             return found_order
         except _ZIP_ERRORS as exc:

@@ -67,6 +67,17 @@ def case_asarray(ops, rng):
             "kept": ops.to_numpy(ops.asarray(np.asfortranarray(rand(rng, 3, 4))))}
 
 
+def case_releasable_zeros(ops, rng):
+    return {"float32": ops.to_numpy(ops.releasable_zeros((2, 3))),
+            "uint16": ops.to_numpy(ops.releasable_zeros(4, np.uint16))}
+
+
+def case_release(ops, rng):
+    array = ops.releasable_zeros((5, 3))
+    ops.release(array.T)
+    return {"released": ops.to_numpy(array)}
+
+
 def case_to_numpy(ops, rng):
     return {"copy": ops.to_numpy(ops.asarray(rand(rng, 2, 3)))}
 
@@ -321,6 +332,34 @@ def case_masked_adam_update(ops, rng):
     scalars = [np.float64(s) for s in (0.01, 0.001, 0.9, 0.999, 1e-8)]
     mask = ops.asarray(ROW_MASK)
     ops.masked_adam_update(param, grad, moment1, moment2, mask, scalars[0], clipping(ops), *scalars[1:])
+    return outputs(ops, None, param=param, grad=grad, moment1=moment1, moment2=moment2, mask=mask)
+
+
+def bf16_bits(values):
+    """The bfloat16 bits (upper halves) of values as float32, uint16."""
+    return (np.asarray(values, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def adam_bf16_arrays(ops, rng, shape):
+    param, grad, moment1, moment2 = (rand(rng, *shape), rand(rng, *shape), rand(rng, *shape), rng.random(shape))
+    return [ops.asarray(param, np.float32), ops.asarray(grad, np.float32), ops.asarray(bf16_bits(moment1)),
+            ops.asarray(bf16_bits(moment2))]
+
+
+BF16_SCALARS = [np.float32(s) for s in (0.01, 0.001, 0.9, 0.999, 1e-8)]
+
+
+def case_adam_update_bf16(ops, rng):
+    param, grad, moment1, moment2 = adam_bf16_arrays(ops, rng, (3, 4))
+    ops.adam_update_bf16(param, grad, moment1, moment2, 7, BF16_SCALARS[0], clipping(ops), *BF16_SCALARS[1:])
+    return outputs(ops, None, param=param, moment1=moment1, moment2=moment2)
+
+
+def case_masked_adam_update_bf16(ops, rng):
+    param, grad, moment1, moment2 = adam_bf16_arrays(ops, rng, (V, m))
+    mask = ops.asarray(ROW_MASK)
+    ops.masked_adam_update_bf16(param, grad, moment1, moment2, mask, 7, BF16_SCALARS[0], clipping(ops),
+                                *BF16_SCALARS[1:])
     return outputs(ops, None, param=param, grad=grad, moment1=moment1, moment2=moment2, mask=mask)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA_TESTS = ["tests/test_kernels.py", "tests/test_direct.py", "tests/test_cuda_backend.py", "tests/test_score.py",
-              "tests/test_dynamic.py", "tests/test_hs.py", "-k", "cuda"]
+              "tests/test_dynamic.py", "tests/test_hs.py", "tests/test_bf16.py", "-k", "cuda"]
 COMPILER_PROBE = """
 from numba import cuda, types
 def kernel(a):

@@ -30,6 +30,18 @@ DIRECT_PRIMES = np.array([1000000007, 1061000011, 1122000013, 1183000057, 124400
 DIRECT_BASE = 108641969 * 116049371  # the key of the empty context (order 0), Mikolov's PRIMES[0] · PRIMES[1]
 DIRECT_MODULUS = (1 << 61) - 1
 
+# Adam's bfloat16 moments: uint16 arrays of bfloat16 bit patterns (a float32's upper half), stepped in float32
+# and written back by stochastic rounding: bf16(x, u) = (bits(x) + u) >> 16 for a finite x (rounds |x| up with
+# probability (its lower 16 bits) / 2¹⁶: unbiased), bits(x) >> 16 for ±inf and a NaN (which keeps a mantissa
+# bit). u comes from r(t, k), 32 random bits of element k (its flat index in C order) at step t, in unsigned
+# integer arithmetic, the same on both backends:
+#   mix(x) = murmur3's fmix32 on x < 2³²: x ^= x >> 16, x = x · MIX_MULTIPLIERS[0] mod 2³², x ^= x >> 13,
+#            x = x · MIX_MULTIPLIERS[1] mod 2³², x ^= x >> 16
+#   r(t, k) = mix((k mod 2³²) · MIX_GOLDEN mod 2³² XOR mix(t mod 2³²) XOR ⌊k / 2³²⌋)
+# moment1 rounds with u = r mod 2¹⁶, moment2 with u = ⌊r / 2¹⁶⌋. (uint64 scalars: Numba types them as such.)
+MIX_GOLDEN = np.uint64(0x9E3779B1)
+MIX_MULTIPLIERS = (np.uint64(0x85EBCA6B), np.uint64(0xC2B2AE35))
+
 
 class Op(NamedTuple):
     """One op of the contract: its parameters in order and what it computes."""
@@ -48,6 +60,11 @@ OPS = {
                    "None keeps the array's)"),
     "to_numpy": _op("array", "a new numpy array holding a copy of the backend array"),
     "zeros": _op("shape dtype", "a new backend array of zeros (dtype float32 by default)"),
+    "releasable_zeros": _op("shape dtype", "a new backend array of zeros (dtype float32 by default) whose memory "
+                            "``release`` can give back: on the CPU an anonymous mapping of 4 KiB pages (no "
+                            "transparent huge pages), so that writing a row makes only its pages resident"),
+    "release": _op("array", "array (from releasable_zeros, or a view of one) holds zeros: give its memory back to "
+                   "the system, after which it still reads as zeros (CPU: madvise MADV_DONTNEED; CUDA: nothing)"),
     "copy_into": _op("src dst", "dst[...] = src; src a host array (any layout) or a backend array laid out "
                      "like dst"),
     "synchronize": _op("", "returns once every op launched so far has finished"),
@@ -160,6 +177,15 @@ OPS = {
                               "adam_update on the rows marked in mask alone, their moments included (lazy Adam), "
                               "then grad_rows[r] = 0 and mask[r] = 0 for those rows; param_rows, grad_rows (R, m) "
                               "any layout, moments (R, m) C-contiguous"),
+    "adam_update_bf16": _op("param grad moment1 moment2 t lr_t clipping decay beta1 beta2 eps", "adam_update with "
+                            "moments of bfloat16 bits, uint16 arrays of param's shape (C order): each read into "
+                            "float32, stepped there (every product and sum rounded on its own, no fused "
+                            "multiply-add), written back rounded by the stochastic rounding above with r(t, k), k "
+                            "the element's flat index; the step uses the unrounded moments. param float32; t ≥ 1, "
+                            "the step count"),
+    "masked_adam_update_bf16": _op("param_rows grad_rows moment1 moment2 mask t lr_t clipping decay beta1 beta2 "
+                                   "eps", "masked_adam_update with the bfloat16 moments of adam_update_bf16 "
+                                   "(element (r, i) of (R, m) moments has flat index r · m + i)"),
     "decay_rows": _op("param_rows start_rows keep_rows rows powers", "for each j, r = rows[j], n = powers[j]: "
                       "param_rows[r] = start_rows[r] + keep_rows[r]ⁿ ⊙ (param_rows[r] - start_rows[r]), the pull "
                       "toward start of n steps at once: param_rows (R, m) any layout, start_rows and keep_rows (R, "

@@ -1,9 +1,14 @@
-"""Update: sums of squares for the gradient norm, SGD and Adam, dense and on marked rows."""
+"""Update: sums of squares for the gradient norm, SGD and Adam (float32 or bfloat16 moments), dense and on
+marked rows."""
 
 import math
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from rnnlm.backends import MIX_GOLDEN, MIX_MULTIPLIERS
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -89,6 +94,117 @@ def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, clip
             m1, m2 = moment1[r], moment2[r]
             for i in range(m):
                 _adam_element(p, g, m1, m2, i, lr_t, grad_scale, decay, beta1, one - beta1, beta2, one - beta2, eps)
+                g[i] = 0
+            mask[r] = 0
+
+
+_MASK32 = np.uint64(0xFFFFFFFF)
+_LOW16 = np.uint64(0xFFFF)
+_EXPONENT = np.uint64(0x7F800000)
+_MANTISSA = np.uint64(0x007FFFFF)
+_QUIET = np.uint64(0x40)
+_NONE = np.uint64(0)
+_SHIFTS = (np.uint64(13), np.uint64(16), np.uint64(32))
+
+
+@intrinsic
+def _float32_bits(typingctx, value):
+    """The bits of a float32, as a uint64 below 2³² (an LLVM bitcast)."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.zext(builder.bitcast(args[0], ir.IntType(32)), ir.IntType(64))
+
+    return types.uint64(types.float32), codegen
+
+
+@intrinsic
+def _from_bf16(typingctx, bits):
+    """The float32 of a uint16 of bfloat16 bits (the float32's upper half; an LLVM bitcast)."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@njit(cache=True, inline="always")
+def _mix(x):
+    """murmur3's fmix32 of a uint64 x < 2³² (``rnnlm.backends``)."""
+    x ^= x >> _SHIFTS[1]
+    x = (x * MIX_MULTIPLIERS[0]) & _MASK32
+    x ^= x >> _SHIFTS[0]
+    x = (x * MIX_MULTIPLIERS[1]) & _MASK32
+    x ^= x >> _SHIFTS[1]
+    return x
+
+
+@njit(cache=True, inline="always")
+def _random_bits(k, step_mix):
+    """r(t, k) of ``rnnlm.backends`` for a uint64 flat index k, step_mix = mix(t mod 2³²)."""
+    return _mix((((k & _MASK32) * MIX_GOLDEN) & _MASK32) ^ step_mix ^ (k >> _SHIFTS[2]))
+
+
+@njit(cache=True, inline="always")
+def _to_bf16(value, u):
+    """The stochastic rounding bf16(value, u) of ``rnnlm.backends`` (u < 2¹⁶), as a uint64 below 2¹⁶."""
+    bits = _float32_bits(np.float32(value))
+    if (bits & _EXPONENT) == _EXPONENT:
+        return (bits >> _SHIFTS[1]) | (_QUIET if bits & _MANTISSA else _NONE)
+    return (bits + u) >> _SHIFTS[1]
+
+
+@njit(cache=True, inline="always")
+def _adam_element_bf16(param, grad, moment1, moment2, k, index, step_mix, lr_t, grad_scale, decay, beta1, rest1,
+                       beta2, rest2, eps):
+    """The Adam step of element k of 1-D arrays with bfloat16 moments; index: its flat index (uint64) for the
+    random bits. Compiled without fastmath: no fused multiply-adds, so that the moments before rounding are
+    the CUDA kernel's to the bit."""
+    g = grad_scale * grad[k] + decay * param[k]
+    m1 = beta1 * _from_bf16(moment1[k]) + rest1 * g
+    m2 = beta2 * _from_bf16(moment2[k]) + rest2 * g * g
+    param[k] -= lr_t * m1 / (np.sqrt(m2) + eps)
+    r = _random_bits(index, step_mix)
+    moment1[k] = _to_bf16(m1, r & _LOW16)
+    moment2[k] = _to_bf16(m2, r >> _SHIFTS[1])
+
+
+@njit(parallel=True, cache=True)
+def adam_update_bf16(param, grad, moment1, moment2, t, lr_t, clipping, decay, beta1, beta2, eps):
+    """A parallel loop over the flat arrays, each element by ``_adam_element_bf16``."""
+    p = param.reshape(-1)
+    g = grad.reshape(-1)
+    m1 = moment1.reshape(-1)
+    m2 = moment2.reshape(-1)
+    one = param.dtype.type(1)
+    grad_scale = param.dtype.type(clipping[1])
+    step_mix = _mix(np.uint64(t) & _MASK32)
+    for k in prange(p.shape[0]):
+        _adam_element_bf16(p, g, m1, m2, k, np.uint64(k), step_mix, lr_t, grad_scale, decay, beta1, one - beta1,
+                           beta2, one - beta2, eps)
+
+
+@njit(parallel=True, cache=True)
+def masked_adam_update_bf16(param_rows, grad_rows, moment1, moment2, mask, t, lr_t, clipping, decay, beta1, beta2,
+                            eps):
+    """A parallel loop over the rows, each marked row's elements by ``_adam_element_bf16``, its gradient
+    cleared while it is in cache."""
+    R, m = param_rows.shape
+    one = param_rows.dtype.type(1)
+    grad_scale = param_rows.dtype.type(clipping[1])
+    step_mix = _mix(np.uint64(t) & _MASK32)
+    for r in prange(R):
+        if mask[r]:
+            p, g = param_rows[r], grad_rows[r]
+            m1, m2 = moment1[r], moment2[r]
+            first = np.uint64(r) * np.uint64(m)
+            for i in range(m):
+                _adam_element_bf16(p, g, m1, m2, i, first + np.uint64(i), step_mix, lr_t, grad_scale, decay, beta1,
+                                   one - beta1, beta2, one - beta2, eps)
                 g[i] = 0
             mask[r] = 0
 

@@ -1,4 +1,5 @@
-"""Update: the gradient norm and clipping factor on the device, SGD and Adam, dense and on marked rows.
+"""Update: the gradient norm and clipping factor on the device, SGD and Adam (float32 or bfloat16 moments), dense
+and on marked rows.
 
 The norm launches one kernel per parameter into one buffer of block sums, which one block adds into the
 norm and the clipping factor on the device; the update kernels read the factor there, so that a training
@@ -11,6 +12,7 @@ import math
 import numpy as np
 from numba import cuda
 
+from rnnlm.backends import MIX_GOLDEN, MIX_MULTIPLIERS
 from rnnlm.backends.cuda import device
 from rnnlm.backends.cuda.arrays import flat
 from rnnlm.backends.cuda.reductions import masked_sum_squares_kernel, norm, sum_squares_kernel
@@ -152,6 +154,151 @@ def adam_update(param, grad, moment1, moment2, lr_t, clipping, decay, beta1, bet
     moments = flat(moment1), flat(moment2)
     device.launch(_adam_kernel, blocks, threads, out, flat(grad), *moments, lr_t, clipping, decay, beta1,
                   one - beta1, beta2, one - beta2, eps)
+
+
+_MASK32 = np.uint64(0xFFFFFFFF)
+_LOW16 = np.uint64(0xFFFF)
+_EXPONENT = np.uint64(0x7F800000)
+_MANTISSA = np.uint64(0x007FFFFF)
+_QUIET = np.uint64(0x40)
+_NONE = np.uint64(0)
+_SHIFTS = (np.uint64(13), np.uint64(16), np.uint64(32))
+
+# Bit casts, and float32 products and sums that the compiler may not fuse into FMAs (NVVM contracts a * b + c by
+# default; the CPU's kernel does not): libdevice's on a GPU, numpy's scalars in the simulator, which has no
+# libdevice (and whose float32 arithmetic is IEEE's, operation by operation; its math.sqrt would be float64's).
+if device.SIMULATOR:
+    @cuda.jit(device=True)
+    def _sqrt(x):
+        return np.sqrt(x)
+
+    @cuda.jit(device=True)
+    def _float32_bits(value):
+        return np.uint64(np.float32(value).view(np.uint32))
+
+    @cuda.jit(device=True)
+    def _from_bf16(bits):
+        return np.uint32(np.uint32(bits) << np.uint32(16)).view(np.float32)
+
+    @cuda.jit(device=True)
+    def _mul(a, b):
+        return a * b
+
+    @cuda.jit(device=True)
+    def _add(a, b):
+        return a + b
+else:
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True)
+    def _sqrt(x):
+        return math.sqrt(x)
+
+    @cuda.jit(device=True)
+    def _float32_bits(value):
+        return np.uint64(np.uint32(libdevice.float_as_int(value)))
+
+    @cuda.jit(device=True)
+    def _from_bf16(bits):
+        return libdevice.int_as_float(np.int32(np.uint32(bits) << np.uint32(16)))
+
+    @cuda.jit(device=True)
+    def _mul(a, b):
+        return libdevice.fmul_rn(a, b)
+
+    @cuda.jit(device=True)
+    def _add(a, b):
+        return libdevice.fadd_rn(a, b)
+
+
+@cuda.jit(device=True)
+def _mix(x):
+    """murmur3's fmix32 of a uint64 x < 2³² (``rnnlm.backends``)."""
+    x ^= x >> _SHIFTS[1]
+    x = (x * MIX_MULTIPLIERS[0]) & _MASK32
+    x ^= x >> _SHIFTS[0]
+    x = (x * MIX_MULTIPLIERS[1]) & _MASK32
+    x ^= x >> _SHIFTS[1]
+    return x
+
+
+@cuda.jit(device=True)
+def _to_bf16(value, u):
+    """The stochastic rounding bf16(value, u) of ``rnnlm.backends`` (u < 2¹⁶), as a uint64 below 2¹⁶."""
+    bits = _float32_bits(value)
+    if (bits & _EXPONENT) == _EXPONENT:
+        return (bits >> _SHIFTS[1]) | (_QUIET if bits & _MANTISSA else _NONE)
+    return (bits + u) >> _SHIFTS[1]
+
+
+@cuda.jit(device=True)
+def _adam_element_bf16(param, grad, moment1, moment2, k, index, step_mix, lr_t, grad_scale, decay, beta1, rest1,
+                       beta2, rest2, eps):
+    """The Adam step of element k of 1-D arrays with bfloat16 moments; index: its flat index (uint64) for the
+    random bits r(t, index) of ``rnnlm.backends``."""
+    g = _add(_mul(grad_scale, grad[k]), _mul(decay, param[k]))
+    m1 = _add(_mul(beta1, _from_bf16(moment1[k])), _mul(rest1, g))
+    m2 = _add(_mul(beta2, _from_bf16(moment2[k])), _mul(_mul(rest2, g), g))
+    param[k] -= lr_t * m1 / (_sqrt(m2) + eps)
+    r = _mix((((index & _MASK32) * MIX_GOLDEN) & _MASK32) ^ step_mix ^ (index >> _SHIFTS[2]))
+    moment1[k] = _to_bf16(m1, r & _LOW16)
+    moment2[k] = _to_bf16(m2, r >> _SHIFTS[1])
+
+
+@cuda.jit
+def _adam_bf16_kernel(param, grad, moment1, moment2, t, lr_t, clipping, decay, beta1, rest1, beta2, rest2, eps):
+    """The Adam step of ``adam_update_bf16`` on flat arrays (grid-stride)."""
+    grad_scale = param.dtype.type(clipping[1])
+    step_mix = _mix(np.uint64(t) & _MASK32)
+    k = cuda.grid(1)
+    while k < param.shape[0]:
+        _adam_element_bf16(param, grad, moment1, moment2, k, np.uint64(k), step_mix, lr_t, grad_scale, decay, beta1,
+                           rest1, beta2, rest2, eps)
+        k += cuda.gridsize(1)
+
+
+def adam_update_bf16(param, grad, moment1, moment2, t, lr_t, clipping, decay, beta1, beta2, eps):
+    """A grid-stride kernel over the flat arrays."""
+    one = param.dtype.type(1)
+    out = flat(param)
+    blocks, threads = device.elementwise_grid(out.size)
+    moments = flat(moment1), flat(moment2)
+    device.launch(_adam_bf16_kernel, blocks, threads, out, flat(grad), *moments, int(t), lr_t, clipping, decay, beta1,
+                  one - beta1, beta2, one - beta2, eps)
+
+
+@cuda.jit
+def _masked_adam_bf16_kernel(param_rows, grad_rows, moment1, moment2, mask, t, lr_t, clipping, decay, beta1, rest1,
+                             beta2, rest2, eps):
+    """The lazy Adam step of ``masked_adam_update_bf16``, rows swept as in ``_masked_adam_kernel``."""
+    grad_scale = param_rows.dtype.type(clipping[1])
+    step_mix = _mix(np.uint64(t) & _MASK32)
+    R, m = param_rows.shape
+    r0 = cuda.blockIdx.x * cuda.blockDim.y
+    while r0 < R:  # the same trip count for every thread of the block
+        r = r0 + cuda.threadIdx.y
+        marked = r < R and mask[r] != 0
+        cuda.syncthreads()
+        if marked:
+            i = cuda.threadIdx.x
+            while i < m:
+                _adam_element_bf16(param_rows[r], grad_rows[r], moment1[r], moment2[r], i,
+                                   np.uint64(r) * np.uint64(m) + np.uint64(i), step_mix, lr_t, grad_scale, decay,
+                                   beta1, rest1, beta2, rest2, eps)
+                grad_rows[r, i] = 0
+                i += cuda.blockDim.x
+            if cuda.threadIdx.x == 0:
+                mask[r] = 0
+        r0 += cuda.gridDim.x * cuda.blockDim.y
+
+
+def masked_adam_update_bf16(param_rows, grad_rows, moment1, moment2, mask, t, lr_t, clipping, decay, beta1, beta2,
+                            eps):
+    """Blocks of rows in sweeps, x-threads along a row, one launch (see ``_masked_adam_bf16_kernel``)."""
+    one = param_rows.dtype.type(1)
+    blocks, threads = device.row_grid(*param_rows.shape)
+    device.launch(_masked_adam_bf16_kernel, blocks, threads, param_rows, grad_rows, moment1, moment2, mask, int(t),
+                  lr_t, clipping, decay, beta1, one - beta1, beta2, one - beta2, eps)
 
 
 @cuda.jit(device=True)
