@@ -16,7 +16,8 @@ Training runs in a process of its own (this script with --worker): rnnlm.train.t
 the median of the per-window rates after the first --warmup windows (compilation, and the page faults of the
 first touches of the zeroed gradients and moments); the peak RSS is the kernel's ru_maxrss of that process
 (os.wait4), the whole run's from start-up to the last window (training_peak_rss_bytes: the same at the last
-window, before the GEMM probe below allocates its arrays). --moments bfloat16 stores Adam's moments in
+window, before the GEMM probe below allocates its arrays; window_rss_max_bytes: the largest VmRSS read after a
+timed window). --moments bfloat16 stores Adam's moments in
 bfloat16; --touch-all writes a word on every page of the parameters and the moments after the start checkpoint,
 before the first window (and of the gradients with --no-release), so that the peak is a long run's, whose
 every row has been touched;
@@ -147,15 +148,22 @@ def gemm_rate(N, m, threads):
     return 2 * N * m * 4096 / np.median(times[1:]) / 1e9
 
 
+def resident_bytes():
+    """This process's resident set size now (VmRSS)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
 class _EnoughWindowsError(Exception):
     """Raised from the window callback once the worker has timed its windows (not an error)."""
 
 
 def touch_pages(array):
-    """Write one element of every 4 KiB page of a C- or F-contiguous numpy array (its own value back)."""
+    """Write one element of every 4 KiB page of a C- or F-contiguous numpy array (its own value back, from a
+    copy: numpy skips an assignment whose source is its destination)."""
     flat = (array.T if array.flags.f_contiguous and not array.flags.c_contiguous else array).reshape(-1)
     stride = 4096 // flat.itemsize
-    flat[::stride] = flat[::stride]
+    flat[::stride] = flat[::stride].copy()
 
 
 def steady_state(touch_gradients):
@@ -186,10 +194,11 @@ def worker(spec):
         step.release_sparse = lambda ops, grads, window: None
     if spec["touch_all"]:
         steady_state(touch_gradients=not spec["release"])
-    stamps = []
+    stamps, resident = [], []
 
     def on_window(done, total, stats):
         stamps.append(time.perf_counter())
+        resident.append(resident_bytes())
         if done >= spec["windows"]:
             raise _EnoughWindowsError
 
@@ -204,7 +213,7 @@ def worker(spec):
     ids, vocab = open_token_dir(spec["store"])
     counts = token_counts(ids, len(vocab))
     record = {"window_s": np.diff(stamps).tolist(), "start_to_first_window_s": stamps[0] - started,
-              "training_peak_rss_bytes": training_peak,
+              "training_peak_rss_bytes": training_peak, "window_rss_bytes": resident,
               "vocab_size": len(vocab), "hs_cost": hs_costs(counts),
               "class_costs": class_costs(counts.astype(np.float64), sorted({spec["classes"], *CLASS_SWEEP})),
               "gemm_gflops": gemm_rate(spec["bptt"] * spec["batch"], spec["hidden"], spec["threads"])}
@@ -233,7 +242,8 @@ def train_run(args, folder, store, valid):
             "touch_all": args.touch_all, "threads": args.threads, "windows_timed": len(rates),
             "tokens_per_s_median": float(np.median(rates)), "tokens_per_s_min": float(rates.min()),
             "tokens_per_s_max": float(rates.max()), "peak_rss_mib": rss,
-            "training_peak_rss_bytes": record["training_peak_rss_bytes"], "process_s": seconds,
+            "training_peak_rss_bytes": record["training_peak_rss_bytes"],
+            "window_rss_max_bytes": max(record["window_rss_bytes"][args.warmup:]), "process_s": seconds,
             "start_to_first_window_s": record["start_to_first_window_s"], "mflop_per_token": flops / 1e6,
             "gemm_gflops": record["gemm_gflops"],
             "ceiling_tokens_per_s": record["gemm_gflops"] * 1e9 / flops, "class_sweep": record["class_costs"]}
