@@ -19,9 +19,9 @@ first touches of the zeroed gradients and moments); the peak RSS is the kernel's
 window, before the GEMM probe below allocates its arrays; window_rss_max_bytes: the largest VmRSS read after a
 timed window). --moments bfloat16 stores Adam's moments in
 bfloat16; --touch-all writes a word on every page of the parameters and the moments after the start checkpoint,
-before the first window (and of the gradients with --no-release), so that the peak is a long run's, whose
+before the first window (and of the gradients without --release), so that the peak is a long run's, whose
 every row has been touched;
---no-release keeps the sparse gradients' pages between windows (``step.release_sparse`` made a no-op). The
+--release gives the sparse gradients' pages back after every update (`rnnlm train --release-gradients`). The
 ceiling is the FLOP model's (benchmarks/common.py: 6·m·(C + E|c|) + 6·m² per token, E|c| the mean size of
 the targets' classes on the store's counts; with --softmax hs, C + E|c| becomes the mean path length of the
 Huffman tree over the targets) at the GEMM rate measured in the same process (a (T·B, m) × (m, 4096) float32
@@ -185,13 +185,10 @@ def steady_state(touch_gradients):
 
 def worker(spec):
     """Train for spec's windows in this process; prints a JSON record of the per-window times."""
-    from rnnlm import step
     from rnnlm.store import token_counts
     from rnnlm.tokenizer import open_token_dir
     from rnnlm.train import RunOptions, TrainConfig, train
 
-    if not spec["release"]:
-        step.release_sparse = lambda ops, grads, window: None
     if spec["touch_all"]:
         steady_state(touch_gradients=not spec["release"])
     stamps, resident = [], []
@@ -204,7 +201,8 @@ def worker(spec):
 
     classes = spec["classes"] if spec["softmax"] == "class" else None
     config = TrainConfig(hidden=spec["hidden"], softmax=spec["softmax"], classes=classes, optimizer="lazyadam",
-                         bptt=spec["bptt"], batch=spec["batch"], epochs=1, tied=spec["tied"], moments=spec["moments"])
+                         bptt=spec["bptt"], batch=spec["batch"], epochs=1, tied=spec["tied"], moments=spec["moments"],
+                         release_gradients=spec["release"])
     started = time.perf_counter()
     with contextlib.suppress(_EnoughWindowsError):
         train(spec["store"], spec["model"], valid=spec["valid"], config=config,
@@ -294,8 +292,8 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tied", action="store_true")
     parser.add_argument("--moments", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--no-release", dest="release", action="store_false",
-                        help="keep the sparse gradients' pages between windows")
+    parser.add_argument("--release", action="store_true",
+                        help="rnnlm train's --release-gradients: give the sparse gradients' pages back after updates")
     parser.add_argument("--touch-all", action="store_true",
                         help="touch every page of the weights and moments first (a long run's steady state)")
     parser.add_argument("--threads", type=int, default=2)

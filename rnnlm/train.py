@@ -63,6 +63,7 @@ class TrainConfig:
     batch: int = 20
     optimizer: str = "sgd"
     moments: str = "float32"
+    release_gradients: bool = False
     schedule: str | None = None
     lr: float | None = None
     epochs: int = 20
@@ -270,7 +271,7 @@ class Trainer(Checkpoints):
         self.params = step.to_device(ops, model.params, model.tied)
         self.window = step.Window(ops, config.bptt, len(streams), model.hidden, model.vocab_size,
                                   dropout=config.dropout, **model.structure)
-        self.grads = step.zero_grads(ops, model.params, model.tied, step.sparse_names(self.window))
+        self.grads = step.zero_grads(ops, model.params, model.tied, self.releasable())
         trainable = step.trainable(self.params, self.window)
         self.trainable = list(trainable)
         self.optimizer = make_optimizer(config.optimizer, ops, trainable, clip=config.clip, l2=config.l2,
@@ -281,6 +282,10 @@ class Trainer(Checkpoints):
         self.warmup = schedule.Warmup(config.warmup)
         self.guard = schedule.Guard(min(self.n_windows, schedule.RECOVERY_WINDOWS))
         self.clock = time.perf_counter()  # the run's start (less its time before a resume: set by run)
+
+    def releasable(self):
+        """The sparse gradients whose pages go back after every update (--release-gradients), else none."""
+        return step.sparse_names(self.window) if self.config.release_gradients else ()
 
     def epoch_schedule(self):
         """The config's epoch-level schedule (``rnnlm.schedule``)."""
@@ -332,7 +337,8 @@ class Trainer(Checkpoints):
             loss = step.forward_backward(ops, self.params, self.grads, window, *tokens)
             loss = self.reducer.reduce(ops, self.grads, window, loss)
             self.optimizer.update(self.params, self.grads, window, self.current_lr())
-            step.release_sparse(ops, self.grads, window)
+            if self.config.release_gradients:
+                step.release_sparse(ops, self.grads, window)
             self.checkpoint_is_now = False
             loss = float(loss)  # the whole step is queued before the host waits for the device
             if not loss / (T * B) < max_loss:  # NaN, inf, or far worse than guessing: diverged (the rollback
@@ -413,7 +419,7 @@ class Trainer(Checkpoints):
         state.window, state.epoch_loss = 0, 0.0
         self.window.reset_state()
         # the diverged window's sparse gradients were never applied: clear them and their masks
-        self.grads = step.zero_grads(self.ops, self.params, self.model.tied, step.sparse_names(self.window))
+        self.grads = step.zero_grads(self.ops, self.params, self.model.tied, self.releasable())
         for mask in (self.window.touched_W_x, self.window.touched_W_o):
             self.ops.copy_into(np.zeros(mask.shape, np.uint8), mask)
         self.log({"event": "diverged", "loss": loss})  # with the rate of the next window
