@@ -2,6 +2,7 @@
 (on a machine with a GPU); this must happen before numba is first imported."""
 
 import os
+import signal
 
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
@@ -76,3 +77,19 @@ def demo_texts(folder, train_lines, valid_lines, train_name="train.txt"):
     (folder / train_name).write_text("\n".join(lines[:train_lines]) + "\n", encoding="utf-8")
     (folder / "valid.txt").write_text("\n".join(lines[-valid_lines:]) + "\n", encoding="utf-8")
     return lines
+
+
+def train_whole_and_interrupted(corpus, folder, config):
+    """Train config on corpus/train.txt (validated on corpus/valid.txt) to folder/whole.npz, then again to
+    folder/cut.npz with a SIGTERM halfway through; returns the interrupted run's checkpoint."""
+    import rnnlm
+
+    def interrupt(done, total, stats):
+        if done == total // 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    rnnlm.train(corpus / "train.txt", folder / "whole.npz", valid=corpus / "valid.txt", config=config)
+    with pytest.raises(rnnlm.TrainingInterrupted):
+        rnnlm.train(corpus / "train.txt", folder / "cut.npz", valid=corpus / "valid.txt", config=config,
+                    on_window=interrupt)
+    return folder / "cut.ckpt.npz"

@@ -2,8 +2,6 @@
 gradients whose pages are given back after every update (ops.releasable_zeros, ops.release)."""
 
 import json
-import os
-import signal
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from rnnlm.backends import MIX_GOLDEN, MIX_MULTIPLIERS, cpu
 from rnnlm.errors import RnnlmError
 from rnnlm.model import write_npz
 
-from .conftest import demo_texts
+from .conftest import demo_texts, train_whole_and_interrupted
 
 M32 = 0xFFFFFFFF
 
@@ -232,17 +230,7 @@ def test_a_run_is_the_same_with_and_without_giving_the_gradient_pages_back(corpu
 
 @pytest.mark.slow
 def test_an_interrupted_bf16_run_resumes_to_the_same_bytes_and_a_wrong_moment_dtype_is_refused(corpus, tmp_path):
-    rnnlm.train(corpus / "train.txt", tmp_path / "whole.npz", valid=corpus / "valid.txt",
-                config=rnnlm.TrainConfig(**SETTINGS))
-
-    def interrupt(done, total, stats):
-        if done == total // 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with pytest.raises(rnnlm.TrainingInterrupted):
-        rnnlm.train(corpus / "train.txt", tmp_path / "cut.npz", valid=corpus / "valid.txt",
-                    config=rnnlm.TrainConfig(**SETTINGS), on_window=interrupt)
-    checkpoint = tmp_path / "cut.ckpt.npz"
+    checkpoint = train_whole_and_interrupted(corpus, tmp_path, rnnlm.TrainConfig(**SETTINGS))
     with np.load(checkpoint, allow_pickle=False) as npz:
         arrays = {name: npz[name] for name in npz.files}
     assert arrays["optimizer/moment2/W_o"].dtype == np.uint16 and arrays["optimizer/moment2/W_o"].any()

@@ -5,8 +5,6 @@ training, the model file, perplexity, score, sample and dynamic evaluation."""
 import heapq
 import json
 import math
-import os
-import signal
 
 import numba
 import numpy as np
@@ -22,7 +20,7 @@ from rnnlm.errors import RnnlmError
 from rnnlm.huffman import MAX_DEPTH, huffman_tree
 from rnnlm.model import init_params, write_npz
 from rnnlm.score import Decoder, score
-from tests.conftest import demo_texts, reference_perplexity
+from tests.conftest import demo_texts, reference_perplexity, train_whole_and_interrupted
 
 V, m, T, B = 11, 5, 4, 3
 COUNTS = np.array([40, 3, 3, 17, 0, 9, 1, 1, 25, 6, 2])  # ties, a zero, the first word the most frequent
@@ -326,17 +324,8 @@ def test_init_from_an_hs_model_keeps_its_tree(hs_model, corpus):
 def test_an_interrupted_run_resumes_to_the_same_bytes(corpus, tmp_path):
     settings = {"hidden": 8, "bptt": 5, "batch": 3, "epochs": 2, "softmax": "hs", "optimizer": "lazyadam",
                 "lr": 0.01, "dropout": 0.1}
-    rnnlm.train(corpus / "train.txt", tmp_path / "whole.npz", valid=corpus / "valid.txt",
-                config=rnnlm.TrainConfig(**settings))
-
-    def interrupt(done, total, stats):
-        if done == total // 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with pytest.raises(rnnlm.TrainingInterrupted):
-        rnnlm.train(corpus / "train.txt", tmp_path / "cut.npz", valid=corpus / "valid.txt",
-                    config=rnnlm.TrainConfig(**settings), on_window=interrupt)
-    rnnlm.resume(tmp_path / "cut.ckpt.npz", text=corpus / "train.txt", valid=corpus / "valid.txt")
+    checkpoint = train_whole_and_interrupted(corpus, tmp_path, rnnlm.TrainConfig(**settings))
+    rnnlm.resume(checkpoint, text=corpus / "train.txt", valid=corpus / "valid.txt")
     assert (tmp_path / "cut.npz").read_bytes() == (tmp_path / "whole.npz").read_bytes()
 
 
