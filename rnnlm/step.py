@@ -33,6 +33,12 @@ def to_device(ops, params, tied=False):
 RELEASE_BYTES = 64 << 20  # a sparse gradient this large gives its pages back after every update
 
 
+def _worth_releasing(shape, dtype):
+    """Whether a sparse gradient is large enough (RELEASE_BYTES) for its pages to go back after every update:
+    a smaller one would cost its page faults and gain nothing worth them."""
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize >= RELEASE_BYTES
+
+
 def zero_grads(ops, params, tied=False, sparse=()):
     """Zeroed gradient arrays laid out like ``to_device``'s parameters; tied, W_x's is a view of W_o's, so
     that the input term's gradient lands in the shared array's rows. None for the direct features' W_d,
@@ -40,7 +46,7 @@ def zero_grads(ops, params, tied=False, sparse=()):
     whose arrays of RELEASE_BYTES or more are ``ops.releasable_zeros`` (see ``release_sparse``)."""
     def zeros(name, shape):
         dtype = params[name].dtype
-        releasable = name in sparse and np.prod(shape) * dtype.itemsize >= RELEASE_BYTES
+        releasable = name in sparse and _worth_releasing(shape, dtype)
         return (ops.releasable_zeros if releasable else ops.zeros)(shape, dtype)
 
     grads = {name: zeros(name, p.shape) for name, p in params.items() if name not in ("W_x", "W_d")}
@@ -48,13 +54,13 @@ def zero_grads(ops, params, tied=False, sparse=()):
     return grads
 
 
-def release_sparse(ops, grads, window):
-    """Give the memory of the sparse gradients of RELEASE_BYTES or more back (``ops.release``) once an update
-    has left them zero: their pages then hold the rows one window writes, not every row a run has touched
-    (a smaller one would cost its page faults and gain nothing worth them)."""
-    for name in sparse_names(window):
+def release_sparse(ops, grads, sparse):
+    """Give the memory of the gradients named in sparse (``zero_grads``'s) of RELEASE_BYTES or more back
+    (``ops.release``) once an update has left them zero: their pages then hold the rows one window writes,
+    not every row a run has touched."""
+    for name in sparse:
         grad_rows = rows(name, grads[name])
-        if grad_rows.size * grad_rows.dtype.itemsize >= RELEASE_BYTES:
+        if _worth_releasing(grad_rows.shape, grad_rows.dtype):
             ops.release(grad_rows)
 
 

@@ -337,8 +337,7 @@ class Trainer(Checkpoints):
             loss = step.forward_backward(ops, self.params, self.grads, window, *tokens)
             loss = self.reducer.reduce(ops, self.grads, window, loss)
             self.optimizer.update(self.params, self.grads, window, self.current_lr())
-            if self.config.release_gradients:
-                step.release_sparse(ops, self.grads, window)
+            step.release_sparse(ops, self.grads, self.releasable())
             self.checkpoint_is_now = False
             loss = float(loss)  # the whole step is queued before the host waits for the device
             if not loss / (T * B) < max_loss:  # NaN, inf, or far worse than guessing: diverged (the rollback
