@@ -105,3 +105,10 @@ class Progress:
         if self.bar is not None:
             self.bar.render_finish()
             self.bar = None
+
+
+def warn_restarts(restarts):
+    """Say on stderr how often dynamic evaluation's guard put the trained weights back, if ever."""
+    if restarts:
+        click.echo(f"warning: dynamic evaluation ran away and restarted from the trained weights {restarts:,} "
+                   "time(s); a lower --dynamic rate may do better", err=True)

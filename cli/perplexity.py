@@ -10,7 +10,7 @@ from rnnlm import ngram as ngram_lm
 from rnnlm._env import set_threads
 from rnnlm.dynamic import RULES, DynamicConfig
 
-from .common import Command, FiniteFloat, Progress, device_option, emit_json, json_option, threads_option
+from .common import Command, FiniteFloat, Progress, device_option, emit_json, json_option, threads_option, warn_restarts
 
 DYNAMIC = DynamicConfig(lr=1.0)
 
@@ -103,7 +103,9 @@ def _describe(result):
 @device_option
 @threads_option
 @json_option('one {"type": "perplexity", "perplexity", "bits_per_token", "tokens", "unk"} record '
-             '(with --ngram or --dynamic also "rnn_perplexity"; with --ngram "ngram_perplexity", "lambda", '
+             '(with --ngram or --dynamic also "rnn_perplexity"; with --dynamic "dynamic_restarts": how often '
+             'the guard restarted a run-away adaptation from the trained weights; with --ngram '
+             '"ngram_perplexity", "lambda", '
              '"lambda_text", "ngram_order", "ngram_oov_tokens", "rnn_words_unknown_to_ngram", '
              '"ngram_words_unknown_to_rnn")')
 @click.pass_context
@@ -124,6 +126,7 @@ def perplexity(ctx, model_path, text, device, threads, as_json, **mixing):
             result = ngram_lm.perplexity(model, text, device, ngram, lam, lambda_text, config, progress.update)
         finally:
             progress.close()
+    warn_restarts(result.get("dynamic_restarts", 0))
     if as_json:
         emit_json("perplexity", **result)
         return

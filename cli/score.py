@@ -20,7 +20,7 @@ from rnnlm.dynamic import StreamScorer
 from rnnlm.score import DEFAULT_BATCH, Scorer, Summary, check_vocabulary, chunks, read_sentences
 from rnnlm.textio import display_name, iter_lines
 
-from .common import Command, FiniteFloat, device_option, emit_json, json_option, threads_option
+from .common import Command, FiniteFloat, device_option, emit_json, json_option, threads_option, warn_restarts
 from .perplexity import mixing_options, read_mixing
 
 UNITS = {"ln": 1.0, "log10": 1 / math.log(10), "bits": 1 / math.log(2)}
@@ -84,7 +84,8 @@ def score(ctx, model_path, texts, stream, per_word, units, nbest_format, best, b
     if dynamic is not None:
         dynamic = dynamic.prepared(model, device)
     scorer = Scorer(model, device, 1 if stream else batch)
-    score_chunk = StreamScorer(model, device, dynamic).score_sentences if dynamic else (
+    adapting = StreamScorer(model, device, dynamic) if dynamic else None
+    score_chunk = adapting.score_sentences if adapting else (
         scorer.score_stream if stream else scorer.score_independent)
     if ngram is not None:
         ngram, lam = mixed_ngram(model, ngram, lam, lambda_text, device, dynamic)
@@ -103,6 +104,8 @@ def score(ctx, model_path, texts, stream, per_word, units, nbest_format, best, b
                 ngram_lm.mix_sentences(ngram, model.vocab, sentences, lam)
             output.chunk(sentences, hypotheses)
     output.finish()
+    if adapting:
+        warn_restarts(adapting.restarts)
 
 
 def mixed_ngram(model, path, lam, lambda_text, device, dynamic):
@@ -110,7 +113,8 @@ def mixed_ngram(model, path, lam, lambda_text, device, dynamic):
     ngram = ngram_lm.NgramModel(path)
     mismatch = ngram_lm.vocab_mismatch(model.vocab, ngram)
     if lam == "auto":
-        lam = ngram_lm.fit_lambda_on(model, ngram, lambda_text, device, dynamic)
+        lam, restarts = ngram_lm.fit_lambda_on(model, ngram, lambda_text, device, dynamic)
+        warn_restarts(restarts)
     click.echo(f"{ngram.order}-gram model mixed in with λ = {lam:.4f}; {mismatch['rnn_words_unknown_to_ngram']:,} "
                f"RNN words unknown to it, {mismatch['ngram_words_unknown_to_rnn']:,} of its words unknown to the RNN",
                err=True)

@@ -22,6 +22,10 @@ With ``decay`` = d > 0, each step first pulls the weights toward the trained one
 step costs. Dropout is off. The direct features' table W_d adapts by its unclipped sparse SGD step at
 ``direct_lr`` (η when None) under every rule, as in training, and is not pulled back. The same command gives
 the same numbers (with the same thread count on the CPU).
+
+A guard, like training's: when the last GUARD_TOKENS scored tokens (or the last segment, if longer) average
+more than ln V + 3 nats, the adaptation has run away; the weights go back to the trained ones, the rule's
+state with them, and the run counts a restart (``StreamScorer.restarts``).
 """
 
 from dataclasses import dataclass, field, replace
@@ -41,6 +45,8 @@ RULES = ("sgd", "rms")
 STATS_STREAMS = 100  # the training text's streams in gradient_rms (Krause et al.'s batch)
 STATS_TOKENS = 300_000  # the first tokens of the --dynamic-stats text that gradient_rms reads
 STATS_EPS = 2e-5
+GUARD_TOKENS = 200  # the scored tokens whose mean loss the guard watches
+GUARD_NATS = 3.0  # above ln V: far worse than the uniform distribution
 
 
 @dataclass(frozen=True)
@@ -244,7 +250,8 @@ class StreamScorer:
     """Per-token ln p of one stream handed over piece by piece (``log_probs``), with dynamic evaluation
     when ``dynamic`` (a DynamicConfig) is given. Segments are cut at multiples of ``dynamic.segment`` from the
     stream's start and a step is taken once a segment is whole, so the numbers do not depend on how the
-    stream is cut into pieces. The model's own arrays are not changed."""
+    stream is cut into pieces. The model's own arrays are not changed. ``restarts``: how many times the guard
+    (module docstring) put the trained weights back."""
 
     def __init__(self, model, device="cpu", dynamic=None):
         if dynamic is not None:
@@ -259,6 +266,8 @@ class StreamScorer:
         self.last_token, self.done = model.vocab.boundary_id, 0
         self.before = max(model.direct_order - 2, 0)  # the direct features' inputs before the next token's
         self.recent = self.segment_history = np.full((self.before, 1), -1, np.int32)
+        self.watched = np.empty(0)  # the losses of the last scored tokens, for the guard
+        self.restarts = 0
 
     def window(self, n):
         """Buffers for n steps of one stream and a float64 (n,) output, made once per size."""
@@ -300,6 +309,7 @@ class StreamScorer:
             self.states = [ops.to_numpy(S[n]) for S in window.S]
             self.done, start = self.done + n, start + n
             if self.dynamic is not None:
+                self.watched = np.concatenate([self.watched, -ln_p[span]])[-max(GUARD_TOKENS, self.T):]
                 self.pending.append((inputs[span], ids[span]))
                 if self.done % self.T == 0:
                     self.adapt()
@@ -318,7 +328,13 @@ class StreamScorer:
             sentence.ln_probs, sentence.ln_prob = part, float(part.sum())
 
     def adapt(self):
-        """The step on the segment just completed, from the state it started with."""
+        """The step on the segment just completed, from the state it started with; or, if the guard sees a
+        run-away adaptation, the trained weights back instead."""
+        if self.diverged():
+            self.params = step.to_device(self.ops, self.model.params, self.model.tied)
+            self.adapter, self.watched, self.restarts = None, np.empty(0), self.restarts + 1
+            self.segment_states, self.pending = self.states, []
+            return
         window, _ = self.window(self.T)
         if self.adapter is None:
             self.adapter = Adapter(self.ops, self.params, window, self.dynamic, self.model.class_bounds)
@@ -329,6 +345,14 @@ class StreamScorer:
             window.direct.set_history(self.segment_history)
         self.adapter.update(window, (inputs, targets), *self.device_tokens(inputs, targets))
         self.segment_states, self.pending = self.states, []
+
+
+    def diverged(self):
+        """Whether the last max(GUARD_TOKENS, segment) scored tokens average more than ln V + GUARD_NATS."""
+        if len(self.watched) < max(GUARD_TOKENS, self.T):
+            return False
+        mean = self.watched.mean()
+        return not np.isfinite(mean) or mean > np.log(self.model.vocab_size) + GUARD_NATS
 
 
 def token_log_probs(model, ids, device="cpu", dynamic=None, progress=None):

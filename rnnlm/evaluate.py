@@ -21,6 +21,11 @@ EVAL_WINDOW = 256
 LOG_FLOAT_MAX = math.log(sys.float_info.max)  # a mean loss above this is an infinite perplexity
 
 
+def perplexity_of(nats_per_token):
+    """exp(mean loss in nats), infinite where it would overflow a float."""
+    return math.inf if nats_per_token > LOG_FLOAT_MAX else math.exp(nats_per_token)
+
+
 def stream_loss(ops, params, ids, boundary_id, structure, window=EVAL_WINDOW):
     """Σ -log p(token) over ``ids`` read as one stream from the boundary token (natural log, float).
 
@@ -65,7 +70,7 @@ def perplexity(model, text, device="cpu"):
     nats = stream_loss(ops, params, ids, model.vocab.boundary_id, model.structure)
     per_token = nats / len(ids)
     return {
-        "perplexity": math.inf if per_token > LOG_FLOAT_MAX else math.exp(per_token),
+        "perplexity": perplexity_of(per_token),
         "bits_per_token": per_token / math.log(2),
         "tokens": int(len(ids)),
         "unk": int(np.count_nonzero(ids == model.vocab.unk_id)),

@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from rnnlm.corpus import load_corpus
-from rnnlm.dynamic import token_log_probs
+from rnnlm.dynamic import StreamScorer
 from rnnlm.errors import RnnlmError
+from rnnlm.evaluate import perplexity_of
 from rnnlm.textio import iter_lines
 from rnnlm.tokenizer import UNK
 
@@ -206,11 +207,12 @@ def _text_ids(model, text):
 
 
 def fit_lambda_on(model, ngram, text, device="cpu", dynamic=None, progress=None):
-    """λ fitted by EM (``fit_lambda``) on ``text`` read as one stream, the RNN side dynamically evaluated
-    when ``dynamic`` (a DynamicConfig) is given."""
+    """(λ fitted by EM (``fit_lambda``) on ``text`` read as one stream, the dynamic evaluation's restarts): the
+    RNN side dynamically evaluated when ``dynamic`` (a DynamicConfig) is given."""
     ids = _text_ids(model, text)
-    ln_rnn = token_log_probs(model, ids, device, dynamic, progress)
-    return fit_lambda(ln_rnn, stream_log_probs(ngram, model.vocab, ids)[0])[0]
+    rnn = StreamScorer(model, device, dynamic)
+    ln_rnn = rnn.log_probs(ids, progress)
+    return fit_lambda(ln_rnn, stream_log_probs(ngram, model.vocab, ids)[0])[0], rnn.restarts
 
 
 def mix_sentences(ngram, vocab, sentences, lam):
@@ -229,7 +231,8 @@ def perplexity(model, text, device="cpu", ngram=None, lam=0.5, lambda_text=None,
     lam: the n-gram model's weight λ in [0, 1], or "auto" to fit it by EM on ``lambda_text`` (scored as
     ``text`` is: dynamic evaluation included). dynamic: a ``rnnlm.dynamic.DynamicConfig`` or None.
     progress: progress(tokens done, total) for each text scored, or None. Returns the keys of
-    ``rnnlm.perplexity`` and ``rnn_perplexity`` (the RNN alone, dynamic when asked); with ``ngram``:
+    ``rnnlm.perplexity`` and ``rnn_perplexity`` (the RNN alone, dynamic when asked); with ``dynamic``,
+    ``dynamic_restarts`` (the guard's, ``rnnlm.dynamic``, on the text and the λ text); with ``ngram``:
     ``ngram_perplexity``, ``lambda``, ``lambda_text``, ``ngram_order``, ``ngram_oov_tokens`` and
     ``vocab_mismatch``'s counts.
     """
@@ -244,17 +247,21 @@ def perplexity(model, text, device="cpu", ngram=None, lam=0.5, lambda_text=None,
     if dynamic is not None:
         dynamic = dynamic.prepared(model, device)  # the fixed RMS of --dynamic-stats, once for both texts
     fitted_on = str(lambda_text) if lam == "auto" else None
+    restarts = 0
     if ngram is not None and lam == "auto":
-        lam = fit_lambda_on(model, ngram, lambda_text, device, dynamic, progress)
-    ln_p = token_log_probs(model, ids, device, dynamic, progress)
-    result.update(rnn_perplexity=math.exp(-ln_p.mean()), tokens=len(ids),
+        lam, restarts = fit_lambda_on(model, ngram, lambda_text, device, dynamic, progress)
+    rnn = StreamScorer(model, device, dynamic)
+    ln_p = rnn.log_probs(ids, progress)
+    result.update(rnn_perplexity=perplexity_of(-ln_p.mean()), tokens=len(ids),
                   unk=int(np.count_nonzero(ids == model.vocab.unk_id)))
+    if dynamic is not None:
+        result.update(dynamic_restarts=restarts + rnn.restarts)
     if ngram is not None:
         ln_ngram, oov = stream_log_probs(ngram, model.vocab, ids)
         ln_p = mix(ln_p, ln_ngram, lam)
-        result.update(ngram_perplexity=math.exp(-ln_ngram.mean()), ngram_order=ngram.order, ngram_oov_tokens=int(
+        result.update(ngram_perplexity=perplexity_of(-ln_ngram.mean()), ngram_order=ngram.order, ngram_oov_tokens=int(
             np.count_nonzero(oov & (ids != model.vocab.unk_id))), **{"lambda": lam},
             lambda_text=fitted_on)
     per_token = -ln_p.mean()
-    result.update(perplexity=math.exp(per_token), bits_per_token=per_token / math.log(2))
+    result.update(perplexity=perplexity_of(per_token), bits_per_token=per_token / math.log(2))
     return result

@@ -32,6 +32,7 @@ from rnnlm import reference, step
 from rnnlm.backends import get_backend
 from rnnlm.direct import DirectRows, context_history, history_before, window_contexts
 from rnnlm.errors import RnnlmError
+from rnnlm.evaluate import perplexity_of
 from rnnlm.model import layer_names, word_classes
 
 SENTENCE_MARKS = ("<s>", "</s>")
@@ -379,7 +380,7 @@ class Summary:
     def perplexity(self, include_oov=True):
         n = self.tokens if include_oov else self.tokens - self.oov
         total = self.ln_prob if include_oov else self.ln_prob_known
-        return math.exp(-total / n) if n else math.nan
+        return perplexity_of(-total / n) if n else math.nan
 
 
 def _read_ahead(lines, out):

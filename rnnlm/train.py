@@ -35,7 +35,7 @@ from rnnlm.checkpoint import check_cursor, read_checkpoint, saved_run
 from rnnlm.checkpointing import Checkpoints
 from rnnlm.corpus import Windows
 from rnnlm.errors import RnnlmError
-from rnnlm.evaluate import stream_loss
+from rnnlm.evaluate import perplexity_of, stream_loss
 from rnnlm.model import DEFAULT_DIRECT_ORDER, INITS, SOFTMAXES, check_output_layer, word_classes
 from rnnlm.optim import MOMENTS, OPTIMIZERS, make_optimizer
 from rnnlm.paths import atomic_output, naming_errors
@@ -352,7 +352,8 @@ class Trainer(Checkpoints):
             if on_window:
                 mean = state.epoch_loss / (done * T * B)
                 speed = (done - first) * T * B / (time.perf_counter() - start)
-                on_window(done, self.n_windows, {"loss": mean, "perplexity": math.exp(mean), "tokens_per_s": speed})
+                on_window(done, self.n_windows,
+                          {"loss": mean, "perplexity": perplexity_of(mean), "tokens_per_s": speed})
             if done % log_every == 0 and done < self.n_windows:
                 self.log({"train_loss": state.epoch_loss / (done * T * B), "valid_perplexity": None})
             if self.reducer.any(self.signals.received is not None):
@@ -385,7 +386,7 @@ class Trainer(Checkpoints):
         if not valid_loss < math.log(model.vocab_size) + 3:  # NaN, inf or worse than guessing: diverged
             self.recover_from_divergence(valid_loss)
             return False
-        valid_ppl = math.exp(valid_loss)
+        valid_ppl = perplexity_of(valid_loss)
         done = max(state.window, 1)
         record = self.log({"train_loss": state.epoch_loss / (done * config.bptt * config.batch),
                            "valid_perplexity": valid_ppl, "tokens_per_s": tokens_per_s})

@@ -113,6 +113,26 @@ def test_the_stream_may_come_in_pieces(model_and_ids):
     np.testing.assert_allclose(np.concatenate(pieces), whole, rtol=1e-6)
 
 
+def test_a_run_away_adaptation_restarts_from_the_trained_weights(tmp_path, monkeypatch):
+    (tmp_path / "text.txt").write_text(TEXT * 5, encoding="utf-8")
+    ids, vocab = load_corpus(tmp_path / "text.txt")
+    model = Model.create(vocab, 8, seed=1)
+    model.save(tmp_path / "model.npz")
+    sane = StreamScorer(model, dynamic=DynamicConfig(lr=0.05, segment=5))
+    sane.log_probs(ids)
+    wild = StreamScorer(model, dynamic=DynamicConfig(lr=1e4, segment=5, rule="sgd"))
+    guarded = wild.log_probs(ids)
+    assert sane.restarts == 0 and wild.restarts >= 1
+    monkeypatch.setattr(rnnlm.dynamic, "GUARD_NATS", math.inf)
+    unguarded = token_log_probs(model, ids, dynamic=DynamicConfig(lr=1e4, segment=5, rule="sgd"))
+    assert guarded.mean() > unguarded.mean() + 1
+    monkeypatch.undo()
+    result = run_cli("perplexity", tmp_path / "model.npz", tmp_path / "text.txt", "--dynamic", "1e4",
+                     "--dynamic-rule", "sgd", "--dynamic-segment", "5", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["dynamic_restarts"] == wild.restarts
+    assert "restarted from the trained weights" in result.stderr
+
+
 def test_a_tied_stacked_model_adapts_without_a_leak(tmp_path):
     (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
     ids, vocab = load_corpus(tmp_path / "text.txt")
