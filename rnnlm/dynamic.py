@@ -346,7 +346,6 @@ class StreamScorer:
         self.adapter.update(window, (inputs, targets), *self.device_tokens(inputs, targets))
         self.segment_states, self.pending = self.states, []
 
-
     def diverged(self):
         """Whether the last max(GUARD_TOKENS, segment) scored tokens average more than ln V + GUARD_NATS."""
         if len(self.watched) < max(GUARD_TOKENS, self.T):
