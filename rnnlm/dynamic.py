@@ -24,8 +24,8 @@ step costs. Dropout is off. The direct features' table W_d adapts by its unclipp
 the same numbers (with the same thread count on the CPU).
 
 A guard, like training's: when the last GUARD_TOKENS scored tokens (or the last segment, if longer) average
-more than ln V + 3 nats, the adaptation has run away; the weights go back to the trained ones, the rule's
-state with them, and the run counts a restart (``StreamScorer.restarts``).
+more than ln V + 3 nats (``rnnlm.evaluate.diverged``), the adaptation has run away; the weights go back to the
+trained ones, the rule's state with them, and the run counts a restart (``StreamScorer.restarts``).
 """
 
 from dataclasses import dataclass, field, replace
@@ -37,6 +37,7 @@ from rnnlm.backends import get_backend
 from rnnlm.corpus import Windows, load_corpus
 from rnnlm.direct import history_before
 from rnnlm.errors import RnnlmError
+from rnnlm.evaluate import diverged
 from rnnlm.model import word_classes
 from rnnlm.optim import SGD, LazyAdam
 
@@ -46,7 +47,6 @@ STATS_STREAMS = 100  # the training text's streams in gradient_rms (Krause et al
 STATS_TOKENS = 300_000  # the first tokens of the --dynamic-stats text that gradient_rms reads
 STATS_EPS = 2e-5
 GUARD_TOKENS = 200  # the scored tokens whose mean loss the guard watches
-GUARD_NATS = 3.0  # above ln V: far worse than the uniform distribution
 
 
 @dataclass(frozen=True)
@@ -330,7 +330,7 @@ class StreamScorer:
     def adapt(self):
         """The step on the segment just completed, from the state it started with; or, if the guard sees a
         run-away adaptation, the trained weights back instead."""
-        if self.diverged():
+        if self.ran_away():
             self.params = step.to_device(self.ops, self.model.params, self.model.tied)
             self.adapter, self.watched, self.restarts = None, np.empty(0), self.restarts + 1
             self.segment_states, self.pending = self.states, []
@@ -346,12 +346,10 @@ class StreamScorer:
         self.adapter.update(window, (inputs, targets), *self.device_tokens(inputs, targets))
         self.segment_states, self.pending = self.states, []
 
-    def diverged(self):
-        """Whether the last max(GUARD_TOKENS, segment) scored tokens average more than ln V + GUARD_NATS."""
-        if len(self.watched) < max(GUARD_TOKENS, self.T):
-            return False
-        mean = self.watched.mean()
-        return not np.isfinite(mean) or mean > np.log(self.model.vocab_size) + GUARD_NATS
+    def ran_away(self):
+        """Whether the mean loss of the last max(GUARD_TOKENS, segment) scored tokens has ``diverged``."""
+        watched_all = len(self.watched) >= max(GUARD_TOKENS, self.T)
+        return watched_all and diverged(self.watched.mean(), self.model.vocab_size)
 
 
 def token_log_probs(model, ids, device="cpu", dynamic=None, progress=None):

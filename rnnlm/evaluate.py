@@ -21,6 +21,15 @@ EVAL_WINDOW = 256
 LOG_FLOAT_MAX = math.log(sys.float_info.max)  # a mean loss above this is an infinite perplexity
 
 
+DIVERGED_NATS = 3.0  # a mean loss this far above ln V (far worse than guessing) means a run has diverged
+
+
+def diverged(nats_per_token, vocab_size):
+    """Whether a mean loss is NaN, infinite or above ln V + DIVERGED_NATS: training's and dynamic evaluation's
+    guards."""
+    return not nats_per_token < math.log(vocab_size) + DIVERGED_NATS
+
+
 def perplexity_of(nats_per_token):
     """exp(mean loss in nats), infinite where it would overflow a float."""
     return math.inf if nats_per_token > LOG_FLOAT_MAX else math.exp(nats_per_token)

@@ -35,7 +35,7 @@ from rnnlm.checkpoint import check_cursor, read_checkpoint, saved_run
 from rnnlm.checkpointing import Checkpoints
 from rnnlm.corpus import Windows
 from rnnlm.errors import RnnlmError
-from rnnlm.evaluate import perplexity_of, stream_loss
+from rnnlm.evaluate import diverged, perplexity_of, stream_loss
 from rnnlm.model import DEFAULT_DIRECT_ORDER, INITS, SOFTMAXES, check_output_layer, word_classes
 from rnnlm.optim import MOMENTS, OPTIMIZERS, make_optimizer
 from rnnlm.paths import atomic_output, naming_errors
@@ -327,7 +327,6 @@ class Trainer(Checkpoints):
         T, B = config.bptt, config.batch
         log_every = max(1, self.n_windows // LOGS_PER_EPOCH)
         start, first = time.perf_counter(), state.window
-        max_loss = math.log(self.model.vocab_size) + 3
         while state.window < self.n_windows:
             if config.dropout:
                 window.draw_masks(self.rng)
@@ -340,8 +339,8 @@ class Trainer(Checkpoints):
             step.release_sparse(ops, self.grads, self.releasable())
             self.checkpoint_is_now = False
             loss = float(loss)  # the whole step is queued before the host waits for the device
-            if not loss / (T * B) < max_loss:  # NaN, inf, or far worse than guessing: diverged (the rollback
-                self.recover_from_divergence(loss / (T * B))  # undoes this step's update too)
+            if diverged(loss / (T * B), self.model.vocab_size):  # the rollback undoes this step's update too
+                self.recover_from_divergence(loss / (T * B))
                 start, first = time.perf_counter(), 0
                 continue
             window.carry_state()
@@ -383,7 +382,7 @@ class Trainer(Checkpoints):
         state, model, config = self.state, self.model, self.config
         nats = stream_loss(self.ops, self.params, self.valid_ids, model.vocab.boundary_id, model.structure)
         valid_loss = self.reducer.agree(nats) / len(self.valid_ids)  # rank 0's: every rank takes the same path
-        if not valid_loss < math.log(model.vocab_size) + 3:  # NaN, inf or worse than guessing: diverged
+        if diverged(valid_loss, model.vocab_size):
             self.recover_from_divergence(valid_loss)
             return False
         valid_ppl = perplexity_of(valid_loss)
