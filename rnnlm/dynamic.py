@@ -145,15 +145,27 @@ def window_log_probs(ops, params, window, s, targets, classes, out):
 
 class FixedRMS(LazyAdam):
     """θ ← θ - η g / (rms + ε) with a fixed ``rms`` from ``gradient_rms`` (Krause et al.): lazy Adam's kernels
-    with β₁ = 0, β₂ = 1 (the second moment held at rms²) and no bias correction."""
+    with β₁ = 0, β₂ = 1 (the second moment held at rms²) and no bias correction. With ``decay`` (a ``Decay``),
+    the dense parameters' pull toward θ₀ and their step are one pass over each (``pulled_rms_update``): at the
+    full softmax's W_o both are passes over memory that bound the time of a step."""
 
-    def __init__(self, ops, params, rms, clip, eps, direct_scale):
+    def __init__(self, ops, params, rms, clip, eps, direct_scale, decay=None):
         super().__init__(ops, params, clip=clip, beta1=0.0, beta2=1.0, eps=eps, direct_scale=direct_scale)
         for name, moment in self.moment2.items():
             ops.copy_into(np.square(rms[name]).astype(moment.dtype), moment)
+        self.decay = decay
 
     def corrected(self, lr):
         return lr, self.eps
+
+    def dense_step(self, name, param_rows, grad_rows, lr_t, eps_t):
+        if self.decay is None:
+            return super().dense_step(name, param_rows, grad_rows, lr_t, eps_t)
+        dtype = param_rows.dtype.type
+        start, keep = self.decay.start[name], self.decay.keep[name]
+        self.ops.pulled_rms_update(param_rows, grad_rows, start.reshape(param_rows.shape),
+                                   keep.reshape(param_rows.shape), self.moment2[name], dtype(lr_t), self.clipping,
+                                   dtype(eps_t))
 
 
 def keep_factors(config, params):
@@ -207,10 +219,11 @@ class Decay:
                                     self.ops.asarray(rows[stale]), self.ops.asarray(powers[stale].astype(np.int32)))
             self.stamps[name][rows] = self.steps
 
-    def step(self, read):
-        """One step's pull: every dense parameter now, the sparse ones' rows of ``read`` (the step's own)."""
+    def step(self, read, dense=True):
+        """One step's pull: the sparse parameters' rows of ``read`` (the step's own), and every dense parameter
+        now unless ``dense`` is False (the optimizer pulls them with its step: ``FixedRMS``)."""
         self.steps += 1
-        for name, (every, once) in self.every_row.items():
+        for name, (every, once) in self.every_row.items() if dense else ():
             self.ops.decay_rows(self.rows[name], self.start[name], self.keep[name], every, once)
         self.catch_up(read)
 
@@ -228,21 +241,22 @@ class Adapter:
         self.grads = step.zero_grads(ops, params, window.tied)
         trainable = step.trainable(params, window)
         direct_scale = 1.0 if config.direct_lr is None else config.direct_lr / config.lr
+        self.decay = Decay(ops, params, window, keep_factors(config, trainable), class_bounds) if config.decay else None
         if config.rule == "sgd":
             self.optimizer = SGD(ops, trainable, clip=config.clip, direct_scale=direct_scale)
         elif config.rms is not None:
-            self.optimizer = FixedRMS(ops, trainable, config.rms, config.clip, config.eps, direct_scale)
+            self.optimizer = FixedRMS(ops, trainable, config.rms, config.clip, config.eps, direct_scale, self.decay)
         else:
             self.optimizer = LazyAdam(ops, trainable, clip=config.clip, beta1=0.0, beta2=config.beta2,
                                       direct_scale=direct_scale)
-        self.decay = Decay(ops, params, window, keep_factors(config, trainable), class_bounds) if config.decay else None
 
     def update(self, window, tokens, inputs, targets, classes=None):
         """One step on the window's mean loss: tokens (inputs, targets) on the host, the rest device arrays (T, B)
         int32."""
         step.forward_backward(self.ops, self.params, self.grads, window, inputs, targets, classes)
         if self.decay:
-            self.decay.step(self.decay.rows_read(*tokens))
+            pulls_dense = isinstance(self.optimizer, FixedRMS)
+            self.decay.step(self.decay.rows_read(*tokens), dense=not pulls_dense)
         self.optimizer.update(self.params, self.grads, window, self.config.lr)
 
 

@@ -18,12 +18,15 @@ MOMENTS = ("float32", "bfloat16")
 
 def grad_norm(ops, grads, window, clip, clipping):
     """clipping[:] = (‖g‖, min(1, clip / ‖g‖)): the global L2 norm of all gradients (sparse ones over
-    their marked rows) and the clipping factor (1 when clip = 0), in a (2,) float64 backend array that
-    the update kernels read, so that the host need not wait for the norm.
+    their marked rows) and the clipping factor, in a (2,) float64 backend array that the update kernels
+    read, so that the host need not wait for the norm. With clip = 0 nothing is computed: the factor stays
+    1 (and the norm as it was).
 
     The class softmax's dW_o enters through the norm class_xent_grad computed (a one-element array whose
     square is its sum of squares), unless tying has since added W_x's rows to it.
     """
+    if clip == 0:
+        return
     sparse = sparse_names(window)
     pairs = []
     for name in trainable(grads, window):
@@ -42,14 +45,14 @@ class _Clipped:
 
     def __init__(self, ops, direct_scale=1.0):
         self.ops, self.direct_scale = ops, direct_scale
-        self.clipping = ops.zeros(2, np.float64)
+        self.clipping = ops.asarray(np.array([0.0, 1.0]))  # (‖g‖, factor): see grad_norm
 
     def direct_step(self, params, window, lr):
         if "W_d" in params:
             direct_update(self.ops, params, window, lr * self.direct_scale)
 
     def last_norm(self):
-        """‖g‖ before clipping at the last step, as a float (waits for the device)."""
+        """‖g‖ before clipping at the last step with clip > 0, as a float (waits for the device)."""
         return float(self.ops.to_numpy(self.clipping)[0])
 
 
@@ -128,23 +131,32 @@ class Adam(_Clipped):
         self.t += 1
         lr_t, eps_t = self.corrected(lr)
         self.direct_step(params, window, lr)
-        dense, masked = ((ops.adam_update_bf16, ops.masked_adam_update_bf16) if self.bfloat16
-                         else (ops.adam_update, ops.masked_adam_update))
-        step_count = (self.t,) if self.bfloat16 else ()  # the bfloat16 rounding's random bits depend on it
+        masked = ops.masked_adam_update_bf16 if self.bfloat16 else ops.masked_adam_update
         for name, param in trainable(params, window).items():
             if name == "W_d":
                 continue
-            dtype = param.dtype.type
             param_rows, grad_rows = rows(name, param), rows(name, grads[name])
-            moments = self.moment1[name], self.moment2[name]
-            scalars = (*step_count, dtype(lr_t), clipping, dtype(2.0 * self.l2), dtype(self.beta1), dtype(self.beta2),
-                       dtype(eps_t))
             if name in sparse and self.lazy:  # clears the gradient's rows and marks as it goes
-                masked(param_rows, grad_rows, *moments, sparse[name], *scalars)
+                masked(param_rows, grad_rows, *self.moments(name), sparse[name], *self.scalars(param, lr_t, eps_t))
                 continue
-            dense(param_rows, grad_rows, *moments, *scalars)
+            self.dense_step(name, param_rows, grad_rows, lr_t, eps_t)
             if name in sparse:  # leave the sparse gradient zero for the next window
                 ops.masked_sgd_update(param_rows, grad_rows, sparse[name], 0.0, clipping)
+
+    def moments(self, name):
+        return self.moment1[name], self.moment2[name]
+
+    def scalars(self, param, lr_t, eps_t):
+        """The update kernels' arguments after the moments (after the mask, masked), in param's dtype."""
+        dtype = param.dtype.type
+        step_count = (self.t,) if self.bfloat16 else ()  # the bfloat16 rounding's random bits depend on it
+        return (*step_count, dtype(lr_t), self.clipping, dtype(2.0 * self.l2), dtype(self.beta1), dtype(self.beta2),
+                dtype(eps_t))
+
+    def dense_step(self, name, param_rows, grad_rows, lr_t, eps_t):
+        """The step of every row of one parameter (rows as ``step.rows`` gives them)."""
+        dense = self.ops.adam_update_bf16 if self.bfloat16 else self.ops.adam_update
+        dense(param_rows, grad_rows, *self.moments(name), *self.scalars(param_rows, lr_t, eps_t))
 
     def corrected(self, lr):
         """(lr_t, ε_t) of step t: the bias corrections folded into the step, lr m̂ / (√v̂ + ε) = lr_t m / (√v + ε_t)."""

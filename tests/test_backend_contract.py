@@ -371,6 +371,13 @@ def case_decay_rows(ops, rng):
     return outputs(ops, None, param=param)
 
 
+def case_pulled_rms_update(ops, rng):
+    param, grad, start = (ops.asarray(rand(rng, V, m)) for _ in range(3))
+    keep, moment2 = ops.asarray(rng.random((V, m))), ops.asarray(rng.random((V, m)))
+    ops.pulled_rms_update(param, grad, start, keep, moment2, np.float64(0.01), clipping(ops), np.float64(1e-3))
+    return outputs(ops, None, param=param)
+
+
 CASES = {name[len("case_"):]: case for name, case in globals().items() if name.startswith("case_")}
 CASES.update(matmul_nt=matmul_case("matmul_nt", (4, 3), (7, 3)), matmul_nn=matmul_case("matmul_nn", (4, 3), (3, 7)),
              matmul_tn=matmul_case("matmul_tn", (3, 4), (3, 7)))

@@ -264,6 +264,29 @@ def test_a_fixed_rms_step_divides_the_gradient_by_rms_plus_eps(tmp_path):
         np.testing.assert_allclose(step.rows(name, params[name]), expected, rtol=1e-5, atol=1e-9, err_msg=name)
 
 
+def test_the_fused_pull_and_step_equals_the_pull_then_the_fixed_rms_step(ops):
+    """pulled_rms_update, the one pass FixedRMS makes with a decay, against its two passes: decay_rows, then
+    adam_update at β1 = 0, β2 = 1 (float32, as dynamic evaluation runs)."""
+    rng = np.random.default_rng(3)
+    shape = (7, 5)
+    param, grad, start = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+    keep, moment2 = (rng.random(shape).astype(np.float32) for _ in range(2))
+    clipping = ops.asarray(np.array([2.0, 0.5]))
+    lr, eps = np.float32(0.01), np.float32(1e-3)
+    fused = ops.asarray(param)
+    ops.pulled_rms_update(fused, ops.asarray(grad), ops.asarray(start), ops.asarray(keep), ops.asarray(moment2), lr,
+                          clipping, eps)
+    two_passes = ops.asarray(param)
+    every_row, once = (ops.asarray(a.astype(np.int32)) for a in (np.arange(shape[0]), np.ones(shape[0])))
+    ops.decay_rows(two_passes, ops.asarray(start), ops.asarray(keep), every_row, once)
+    zero, one = np.float32(0), np.float32(1)
+    ops.adam_update(two_passes, ops.asarray(grad), ops.zeros(shape, np.float32), ops.asarray(moment2), lr, clipping,
+                    zero, zero, one, eps)
+    np.testing.assert_allclose(ops.to_numpy(fused), ops.to_numpy(two_passes), rtol=1e-6, atol=1e-7)
+    expected = start + keep * (param - start) - 0.01 * 0.5 * grad / (np.sqrt(moment2) + 1e-3)
+    np.testing.assert_allclose(ops.to_numpy(fused), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_the_decay_pulls_each_weight_by_its_rms_over_the_mean():
     rms = {"W_s": np.array([[1.0, 3.0]]), "b_s": np.array([0.0] * 11 + [240.0])}  # means 2 and 20: r̄ = 11
     keep = keep_factors(DynamicConfig(lr=0.1, decay=0.1, rms=rms), {name: r.astype(np.float32)

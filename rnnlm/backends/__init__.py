@@ -186,6 +186,10 @@ OPS = {
     "masked_adam_update_bf16": _op("param_rows grad_rows moment1 moment2 mask t lr_t clipping decay beta1 beta2 "
                                    "eps", "masked_adam_update with the bfloat16 moments of adam_update_bf16 "
                                    "(element (r, i) of (R, m) moments has flat index r · m + i)"),
+    "pulled_rms_update": _op("param grad start keep moment2 lr clipping eps", "param = start + keep ⊙ (param - "
+                             "start) - lr · clipping[1] · grad / (√moment2 + eps), elementwise: the pull toward start "
+                             "of decay_rows and the step of adam_update at β1 = 0, β2 = 1 (a fixed second moment) in "
+                             "one pass; all arrays of param's shape, C-contiguous; the scalars in param's dtype"),
     "decay_rows": _op("param_rows start_rows keep_rows rows powers", "for each j, r = rows[j], n = powers[j]: "
                       "param_rows[r] = start_rows[r] + keep_rows[r]ⁿ ⊙ (param_rows[r] - start_rows[r]), the pull "
                       "toward start of n steps at once: param_rows (R, m) any layout, start_rows and keep_rows (R, "

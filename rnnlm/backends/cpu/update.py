@@ -245,3 +245,18 @@ def decay_rows(param_rows, start_rows, keep_rows, rows, powers):
         for i in range(m):
             keep = _power(keep_rows[r, i], n)
             param_rows[r, i] = start_rows[r, i] + keep * (param_rows[r, i] - start_rows[r, i])
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def pulled_rms_update(param, grad, start, keep, moment2, lr, clipping, eps):
+    """A parallel loop over the flat arrays, each element pulled toward start, then stepped."""
+    # one view per statement: a tuple assignment of reshaped views loses the writes under parallel=True
+    p = param.reshape(-1)
+    g = grad.reshape(-1)
+    s = start.reshape(-1)
+    k_keep = keep.reshape(-1)
+    v = moment2.reshape(-1)
+    grad_scale = param.dtype.type(clipping[1])
+    for k in prange(p.shape[0]):
+        pulled = s[k] + k_keep[k] * (p[k] - s[k])
+        p[k] = pulled - lr * (grad_scale * g[k]) / (np.sqrt(v[k]) + eps)

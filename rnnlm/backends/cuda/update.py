@@ -333,3 +333,22 @@ def decay_rows(param_rows, start_rows, keep_rows, rows, powers):
     """Blocks of listed rows in sweeps, x-threads along a row, one launch (see ``_decay_rows_kernel``)."""
     blocks, threads = device.row_grid(rows.shape[0], param_rows.shape[1])
     device.launch(_decay_rows_kernel, blocks, threads, param_rows, start_rows, keep_rows, rows, powers)
+
+
+@cuda.jit
+def _pulled_rms_kernel(param, grad, start, keep, moment2, lr, clipping, eps):
+    """The pull and step of ``pulled_rms_update`` on flat arrays (grid-stride)."""
+    grad_scale = param.dtype.type(clipping[1])
+    k = cuda.grid(1)
+    while k < param.shape[0]:
+        pulled = start[k] + keep[k] * (param[k] - start[k])
+        param[k] = pulled - lr * (grad_scale * grad[k]) / (math.sqrt(moment2[k]) + eps)
+        k += cuda.gridsize(1)
+
+
+def pulled_rms_update(param, grad, start, keep, moment2, lr, clipping, eps):
+    """A grid-stride kernel over the flat arrays."""
+    out = flat(param)
+    blocks, threads = device.elementwise_grid(out.size)
+    device.launch(_pulled_rms_kernel, blocks, threads, out, flat(grad), flat(start), flat(keep), flat(moment2), lr,
+                  clipping, eps)
