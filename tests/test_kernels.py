@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from rnnlm import optim, reference, step
+from rnnlm.backends import cpu
+from rnnlm.backends.cpu.gemm import SKINNY_ROWS
 from rnnlm.model import init_params, word_classes
 
 V, m, T, B = 11, 6, 4, 3
@@ -293,3 +295,16 @@ def test_class_output_log_probs_equal_reference(ops, grouped, monkeypatch):
     arrays = [ops.asarray(a) for a in (S, W_c, b_c, W_o, b_o, targets, classes, CLASS_BOUNDS)]
     ops.class_output_log_probs(*arrays, out, ops.asarray(class_scores), ops.asarray(words))
     np.testing.assert_allclose(ops.to_numpy(out), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("rows", [1, 5, SKINNY_ROWS, SKINNY_ROWS + 1, 40])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_cpu_a_bt_product_of_few_or_many_rows_is_numpys(rows, dtype):
+    """matmul_nt takes its own loop up to SKINNY_ROWS rows of A and BLAS above: both give A Bᵀ, A a view that
+    starts one row in (a window's states)."""
+    rng = np.random.default_rng(rows)
+    states = rng.standard_normal((rows + 1, 37)).astype(dtype)
+    A, B = states[1:], rng.standard_normal((301, 37)).astype(dtype)
+    out = np.empty((rows, 301), dtype)
+    cpu.matmul_nt(A, B, out)
+    np.testing.assert_allclose(out, A.astype(np.float64) @ B.T.astype(np.float64), rtol=1e-5, atol=1e-4)
