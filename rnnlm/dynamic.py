@@ -264,8 +264,9 @@ class StreamScorer:
     """Per-token ln p of one stream handed over piece by piece (``log_probs``), with dynamic evaluation
     when ``dynamic`` (a DynamicConfig) is given. Segments are cut at multiples of ``dynamic.segment`` from the
     stream's start and a step is taken once a segment is whole, so the numbers do not depend on how the
-    stream is cut into pieces (beyond float32 rounding: a product over fewer rows may round differently). The model's own arrays are not changed. ``restarts``: how many times the guard
-    (module docstring) put the trained weights back."""
+    stream is cut into pieces (beyond float32 rounding: a product over fewer rows may round differently). The
+    model's own arrays are not changed. ``restarts``: how many times the guard (module docstring) put the
+    trained weights back."""
 
     def __init__(self, model, device="cpu", dynamic=None):
         if dynamic is not None:
