@@ -383,6 +383,10 @@ class Trainer(Checkpoints):
         nats = stream_loss(self.ops, self.params, self.valid_ids, model.vocab.boundary_id, model.structure)
         valid_loss = self.reducer.agree(nats) / len(self.valid_ids)  # rank 0's: every rank takes the same path
         if diverged(valid_loss, model.vocab_size):
+            if self.over_budget():  # no time left to train again from the epoch's start
+                raise RnnlmError(f"training diverged at the end of its --time-budget (validation loss "
+                                 f"{valid_loss:.3g} nats/token); {self.kept()}; try a longer --time-budget or a "
+                                 f"lower --lr")
             self.recover_from_divergence(valid_loss)
             return False
         valid_ppl = perplexity_of(valid_loss)
@@ -409,10 +413,9 @@ class Trainer(Checkpoints):
         state = self.state
         state.divergences += 1
         if state.divergences > MAX_DIVERGENCES:
-            kept = (f"the best model so far is in {self.paths['model']}" if state.best is not None
-                    else f"no model was written to {self.paths['model']}")
-            raise RnnlmError(f"training diverged {MAX_DIVERGENCES + 1} times (loss {loss:.3g} nats/token); {kept}; try "
-                             f"{'a lower --direct-lr, ' if self.config.direct else ''}a lower --lr or a --clip above 0")
+            raise RnnlmError(f"training diverged {MAX_DIVERGENCES + 1} times (loss {loss:.3g} nats/token); "
+                             f"{self.kept()}; try {'a lower --direct-lr, ' if self.config.direct else ''}a lower --lr "
+                             f"or a --clip above 0")
         self.restore_snapshot(self.epoch_start)
         self.guard.diverged(state, state.tokens_seen // (self.config.bptt * self.config.batch))
         state.window, state.epoch_loss = 0, 0.0
@@ -422,6 +425,13 @@ class Trainer(Checkpoints):
         for mask in (self.window.touched_W_x, self.window.touched_W_o):
             self.ops.copy_into(np.zeros(mask.shape, np.uint8), mask)
         self.log({"event": "diverged", "loss": loss})  # with the rate of the next window
+
+    def kept(self):
+        """What a run that gives up leaves: the best model so far, or none."""
+        model = self.paths["model"]
+        if self.state.best is not None:
+            return f"the best model so far is in {model}"
+        return f"no model was written to {model}"
 
     def log(self, fields_):
         """Append a record to the training log (and the checkpointed history); returns it. A NaN or

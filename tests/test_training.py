@@ -309,6 +309,19 @@ def test_divergence_rolls_back_halves_the_rate_and_gives_up_with_a_message(tmp_p
     assert all(earlier / 2 <= later < earlier for earlier, later in zip(rates, rates[1:], strict=False))
 
 
+def test_a_validation_that_diverges_once_the_budget_is_spent_ends_the_run_with_one_error(tmp_path, repetitive,
+                                                                                       monkeypatch):
+    """No time is left to train again from the epoch's start: the run stops and says what it keeps, instead of
+    writing the epoch's start (the first epoch's: the initial weights) as its model."""
+    train_module = importlib.import_module("rnnlm.train")
+    monkeypatch.setattr(train_module, "stream_loss", lambda ops, params, ids, *rest: 1e3 * len(ids))
+    config = rnnlm.TrainConfig(hidden=16, bptt=5, batch=4, epochs=2)
+    model = tmp_path / "model.npz"
+    with pytest.raises(rnnlm.RnnlmError, match="diverged at the end of its --time-budget") as error:
+        rnnlm.train(repetitive, model, config=config, options=rnnlm.RunOptions(time_budget=1e-9))
+    assert f"no model was written to {model}" in str(error.value) and not model.exists()
+
+
 @pytest.mark.parametrize("schedule", ["mikolov", "plateau"])
 def test_schedules_halve_the_rate_after_a_stall(tmp_path, repetitive, schedule):
     """Training text the model learns in one epoch: validation stalls, so the rate must go down."""
