@@ -249,14 +249,14 @@ class Adapter:
         else:
             self.optimizer = LazyAdam(ops, trainable, clip=config.clip, beta1=0.0, beta2=config.beta2,
                                       direct_scale=direct_scale)
+        self.decay_dense = not isinstance(self.optimizer, FixedRMS)  # FixedRMS pulls them with its step
 
     def update(self, window, tokens, inputs, targets, classes=None):
         """One step on the window's mean loss: tokens (inputs, targets) on the host, the rest device arrays (T, B)
         int32."""
         step.forward_backward(self.ops, self.params, self.grads, window, inputs, targets, classes)
         if self.decay:
-            pulls_dense = isinstance(self.optimizer, FixedRMS)
-            self.decay.step(self.decay.rows_read(*tokens), dense=not pulls_dense)
+            self.decay.step(self.decay.rows_read(*tokens), dense=self.decay_dense)
         self.optimizer.update(self.params, self.grads, window, self.config.lr)
 
 

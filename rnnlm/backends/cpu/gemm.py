@@ -10,7 +10,7 @@ SKINNY_ROWS = 16  # A Bᵀ with at most this many rows of A takes _skinny_nt
 def matmul_nt(A, B, out):
     """numpy's matmul (BLAS) into out; with at most SKINNY_ROWS rows of A, ``_skinny_nt``: BLAS first packs the
     whole of B, a pass over memory as long as the product's own, which at a few rows is most of its time."""
-    if A.shape[0] <= SKINNY_ROWS and A.dtype == B.dtype == out.dtype:
+    if A.shape[0] <= SKINNY_ROWS:
         _skinny_nt(A, B, out)
     else:
         np.matmul(A, B.T, out=out)
