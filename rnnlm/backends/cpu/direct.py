@@ -40,6 +40,7 @@ def direct_scores(W_d, keys, offset, size, row_classes, bounds, out):
     for r in prange(R):
         lo = bounds[row_classes[r]]
         width = bounds[row_classes[r] + 1] - lo
+        row = out[r]
         for n in range(N):
             if keys[r, n] < 0:
                 continue
@@ -47,10 +48,16 @@ def direct_scores(W_d, keys, offset, size, row_classes, bounds, out):
             j = 0
             while j < width:  # contiguous runs up to the table's end, then from its start
                 run = min(width - j, size - position)
-                for i in range(run):
-                    out[r, j + i] += W_d[offset + position + i]
+                _add_into(row[j:j + run], W_d[offset + position:offset + position + run], row.dtype.type(1))
                 j += run
                 position = 0
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _add_into(dst, src, factor):
+    """dst += factor · src over two 1-D slices of one length (the form that vectorizes)."""
+    for i in range(dst.shape[0]):
+        dst[i] += factor * src[i]
 
 
 def direct_scatter(W_d, keys, offset, size, row_classes, bounds, G, factor):
@@ -78,8 +85,8 @@ def _direct_scatter(W_d, keys, offset, size, row_classes, bounds, G, factor, n_s
                 while j < width:
                     if rel < span:
                         run = min(span - rel, width - j)
-                        for k in range(run):
-                            W_d[offset + first + rel + k] += factor * G[r, j + k]
+                        start = offset + first + rel
+                        _add_into(W_d[start:start + run], G[r, j:j + run], factor)
                         j += run
                         rel = span
                     j += size - rel
