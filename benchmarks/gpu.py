@@ -199,7 +199,7 @@ def window_results(ops, params, window_data, structure, seed):
     classes = None if bounds is None else ops.asarray(word_classes(bounds)[y])
     P, G = step.to_device(ops, params, structure["tied"]), step.zero_grads(ops, params, structure["tied"])
     loss = float(step.forward_backward(ops, P, G, window, ops.asarray(x), ops.asarray(y), classes))
-    out = {name: ops.to_numpy(g) for name, g in step.trainable(G, window).items()}
+    out = step.host_grads(ops, G, window)
     for k, S in enumerate(window.S):
         out[f"S_T{k + 1}"] = ops.to_numpy(S[T])
     return loss, out

@@ -17,15 +17,14 @@ the median of the per-window rates after the first --warmup windows (compilation
 first touches of the zeroed gradients and moments); the peak RSS is the kernel's ru_maxrss of that process
 (os.wait4), the whole run's from start-up to the last window (training_peak_rss_bytes: the same at the last
 window, before the GEMM probe below allocates its arrays; window_rss_max_bytes: the largest VmRSS read after a
-timed window). --moments bfloat16 stores Adam's moments in
-bfloat16; --touch-all writes a word on every page of the parameters and the moments after the start checkpoint,
-before the first window (and of the gradients without --release), so that the peak is a long run's, whose
-every row has been touched;
---release gives the sparse gradients' pages back after every update (`rnnlm train --release-gradients`). The
-ceiling is the FLOP model's (benchmarks/common.py: 6·m·(C + E|c|) + 6·m² per token, E|c| the mean size of
-the targets' classes on the store's counts; with --softmax hs, C + E|c| becomes the mean path length of the
-Huffman tree over the targets) at the GEMM rate measured in the same process (a (T·B, m) × (m, 4096) float32
-product, 2 threads), an upper bound no step can beat (for hs a loose one: its node products are not GEMMs).
+timed window). --moments bfloat16 stores Adam's moments in bfloat16; --touch-all writes a word on every page
+of the parameters and the moments after the start checkpoint, before the first window, so that the peak is a
+long run's, whose every row has been touched (the sparse gradients are slotted: only the rows a window claims
+are ever written). The ceiling is the FLOP model's (benchmarks/common.py: 6·m·(C + E|c|) + 6·m² per token,
+E|c| the mean size of the targets' classes on the store's counts; with --softmax hs, C + E|c| becomes the mean
+path length of the Huffman tree over the targets) at the GEMM rate measured in the same process (a (T·B, m) ×
+(m, 4096) float32 product, 2 threads), an upper bound no step can beat (for hs a loose one: its node products
+are not GEMMs).
 
     python benchmarks/large_vocab.py                  # V = 793,470, 2 to 3 minutes
     python benchmarks/large_vocab.py --batch 4096 --tied --windows 10 --warmup 3
@@ -166,18 +165,16 @@ def touch_pages(array):
     flat[::stride] = flat[::stride].copy()
 
 
-def steady_state(touch_gradients):
-    """Make a run touch its parameters' and moments' pages (and its gradients') before its first window, once its
-    start checkpoint is written (which frees the initial model's host copy)."""
+def steady_state():
+    """Make a run touch its parameters' and moments' pages before its first window, once its start checkpoint is
+    written (which frees the initial model's host copy)."""
     from rnnlm.train import Trainer
 
     mark_epoch_start = Trainer.mark_epoch_start
 
     def touching_mark(self):
         mark_epoch_start(self)
-        arrays = [*self.params.values(), *self.optimizer.arrays().values()]
-        arrays += [g for g in self.grads.values() if touch_gradients and g is not None]
-        for array in arrays:
+        for array in [*self.params.values(), *self.optimizer.arrays().values()]:
             touch_pages(array)
 
     Trainer.mark_epoch_start = touching_mark
@@ -190,7 +187,7 @@ def worker(spec):
     from rnnlm.train import RunOptions, TrainConfig, train
 
     if spec["touch_all"]:
-        steady_state(touch_gradients=not spec["release"])
+        steady_state()
     stamps, resident = [], []
 
     def on_window(done, total, stats):
@@ -201,8 +198,7 @@ def worker(spec):
 
     classes = spec["classes"] if spec["softmax"] == "class" else None
     config = TrainConfig(hidden=spec["hidden"], softmax=spec["softmax"], classes=classes, optimizer="lazyadam",
-                         bptt=spec["bptt"], batch=spec["batch"], epochs=1, tied=spec["tied"], moments=spec["moments"],
-                         release_gradients=spec["release"])
+                         bptt=spec["bptt"], batch=spec["batch"], epochs=1, tied=spec["tied"], moments=spec["moments"])
     started = time.perf_counter()
     with contextlib.suppress(_EnoughWindowsError):
         train(spec["store"], spec["model"], valid=spec["valid"], config=config,
@@ -223,7 +219,7 @@ def train_run(args, folder, store, valid):
     spec = {"store": str(store), "valid": str(valid), "model": str(folder / "model.npz"), "hidden": args.hidden,
             "classes": args.classes, "bptt": args.bptt, "batch": args.batch, "threads": args.threads,
             "windows": args.windows, "tied": args.tied, "softmax": args.softmax, "moments": args.moments,
-            "release": args.release, "touch_all": args.touch_all}
+            "touch_all": args.touch_all}
     seconds, rss, stdout = measured([sys.executable, __file__, "--worker", json.dumps(spec)], folder)
     record = json.loads(stdout.splitlines()[-1])
     tokens = args.bptt * args.batch
@@ -236,7 +232,7 @@ def train_run(args, folder, store, valid):
         flops = flops_per_token(args.hidden, record["vocab_size"], cost["classes"], cost["mean_class_size"])["train"]
     return {"vocab_size": record["vocab_size"], "softmax": args.softmax, **cost, "hidden": args.hidden,
             "bptt": args.bptt,
-            "batch": args.batch, "tied": args.tied, "moments": args.moments, "release": args.release,
+            "batch": args.batch, "tied": args.tied, "moments": args.moments,
             "touch_all": args.touch_all, "threads": args.threads, "windows_timed": len(rates),
             "tokens_per_s_median": float(np.median(rates)), "tokens_per_s_min": float(rates.min()),
             "tokens_per_s_max": float(rates.max()), "peak_rss_mib": rss,
@@ -292,8 +288,6 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tied", action="store_true")
     parser.add_argument("--moments", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--release", action="store_true",
-                        help="rnnlm train's --release-gradients: give the sparse gradients' pages back after updates")
     parser.add_argument("--touch-all", action="store_true",
                         help="touch every page of the weights and moments first (a long run's steady state)")
     parser.add_argument("--threads", type=int, default=2)

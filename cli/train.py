@@ -82,11 +82,6 @@ class TableSize(click.ParamType):
 @click.option("--moments", type=click.Choice(MOMENTS), default=DEFAULTS.moments,
               help="Storage of Adam's two moments: float32, or bfloat16 (half their memory: stepped in float32 and "
                    "stored back by stochastic rounding with reproducible random bits).")
-@click.option("--release-gradients", is_flag=True,
-              help="Give the pages of the sparse gradients (W_x's, the class or tree softmax's W_o) of 64 MiB or "
-                   "more back after every update, so that they hold one window's rows, not every row a run has "
-                   "touched: 1.5 GB less at a vocabulary of 793,470 and m = 256, at the cost of page faults "
-                   "(0.6 times the speed there). The model is the same to the bit.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
               help="Learning-rate schedule: mikolov (halve after a stall, stop at the next), plateau "
                    "(halve at every stall, stop after three) or cosine (anneal to 0 by the last epoch or the "

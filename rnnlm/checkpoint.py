@@ -214,8 +214,8 @@ def check_config(record, where):
     from rnnlm.train import TrainConfig  # rnnlm.train imports this module
 
     if isinstance(record, dict):  # checkpoints from before direct features (and bfloat16 moments) lack their fields
-        record = {"direct": 0, "direct_order": DEFAULT_DIRECT_ORDER, "direct_lr": 1.0, "moments": "float32",
-                  "release_gradients": False, **record}
+        record = {"direct": 0, "direct_order": DEFAULT_DIRECT_ORDER, "direct_lr": 1.0, "moments": "float32", **record}
+        record.pop("release_gradients", None)  # an option of older runs that changed nothing in the model
     config = _dataclass(record, TrainConfig, where)
     for name, high in (("hidden", MAX_HIDDEN), ("layers", MAX_LAYERS), ("bptt", MAX_WINDOW), ("batch", MAX_WINDOW)):
         checked(record, name, where, (int,), low=1, high=high)

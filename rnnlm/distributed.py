@@ -9,8 +9,8 @@ The B streams of a window are split over the ranks in blocks of b = B / N: rank 
 over streams [r·b, (r + 1)·b) and its gradients are of the mean loss of its b streams. Per step, every
 rank sends (MPI allreduce, each a sum but the masks):
 
-1. the touched-row masks of the sparse gradients, (V,) uint8 for W_x's columns (untied) and for the class
-   softmax's W_o rows, combined by MAX into their union;
+1. the masks of the rows with a slot in the sparse gradients, (V,) uint8 for W_x's columns (untied) and for
+   the class softmax's W_o rows, combined by MAX into their union (whose rows then take the first slots);
 2. one float32 buffer: every dense gradient (W_s and b_s of each layer, W_in between layers, b_o, the full
    softmax's W_o, the class softmax's W_c and b_c) and then the union's rows of each sparse gradient,
    divided by N after the sum;
@@ -141,6 +141,24 @@ def _host(ops, array):
     return array if isinstance(array, np.ndarray) else ops.to_numpy(array)
 
 
+def _rows_of(grad_rows, slot, rows):
+    """The gradients of the table's ``rows`` in a slotted gradient (``rnnlm.backends``), zero for a row without
+    a slot: a new (len(rows), m) array."""
+    own = slot[rows]
+    out = np.zeros((len(rows), grad_rows.shape[1]), grad_rows.dtype)
+    out[own >= 0] = grad_rows[own[own >= 0]]
+    return out
+
+
+def _reslot(ops, slots, rows):
+    """Give ``rows`` (increasing) slots 0, 1, …, the other rows none: slots = (slot, claimed) arrays."""
+    slot, claimed = slots
+    new = np.full(slot.shape, -1, np.int32)
+    new[rows] = np.arange(len(rows), dtype=np.int32)
+    ops.copy_into(new, slot)
+    ops.copy_into(np.array([len(rows)], np.int32), claimed)
+
+
 class Reducer(Single):
     """The hooks over an mpi4py communicator of N > 1 ranks."""
 
@@ -190,19 +208,20 @@ class Reducer(Single):
 
     def reduce(self, ops, grads, window, loss):
         sparse = step.sparse_names(window)
-        touched = self._union(ops, sparse)
-        parts = [(name, ...) for name in step.trainable(grads, window) if name not in sparse]
-        parts += [(name, touched[name]) for name in sparse]
-        host = {name: _host(ops, step.rows(name, grads[name])) for name, _ in parts}
-        pieces = [host[name][index] for name, index in parts]  # dense ones as views, sparse rows as copies
-        buffer = np.concatenate([piece.ravel() for piece in pieces])
+        union = self._union(ops, sparse)
+        host = {name: _host(ops, step.rows(name, grads[name])) for name in step.trainable(grads, window)}
+        pieces = {name: host[name] for name in host if name not in sparse}  # dense ones as views
+        pieces.update({name: _rows_of(host[name], _host(ops, sparse[name][0]), union[name]) for name in sparse})
+        buffer = np.concatenate([piece.ravel() for piece in pieces.values()])
         self.comm.Allreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.SUM)
         buffer *= np.float32(1.0 / self.size)
         start = 0
-        for (name, index), piece in zip(parts, pieces, strict=True):
+        for name, piece in pieces.items():
             summed = buffer[start:start + piece.size].reshape(piece.shape)
             start += piece.size
-            host[name][index] = summed
+            if name in sparse:  # the union's rows take the first slots, in row order
+                _reslot(ops, sparse[name], union[name])
+            host[name][:len(summed)] = summed
             if name == "W_o" and window.dW_o_norm is not None and not window.tied:  # as class_xent_grad gives it
                 ops.copy_into(np.array([np.sqrt(np.sum(np.square(summed, dtype=np.float64)))]), window.dW_o_norm)
             if not isinstance(grads[name], np.ndarray):
@@ -210,17 +229,13 @@ class Reducer(Single):
         return self.comm.allreduce(float(loss), op=self.MPI.SUM)
 
     def _union(self, ops, sparse):
-        """Every rank's touched-row masks replaced by their union; returns the union's row indices by name."""
+        """The rows with a slot on some rank, by name (increasing row indices)."""
         if not sparse:
             return {}
-        union = np.concatenate([_host(ops, mask) for mask in sparse.values()])
+        union = np.concatenate([(_host(ops, slot) >= 0).astype(np.uint8) for slot, _ in sparse.values()])
         self.comm.Allreduce(self.MPI.IN_PLACE, union, op=self.MPI.MAX)
-        touched = {}
-        cuts = np.cumsum([mask.shape[0] for mask in sparse.values()])[:-1]  # W_o's rows need not be V
-        for name, part in zip(sparse, np.split(union, cuts), strict=True):
-            ops.copy_into(part, sparse[name])
-            touched[name] = np.flatnonzero(part)
-        return touched
+        cuts = np.cumsum([slot.shape[0] for slot, _ in sparse.values()])[:-1]  # W_o's rows need not be V
+        return {name: np.flatnonzero(part) for name, part in zip(sparse, np.split(union, cuts), strict=True)}
 
     def abort(self, code):
         """End every rank of the job now (MPI_Abort), after a moment for the launcher to forward what this rank

@@ -117,10 +117,11 @@ def gradient_rms(model, ids, segment, device="cpu", streams=STATS_STREAMS):
         step.forward_backward(ops, params, grads, window, *tokens)
         for name in names:  # the running mean: Adam's second moment at β₂ = 1 - 1/(w + 1), its step at rate 0
             param, grad = step.rows(name, params[name]), step.rows(name, grads[name])
-            ops.adam_update(param, grad, scratch[name], mean_square[name], dtype(0), unclipped, dtype(0), dtype(0),
-                            dtype(1 - 1 / (w + 1)), dtype(1))
-            if name in sparse:
-                ops.masked_sgd_update(param, grad, sparse[name], 0.0, unclipped)
+            scalars = dtype(0), unclipped, dtype(0), dtype(0), dtype(1 - 1 / (w + 1)), dtype(1)
+            if name in sparse:  # every row, a row without a slot with gradient zero
+                ops.sparse_adam_update(param, grad, scratch[name], mean_square[name], *sparse[name], True, *scalars)
+            else:
+                ops.adam_update(param, grad, scratch[name], mean_square[name], *scalars)
         window.carry_state()
     return {name: np.sqrt(ops.to_numpy(square)) for name, square in mean_square.items()}
 

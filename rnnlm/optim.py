@@ -1,7 +1,7 @@
 """Optimizers over backend arrays: SGD (with Mikolov's L2 term), Adam and lazy Adam.
 
 All clip the gradient's global norm first (``clip`` = 0: off) and treat the sparse gradients of
-``rnnlm.step`` (W_x's columns, the class softmax's W_o rows) by their masks, leaving them zero. The
+``rnnlm.step`` (W_x's columns, the class softmax's W_o rows) by their slots, leaving them cleared. The
 direct features' table W_d has no gradient array: every optimizer steps it by plain SGD through
 ``step.direct_update`` (see ``rnnlm.direct``) at the rate lr · ``direct_scale``, so that it follows the
 schedule of the optimizer's rate.
@@ -33,7 +33,7 @@ def grad_norm(ops, grads, window, clip, clipping):
         if name == "W_o" and window.dW_o_norm is not None and not window.tied:
             pairs.append((window.dW_o_norm, None))
         elif name in sparse:
-            pairs.append((rows(name, grads[name]), sparse[name]))
+            pairs.append((rows(name, grads[name]), sparse[name][0]))
         else:
             pairs.append((grads[name], None))
     ops.grad_norm(pairs, clip, clipping)
@@ -79,7 +79,7 @@ class SGD(_Clipped):
             if name in sparse:
                 if self.l2 > 0:
                     ops.sgd_update(param_rows, grad_rows, 0.0, param.dtype.type(shrink), clipping)
-                ops.masked_sgd_update(param_rows, grad_rows, sparse[name], lr, clipping)
+                ops.sparse_sgd_update(param_rows, grad_rows, *sparse[name], lr, clipping)
             else:
                 dense.append((param_rows, grad_rows))
         ops.sgd_updates(dense, lr, shrink, clipping)
@@ -131,23 +131,22 @@ class Adam(_Clipped):
         self.t += 1
         lr_t, eps_t = self.corrected(lr)
         self.direct_step(params, window, lr)
-        masked = ops.masked_adam_update_bf16 if self.bfloat16 else ops.masked_adam_update
+        sparse_step = ops.sparse_adam_update_bf16 if self.bfloat16 else ops.sparse_adam_update
         for name, param in trainable(params, window).items():
             if name == "W_d":
                 continue
             param_rows, grad_rows = rows(name, param), rows(name, grads[name])
-            if name in sparse and self.lazy:  # clears the gradient's rows and marks as it goes
-                masked(param_rows, grad_rows, *self.moments(name), sparse[name], *self.scalars(param, lr_t, eps_t))
-                continue
-            self.dense_step(name, param_rows, grad_rows, lr_t, eps_t)
-            if name in sparse:  # leave the sparse gradient zero for the next window
-                ops.masked_sgd_update(param_rows, grad_rows, sparse[name], 0.0, clipping)
+            if name in sparse:  # every row (Adam) or the slotted ones (lazy Adam); clears the slots as it goes
+                sparse_step(param_rows, grad_rows, *self.moments(name), *sparse[name], not self.lazy,
+                            *self.scalars(param, lr_t, eps_t))
+            else:
+                self.dense_step(name, param_rows, grad_rows, lr_t, eps_t)
 
     def moments(self, name):
         return self.moment1[name], self.moment2[name]
 
     def scalars(self, param, lr_t, eps_t):
-        """The update kernels' arguments after the moments (after the mask, masked), in param's dtype."""
+        """The update kernels' arguments after the moments (after the slots and ``every``, sparse), in param's dtype."""
         dtype = param.dtype.type
         step_count = (self.t,) if self.bfloat16 else ()  # the bfloat16 rounding's random bits depend on it
         return (*step_count, dtype(lr_t), self.clipping, dtype(2.0 * self.l2), dtype(self.beta1), dtype(self.beta2),

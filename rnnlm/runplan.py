@@ -177,20 +177,22 @@ def resumed_vocab(meta, config, checkpoint):
 
 
 def memory_needed(config, vocab_size):
-    """A lower bound, in bytes, of the memory a run takes: float32 parameters kept twice (on the device and
-    their gradients; the best model and the epoch's start stay in the checkpoint on disk, see
-    ``rnnlm.checkpointing``) and the optimizer's moments once (bfloat16 ones in half the bytes), plus the
-    window's buffers (T + 1 states and four more (T, B, m) arrays per layer, the (T·B, V) logits); the direct
-    features' table twice (on the device and, until the run's start checkpoint, the initial model: it has no
-    gradient and no moments)."""
+    """A lower bound, in bytes, of the memory a run takes: the float32 parameters on the device, the gradients
+    of the dense ones (the sparse ones, W_x's columns and the class or hierarchical softmax's W_o rows, are
+    slotted: only a window's rows are written; the best model and the epoch's start stay in the checkpoint on
+    disk, see ``rnnlm.checkpointing``) and the optimizer's moments once (bfloat16 ones in half the bytes), plus
+    the window's buffers (T + 1 states and two more (T, B, m) arrays per layer, the (T·B, V) logits); the
+    direct features' table twice (on the device and, until the run's start checkpoint, the initial model: it
+    has no gradient and no moments)."""
     V, m, L, T, B = vocab_size, config.hidden, config.layers, config.bptt, config.batch
     n_out = {"full": V, "hs": 0, "class": min(V, config.classes or round(math.sqrt(V)))}[config.softmax]
     n_params = (1 if config.tied else 2) * V * m + V + (2 * L - 1) * m * m + L * m
     if config.softmax == "class":
         n_params += n_out * (m + 1)
+    sparse_tables = (0 if config.tied else 1) + (config.softmax != "full")  # W_x's, W_o's gradients
     moments = 0 if config.optimizer == "sgd" else 1 if config.moments == "bfloat16" else 2  # in float32 tables
-    window = T * B * (5 * L * m + n_out)
-    return 4 * ((2 + moments) * n_params + 2 * config.direct + window)
+    window = T * B * (3 * L * m + n_out)
+    return 4 * ((2 + moments) * n_params - sparse_tables * V * m + 2 * config.direct + window)
 
 
 def check_memory(config, vocab_size):

@@ -5,8 +5,9 @@ composition below and so the model and the loss are shared.
 
 Sparse gradients: a window touches only the W_x columns of its input tokens (and, with the class
 softmax, only the W_o rows of its targets' classes, with the hierarchical softmax only the W_o rows of the
-tree nodes on its targets' paths). Those gradients are kept zero elsewhere, marked
-in a uint8 mask, and the optimizer visits the marked rows alone. W_x lives on the device column-major
+tree nodes on its targets' paths). Those gradients are slotted (``rnnlm.backends``): the rows a window
+touches claim the first rows of the gradient array, whose other rows stay zero and, on the CPU, never become
+resident; the optimizer visits the slotted rows alone. W_x lives on the device column-major
 (as the transpose of a (V, m) array, one contiguous m-vector per token), which makes its reads and
 updates contiguous, and makes tying (W_o = W_xᵀ) a matter of two views of one array.
 
@@ -30,38 +31,14 @@ def to_device(ops, params, tied=False):
     return device
 
 
-RELEASE_BYTES = 64 << 20  # a sparse gradient this large gives its pages back after every update
-
-
-def _worth_releasing(shape, dtype):
-    """Whether a sparse gradient is large enough (RELEASE_BYTES) for its pages to go back after every update:
-    a smaller one would cost its page faults and gain nothing worth them."""
-    return int(np.prod(shape)) * np.dtype(dtype).itemsize >= RELEASE_BYTES
-
-
-def zero_grads(ops, params, tied=False, sparse=()):
+def zero_grads(ops, params, tied=False):
     """Zeroed gradient arrays laid out like ``to_device``'s parameters; tied, W_x's is a view of W_o's, so
     that the input term's gradient lands in the shared array's rows. None for the direct features' W_d,
-    which ``rnnlm.direct`` updates where its gradient is computed. sparse: the names of ``sparse_names``,
-    whose arrays of RELEASE_BYTES or more are ``ops.releasable_zeros`` (see ``release_sparse``)."""
-    def zeros(name, shape):
-        dtype = params[name].dtype
-        releasable = name in sparse and _worth_releasing(shape, dtype)
-        return (ops.releasable_zeros if releasable else ops.zeros)(shape, dtype)
-
-    grads = {name: zeros(name, p.shape) for name, p in params.items() if name not in ("W_x", "W_d")}
-    grads["W_x"] = grads["W_o"].T if tied else zeros("W_x", params["W_x"].shape[::-1]).T
+    which ``rnnlm.direct`` updates where its gradient is computed. The sparse ones (``sparse_names``) are
+    slotted by the window's slot arrays."""
+    grads = {name: ops.zeros(p.shape, p.dtype) for name, p in params.items() if name not in ("W_x", "W_d")}
+    grads["W_x"] = grads["W_o"].T if tied else ops.zeros(params["W_x"].shape[::-1], params["W_x"].dtype).T
     return grads
-
-
-def release_sparse(ops, grads, sparse):
-    """Give the memory of the gradients named in sparse (``zero_grads``'s) of RELEASE_BYTES or more back
-    (``ops.release``) once an update has left them zero: their pages then hold the rows one window writes,
-    not every row a run has touched."""
-    for name in sparse:
-        grad_rows = rows(name, grads[name])
-        if _worth_releasing(grad_rows.shape, grad_rows.dtype):
-            ops.release(grad_rows)
 
 
 def rows(name, array):
@@ -74,13 +51,15 @@ class Window:
 
     Per layer: S (T + 1, B, m) states, S[0] the state carried in; U (T, B, m) the input term; D (T, B, m)
     the dropped-out output (dropout only); dL_ds_out (T, B, m) the gradient reaching s_t from above;
-    dL_da (T, B, m). Z (T·B, V), or (T·B, C) with the class softmax: logits, then dL/dz; (T·B, 0) with the
-    hierarchical softmax, which reads no logits. touched_W_x (V,), touched_W_o (W_o's rows,) uint8: the
-    sparse gradients' masks (tied, W_o's marks both). dW_o_norm (1,) float64, class and hierarchical softmax
-    only: the norm of the window's dW_o rows as class_xent_grad or hs_xent_grad leaves them. tree_parent,
-    tree_sign: the hierarchical softmax's tree (``rnnlm.huffman``) on the device, else None. Dropout masks:
-    mask_in (T, B, m) and one mask_out per layer, refilled by ``draw_masks``. direct: the direct features'
-    buffers (``rnnlm.direct.DirectWindow``) of a model with direct_order > 0, else None.
+    dL_da (T, B, m), U's arrays themselves. Z (T·B, V), or (T·B, C) with the class softmax: logits, then
+    dL/dz; (T·B, 0) with the hierarchical softmax, which reads no logits. slot_W_x (V,), slot_W_o (W_o's
+    rows,) int32 and claimed_W_x, claimed_W_o (1,) int32: the slots of the sparse gradients (tied, W_o's serve
+    both); with the full softmax, whose dW_o is dense, slot_W_o is 0, 1, …, V - 1 (where a tied input term's
+    gradient lands). dW_o_norm (1,) float64, class and hierarchical softmax only: the norm of the window's dW_o
+    rows as class_xent_grad or hs_xent_grad leaves them. tree_parent, tree_sign: the hierarchical softmax's
+    tree (``rnnlm.huffman``) on the device, else None. Dropout masks: mask_in (T, B, m) and one mask_out per
+    layer, refilled by ``draw_masks``. direct: the direct features' buffers (``rnnlm.direct.DirectWindow``) of
+    a model with direct_order > 0, else None.
     """
 
     def __init__(self, ops, T, B, m, V, dtype=np.float32, class_bounds=None, layers=1, tied=False, dropout=0.0,
@@ -91,21 +70,30 @@ class Window:
         self.S = [ops.zeros((T + 1, B, m), dtype) for _ in range(layers)]
         self.U = [ops.zeros(shape, dtype) for _ in range(layers)]
         self.dL_ds_out = [ops.zeros(shape, dtype) for _ in range(layers)]
-        self.dL_da = [ops.zeros(shape, dtype) for _ in range(layers)]
+        self.dL_da = self.U  # the input term is read by forward alone: backward writes dL/da over it
         self.D = [ops.zeros(shape, dtype) for _ in range(layers)] if dropout else None
         self.mask_in = ops.zeros(shape, dtype) if dropout else None
         self.mask_out = [ops.zeros(shape, dtype) for _ in range(layers)] if dropout else None
         self.hs = hs_tree is not None
         n_out = 0 if self.hs else V if class_bounds is None else len(class_bounds) - 1
         self.Z = ops.zeros((T * B, n_out), dtype)
-        self.touched_W_x = ops.zeros(V, np.uint8)
-        self.touched_W_o = ops.zeros(V - 1 if self.hs else V, np.uint8)
+        self.sparse_W_o = class_bounds is not None or self.hs
+        self.slot_W_x = ops.asarray(np.full(V, -1, np.int32))
+        self.slot_W_o = ops.asarray(np.full(V - 1, -1, np.int32) if self.hs else
+                                    np.full(V, -1, np.int32) if self.sparse_W_o else np.arange(V, dtype=np.int32))
+        self.claimed_W_x, self.claimed_W_o = ops.zeros(1, np.int32), ops.zeros(1, np.int32)
         self.class_bounds = None if class_bounds is None else ops.asarray(class_bounds, np.int32)
         self.tree_parent = None if hs_tree is None else ops.asarray(hs_tree.parent)
         self.tree_sign = None if hs_tree is None else ops.asarray(hs_tree.sign)
         self.dW_o_norm = None if class_bounds is None and not self.hs else ops.zeros(1, np.float64)
         self.direct = None if not direct_order else DirectWindow(ops, T, B, direct_order, boundary_id, n_out, dtype,
                                                                  self.class_bounds)
+
+    def clear_slots(self):
+        """No row of a sparse gradient has a slot (``sparse_names``'s slot arrays all -1, claimed 0)."""
+        for slot, claimed in sparse_names(self).values():
+            self.ops.copy_into(np.full(slot.shape, -1, np.int32), slot)
+            self.ops.copy_into(np.zeros(1, np.int32), claimed)
 
     def draw_masks(self, rng):
         """New dropout masks (0 or 1/(1 - p)) from the numpy Generator ``rng``."""
@@ -186,10 +174,10 @@ def forward_backward(ops, params, grads, window, inputs, targets, target_classes
             ops.matmul_nn(dL_da, params[W_in], window.flat(window.dL_ds_out[k - 1]))
     dL_dU = window.dL_da[0]
     if window.dropout:
-        ops.multiply(dL_dU, window.mask_in, window.U[0])  # U is free now: reuse it for dL/dU
-        dL_dU = window.U[0]
+        ops.multiply(dL_dU, window.mask_in, dL_dU)
     # dW_x[:, x_{t-1}] += dL/dU_t; tied, into W_o's rows (the output layer's gradient is already there)
-    ops.input_grads(inputs, dL_dU, grads["W_x"], window.touched_W_o if window.tied else window.touched_W_x)
+    slots = (window.slot_W_o, window.claimed_W_o) if window.tied else (window.slot_W_x, window.claimed_W_x)
+    ops.input_grads(inputs, dL_dU, grads["W_x"], *slots)
     return loss
 
 
@@ -209,7 +197,8 @@ def output_backward(ops, params, grads, window, s, targets, target_classes, scal
     Z = window.Z
     if window.hs:
         return ops.hs_xent_grad(s, params["W_o"], params["b_o"], targets, window.tree_parent, window.tree_sign, scale,
-                                grads["W_o"], grads["b_o"], dL_ds, window.touched_W_o, window.dW_o_norm)
+                                grads["W_o"], grads["b_o"], dL_ds, window.slot_W_o, window.claimed_W_o,
+                                window.dW_o_norm)
     if window.class_bounds is None:
         output_logits(ops, params, window, s)
         loss = ops.softmax_xent_grad(Z, params["b_o"], targets, scale, grads["b_o"])  # Z := dL/dz
@@ -222,8 +211,8 @@ def output_backward(ops, params, grads, window, s, targets, target_classes, scal
     ops.matmul_tn(Z, s, grads["W_c"])
     ops.matmul_nn(Z, params["W_c"], dL_ds)
     return loss + ops.class_xent_grad(s, params["W_o"], params["b_o"], targets, classes, window.class_bounds,
-                                      scale, grads["W_o"], grads["b_o"], dL_ds, window.touched_W_o, window.dW_o_norm,
-                                      words)
+                                      scale, grads["W_o"], grads["b_o"], dL_ds, window.slot_W_o, window.claimed_W_o,
+                                      window.dW_o_norm, words)
 
 
 def window_loss(ops, params, window, inputs, targets, target_classes=None):
@@ -244,11 +233,29 @@ def window_loss(ops, params, window, inputs, targets, target_classes=None):
 
 
 def sparse_names(window):
-    """The trainable parameters whose gradients are sparse for this window's model, with their masks."""
-    names = {} if window.tied else {"W_x": window.touched_W_x}
-    if window.class_bounds is not None or window.hs:
-        names["W_o"] = window.touched_W_o
+    """The trainable parameters whose gradients are sparse for this window's model, with their (slot, claimed)
+    arrays."""
+    names = {} if window.tied else {"W_x": (window.slot_W_x, window.claimed_W_x)}
+    if window.sparse_W_o:
+        names["W_o"] = (window.slot_W_o, window.claimed_W_o)
     return names
+
+
+def unslotted(grad_rows, slot):
+    """A slotted gradient (``rnnlm.backends``) in table order: numpy grad_rows (R, m) and slot (R,) -> a new
+    (R, m) array whose row r is grad_rows[slot[r]], zero where slot[r] = -1."""
+    table = np.zeros_like(grad_rows)
+    table[slot >= 0] = grad_rows[slot[slot >= 0]]
+    return table
+
+
+def host_grads(ops, grads, window):
+    """The trainable gradients after a step as numpy arrays shaped like the parameters, the sparse ones in table
+    order (for checks against a reference, or one backend against another)."""
+    host = {name: ops.to_numpy(grads[name]) for name in trainable(grads, window)}
+    for name, (slot, _) in sparse_names(window).items():
+        host[name] = rows(name, unslotted(rows(name, host[name]), ops.to_numpy(slot)))
+    return host
 
 
 def trainable(params, window):

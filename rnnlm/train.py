@@ -63,7 +63,6 @@ class TrainConfig:
     batch: int = 20
     optimizer: str = "sgd"
     moments: str = "float32"
-    release_gradients: bool = False
     schedule: str | None = None
     lr: float | None = None
     epochs: int = 20
@@ -271,7 +270,7 @@ class Trainer(Checkpoints):
         self.params = step.to_device(ops, model.params, model.tied)
         self.window = step.Window(ops, config.bptt, len(streams), model.hidden, model.vocab_size,
                                   dropout=config.dropout, **model.structure)
-        self.grads = step.zero_grads(ops, model.params, model.tied, self.releasable())
+        self.grads = step.zero_grads(ops, model.params, model.tied)
         trainable = step.trainable(self.params, self.window)
         self.trainable = list(trainable)
         self.optimizer = make_optimizer(config.optimizer, ops, trainable, clip=config.clip, l2=config.l2,
@@ -282,10 +281,6 @@ class Trainer(Checkpoints):
         self.warmup = schedule.Warmup(config.warmup)
         self.guard = schedule.Guard(min(self.n_windows, schedule.RECOVERY_WINDOWS))
         self.clock = time.perf_counter()  # the run's start (less its time before a resume: set by run)
-
-    def releasable(self):
-        """The sparse gradients whose pages go back after every update (--release-gradients), else none."""
-        return step.sparse_names(self.window) if self.config.release_gradients else ()
 
     def epoch_schedule(self):
         """The config's epoch-level schedule (``rnnlm.schedule``)."""
@@ -336,7 +331,6 @@ class Trainer(Checkpoints):
             loss = step.forward_backward(ops, self.params, self.grads, window, *tokens)
             loss = self.reducer.reduce(ops, self.grads, window, loss)
             self.optimizer.update(self.params, self.grads, window, self.current_lr())
-            step.release_sparse(ops, self.grads, self.releasable())
             self.checkpoint_is_now = False
             loss = float(loss)  # the whole step is queued before the host waits for the device
             if diverged(loss / (T * B), self.model.vocab_size):  # the rollback undoes this step's update too
@@ -420,10 +414,9 @@ class Trainer(Checkpoints):
         self.guard.diverged(state, state.tokens_seen // (self.config.bptt * self.config.batch))
         state.window, state.epoch_loss = 0, 0.0
         self.window.reset_state()
-        # the diverged window's sparse gradients were never applied: clear them and their masks
-        self.grads = step.zero_grads(self.ops, self.params, self.model.tied, self.releasable())
-        for mask in (self.window.touched_W_x, self.window.touched_W_o):
-            self.ops.copy_into(np.zeros(mask.shape, np.uint8), mask)
+        # the diverged window's sparse gradients were never applied: clear them and their slots
+        self.grads = step.zero_grads(self.ops, self.params, self.model.tied)
+        self.window.clear_slots()
         self.log({"event": "diverged", "loss": loss})  # with the rate of the next window
 
     def kept(self):

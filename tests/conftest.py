@@ -93,3 +93,12 @@ def train_whole_and_interrupted(corpus, folder, config):
         rnnlm.train(corpus / "train.txt", folder / "cut.npz", valid=corpus / "valid.txt", config=config,
                     on_window=interrupt)
     return folder / "cut.ckpt.npz"
+
+
+def assert_cleared(ops, grads, window):
+    """The sparse gradients left zero and without slots for the next window."""
+    from rnnlm import step
+
+    for name, (slot, claimed) in step.sparse_names(window).items():
+        assert not ops.to_numpy(step.rows(name, grads[name])).any(), name
+        assert (ops.to_numpy(slot) == -1).all() and ops.to_numpy(claimed)[0] == 0, name

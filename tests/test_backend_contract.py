@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rnnlm import step
 from rnnlm.backends import OPS, cpu, cuda
 from rnnlm.backends.cuda import device
 from rnnlm.huffman import huffman_tree
 
 N, m, V, T, B = 6, 5, 9, 3, 2
 CLASS_BOUNDS = np.array([0, 2, 5, 7, 9], np.int32)  # class 3 unused by the targets below
-ROW_MASK = np.array([1, 0, 0, 1, 1, 0, 0, 0, 1], np.uint8)
+ROW_SLOT = np.array([2, -1, -1, 0, 3, -1, -1, -1, 1], np.int32)  # rows 0, 3, 4, 8 in slots 2, 0, 3, 1
 
 
 def public_ops(module):
@@ -54,6 +55,23 @@ def column_major(ops, array):
     return ops.asarray(np.ascontiguousarray(array.T)).T
 
 
+def slotted(ops, rng, rows=V, dtype=None):
+    """A slotted gradient (rows, m) with ROW_SLOT's four slots (rows 0, 3, 4 and 8) filled: (grad_rows, slot,
+    claimed) backend arrays."""
+    grad = np.zeros((rows, m))
+    grad[:4] = rand(rng, 4, m)
+    return ops.asarray(grad, dtype), ops.asarray(ROW_SLOT[:rows]), ops.asarray(np.array([4], np.int32))
+
+
+def slotted_outputs(ops, grad_rows, slot, claimed):
+    """A slotted gradient as the contract fixes it, whatever the order of its slots: the gradient in table
+    order, the rows with a slot, and the count claimed, checked to be the slots used."""
+    grad_rows, slot, claimed = ops.to_numpy(grad_rows), ops.to_numpy(slot), ops.to_numpy(claimed)
+    assert sorted(slot[slot >= 0]) == list(range(claimed[0]))
+    assert not grad_rows[claimed[0]:].any()
+    return {"gradient": step.unslotted(grad_rows, slot), "rows": slot >= 0, "claimed": claimed}
+
+
 def outputs(ops, result, **arrays):
     """Every named backend array as numpy, and the op's result (a loss: read as a float)."""
     out = {name: ops.to_numpy(array) for name, array in arrays.items()}
@@ -65,17 +83,6 @@ def outputs(ops, result, **arrays):
 def case_asarray(ops, rng):
     return {"float32": ops.to_numpy(ops.asarray(rand(rng, 3, 4), np.float32)),
             "kept": ops.to_numpy(ops.asarray(np.asfortranarray(rand(rng, 3, 4))))}
-
-
-def case_releasable_zeros(ops, rng):
-    return {"float32": ops.to_numpy(ops.releasable_zeros((2, 3))),
-            "uint16": ops.to_numpy(ops.releasable_zeros(4, np.uint16))}
-
-
-def case_release(ops, rng):
-    array = ops.releasable_zeros((5, 3))
-    ops.release(array.T)
-    return {"released": ops.to_numpy(array)}
 
 
 def case_to_numpy(ops, rng):
@@ -141,14 +148,11 @@ def case_backward(ops, rng):
 
 
 def case_input_grads(ops, rng):
-    inputs = rng.integers(0, 4, (T, B)).astype(np.int32)
-    dW_x = np.zeros((m, V))
-    dW_x[:, 7] = rand(rng, m)  # a column marked by an earlier window
-    touched = np.zeros(V, np.uint8)
-    touched[7] = 1
-    dW_x, touched = column_major(ops, dW_x), ops.asarray(touched)
-    ops.input_grads(ops.asarray(inputs), ops.asarray(rand(rng, T, B, m)), dW_x, touched)
-    return outputs(ops, None, dW_x=dW_x, touched=touched)
+    inputs = rng.integers(2, 6, (T, B)).astype(np.int32)
+    dW_x, slot, claimed = slotted(ops, rng)  # rows 0, 3, 4, 8 slotted by an earlier op (tied: the class softmax)
+    dW_x = column_major(ops, ops.to_numpy(dW_x).T)
+    ops.input_grads(ops.asarray(inputs), ops.asarray(rand(rng, T, B, m)), dW_x, slot, claimed)
+    return slotted_outputs(ops, dW_x.T, slot, claimed)
 
 
 def case_bias_grad(ops, rng):
@@ -199,11 +203,19 @@ def direct_scores(ops, rng):
 def case_class_xent_grad(ops, rng):
     args = class_args(ops, rng)
     written = {"dW_o": ops.zeros((V, m), np.float64), "db_o": ops.asarray(rand(rng, V)),
-               "dL_ds": ops.asarray(rand(rng, N, m)), "touched": ops.zeros(V, np.uint8),
-               "dW_o_norm": ops.zeros(1, np.float64)}
-    out = outputs(ops, ops.class_xent_grad(*args, 0.25, *written.values()), **written)
+               "dL_ds": ops.asarray(rand(rng, N, m)), "slot": ops.asarray(np.full(V, -1, np.int32)),
+               "claimed": ops.zeros(1, np.int32), "dW_o_norm": ops.zeros(1, np.float64)}
+    loss = ops.class_xent_grad(*args, 0.25, *written.values())
+    out = outputs(ops, loss, db_o=written["db_o"], dL_ds=written["dL_ds"], dW_o_norm=written["dW_o_norm"])
+    out |= slotted_outputs(ops, written["dW_o"], written["slot"], written["claimed"])
     direct = direct_scores(ops, rng)
-    with_direct = outputs(ops, ops.class_xent_grad(*args, 0.25, *written.values(), direct), direct=direct, **written)
+    for name in ("slot", "claimed", "dW_o"):  # as the optimizer leaves them
+        written[name] = ops.asarray(np.full(V, -1, np.int32)) if name == "slot" else ops.zeros(
+            (1,) if name == "claimed" else (V, m), np.int32 if name == "claimed" else np.float64)
+    loss = ops.class_xent_grad(*args, 0.25, *written.values(), direct)
+    with_direct = outputs(ops, loss, direct=direct, db_o=written["db_o"], dL_ds=written["dL_ds"],
+                          dW_o_norm=written["dW_o_norm"])
+    with_direct |= slotted_outputs(ops, written["dW_o"], written["slot"], written["claimed"])
     return out | {f"with direct: {name}": value for name, value in with_direct.items()}
 
 
@@ -242,9 +254,11 @@ def hs_args(ops, rng):
 def case_hs_xent_grad(ops, rng):
     args = hs_args(ops, rng)
     written = {"dW_o": ops.zeros((V - 1, m), np.float64), "db_o": ops.asarray(rand(rng, V - 1)),
-               "dL_ds": ops.asarray(rand(rng, N, m)), "touched": ops.zeros(V - 1, np.uint8),
-               "dW_o_norm": ops.zeros(1, np.float64)}
-    return outputs(ops, ops.hs_xent_grad(*args, 0.25, *written.values()), **written)
+               "dL_ds": ops.asarray(rand(rng, N, m)), "slot": ops.asarray(np.full(V - 1, -1, np.int32)),
+               "claimed": ops.zeros(1, np.int32), "dW_o_norm": ops.zeros(1, np.float64)}
+    loss = ops.hs_xent_grad(*args, 0.25, *written.values())
+    out = outputs(ops, loss, db_o=written["db_o"], dL_ds=written["dL_ds"], dW_o_norm=written["dW_o_norm"])
+    return out | slotted_outputs(ops, written["dW_o"], written["slot"], written["claimed"])
 
 
 def case_hs_xent(ops, rng):
@@ -285,9 +299,10 @@ def case_direct_scatter(ops, rng):
 
 
 def case_grad_norm(ops, rng):
-    dense, rows = ops.asarray(rand(rng, 3, 4)), column_major(ops, rand(rng, m, V)).T
+    dense, (rows, slot, _) = ops.asarray(rand(rng, 3, 4)), slotted(ops, rng)
+    rows = column_major(ops, ops.to_numpy(rows).T).T  # W_x's rows: any layout
     clipping, unclipped = ops.zeros(2, np.float64), ops.zeros(2, np.float64)
-    pairs = [(dense, None), (rows, ops.asarray(ROW_MASK))]
+    pairs = [(dense, None), (rows, slot)]
     ops.grad_norm(pairs, 1.0, clipping)
     ops.grad_norm(pairs, 0.0, unclipped)
     return outputs(ops, None, clipping=clipping, unclipped=unclipped)
@@ -310,10 +325,10 @@ def case_sgd_updates(ops, rng):
     return outputs(ops, None, first=params[0], second=params[1])
 
 
-def case_masked_sgd_update(ops, rng):
-    param, grad, mask = ops.asarray(rand(rng, V, m)), ops.asarray(rand(rng, V, m)), ops.asarray(ROW_MASK)
-    ops.masked_sgd_update(param, grad, mask, 0.1, clipping(ops))
-    return outputs(ops, None, param=param, grad=grad, mask=mask)
+def case_sparse_sgd_update(ops, rng):
+    param, gradient = ops.asarray(rand(rng, V, m)), slotted(ops, rng)
+    ops.sparse_sgd_update(param, *gradient, 0.1, clipping(ops))
+    return outputs(ops, None, param=param, grad=gradient[0], slot=gradient[1], claimed=gradient[2])
 
 
 def adam_arrays(ops, rng, shape):
@@ -327,12 +342,22 @@ def case_adam_update(ops, rng):
     return outputs(ops, None, param=param, moment1=moment1, moment2=moment2)
 
 
-def case_masked_adam_update(ops, rng):
-    param, grad, moment1, moment2 = adam_arrays(ops, rng, (V, m))
-    scalars = [np.float64(s) for s in (0.01, 0.001, 0.9, 0.999, 1e-8)]
-    mask = ops.asarray(ROW_MASK)
-    ops.masked_adam_update(param, grad, moment1, moment2, mask, scalars[0], clipping(ops), *scalars[1:])
-    return outputs(ops, None, param=param, grad=grad, moment1=moment1, moment2=moment2, mask=mask)
+def case_sparse_adam_update(ops, rng):
+    out = {}
+    for every in (0, 1):  # lazy Adam, Adam
+        param, _, moment1, moment2 = adam_arrays(ops, rng, (V, m))
+        gradient = slotted(ops, rng)
+        scalars = [np.float64(s) for s in (0.01, 0.001, 0.9, 0.999, 1e-8)]
+        ops.sparse_adam_update(param, gradient[0], moment1, moment2, *gradient[1:], every, scalars[0], clipping(ops),
+                               *scalars[1:])
+        out |= sparse_step_outputs(ops, every, param, moment1, moment2, *gradient)
+    return out
+
+
+def sparse_step_outputs(ops, every, param, moment1, moment2, grad, slot, claimed):
+    """What a sparse Adam step with ``every`` leaves, by name."""
+    out = outputs(ops, None, param=param, grad=grad, moment1=moment1, moment2=moment2, slot=slot, claimed=claimed)
+    return {f"every {every}: {name}": value for name, value in out.items()}
 
 
 def bf16_bits(values):
@@ -355,12 +380,15 @@ def case_adam_update_bf16(ops, rng):
     return outputs(ops, None, param=param, moment1=moment1, moment2=moment2)
 
 
-def case_masked_adam_update_bf16(ops, rng):
-    param, grad, moment1, moment2 = adam_bf16_arrays(ops, rng, (V, m))
-    mask = ops.asarray(ROW_MASK)
-    ops.masked_adam_update_bf16(param, grad, moment1, moment2, mask, 7, BF16_SCALARS[0], clipping(ops),
-                                *BF16_SCALARS[1:])
-    return outputs(ops, None, param=param, grad=grad, moment1=moment1, moment2=moment2, mask=mask)
+def case_sparse_adam_update_bf16(ops, rng):
+    out = {}
+    for every in (0, 1):  # lazy Adam, Adam
+        param, _, moment1, moment2 = adam_bf16_arrays(ops, rng, (V, m))
+        gradient = slotted(ops, rng, dtype=np.float32)
+        ops.sparse_adam_update_bf16(param, gradient[0], moment1, moment2, *gradient[1:], every, 7, BF16_SCALARS[0],
+                                    clipping(ops), *BF16_SCALARS[1:])
+        out |= sparse_step_outputs(ops, every, param, moment1, moment2, *gradient)
+    return out
 
 
 def case_decay_rows(ops, rng):

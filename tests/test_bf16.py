@@ -1,5 +1,5 @@
-"""Adam with bfloat16 moments (--moments bfloat16: stochastic rounding with hashed random bits) and the sparse
-gradients whose pages are given back after every update (ops.releasable_zeros, ops.release)."""
+"""Adam with bfloat16 moments (--moments bfloat16: stochastic rounding with hashed random bits), and the memory
+of slotted sparse gradients."""
 
 import json
 
@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import rnnlm
-from rnnlm import step
 from rnnlm.backends import MIX_GOLDEN, MIX_MULTIPLIERS, cpu
 from rnnlm.errors import RnnlmError
 from rnnlm.model import write_npz
@@ -90,15 +89,36 @@ def test_the_cpu_step_is_the_numpy_reference_to_the_bit():
     np.testing.assert_array_equal(m2, expected[2])
     assert m1.flat[3] == 0x7F80 and m1.flat[5] == 0xFF80  # ±inf stay infinite
 
-    mask = (rng.random(37) < 0.4).astype(np.uint8)
-    marked = mask.astype(bool)
-    p, g, m1, m2 = param.copy(), grad.copy(), moment1.copy(), moment2.copy()
+    marked = rng.random(37) < 0.4
+    slot, g = slotted(grad, marked, rng)
+    p, m1, m2 = param.copy(), moment1.copy(), moment2.copy()
     with np.errstate(invalid="ignore"):
-        cpu.masked_adam_update_bf16(p, g, m1, m2, mask.copy(), 5, lr_t, clipping, decay, beta1, beta2, eps)
+        cpu.sparse_adam_update_bf16(p, g, m1, m2, slot, np.array([marked.sum()], np.int32), 0, 5, lr_t, clipping,
+                                    decay, beta1, beta2, eps)
     for got, step_result, before in zip((p, m1, m2), expected, (param, moment1, moment2), strict=True):
         np.testing.assert_array_equal(got[marked], step_result[marked])
         np.testing.assert_array_equal(got[~marked], before[~marked])
-    assert not g[marked].any() and np.array_equal(g[~marked], grad[~marked])
+    assert not g.any() and (slot == -1).all()
+
+    slot, g = slotted(grad, marked, rng)  # every row, those without a slot on a zero gradient
+    p, m1, m2 = param.copy(), moment1.copy(), moment2.copy()
+    with np.errstate(invalid="ignore"):
+        cpu.sparse_adam_update_bf16(p, g, m1, m2, slot, np.array([marked.sum()], np.int32), 1, 5, lr_t, clipping,
+                                    decay, beta1, beta2, eps)
+        expected = reference_step(param, np.where(marked[:, None], grad, 0), moment1, moment2, 5, scale=0.75,
+                                  **SCALARS)
+    for got, step_result in zip((p, m1, m2), expected, strict=True):
+        np.testing.assert_array_equal(got, step_result)
+
+
+def slotted(grad, marked, rng):
+    """The rows of ``grad`` marked as a slotted gradient, in a random order of slots: (slot, grad_rows)."""
+    rows = rng.permutation(np.flatnonzero(marked))
+    slot = np.full(len(grad), -1, np.int32)
+    slot[rows] = np.arange(len(rows))
+    grad_rows = np.zeros_like(grad)
+    grad_rows[:len(rows)] = grad[rows]
+    return slot, grad_rows
 
 
 @pytest.mark.parametrize("x", [1 / 3, -2.7182817, 3.1e-7, 0.0123])
@@ -166,15 +186,16 @@ def test_cuda_steps_bf16_moments_to_the_cpu_bits():
     rng = np.random.default_rng(2)
     param, grad, moment1, moment2 = problem(rng, (9, 6))
     grad[np.isinf(grad)] = 2.0
-    mask = np.array([1, 0, 1, 1, 0, 0, 1, 0, 1], np.uint8)
+    marked = np.array([1, 0, 1, 1, 0, 0, 1, 0, 1], bool)
     results = {}
     for ops in (cpu, cuda):
         p, m1, m2 = (ops.asarray(a) for a in (param, moment1, moment2))
         lr_t, *rest = kernel_scalars()
         clipping = ops.asarray(np.array([2.0, 0.5]))
         for t in (1, 2, 3):
-            g, marks = ops.asarray(grad * np.float32(t)), ops.asarray(mask)
-            ops.masked_adam_update_bf16(p, g, m1, m2, marks, t, lr_t, clipping, *rest)
+            slot, g = (ops.asarray(a) for a in slotted(grad * np.float32(t), marked, np.random.default_rng(t)))
+            claimed = ops.asarray(np.array([marked.sum()], np.int32))
+            ops.sparse_adam_update_bf16(p, g, m1, m2, slot, claimed, t % 2, t, lr_t, clipping, *rest)
             ops.adam_update_bf16(p, ops.asarray(grad), m1, m2, t + 10, lr_t, clipping, *rest)
         results[ops.name] = [ops.to_numpy(a) for a in (p, m1, m2)]
     for got, expected in zip(results["cuda"], results["cpu"], strict=True):
@@ -186,17 +207,19 @@ def rss_bytes():
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
-def test_released_pages_leave_the_resident_set_and_read_as_zeros():
-    array = cpu.releasable_zeros((4096, 4096), np.float32)  # 64 MiB
-    array[:, ::7] = 1.0
-    rows = array.T  # a view, as step.rows gives W_x's gradient
+def test_a_slotted_gradient_makes_only_its_claimed_rows_resident():
+    """64 MiB of gradient for V = 2¹⁸ rows; a window of 2,000 tokens spread over all of them writes 2,000 rows'
+    worth (0.5 MiB), not a page per token (8 MiB)."""
+    V, m, T, B = 1 << 18, 64, 20, 100
+    tokens = np.random.default_rng(0).permutation(V)[:T * B].astype(np.int32).reshape(T, B)
+    dL_dU = np.ones((T, B, m), np.float32)
+    cpu.input_grads(tokens[:1, :1], dL_dU[:1, :1], np.zeros((V, m), np.float32).T, np.full(V, -1, np.int32),
+                    np.zeros(1, np.int32))  # compiled before the measurement
+    dW_x, slot, claimed = np.zeros((V, m), np.float32), np.full(V, -1, np.int32), np.zeros(1, np.int32)
     before = rss_bytes()
-    cpu.release(rows)
-    after = rss_bytes()
-    assert before - after > 60 << 20
-    assert not array.any()
-    with pytest.raises(TypeError):
-        cpu.release(np.zeros(3))
+    cpu.input_grads(tokens, dL_dU, dW_x.T, slot, claimed)
+    assert rss_bytes() - before < 4 << 20
+    assert claimed[0] == T * B and dW_x[:T * B].all() and not dW_x[T * B:].any()
 
 
 @pytest.fixture(scope="module")
@@ -208,24 +231,6 @@ def corpus(tmp_path_factory):
 
 SETTINGS = {"hidden": 8, "bptt": 5, "batch": 3, "epochs": 2, "softmax": "hs", "optimizer": "lazyadam", "lr": 0.01,
             "dropout": 0.1, "moments": "bfloat16"}
-
-
-def test_a_run_is_the_same_with_and_without_giving_the_gradient_pages_back(corpus, tmp_path, monkeypatch):
-    monkeypatch.setattr(step, "RELEASE_BYTES", 0)  # the toy model's gradients too
-    released = []
-    release = cpu.release
-    monkeypatch.setattr(cpu, "release", lambda array: released.append(array.shape) or release(array))
-    config = rnnlm.TrainConfig(**SETTINGS, release_gradients=True)
-    rnnlm.train(corpus / "train.txt", tmp_path / "released.npz", valid=corpus / "valid.txt", config=config)
-    V = len(rnnlm.load(tmp_path / "released.npz").vocab)
-    assert set(released) == {(V, 8), (V - 1, 8)}  # W_x's rows and the tree nodes' W_o
-    count = len(released)
-    kept = rnnlm.TrainConfig(**SETTINGS)
-    rnnlm.train(corpus / "train.txt", tmp_path / "kept.npz", valid=corpus / "valid.txt", config=kept)
-    assert len(released) == count  # without the option nothing is given back
-    released_model, kept_model = rnnlm.load(tmp_path / "released.npz"), rnnlm.load(tmp_path / "kept.npz")
-    for name, array in released_model.params.items():
-        assert array.tobytes() == kept_model.params[name].tobytes(), name
 
 
 @pytest.mark.slow

@@ -1,8 +1,10 @@
 """What the shared kernel tests do not reach in the CUDA backend at their toy sizes: split-k and both GEMM
 tiles, the recurrence in several passes and stage chunks, long token lists, rows wider than a block,
-the class softmax with an unused class, the row-masked updates, the gradient norm's and the SGD step's
+the class softmax with an unused class and its slots shared with the input gradient, the updates of slotted
+gradients (whatever the order of their slots) in several sweeps of rows, the gradient norm's and the SGD step's
 launches over several arrays, and the device arrays' view transposes and the fused kernels' argument types
-(real-GPU code paths, checked here without a GPU). Oracles: numpy, or the CPU backend.
+(real-GPU code paths, checked here without a GPU). Oracles: numpy, the CPU backend, or the CUDA backend's dense
+ops.
 """
 
 import os
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rnnlm import step
 from rnnlm.backends import cpu
 from rnnlm.backends import cuda as ops
 from rnnlm.backends.cuda import device, gemm, recurrence
@@ -22,6 +25,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 def random(rng, *shape):
     return rng.standard_normal(shape)
+
+
+def slotted(table, rows, order_seed=0):
+    """``rows`` of a (R, m) table as a slotted gradient (``rnnlm.backends``) in a shuffled order of slots:
+    (grad_rows, slot, claimed) numpy arrays."""
+    rows = np.random.default_rng(order_seed).permutation(rows)
+    slot = np.full(len(table), -1, np.int32)
+    slot[rows] = np.arange(len(rows), dtype=np.int32)
+    grad_rows = np.zeros_like(table)
+    grad_rows[:len(rows)] = table[rows]
+    return grad_rows, slot, np.array([len(rows)], np.int32)
 
 
 def clear_caches(*factories):
@@ -110,15 +124,19 @@ def test_embedding_and_its_gradient_over_long_token_lists():
     np.testing.assert_array_equal(ops.to_numpy(U), W_x[:, inputs].transpose(1, 2, 0))
     dL_dU = random(rng, T, B, m)
     dW_x = np.zeros((m, V))
-    dW_x[:, 3] = random(rng, m)  # a column marked by an earlier window
-    touched = np.zeros(V, np.uint8)
-    touched[3] = 1
-    dW_x_dev, touched_dev = ops.asarray(dW_x.T).T, ops.asarray(touched)
-    ops.input_grads(ops.asarray(inputs), ops.asarray(dL_dU), dW_x_dev, touched_dev)
+    dW_x[:, 3] = random(rng, m)  # a column slotted by an earlier op
+    grad_rows, slot, claimed = (ops.asarray(a) for a in slotted(dW_x.T, [3]))
+    ops.input_grads(ops.asarray(inputs), ops.asarray(dL_dU), grad_rows.T, slot, claimed)
     expected = dW_x.copy()
     np.add.at(expected.T, inputs.reshape(-1), dL_dU.reshape(-1, m))
-    np.testing.assert_allclose(ops.to_numpy(dW_x_dev), expected, rtol=1e-12)
-    np.testing.assert_array_equal(ops.to_numpy(touched_dev), [0, 1, 0, 1, 1, 0])
+    slots = ops.to_numpy(slot)
+    np.testing.assert_allclose(step.unslotted(ops.to_numpy(grad_rows), slots).T, expected, rtol=1e-12)
+    assert slots[3] == 0 and sorted(slots[[1, 4]]) == [1, 2] and ops.to_numpy(claimed)[0] == 3
+    assert (slots[[0, 2, 5]] == -1).all()
+    dense, every_slot = ops.asarray(dW_x.T).T, ops.asarray(np.arange(V, dtype=np.int32))  # the full softmax tied
+    ops.input_grads(ops.asarray(inputs), ops.asarray(dL_dU), dense, every_slot, claimed)
+    np.testing.assert_allclose(ops.to_numpy(dense), expected, rtol=1e-12)
+    assert (ops.to_numpy(every_slot) == np.arange(V)).all() and ops.to_numpy(claimed)[0] == 3  # nothing claimed
     db = ops.zeros(m, np.float64)
     ops.bias_grad(ops.asarray(dL_dU.reshape(-1, m)), db)
     np.testing.assert_allclose(ops.to_numpy(db), dL_dU.sum(axis=(0, 1)), rtol=1e-12)
@@ -145,8 +163,10 @@ def test_softmax_rows_wider_than_a_block():
 
 
 def test_class_softmax_with_an_unused_class_equals_cpu():
-    """Rows sharing classes, class 2 unused (its db_o zeroed, its rows left untouched), dL_ds accumulated,
-    and the norm of the dW_o rows written."""
+    """Rows sharing classes, class 2 unused (its db_o zeroed, its rows without a slot), dL_ds accumulated,
+    the norm of the dW_o rows written, each class's words in consecutive slots; then the input gradient of
+    tied weights into the same slotted gradient: its tokens of the classes used keep their slots, the others
+    claim new ones."""
     rng = np.random.default_rng(4)
     N, m = 6, 5
     class_bounds = np.array([0, 3, 10, 25, 40], np.int32)
@@ -157,7 +177,8 @@ def test_class_softmax_with_an_unused_class_equals_cpu():
         "dW_o": np.zeros((40, m)),
         "db_o": np.full(40, 7.0),
         "dL_ds": random(rng, N, m),
-        "touched": np.zeros(40, np.uint8),
+        "slot": np.full(40, -1, np.int32),
+        "claimed": np.zeros(1, np.int32),
         "dW_o_norm": np.zeros(1),
     }
     dev = {k: ops.asarray(v) for k, v in host.items()}
@@ -165,28 +186,51 @@ def test_class_softmax_with_an_unused_class_equals_cpu():
     expected = cpu.class_xent_grad(S_next, W_o, b_o, *args, 0.25, *host.values())
     loss = ops.class_xent_grad(*(ops.asarray(a) for a in (S_next, W_o, b_o, *args)), 0.25, *dev.values())
     assert float(loss) == pytest.approx(expected, rel=1e-12)
-    for name, array in host.items():
-        np.testing.assert_allclose(ops.to_numpy(dev[name]), array, rtol=1e-12, atol=1e-15, err_msg=name)
-    assert not host["touched"][10:25].any() and host["touched"][25:].all()
+    for name in ("db_o", "dL_ds", "dW_o_norm", "claimed"):
+        np.testing.assert_allclose(ops.to_numpy(dev[name]), host[name], rtol=1e-12, atol=1e-15, err_msg=name)
+    dW_o = step.unslotted(ops.to_numpy(dev["dW_o"]), ops.to_numpy(dev["slot"]))
+    np.testing.assert_allclose(dW_o, step.unslotted(host["dW_o"], host["slot"]), rtol=1e-12, atol=1e-15)
+    assert (host["slot"][10:25] == -1).all() and (host["slot"][25:] >= 0).all() and host["claimed"][0] == 25
+    slots = ops.to_numpy(dev["slot"])
+    assert all((np.diff(slots[lo:hi]) == 1).all() for lo, hi in ((0, 3), (3, 10), (25, 40)))  # classes in any order
+    assert sorted(slots[slots >= 0]) == list(range(25)) and (slots[10:25] == -1).all()
     assert host["dW_o_norm"][0] == pytest.approx(np.linalg.norm(host["dW_o"]), rel=1e-12)
+    inputs = np.array([[12, 3], [30, 12]], np.int32)  # 12 of the unused class, 3 and 30 of classes used
+    dL_dU = random(rng, 2, 2, m)
+    cpu.input_grads(inputs, dL_dU, host["dW_o"].T, host["slot"], host["claimed"])
+    ops.input_grads(ops.asarray(inputs), ops.asarray(dL_dU), dev["dW_o"].T, dev["slot"], dev["claimed"])
+    np.testing.assert_array_equal(ops.to_numpy(dev["slot"])[[3, 30]], slots[[3, 30]])
+    assert ops.to_numpy(dev["slot"])[12] == 25 and ops.to_numpy(dev["claimed"])[0] == host["claimed"][0] == 26
+    dW_o = step.unslotted(ops.to_numpy(dev["dW_o"]), ops.to_numpy(dev["slot"]))
+    np.testing.assert_allclose(dW_o, step.unslotted(host["dW_o"], host["slot"]), rtol=1e-12, atol=1e-15)
     eval_loss = ops.class_xent(*(ops.asarray(a) for a in (S_next, W_o, b_o, *args)))
     assert float(eval_loss) == pytest.approx(cpu.class_xent(S_next, W_o, b_o, *args), rel=1e-12)
 
 
-def test_masked_row_updates():
-    """The sparse gradient's norm and update by a row mask, which clears the gradient's rows and the mask."""
+def test_slotted_row_updates(monkeypatch):
+    """The sparse gradient's norm and update through its slots, which clears the gradient's rows and the
+    slots: the same bits for two orders of the slots. Blocks of 2 rows of 8 threads: 9 rows in three sweeps
+    (the last partial), 5 passes along a row of 40."""
+    monkeypatch.setattr(device, "row_grid", lambda R, m: (2, (8, 2)))
     rng = np.random.default_rng(5)
     rows, grads = random(rng, 9, 40), random(rng, 9, 40)
-    mask = np.array([1, 0, 0, 1, 1, 0, 0, 0, 1], np.uint8)
-    marked = mask[:, None] == 1
-    rows_dev, grads_dev, mask_dev = (ops.asarray(a) for a in (rows, grads, mask))
-    clipping = ops.zeros(2, np.float64)
-    ops.grad_norm([(grads_dev, mask_dev)], 0.0, clipping)
-    assert ops.to_numpy(clipping)[0] ** 2 == pytest.approx((grads[mask == 1] ** 2).sum(), rel=1e-12)
-    ops.masked_sgd_update(rows_dev, grads_dev, mask_dev, 0.5, clipping)  # clipping factor 1
-    np.testing.assert_allclose(ops.to_numpy(rows_dev), np.where(marked, rows - 0.5 * grads, rows), rtol=1e-12)
-    np.testing.assert_array_equal(ops.to_numpy(grads_dev), np.where(marked, 0.0, grads))
-    assert not ops.to_numpy(mask_dev).any()
+    marked = np.zeros((9, 1), bool)
+    marked[[0, 3, 4, 8]] = True
+    grads = np.where(marked, grads, 0.0)
+    results = []
+    for order_seed in (0, 1):
+        grad_rows, slot, claimed = (ops.asarray(a) for a in slotted(grads, [0, 3, 4, 8], order_seed))
+        rows_dev = ops.asarray(rows)
+        clipping = ops.zeros(2, np.float64)
+        ops.grad_norm([(grad_rows, slot)], 0.0, clipping)
+        assert ops.to_numpy(clipping)[0] ** 2 == pytest.approx((grads**2).sum(), rel=1e-12)
+        ops.sparse_sgd_update(rows_dev, grad_rows, slot, claimed, 0.5, clipping)  # clipping factor 1
+        np.testing.assert_allclose(ops.to_numpy(rows_dev), rows - 0.5 * grads, rtol=1e-12)
+        assert not ops.to_numpy(grad_rows).any() and (ops.to_numpy(slot) == -1).all()
+        assert ops.to_numpy(claimed)[0] == 0
+        results.append((ops.to_numpy(clipping), ops.to_numpy(rows_dev)))
+    for first, second in zip(*results, strict=True):
+        np.testing.assert_array_equal(first, second)
     multiplied = ops.zeros((9, 40), np.float64)
     ops.multiply(ops.asarray(rows), ops.asarray(grads), multiplied)
     np.testing.assert_array_equal(ops.to_numpy(multiplied), rows * grads)
@@ -194,20 +238,58 @@ def test_masked_row_updates():
     np.testing.assert_array_equal(ops.to_numpy(multiplied), grads)
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bfloat16"])
+def test_sparse_adam_equals_the_dense_step_on_the_gradient_in_row_order(monkeypatch, bf16):
+    """Lazy Adam (every 0) steps the rows with a slot alone, their moments included; Adam (every 1) every
+    row, those without a slot on a zero gradient: both bit for bit the dense step on the gradient in row order,
+    on the rows they step (bfloat16 moments: the random bits of each element's index in the table); the
+    gradient cleared after either. Rows in sweeps as in test_slotted_row_updates."""
+    monkeypatch.setattr(device, "row_grid", lambda R, m: (2, (8, 2)))
+    rng = np.random.default_rng(7)
+    R, m, rows = 9, 40, [0, 3, 4, 8]
+    marked = np.isin(np.arange(R), rows)[:, None]
+    grads = np.where(marked, random(rng, R, m), 0.0).astype(np.float32)
+    param = random(rng, R, m).astype(np.float32)
+    moments = [random(rng, R, m), rng.random((R, m))]
+    if bf16:
+        moments = [(np.asarray(a, np.float32).view(np.uint32) >> 16).astype(np.uint16) for a in moments]
+    else:
+        moments = [a.astype(np.float32) for a in moments]
+    lr_t, *rest = (np.float32(s) for s in (0.01, 0.001, 0.9, 0.999, 1e-8))
+    clipping = ops.asarray(np.array([4.0, 0.5]))
+    for every in (0, 1):
+        dense = [ops.asarray(a) for a in (param, grads, *moments)]
+        sparse = [ops.asarray(a) for a in (param, *moments)]
+        grad_rows, slot, claimed = (ops.asarray(a) for a in slotted(grads, rows, order_seed=every))
+        if bf16:
+            ops.adam_update_bf16(*dense, 5, lr_t, clipping, *rest)
+            ops.sparse_adam_update_bf16(sparse[0], grad_rows, *sparse[1:], slot, claimed, every, 5, lr_t, clipping,
+                                        *rest)
+        else:
+            ops.adam_update(*dense, lr_t, clipping, *rest)
+            ops.sparse_adam_update(sparse[0], grad_rows, *sparse[1:], slot, claimed, every, lr_t, clipping, *rest)
+        stepped = marked | bool(every)
+        for name, after, stepped_dense, before in zip(("param", "moment1", "moment2"), sparse, dense[:1] + dense[2:],
+                                                     (param, *moments), strict=True):
+            expected = np.where(stepped, ops.to_numpy(stepped_dense), before)
+            np.testing.assert_array_equal(ops.to_numpy(after), expected, err_msg=f"every {every}: {name}")
+        assert not ops.to_numpy(grad_rows).any() and (ops.to_numpy(slot) == -1).all()
+        assert ops.to_numpy(claimed)[0] == 0
+
+
 def test_grad_norm_and_sgd_updates_over_several_arrays():
-    """One norm for dense and masked arrays of several shapes and layouts (a float64 pair in its own group),
+    """One norm for dense and slotted arrays of several shapes and layouts (a float64 pair in its own group),
     equal to the CPU twin, and its clipping factor; then one SGD step over several arrays, one of them
     column-major, scaled by that factor."""
     rng = np.random.default_rng(6)
     host = [random(rng, 9, 40), random(rng, 40), random(rng, 3, 5)]
     rows, other = random(rng, 9, 40), random(rng, 12, 3)
-    mask, other_mask = np.array([1, 0, 0, 1, 1, 0, 0, 0, 1], np.uint8), np.zeros(12, np.uint8)
-    other_mask[[2, 11]] = 1
+    rows_slotted, other_slotted = slotted(rows, [0, 3, 4, 8]), slotted(other, [2, 11])
     dev = [ops.asarray(a, np.float32) for a in host[:2]] + [ops.asarray(host[2].T).T]
-    pairs = [(a, None) for a in dev] + [(ops.asarray(rows, np.float32), ops.asarray(mask))]
-    pairs.append((ops.asarray(other), ops.asarray(other_mask)))
+    pairs = [(a, None) for a in dev] + [(ops.asarray(rows_slotted[0], np.float32), ops.asarray(rows_slotted[1]))]
+    pairs.append((ops.asarray(other_slotted[0]), ops.asarray(other_slotted[1])))
     cpu_pairs = [(np.ascontiguousarray(ops.to_numpy(a)), m if m is None else ops.to_numpy(m)) for a, m in pairs]
-    expected = sum((a**2).sum() for a in host) + (rows[mask == 1] ** 2).sum() + (other[other_mask == 1] ** 2).sum()
+    expected = sum((a**2).sum() for a in host) + (rows[[0, 3, 4, 8]] ** 2).sum() + (other[[2, 11]] ** 2).sum()
     norm = np.sqrt(expected)
     clipping, cpu_clipping = ops.zeros(2, np.float64), np.zeros(2)
     ops.grad_norm(pairs, 2 * norm, clipping)

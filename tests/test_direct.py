@@ -124,7 +124,7 @@ class Problem:
         window, tokens = self.window(ops)
         device, grads = step.to_device(ops, self.params), step.zero_grads(ops, self.params)
         loss = float(step.forward_backward(ops, device, grads, window, *tokens))
-        out = {name: ops.to_numpy(g) for name, g in grads.items()}
+        out = step.host_grads(ops, grads, window)
         grad_W_d = ops.zeros(self.params["W_d"].shape, np.float64)
         window.direct.update(grad_W_d, window.Z, 1.0)
         out["W_d"] = ops.to_numpy(grad_W_d)

@@ -150,15 +150,19 @@ def test_hs_log_probs_equal_the_numpy_reference(ops):
 def test_hs_xent_grad_equals_the_numpy_reference(ops):
     tree, W_o, b_o, S, targets = kernel_problem(np.random.default_rng(1))
     dW_o, db_o = ops.zeros(W_o.shape, np.float64), ops.asarray(np.full(V - 1, 7.0))
-    dL_ds, touched, norm = ops.asarray(np.full(S.shape, 3.0)), ops.zeros(V - 1, np.uint8), ops.zeros(1, np.float64)
+    dL_ds, norm = ops.asarray(np.full(S.shape, 3.0)), ops.zeros(1, np.float64)
+    slot, claimed = ops.asarray(np.full(V - 1, -1, np.int32)), ops.zeros(1, np.int32)
     loss = ops.hs_xent_grad(*(ops.asarray(a) for a in (S, W_o, b_o, targets, tree.parent, tree.sign)), 0.25, dW_o,
-                            db_o, dL_ds, touched, norm)
+                            db_o, dL_ds, slot, claimed, norm)
     expected = numpy_grads(W_o, b_o, S, targets, tree, 0.25)
     assert float(loss) == pytest.approx(expected[0], rel=1e-12)
-    for got, want in zip((dW_o, db_o, dL_ds), expected[1:], strict=True):
-        np.testing.assert_allclose(ops.to_numpy(got), want, rtol=1e-10, atol=1e-15)
+    slots = ops.to_numpy(slot)
+    for got, want in zip((step.unslotted(ops.to_numpy(dW_o), slots), ops.to_numpy(db_o), ops.to_numpy(dL_ds)),
+                         expected[1:], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-15)
     used = sorted({k for w in targets for k, _ in paths(tree)[w]})
-    np.testing.assert_array_equal(np.flatnonzero(ops.to_numpy(touched)), used)
+    np.testing.assert_array_equal(np.flatnonzero(slots >= 0), used)
+    assert sorted(slots[used]) == list(range(len(used))) == list(range(ops.to_numpy(claimed)[0]))
     assert ops.to_numpy(norm)[0] == pytest.approx(np.linalg.norm(expected[1]), rel=1e-12)
 
 
@@ -170,9 +174,11 @@ def test_float32_kernels_follow_the_float64_ones(ops):
         args = [ops.asarray(a) for a in (S, W_o, b_o, targets, tree.parent, tree.sign)]
         dW_o, db_o, dL_ds = ops.zeros(W_o.shape, dtype), ops.zeros(V - 1, dtype), ops.zeros(S.shape, dtype)
         norm, out = ops.zeros(1, np.float64), ops.zeros(len(targets), np.float64)
-        loss = float(ops.hs_xent_grad(*args, 0.5, dW_o, db_o, dL_ds, ops.zeros(V - 1, np.uint8), norm))
+        slot = ops.asarray(np.full(V - 1, -1, np.int32))
+        loss = float(ops.hs_xent_grad(*args, 0.5, dW_o, db_o, dL_ds, slot, ops.zeros(1, np.int32), norm))
         ops.hs_log_probs(*args, out)
-        results.append([loss, *(ops.to_numpy(a) for a in (dW_o, db_o, dL_ds, norm, out))])
+        dense = step.unslotted(ops.to_numpy(dW_o), ops.to_numpy(slot))
+        results.append([loss, dense, *(ops.to_numpy(a) for a in (db_o, dL_ds, norm, out))])
     for wide, narrow in zip(*results, strict=True):
         np.testing.assert_allclose(narrow, wide, rtol=1e-5, atol=1e-6)
 
@@ -187,7 +193,7 @@ def test_the_cpu_gradient_has_the_same_bits_on_any_number_of_threads():
         dW_o, db_o, dL_ds = np.zeros_like(W_o), np.zeros_like(b_o), np.zeros_like(S)
         norm = np.zeros(1)
         loss = cpu.hs_xent_grad(S, W_o, b_o, targets, tree.parent, tree.sign, 0.01, dW_o, db_o, dL_ds,
-                                np.zeros(V - 1, np.uint8), norm)
+                                np.full(V - 1, -1, np.int32), np.zeros(1, np.int32), norm)
         results.append([loss, dW_o.tobytes(), db_o.tobytes(), dL_ds.tobytes(), norm.tobytes()])
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     assert results[0] == results[1]
@@ -218,7 +224,7 @@ class Problem:
         device, grads = step.to_device(ops, self.params), step.zero_grads(ops, self.params)
         tokens = [ops.asarray(t) for t in (self.inputs, self.targets)]
         loss = float(step.forward_backward(ops, device, grads, window, *tokens))
-        return loss, {name: ops.to_numpy(g) for name, g in grads.items()}
+        return loss, step.host_grads(ops, grads, window)
 
 
 def test_a_windows_gradients_pass_the_float64_finite_difference_check(ops):

@@ -8,9 +8,18 @@ export every op with these parameters and agree on small random inputs.
 Arrays are backend arrays (numpy arrays on the CPU, device arrays on CUDA), C-contiguous unless an op says
 "any layout"; W_x (m, V) and its gradient are column-major (``rnnlm.step`` keeps them as transposed views
 of (V, m) arrays). Floats are float32 in training and float64 in the gradient checks; token ids and class
-bounds are int32; masks are uint8 (V,) or (R,) marking rows. A "loss" is Σ_rows -log p(target) as
+bounds are int32. A "loss" is Σ_rows -log p(target) as
 float64: a Python float on the CPU, a ``DeviceSum`` on CUDA (``float()`` reads it). Nothing returns unless
 a loss is listed.
+
+Sparse gradients are slotted: a gradient of a table of R rows (W_x's columns, the class and hierarchical
+softmax's W_o rows) is grad_rows (R, m), slot (R,) int32 and claimed (1,) int32. slot[r] = -1 for a row
+without a gradient this window, else the row u of grad_rows that holds row r's gradient; slots u <
+claimed[0] belong to one row each, and grad_rows[u] is zero for u ≥ claimed[0]. A writer that reaches a row
+without a slot claims the next one (slot[r] = claimed[0], claimed[0] += 1: on the CPU in a fixed order, on
+CUDA in any); so the rows of grad_rows that a window writes are its first few, whatever rows of the table it
+touches, and the memory of the others is never written. Readers visit the rows r in increasing order,
+through slot, so that no result depends on the order of the slots.
 """
 
 from typing import NamedTuple
@@ -60,11 +69,6 @@ OPS = {
                    "None keeps the array's)"),
     "to_numpy": _op("array", "a new numpy array holding a copy of the backend array"),
     "zeros": _op("shape dtype", "a new backend array of zeros (dtype float32 by default)"),
-    "releasable_zeros": _op("shape dtype", "a new backend array of zeros (dtype float32 by default) whose memory "
-                            "``release`` can give back: on the CPU an anonymous mapping of 4 KiB pages (no "
-                            "transparent huge pages), so that writing a row makes only its pages resident"),
-    "release": _op("array", "array (from releasable_zeros, or a view of one) holds zeros: give its memory back to "
-                   "the system, after which it still reads as zeros (CPU: madvise MADV_DONTNEED; CUDA: nothing)"),
     "copy_into": _op("src dst", "dst[...] = src; src a host array (any layout) or a backend array laid out "
                      "like dst"),
     "synchronize": _op("", "returns once every op launched so far has finished"),
@@ -89,10 +93,11 @@ OPS = {
                     "dL_ds_out[t] + W_sᵀ dL/da_{t+1} (no later term at t = T - 1), dL_da[t] = (1 - S[t + 1]²) ⊙ "
                     "dL/ds_t; S (T + 1, B, m) from forward, dL_ds_out (T, B, m), dL_da (T, B, m) overwritten. The "
                     "carried state gets no gradient (truncated BPTT)"),
-    "input_grads": _op("inputs dL_dU dW_x touched", "dW_x[:, inputs[t, b]] += dL_dU[t, b] over the window and "
-                       "touched[inputs[t, b]] = 1: inputs (T, B), dL_dU (T, B, m), dW_x (m, V) column-major (tied "
-                       "weights pass W_o's gradient transposed, and its mask), touched (V,); each column's sum in "
-                       "position order, added to what the column held"),
+    "input_grads": _op("inputs dL_dU dW_x slot claimed", "dW_x[:, slot[x]] += dL_dU[t, b] over the window, x = "
+                       "inputs[t, b], a slot claimed for each token without one (CPU: in increasing token order): "
+                       "inputs (T, B), dL_dU (T, B, m), dW_x (m, V) column-major, slotted (tied weights pass W_o's "
+                       "gradient transposed, and its slots; the full softmax's dense dW_o with slot = 0, 1, …, V - "
+                       "1); each column's sum in position order, added to what the column held"),
     "bias_grad": _op("dL_da db", "db = Σ_rows dL_da: dL_da (N, m), db (m,) overwritten"),
     "multiply": _op("a mask out", "out = a ⊙ mask elementwise, arrays of one shape (out may be a)"),
     # softmax
@@ -105,15 +110,16 @@ OPS = {
                              "log-probability of its target (the per-row form of softmax_xent, whose loss is -Σ out): "
                              "out (N,) float64 overwritten; Z (N, V) is scratch"),
     # class softmax
-    "class_xent_grad": _op("S_next W_o b_o targets target_classes class_bounds scale dW_o db_o dL_ds touched "
-                           "dW_o_norm direct", "the word half of the class softmax, p(w | c) over the words "
+    "class_xent_grad": _op("S_next W_o b_o targets target_classes class_bounds scale dW_o db_o dL_ds slot "
+                           "claimed dW_o_norm direct", "the word half of the class softmax, p(w | c) over the words "
                            "class_bounds[c] ≤ w < class_bounds[c + 1] of row r's class c = target_classes[r], "
-                           "z = W_o[w] S_next[r] + b_o[w]: S_next, dL_ds (N, m); W_o, dW_o (V, m); b_o, db_o, "
-                           "touched (V,); targets, target_classes (N,); class_bounds (C + 1,). Adds scale · dL/dz "
-                           "⊗ S_next[r] to dW_o's rows of the class (zero on entry in the rows of every class used) "
-                           "and W_o[class]ᵀ (scale · dL/dz) to dL_ds[r]; overwrites db_o (zero outside the classes "
-                           "used); sets touched[w] = 1 for the words of every class used; dW_o_norm (1,) float64 "
-                           "overwritten with the norm of dW_o over the touched rows. Returns the loss of p(w | c). "
+                           "z = W_o[w] S_next[r] + b_o[w]: S_next, dL_ds (N, m); W_o (V, m); dW_o (V, m), slot (V,), "
+                           "claimed: slotted, without a slot in any row on entry; b_o, db_o (V,); targets, "
+                           "target_classes (N,); class_bounds (C + 1,). Claims the slots of every class used, a "
+                           "class's words consecutive slots (CPU: classes in increasing order); adds scale · dL/dz "
+                           "⊗ S_next[r] to dW_o's rows of the class and W_o[class]ᵀ (scale · dL/dz) to dL_ds[r]; "
+                           "overwrites db_o (zero outside the classes used); dW_o_norm (1,) float64 overwritten "
+                           "with the norm of dW_o. Returns the loss of p(w | c). "
                            "direct: None, or (N, ≥ the largest class) direct scores added to the logits, "
                            "direct[r, w - class_bounds[c]] for word w of row r's class, overwritten there with "
                            "scale · dL/dz"),
@@ -129,16 +135,18 @@ OPS = {
                                   "class_scores None or (N, C) added to the class logits (the direct features'); "
                                   "direct as in class_log_probs; out (N,) float64 overwritten, nothing else written"),
     # hierarchical softmax (rnnlm.huffman: the tree as parent pointers, node V + k owning W_o's row k)
-    "hs_xent_grad": _op("S_next W_o b_o targets tree_parent tree_sign scale dW_o db_o dL_ds touched dW_o_norm",
+    "hs_xent_grad": _op("S_next W_o b_o targets tree_parent tree_sign scale dW_o db_o dL_ds slot claimed "
+                        "dW_o_norm",
                         "log p(w | s) = Σ_n log σ(tree_sign[n] · z_n) over the nodes n of w's walk up tree_parent to "
-                        "the root, z_n = W_o[k] s + b_o[k] with k = tree_parent[n] - V: S_next, dL_ds (N, m); W_o, "
-                        "dW_o (V - 1, m); b_o, db_o, touched (V - 1,); targets (N,); tree_parent (2V - 1,) int32 "
-                        "(-1 at the root), tree_sign (2V - 1,) int8. Adds scale · dL/dz_n ⊗ S_next[r] to dW_o[k] "
-                        "(zero on entry in every row used), summed in a fixed order (the rows sorted, stably, by "
+                        "the root, z_n = W_o[k] s + b_o[k] with k = tree_parent[n] - V: S_next, dL_ds (N, m); W_o (V "
+                        "- 1, m); dW_o (V - 1, m), slot (V - 1,), claimed: slotted, without a slot in any row on "
+                        "entry; b_o, db_o (V - 1,); targets (N,); tree_parent (2V - 1,) int32 "
+                        "(-1 at the root), tree_sign (2V - 1,) int8. Claims a slot for every "
+                        "row k used (CPU: in the order below); adds scale · dL/dz_n ⊗ S_next[r] to dW_o[slot[k]], "
+                        "summed in a fixed order (the rows sorted, stably, by "
                         "their targets' depth-first ranks among the leaves); overwrites dL_ds[r] with Σ_n scale · "
-                        "dL/dz_n W_o[k] and db_o with Σ scale · dL/dz_n (zero outside the rows used); sets "
-                        "touched[k] = 1 for every row used; dW_o_norm (1,) float64 overwritten with the norm of dW_o "
-                        "over the rows used. Returns the loss"),
+                        "dL/dz_n W_o[k] and db_o with Σ scale · dL/dz_n (zero outside the rows used); "
+                        "dW_o_norm (1,) float64 overwritten with the norm of dW_o. Returns the loss"),
     "hs_xent": _op("S_next W_o b_o targets tree_parent tree_sign", "returns the loss of the hierarchical "
                    "softmax as in hs_xent_grad, nothing written"),
     "hs_log_probs": _op("S_next W_o b_o targets tree_parent tree_sign out", "out[r] = log p(targets[r] | "
@@ -159,33 +167,36 @@ OPS = {
                           "in (r, n, j) order, whatever the threads: the same bits on every run"),
     # update
     "grad_norm": _op("pairs clip clipping", "clipping (2,) float64 overwritten with (‖g‖, min(1, clip / ‖g‖)) "
-                     "(factor 1 when clip = 0) for the gradients of pairs (array, mask): mask None for a whole "
-                     "array, else uint8 (R,) marking the rows of an (R, m) array, any layout, that count"),
+                     "(factor 1 when clip = 0) for the gradients of pairs (array, slot): slot None for a whole "
+                     "array, else the slots (R,) of a slotted (R, m) array, any layout"),
     "sgd_update": _op("param grad lr shrink clipping", "param = shrink · param - step · grad, step = lr · "
                       "clipping[1] in param's dtype; any shape, C-contiguous (CUDA: C or F, param and grad "
                       "alike); shrink = 1 - lr · 2λ in param's dtype"),
     "sgd_updates": _op("pairs lr shrink clipping", "sgd_update on every (param, grad) of pairs, lr and shrink "
                        "Python floats"),
-    "masked_sgd_update": _op("param_rows grad_rows mask lr clipping", "for the rows r marked in mask: "
-                             "param_rows[r] -= step · grad_rows[r], step = lr · clipping[1] in the rows' dtype, then "
-                             "grad_rows[r] = 0 and mask[r] = 0 (lr = 0 only clears); rows (R, m) any layout"),
+    "sparse_sgd_update": _op("param_rows grad_rows slot claimed lr clipping", "for the rows r with a slot: "
+                             "param_rows[r] -= step · grad_rows[slot[r]], step = lr · clipping[1] in the rows' dtype; "
+                             "then the gradient is cleared: its slotted rows zero, slot all -1, claimed[0] = 0 (lr = "
+                             "0 only clears); param_rows (R, m) any layout, grad_rows, slot, claimed slotted"),
     "adam_update": _op("param grad moment1 moment2 lr_t clipping decay beta1 beta2 eps", "g = clipping[1] · grad "
                        "+ decay · param, moment1 = β1 moment1 + (1 - β1) g, moment2 = β2 moment2 + (1 - β2) g², "
                        "param -= lr_t moment1 / (√moment2 + eps), all overwritten in place; lr_t carries the bias "
                        "correction; the scalars in the arrays' dtype"),
-    "masked_adam_update": _op("param_rows grad_rows moment1 moment2 mask lr_t clipping decay beta1 beta2 eps",
-                              "adam_update on the rows marked in mask alone, their moments included (lazy Adam), "
-                              "then grad_rows[r] = 0 and mask[r] = 0 for those rows; param_rows, grad_rows (R, m) "
-                              "any layout, moments (R, m) C-contiguous"),
+    "sparse_adam_update": _op("param_rows grad_rows moment1 moment2 slot claimed every lr_t clipping decay beta1 "
+                              "beta2 eps", "adam_update of row r with the gradient grad_rows[slot[r]] on the rows "
+                              "with a slot alone, their moments included (lazy Adam), or with every = 1 on every "
+                              "row, a row without a slot with gradient zero (Adam); then the gradient is cleared as "
+                              "by sparse_sgd_update; param_rows (R, m) any layout, moments (R, m) C-contiguous, "
+                              "grad_rows, slot, claimed slotted"),
     "adam_update_bf16": _op("param grad moment1 moment2 t lr_t clipping decay beta1 beta2 eps", "adam_update with "
                             "moments of bfloat16 bits, uint16 arrays of param's shape (C order): each read into "
                             "float32, stepped there (every product and sum rounded on its own, no fused "
                             "multiply-add), written back rounded by the stochastic rounding above with r(t, k), k "
                             "the element's flat index; the step uses the unrounded moments. param float32; t ≥ 1, "
                             "the step count"),
-    "masked_adam_update_bf16": _op("param_rows grad_rows moment1 moment2 mask t lr_t clipping decay beta1 beta2 "
-                                   "eps", "masked_adam_update with the bfloat16 moments of adam_update_bf16 "
-                                   "(element (r, i) of (R, m) moments has flat index r · m + i)"),
+    "sparse_adam_update_bf16": _op("param_rows grad_rows moment1 moment2 slot claimed every t lr_t clipping "
+                                   "decay beta1 beta2 eps", "sparse_adam_update with the bfloat16 moments of "
+                                   "adam_update_bf16 (element (r, i) of (R, m) moments has flat index r · m + i)"),
     "pulled_rms_update": _op("param grad start keep moment2 lr clipping eps", "param = start + keep ⊙ (param - "
                              "start) - lr · clipping[1] · grad / (√moment2 + eps), elementwise: the pull toward start "
                              "of decay_rows and the step of adam_update at β1 = 0, β2 = 1 (a fixed second moment) in "

@@ -5,7 +5,7 @@ W_c) in GEMMs."""
 import numpy as np
 from numba import njit, prange
 
-from rnnlm.backends.cpu.recurrence import _group_by, in_threads
+from rnnlm.backends.cpu.recurrence import _group_by, claim, in_threads
 from rnnlm.backends.cpu.softmax import _biased_max, _exp_shifted_row, softmax_log_probs
 
 GEMM_ROWS = 1 << 14  # rows from which class_log_probs computes the in-class logits by GEMMs
@@ -13,15 +13,16 @@ CLASS_LOGITS = 1 << 18  # in-class logits computed at once by those GEMMs (a blo
 CLASS_ROWS = 1 << 11  # rows gathered at once for them (idem)
 
 
-def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, touched,
+def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, slot, claimed,
                     dW_o_norm, direct=None):
-    """Rows are grouped by class and each class is one thread's, so no two threads write the same rows.
+    """Rows are grouped by class and each class is one thread's, so no two threads write the same rows (the
+    classes used claim their slots first, in increasing order, on one thread).
     A class's rows are taken four at a time, so that each pass over W_o[class] and dW_o[class] serves
     four of them (a class of the rare words holds hundreds of words, more than the cache keeps). The norm
     of dW_o's rows is summed while they are in cache, so that the gradient norm needs no second pass.
     """
     return _class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds,
-                            touched, dW_o_norm, _direct_or_none(direct, S_next))
+                            slot, claimed, dW_o_norm, _direct_or_none(direct, S_next))
 
 
 def _direct_or_none(direct, S_next):
@@ -38,20 +39,23 @@ def _add_direct(z, direct, r):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, touched,
-                     dW_o_norm, direct):
+def _class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, slot,
+                     claimed, dW_o_norm, direct):
     m = S_next.shape[1]
     C = class_bounds.shape[0] - 1
     db_o[:] = 0
     start, order = _group_by(target_classes, C)
+    for c in range(C):
+        if start[c] < start[c + 1]:
+            for w in range(class_bounds[c], class_bounds[c + 1]):
+                claim(slot, claimed, w)
     losses = np.zeros(C)
     squares = np.zeros(C)
     for c in prange(C):
         if start[c] == start[c + 1]:
             continue
         lo, hi = class_bounds[c], class_bounds[c + 1]
-        W_class, b_class, dW_class = W_o[lo:hi], b_o[lo:hi], dW_o[lo:hi]
-        touched[lo:hi] = 1
+        W_class, b_class, dW_class = W_o[lo:hi], b_o[lo:hi], dW_o[slot[lo]:slot[lo] + hi - lo]
         # four rows' states, their logits (then scale · dL/dz, zero for a missing fourth) and dL/ds
         S_four = np.zeros((4, m), S_next.dtype)
         Z_four = np.zeros((4, hi - lo), S_next.dtype)

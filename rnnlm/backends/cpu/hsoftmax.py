@@ -12,16 +12,18 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from rnnlm.backends.cpu.recurrence import claim
 from rnnlm.huffman import subtree_spans
 
 
-def hs_xent_grad(S_next, W_o, b_o, targets, tree_parent, tree_sign, scale, dW_o, db_o, dL_ds, touched, dW_o_norm):
+def hs_xent_grad(S_next, W_o, b_o, targets, tree_parent, tree_sign, scale, dW_o, db_o, dL_ds, slot, claimed,
+                 dW_o_norm):
     """The rows are taken in the depth-first order of their targets among the leaves (stable), so that rows that
     follow each other share most of their paths and the node rows they read and write stay in cache; then
     five passes: the paths written out (parallel over rows: the walk up the parents first, so that the rows'
     W_o reads do not wait on it), the rows (parallel), the path entries in that order (one thread: db_o, the
-    touched rows), the node rows' gradients (parallel over bands of columns), their norm (parallel over the
-    rows used)."""
+    slots claimed in the order of the nodes' first entries, so that rows written together lie near), the node
+    rows' gradients (parallel over bands of columns), their norm (parallel over the slots)."""
     order = np.argsort(_leaf_ranks(tree_parent, tree_sign)[targets], kind="stable")
     first = _path_starts(targets, tree_parent, order)
     K = np.empty(first[-1], np.int32)
@@ -30,10 +32,10 @@ def hs_xent_grad(S_next, W_o, b_o, targets, tree_parent, tree_sign, scale, dW_o,
     G = np.empty(first[-1], S_next.dtype)
     losses = np.empty(S_next.shape[0])
     _hs_rows(S_next, W_o, b_o, order, first, K, signs, scale, G, dL_ds, losses)
-    used = _node_biases(G, K, db_o, touched)
-    _node_weight_grads(S_next, order, first, G, K, dW_o, min(numba.get_num_threads(), S_next.shape[1]))
-    squares = np.empty(used.shape[0])
-    _row_squares(dW_o, used, squares)
+    used = _node_biases(G, K, db_o, slot, claimed)
+    _node_weight_grads(S_next, order, first, G, K, dW_o, slot, min(numba.get_num_threads(), S_next.shape[1]))
+    squares = np.empty(used)
+    _row_squares(dW_o, squares)
     dW_o_norm[0] = math.sqrt(squares.sum())
     return losses.sum()
 
@@ -116,27 +118,19 @@ def _hs_rows(S_next, W_o, b_o, order, first, K, signs, scale, G, dL_ds, losses):
 
 
 @njit(cache=True)
-def _node_biases(G, K, db_o, touched):
-    """db_o = Σ G over each node's entries (overwritten, in entry order); touched[k] = 1 for the nodes used;
-    returns those nodes, each once, in the order of their first entry."""
+def _node_biases(G, K, db_o, slot, claimed):
+    """db_o = Σ G over each node's entries (overwritten, in entry order); a slot claimed for each node used, in
+    the order of their first entries; returns the number of slots claimed then (all of them)."""
     db_o[:] = 0
-    seen = np.zeros(db_o.shape[0], np.uint8)
-    used = np.empty(K.shape[0], np.int32)
-    n = 0
     for j in range(K.shape[0]):
-        k = K[j]
-        db_o[k] += G[j]
-        if not seen[k]:
-            seen[k] = 1
-            touched[k] = 1
-            used[n] = k
-            n += 1
-    return used[:n]
+        db_o[K[j]] += G[j]
+        claim(slot, claimed, K[j])
+    return claimed[0]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _node_weight_grads(S_next, order, first, G, K, dW_o, n_bands):
-    """dW_o[K[j]] += G[j] S_next[order[q]] over the positions q and their entries j, in that order, the columns
+def _node_weight_grads(S_next, order, first, G, K, dW_o, slot, n_bands):
+    """dW_o[slot[K[j]]] += G[j] S_next[order[q]] over the positions q and their entries j, in that order, the columns
     in n_bands bands."""
     m = S_next.shape[1]
     width = -(-m // n_bands)
@@ -145,16 +139,16 @@ def _node_weight_grads(S_next, order, first, G, K, dW_o, n_bands):
         for q in range(S_next.shape[0]):
             s = S_next[order[q], lo:hi]
             for j in range(first[q], first[q + 1]):
-                g, row = G[j], dW_o[K[j], lo:hi]
+                g, row = G[j], dW_o[slot[K[j]], lo:hi]
                 for i in range(row.shape[0]):
                     row[i] += g * s[i]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _row_squares(dW_o, used, out):
-    """out[u] = ‖dW_o[used[u]]‖² in float64."""
-    for u in prange(used.shape[0]):
-        row = dW_o[used[u]]
+def _row_squares(dW_o, out):
+    """out[u] = ‖dW_o[u]‖² in float64 for the first len(out) rows."""
+    for u in prange(out.shape[0]):
+        row = dW_o[u]
         total = 0.0
         for i in range(row.shape[0]):
             total += row[i] * row[i]

@@ -156,24 +156,33 @@ def _backward_streams(W_s, W_sT, S, dL_ds_out, dL_da, b, end):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def input_grads(inputs, dL_dU, dW_x, touched):
+def input_grads(inputs, dL_dU, dW_x, slot, claimed):
     """The window's positions are sorted by token (a stable sort of the T·B tokens: no work proportional to
-    V) and each token's column is one thread's, summed in one contiguous pass: repeated tokens never race,
-    and the order of their sum is fixed (position order)."""
+    V), the tokens without a slot claim one in increasing order, and each token's column is one thread's,
+    summed in one contiguous pass: repeated tokens never race, and the order of their sum is fixed (position
+    order)."""
     T, B, m = dL_dU.shape
     tokens = inputs.reshape(T * B)
     rows = dL_dU.reshape(T * B, m)
-    columns = dW_x.T  # (V, m): token x's column as a contiguous row
+    columns = dW_x.T  # (V, m): slot u's column as a contiguous row
     order = np.argsort(tokens, kind="mergesort")
     runs = _run_starts(tokens, order)
+    for k in range(runs.shape[0] - 1):
+        claim(slot, claimed, tokens[order[runs[k]]])
     for k in prange(runs.shape[0] - 1):
-        x = tokens[order[runs[k]]]
-        column = columns[x]
+        column = columns[slot[tokens[order[runs[k]]]]]
         for p in range(runs[k], runs[k + 1]):
             g = rows[order[p]]
             for i in range(m):
                 column[i] += g[i]
-        touched[x] = 1
+
+
+@njit(cache=True, inline="always")
+def claim(slot, claimed, row):
+    """Give row the next slot of a slotted gradient (``rnnlm.backends``) unless it has one."""
+    if slot[row] < 0:
+        slot[row] = claimed[0]
+        claimed[0] += 1
 
 
 @njit(cache=True, inline="always")

@@ -1,5 +1,5 @@
 """Update: sums of squares for the gradient norm, SGD and Adam (float32 or bfloat16 moments), dense and on
-marked rows."""
+slotted gradients' rows (``rnnlm.backends``)."""
 
 import math
 
@@ -32,30 +32,33 @@ def sgd_update(param, grad, lr, shrink, clipping):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _masked_sum_squares(rows, mask):
-    """Σ rows[r]² over the rows r with mask[r] set, as float64. rows (R, m) any layout; mask uint8 (R,)."""
+def _slotted_sum_squares(rows, slot):
+    """Σ rows[slot[r]]² over the rows r with a slot, as float64. rows (R, m) any layout; slot int32 (R,)."""
     R, m = rows.shape
     total = 0.0
     for r in prange(R):
         row_total = 0.0
-        if mask[r]:
+        if slot[r] >= 0:
+            row = rows[slot[r]]
             for i in range(m):
-                row_total += rows[r, i] * rows[r, i]
+                row_total += row[i] * row[i]
         total += row_total
     return total
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def masked_sgd_update(param_rows, grad_rows, mask, lr, clipping):
+def sparse_sgd_update(param_rows, grad_rows, slot, claimed, lr, clipping):
     """A parallel loop over the rows."""
     step = param_rows.dtype.type(lr * clipping[1])
     R, m = param_rows.shape
     for r in prange(R):
-        if mask[r]:
+        if slot[r] >= 0:
+            p, g = param_rows[r], grad_rows[slot[r]]
             for i in range(m):
-                param_rows[r, i] -= step * grad_rows[r, i]
-                grad_rows[r, i] = 0
-            mask[r] = 0
+                p[i] -= step * g[i]
+                g[i] = 0
+            slot[r] = -1
+    claimed[0] = 0
 
 
 @njit(fastmath=True, cache=True, inline="always")
@@ -82,20 +85,24 @@ def adam_update(param, grad, moment1, moment2, lr_t, clipping, decay, beta1, bet
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, clipping, decay, beta1, beta2, eps):
-    """A parallel loop over the rows, each marked row's elements by ``_adam_element``, its gradient cleared
-    while it is in cache."""
+def sparse_adam_update(param_rows, grad_rows, moment1, moment2, slot, claimed, every, lr_t, clipping, decay, beta1,
+                       beta2, eps):
+    """A parallel loop over the rows, each row's elements by ``_adam_element`` (a row without a slot, with every,
+    on a shared row of zeros), its gradient cleared while it is in cache."""
     R, m = param_rows.shape
     one = param_rows.dtype.type(1)
     grad_scale = param_rows.dtype.type(clipping[1])
+    zero = np.zeros(m, param_rows.dtype)
     for r in prange(R):
-        if mask[r]:
-            p, g = param_rows[r], grad_rows[r]
-            m1, m2 = moment1[r], moment2[r]
+        if slot[r] >= 0 or every:
+            g = grad_rows[slot[r]] if slot[r] >= 0 else zero
+            p, m1, m2 = param_rows[r], moment1[r], moment2[r]
             for i in range(m):
                 _adam_element(p, g, m1, m2, i, lr_t, grad_scale, decay, beta1, one - beta1, beta2, one - beta2, eps)
-                g[i] = 0
-            mask[r] = 0
+            if slot[r] >= 0:
+                g[:] = 0
+                slot[r] = -1
+    claimed[0] = 0
 
 
 _MASK32 = np.uint64(0xFFFFFFFF)
@@ -189,29 +196,31 @@ def adam_update_bf16(param, grad, moment1, moment2, t, lr_t, clipping, decay, be
 
 
 @njit(parallel=True, cache=True)
-def masked_adam_update_bf16(param_rows, grad_rows, moment1, moment2, mask, t, lr_t, clipping, decay, beta1, beta2,
-                            eps):
-    """A parallel loop over the rows, each marked row's elements by ``_adam_element_bf16``, its gradient
-    cleared while it is in cache."""
+def sparse_adam_update_bf16(param_rows, grad_rows, moment1, moment2, slot, claimed, every, t, lr_t, clipping, decay,
+                            beta1, beta2, eps):
+    """A parallel loop over the rows as in ``sparse_adam_update``, each row's elements by ``_adam_element_bf16``."""
     R, m = param_rows.shape
     one = param_rows.dtype.type(1)
     grad_scale = param_rows.dtype.type(clipping[1])
     step_mix = _mix(np.uint64(t) & _MASK32)
+    zero = np.zeros(m, param_rows.dtype)
     for r in prange(R):
-        if mask[r]:
-            p, g = param_rows[r], grad_rows[r]
-            m1, m2 = moment1[r], moment2[r]
+        if slot[r] >= 0 or every:
+            g = grad_rows[slot[r]] if slot[r] >= 0 else zero
+            p, m1, m2 = param_rows[r], moment1[r], moment2[r]
             first = np.uint64(r) * np.uint64(m)
             for i in range(m):
                 _adam_element_bf16(p, g, m1, m2, i, first + np.uint64(i), step_mix, lr_t, grad_scale, decay, beta1,
                                    one - beta1, beta2, one - beta2, eps)
-                g[i] = 0
-            mask[r] = 0
+            if slot[r] >= 0:
+                g[:] = 0
+                slot[r] = -1
+    claimed[0] = 0
 
 
 def grad_norm(pairs, clip, clipping):
-    """One parallel sum of squares per array (marked rows alone for a mask), added on the host."""
-    norm = math.sqrt(sum(_sum_squares(a) if mask is None else _masked_sum_squares(a, mask) for a, mask in pairs))
+    """One parallel sum of squares per array (its slotted rows alone for a slot array), added on the host."""
+    norm = math.sqrt(sum(_sum_squares(a) if slot is None else _slotted_sum_squares(a, slot) for a, slot in pairs))
     clipping[0] = norm
     clipping[1] = clip / norm if 0 < clip < norm else 1.0
 

@@ -26,15 +26,6 @@ def zeros(shape, dtype=np.float32):
     return array
 
 
-def releasable_zeros(shape, dtype=np.float32):
-    """``zeros``: device memory is a budget of its own, which ``release`` leaves as it is."""
-    return zeros(shape, dtype)
-
-
-def release(array):
-    """Nothing: the array stays allocated (and zero)."""
-
-
 def copy_into(src, dst):
     """A host ``src`` (any layout) is copied to the device; a device ``src`` laid out like dst is copied by
     a kernel (numba-cuda's device-to-device copy costs several times a launch in host time)."""

@@ -1,7 +1,7 @@
 """Class softmax: the word half, p(w | class(w)), one block per row for the logits, loss and dL/dz, then one
-thread per (word, unit) for dW_o and db_o over the rows of the word's class, linked into a list in row order:
-deterministic. The class half is a full softmax over the C classes (softmax.py); class_output_log_probs
-composes the two.
+thread per class used claiming its words' slots of the slotted dW_o, then one thread per (word, unit) for dW_o
+and db_o over the rows of the word's class, linked into a list in row order: deterministic. The class half
+is a full softmax over the C classes (softmax.py); class_output_log_probs composes the two.
 """
 
 import functools
@@ -13,7 +13,7 @@ from numba import cuda
 from rnnlm.backends.cuda import device
 from rnnlm.backends.cuda.arrays import flat
 from rnnlm.backends.cuda.gemm import matmul_nt
-from rnnlm.backends.cuda.reductions import link, masked_sum_squares_kernel, norm
+from rnnlm.backends.cuda.reductions import link, norm, slotted_sum_squares_kernel
 from rnnlm.backends.cuda.softmax import DeviceSum, row_functions, row_threads, softmax_log_probs
 
 
@@ -90,9 +90,9 @@ def _class_row_kernels(dtype):
 
 @functools.cache
 def _weight_grads_kernel(dtype):
-    """dW_o[v, i] += Σ_r G[r, v - lo] S_next[r, i] and db_o[v] = Σ_r G[r, v - lo] over the rows r of word v's
-    class (in row order, through the class's row list); touched[v] = 1 for those classes, db_o[v] = 0 for
-    the others. One thread per (unit i, word v)."""
+    """dW_o[slot[v], i] += Σ_r G[r, v - lo] S_next[r, i] and db_o[v] = Σ_r G[r, v - lo] over the rows r of word
+    v's class (in row order, through the class's row list); db_o[v] = 0 for the classes no row has. One thread
+    per (unit i, word v)."""
     zero = np.dtype(dtype).type(0)
 
     @device.inlined
@@ -108,7 +108,7 @@ def _weight_grads_kernel(dtype):
         return c
 
     @cuda.jit
-    def class_weight_grads(S_next, G, next_row, first_row, class_bounds, dW_o, db_o, touched):
+    def class_weight_grads(S_next, G, next_row, first_row, class_bounds, dW_o, db_o, slot):
         i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         v = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
         V, m = dW_o.shape
@@ -124,7 +124,7 @@ def _weight_grads_kernel(dtype):
             while q < N:
                 acc += G[q, w] * S_next[q, i]
                 q = next_row[q]
-            dW_o[v, i] += acc
+            dW_o[slot[v], i] += acc
         if i == 0:
             total = zero
             q = p
@@ -132,10 +132,20 @@ def _weight_grads_kernel(dtype):
                 total += G[q, w]
                 q = next_row[q]
             db_o[v] = total
-            if p < N:
-                touched[v] = 1
 
     return class_weight_grads
+
+
+@cuda.jit
+def _claim_classes_kernel(next_row, first_row, class_bounds, slot, claimed):
+    """Consecutive slots (``rnnlm.backends``) for the words of each class some row has (first_row[c] below the
+    number of rows), one thread per class."""
+    c = cuda.grid(1)
+    if c < first_row.shape[0] and first_row[c] < next_row.shape[0]:
+        lo, hi = class_bounds[c], class_bounds[c + 1]
+        base = cuda.atomic.add(claimed, 0, hi - lo)
+        for w in range(lo, hi):
+            slot[w] = base + w - lo
 
 
 _class_shapes = {}  # id(class bounds) -> (that array, the widest class's size, the number of classes)
@@ -163,11 +173,11 @@ def _direct_or_none(direct, S_next):
     return device.workspace("no direct scores", (1, 0), S_next.dtype) if direct is None else direct
 
 
-def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, touched,
+def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, scale, dW_o, db_o, dL_ds, slot, claimed,
                     dW_o_norm, direct=None):
-    """One block per row (logits, loss, dL/dz into a scratch array, dL_ds), then one thread per (word, unit)
-    over the class's row list (dW_o, db_o, touched), then the norm of the touched rows by block sums; the
-    loss is a DeviceSum."""
+    """One block per row (logits, loss, dL/dz into a scratch array, dL_ds), one thread per class used claiming
+    its words' slots, then one thread per (word, unit) over the class's row list (dW_o, db_o), then the norm of
+    the slotted rows by block sums; the loss is a DeviceSum."""
     N, m = S_next.shape
     V = W_o.shape[0]
     class_grad, _ = _class_row_kernels(S_next.dtype)
@@ -175,13 +185,16 @@ def class_xent_grad(S_next, W_o, b_o, targets, target_classes, class_bounds, sca
     device.launch(class_grad, N, row_threads(max(G.shape[1], m)), S_next, W_o, b_o, targets, target_classes,
                   class_bounds, S_next.dtype.type(scale), G, losses, dL_ds, _direct_or_none(direct, S_next))
     next_row, first_row = link(target_classes, n_classes)
+    n_threads = device.threads(n_classes, device.ELEMENTWISE_THREADS)
+    device.launch(_claim_classes_kernel, device.blocks(n_classes, n_threads), n_threads, next_row, first_row,
+                  class_bounds, slot, claimed)
     tx, ty = device.threads(m, 32), device.threads(V, 8)
     grid = (device.blocks(m, tx), device.blocks(V, ty))
     device.launch(_weight_grads_kernel(S_next.dtype), grid, (tx, ty), S_next, G, next_row, first_row, class_bounds,
-                  dW_o, db_o, touched)
+                  dW_o, db_o, slot)
     blocks, threads = device.row_grid(V, m)
     partials = device.workspace("class gradient norm", (blocks,), np.float64)
-    device.launch(masked_sum_squares_kernel, blocks, threads, dW_o, touched, partials)
+    device.launch(slotted_sum_squares_kernel, blocks, threads, dW_o, slot, partials)
     norm(partials, 0.0, dW_o_norm)
     return DeviceSum(losses)
 

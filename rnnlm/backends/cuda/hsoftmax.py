@@ -1,6 +1,7 @@
 """Hierarchical softmax (``rnnlm.huffman``): one thread per row walks its target's path up the parent pointers
-(node logits, loss, dL/dz into a scratch array indexed by the node's depth, dL/ds); then one thread per
-(node, unit) sums dW_o over the rows whose targets lie below the node.
+(node logits, loss, dL/dz into a scratch array indexed by the node's depth, dL/ds); then one thread per node
+used claims its row of the slotted dW_o, and one thread per (node, unit) sums that row over the rows whose
+targets lie below the node.
 
 Those rows are contiguous once the rows are sorted by their target's rank among the leaves in depth-first
 order (``huffman.subtree_spans``: a node's leaves are one run of ranks; the CPU takes the rows in the same
@@ -17,7 +18,7 @@ import numpy as np
 from numba import cuda
 
 from rnnlm.backends.cuda import device
-from rnnlm.backends.cuda.reductions import masked_sum_squares_kernel, norm
+from rnnlm.backends.cuda.reductions import norm, slotted_sum_squares_kernel
 from rnnlm.backends.cuda.softmax import DeviceSum
 from rnnlm.huffman import subtree_spans
 
@@ -117,53 +118,63 @@ def _row_kernels(dtype):
     return hs_rows, hs_loss
 
 
+@device.inlined
+def _lower_bound(sorted_ranks, value):
+    """The first position of sorted_ranks not below value."""
+    lo, hi = 0, sorted_ranks.shape[0]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sorted_ranks[mid] < value:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@cuda.jit
+def _claim_nodes_kernel(sorted_ranks, first, end, slot, claimed):
+    """A slot (``rnnlm.backends``) for each node some row passes, one thread per node."""
+    k = cuda.grid(1)
+    if k >= slot.shape[0] or slot[k] >= 0:
+        return
+    if _lower_bound(sorted_ranks, first[k]) < _lower_bound(sorted_ranks, end[k]):
+        slot[k] = cuda.atomic.add(claimed, 0, 1)
+
+
 @functools.cache
 def _weight_grads_kernel(dtype):
-    """dW_o[k, i] += Σ G[r, depth(k)] S_next[r, i] and db_o[k] = Σ G[r, depth(k)] over the rows r below node k,
-    in sorted order; touched[k] = 1 for the nodes some row passes, db_o[k] = 0 for the others. One thread per
-    (unit i, node k)."""
+    """dW_o[slot[k], i] += Σ G[r, depth(k)] S_next[r, i] and db_o[k] = Σ G[r, depth(k)] over the rows r below
+    node k, in sorted order; db_o[k] = 0 for the nodes no row passes. One thread per (unit i, node k)."""
     zero = np.dtype(dtype).type(0)
 
-    @device.inlined
-    def lower_bound(sorted_ranks, value):
-        lo, hi = 0, sorted_ranks.shape[0]
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if sorted_ranks[mid] < value:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
-
     @cuda.jit
-    def hs_weight_grads(S_next, G, order, sorted_ranks, first, end, node_depth, dW_o, db_o, touched):
+    def hs_weight_grads(S_next, G, order, sorted_ranks, first, end, node_depth, dW_o, db_o, slot):
         i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         k = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
         if k >= dW_o.shape[0]:
             return
-        lo = lower_bound(sorted_ranks, first[k])
-        hi = lower_bound(sorted_ranks, end[k])
+        lo = _lower_bound(sorted_ranks, first[k])
+        hi = _lower_bound(sorted_ranks, end[k])
         d = node_depth[k]
         if i < dW_o.shape[1] and lo < hi:
             acc = zero
             for q in range(lo, hi):
                 acc += G[order[q], d] * S_next[order[q], i]
-            dW_o[k, i] += acc
+            dW_o[slot[k], i] += acc
         if i == 0:
             total = zero
             for q in range(lo, hi):
                 total += G[order[q], d]
             db_o[k] = total
-            if lo < hi:
-                touched[k] = 1
 
     return hs_weight_grads
 
 
-def hs_xent_grad(S_next, W_o, b_o, targets, tree_parent, tree_sign, scale, dW_o, db_o, dL_ds, touched, dW_o_norm):
+def hs_xent_grad(S_next, W_o, b_o, targets, tree_parent, tree_sign, scale, dW_o, db_o, dL_ds, slot, claimed,
+                 dW_o_norm):
     """A thread per row (loss, dL/dz by depth, dL_ds), the rows sorted on the host by their targets' leaf
-    ranks, a thread per (node, unit) over its run of sorted rows (dW_o, db_o, touched), then the norm of the
-    touched rows by block sums; the loss is a DeviceSum."""
+    ranks, a thread per node claiming the slots of the nodes used, a thread per (node, unit) over its run of
+    sorted rows (dW_o, db_o), then the norm of the slotted rows by block sums; the loss is a DeviceSum."""
     N, m = S_next.shape
     layout = _layout(tree_parent, tree_sign)
     hs_rows, _ = _row_kernels(S_next.dtype)
@@ -175,13 +186,17 @@ def hs_xent_grad(S_next, W_o, b_o, targets, tree_parent, tree_sign, scale, dW_o,
     ranks = layout.rank[targets.copy_to_host()]
     order = np.argsort(ranks, kind="stable").astype(np.int32)
     n_nodes = W_o.shape[0]
+    sorted_ranks = device.to_device(ranks[order])
+    n_threads = device.threads(n_nodes, device.ELEMENTWISE_THREADS)
+    device.launch(_claim_nodes_kernel, device.blocks(n_nodes, n_threads), n_threads, sorted_ranks, layout.first,
+                  layout.end, slot, claimed)
     tx, ty = device.threads(m, 32), device.threads(n_nodes, 8)
     grid = (device.blocks(m, tx), device.blocks(n_nodes, ty))
     device.launch(_weight_grads_kernel(S_next.dtype), grid, (tx, ty), S_next, G, device.to_device(order),
-                  device.to_device(ranks[order]), layout.first, layout.end, layout.node_depth, dW_o, db_o, touched)
+                  sorted_ranks, layout.first, layout.end, layout.node_depth, dW_o, db_o, slot)
     blocks, threads = device.row_grid(n_nodes, m)
     partials = device.workspace("hs gradient norm", (blocks,), np.float64)
-    device.launch(masked_sum_squares_kernel, blocks, threads, dW_o, touched, partials)
+    device.launch(slotted_sum_squares_kernel, blocks, threads, dW_o, slot, partials)
     norm(partials, 0.0, dW_o_norm)
     return DeviceSum(losses)
 

@@ -355,12 +355,21 @@ def forward_packed(W_s, b_s, U, index, S_carried, S, offsets):
 
 
 @cuda.jit
-def _scatter_columns_kernel(tokens, next_pos, first, dL_dU, dW_x, touched):
-    """dW_x[i, x] += Σ over the positions p of token x of dL_dU[p, i], in position order; touched[x] = 1.
+def _claim_tokens_kernel(tokens, first, slot, claimed):
+    """A slot for each token without one (``rnnlm.backends``), claimed at its first position: one thread per
+    position."""
+    p = cuda.grid(1)
+    if p < tokens.shape[0] and first[tokens[p]] == p and slot[tokens[p]] < 0:
+        slot[tokens[p]] = cuda.atomic.add(claimed, 0, 1)
+
+
+@cuda.jit
+def _scatter_columns_kernel(tokens, next_pos, first, dL_dU, dW_x, slot):
+    """dW_x[i, slot[x]] += Σ over the positions p of token x of dL_dU[p, i], in position order.
 
     One thread per (state unit i, position p); only a token's first position walks its list, so each
     column is written by one thread for each i. dL_dU (N, m); dW_x (m, V) (column-major: the i of a
-    warp are contiguous); touched (V,) uint8.
+    warp are contiguous), slotted by slot (V,).
     """
     i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     p = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
@@ -375,20 +384,21 @@ def _scatter_columns_kernel(tokens, next_pos, first, dL_dU, dW_x, touched):
     while q < N:
         total += dL_dU[q, i]
         q = next_pos[q]
-    dW_x[i, x] += total
-    if i == 0:
-        touched[x] = 1
+    dW_x[i, slot[x]] += total
 
 
-def input_grads(inputs, dL_dU, dW_x, touched):
-    """The positions of each token are linked into a list, and one thread per (row of dW_x, token) sums the
-    list in order: deterministic."""
+def input_grads(inputs, dL_dU, dW_x, slot, claimed):
+    """The positions of each token are linked into a list, each token without a slot claims one at its first
+    position, and one thread per (row of dW_x, token) sums the list in order: deterministic sums, slots in
+    any order."""
     T, B, m = dL_dU.shape
     N = T * B
     tokens = inputs.reshape(N)
     next_pos, first = link(tokens, dW_x.shape[1], absent=False)  # only the tokens' own entries are read
+    n_threads = device.threads(N, device.ELEMENTWISE_THREADS)
+    device.launch(_claim_tokens_kernel, device.blocks(N, n_threads), n_threads, tokens, first, slot, claimed)
     grid, block = _unit_position_grid(m, N)
-    device.launch(_scatter_columns_kernel, grid, block, tokens, next_pos, first, dL_dU.reshape(N, m), dW_x, touched)
+    device.launch(_scatter_columns_kernel, grid, block, tokens, next_pos, first, dL_dU.reshape(N, m), dW_x, slot)
 
 
 def bias_grad(dL_da, db):

@@ -53,17 +53,18 @@ def sum_squares_kernel(flat, partials):
 
 
 @cuda.jit
-def masked_sum_squares_kernel(rows, mask, partials):
-    """partials[block] = Σ rows[r, i]² over the marked rows of the block's grid-stride share (x-threads
-    along a row), in float64."""
+def slotted_sum_squares_kernel(rows, slot, partials):
+    """partials[block] = Σ rows[slot[r], i]² over the rows r with a slot in the block's grid-stride share of a
+    slotted gradient (x-threads along a row), in float64."""
     total = 0.0
     R, m = rows.shape
     r = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
     while r < R:
-        if mask[r]:
+        s = slot[r]
+        if s >= 0:
             i = cuda.threadIdx.x
             while i < m:
-                v = float64(rows[r, i])
+                v = float64(rows[s, i])
                 total += v * v
                 i += cuda.blockDim.x
         r += cuda.gridDim.x * cuda.blockDim.y

@@ -1,5 +1,5 @@
 """Update: the gradient norm and clipping factor on the device, SGD and Adam (float32 or bfloat16 moments), dense
-and on marked rows.
+and on slotted gradients' rows (``rnnlm.backends``).
 
 The norm launches one kernel per parameter into one buffer of block sums, which one block adds into the
 norm and the clipping factor on the device; the update kernels read the factor there, so that a training
@@ -15,21 +15,21 @@ from numba import cuda
 from rnnlm.backends import MIX_GOLDEN, MIX_MULTIPLIERS
 from rnnlm.backends.cuda import device
 from rnnlm.backends.cuda.arrays import flat
-from rnnlm.backends.cuda.reductions import masked_sum_squares_kernel, norm, sum_squares_kernel
+from rnnlm.backends.cuda.reductions import norm, slotted_sum_squares_kernel, sum_squares_kernel
 
 
 def grad_norm(pairs, clip, clipping):
     """Each array's block sums of squares (one launch per array) into one buffer, which one block adds in a
     fixed order into the norm and the factor."""
     launches = []
-    for array, mask in pairs:
-        if mask is None:
+    for array, slot in pairs:
+        if slot is None:
             flat_array = flat(array)
             blocks, threads = device.spread(flat_array.size, device.REDUCE_THREADS)
             launches.append((sum_squares_kernel, min(blocks, 4 * device.sm_count()), threads, (flat_array,)))
         else:
             blocks, threads = device.row_grid(*array.shape)
-            launches.append((masked_sum_squares_kernel, blocks, threads, (array, mask)))
+            launches.append((slotted_sum_squares_kernel, blocks, threads, (array, slot)))
     partials = device.workspace("sums of squares", (sum(blocks for _, blocks, _, _ in launches),), np.float64)
     offset = 0
     for kernel, blocks, threads, args in launches:
@@ -62,78 +62,88 @@ def sgd_updates(pairs, lr, shrink, clipping):
 
 
 @cuda.jit
-def _masked_sgd_kernel(param_rows, grad_rows, mask, lr, clipping):
-    """param_rows[r] -= lr · clipping[1] · grad_rows[r], then grad_rows[r] = 0 and mask[r] = 0, for the rows r
-    marked in mask.
+def _sparse_sgd_kernel(param_rows, grad_rows, slot, claimed, lr, clipping):
+    """param_rows[r] -= lr · clipping[1] · grad_rows[slot[r]], then that gradient row is zeroed and slot[r] =
+    -1, for the rows r with a slot; claimed[0] = 0.
 
     A block takes blockDim.y rows per sweep (grid-stride), x-threads along a row; every thread of the block
-    runs every sweep, reads its row's mark before the sweep's barrier, and the mark is cleared after it:
-    no thread clears a mark another has yet to read, and one launch suffices.
+    runs every sweep, reads its row's slot before the sweep's barrier, and the slot is cleared after it:
+    no thread clears a slot another has yet to read, and one launch suffices.
     """
     step = param_rows.dtype.type(lr * clipping[1])
     R, m = param_rows.shape
     r0 = cuda.blockIdx.x * cuda.blockDim.y
     while r0 < R:  # the same trip count for every thread of the block
         r = r0 + cuda.threadIdx.y
-        marked = r < R and mask[r] != 0
+        s = slot[r] if r < R else -1
         cuda.syncthreads()
-        if marked:
+        if s >= 0:
             i = cuda.threadIdx.x
             while i < m:
-                param_rows[r, i] -= step * grad_rows[r, i]
-                grad_rows[r, i] = 0
+                param_rows[r, i] -= step * grad_rows[s, i]
+                grad_rows[s, i] = 0
                 i += cuda.blockDim.x
             if cuda.threadIdx.x == 0:
-                mask[r] = 0
+                slot[r] = -1
         r0 += cuda.gridDim.x * cuda.blockDim.y
+    if cuda.blockIdx.x == 0 and cuda.threadIdx.x == 0 and cuda.threadIdx.y == 0:
+        claimed[0] = 0
 
 
-def masked_sgd_update(param_rows, grad_rows, mask, lr, clipping):
-    """Blocks of rows in sweeps, x-threads along a row, one launch (see ``_masked_sgd_kernel``)."""
+def sparse_sgd_update(param_rows, grad_rows, slot, claimed, lr, clipping):
+    """Blocks of rows in sweeps, x-threads along a row, one launch (see ``_sparse_sgd_kernel``)."""
     blocks, threads = device.row_grid(*param_rows.shape)
-    device.launch(_masked_sgd_kernel, blocks, threads, param_rows, grad_rows, mask, float(lr), clipping)
+    device.launch(_sparse_sgd_kernel, blocks, threads, param_rows, grad_rows, slot, claimed, float(lr), clipping)
 
 
 @cuda.jit(device=True)
-def _adam_element(param, grad, moment1, moment2, k, lr_t, grad_scale, decay, beta1, rest1, beta2, rest2, eps):
-    """The Adam step of element k of 1-D arrays; rest1 = 1 - β1, rest2 = 1 - β2."""
-    g = grad_scale * grad[k] + decay * param[k]
+def _adam_element(param, gradient, moment1, moment2, k, lr_t, grad_scale, decay, beta1, rest1, beta2, rest2, eps):
+    """The Adam step of element k of 1-D arrays, its gradient the value ``gradient``; rest1 = 1 - β1, rest2 =
+    1 - β2."""
+    g = grad_scale * gradient + decay * param[k]
     moment1[k] = beta1 * moment1[k] + rest1 * g
     moment2[k] = beta2 * moment2[k] + rest2 * g * g
     param[k] -= lr_t * moment1[k] / (math.sqrt(moment2[k]) + eps)
 
 
 @cuda.jit
-def _masked_adam_kernel(param_rows, grad_rows, moment1, moment2, mask, lr_t, clipping, decay, beta1, rest1, beta2,
-                        rest2, eps):
-    """The lazy Adam step of ``masked_adam_update``, each marked row's gradient and mark cleared after its
-    step: blockDim.y rows per sweep (grid-stride), x-threads along a row, marks read before the sweep's
-    barrier and cleared after it, as in ``_masked_sgd_kernel``."""
+def _sparse_adam_kernel(param_rows, grad_rows, moment1, moment2, slot, claimed, every, lr_t, clipping, decay, beta1,
+                        rest1, beta2, rest2, eps):
+    """The Adam step of ``sparse_adam_update`` on the rows with a slot, and with ``every`` on the others too, on
+    a zero gradient; each slotted row's gradient and slot cleared after its step, claimed[0] = 0: blockDim.y
+    rows per sweep (grid-stride), x-threads along a row, slots read before the sweep's barrier and cleared
+    after it, as in ``_sparse_sgd_kernel``."""
     grad_scale = param_rows.dtype.type(clipping[1])
+    zero = param_rows.dtype.type(0)
     R, m = param_rows.shape
     r0 = cuda.blockIdx.x * cuda.blockDim.y
     while r0 < R:  # the same trip count for every thread of the block
         r = r0 + cuda.threadIdx.y
-        marked = r < R and mask[r] != 0
+        s = slot[r] if r < R else -1
         cuda.syncthreads()
-        if marked:
+        if r < R and (s >= 0 or every):
             i = cuda.threadIdx.x
             while i < m:
-                _adam_element(param_rows[r], grad_rows[r], moment1[r], moment2[r], i, lr_t, grad_scale, decay,
-                              beta1, rest1, beta2, rest2, eps)
-                grad_rows[r, i] = 0
+                g = grad_rows[s, i] if s >= 0 else zero
+                _adam_element(param_rows[r], g, moment1[r], moment2[r], i, lr_t, grad_scale, decay, beta1, rest1,
+                              beta2, rest2, eps)
+                if s >= 0:
+                    grad_rows[s, i] = 0
                 i += cuda.blockDim.x
-            if cuda.threadIdx.x == 0:
-                mask[r] = 0
+            if cuda.threadIdx.x == 0 and s >= 0:
+                slot[r] = -1
         r0 += cuda.gridDim.x * cuda.blockDim.y
+    if cuda.blockIdx.x == 0 and cuda.threadIdx.x == 0 and cuda.threadIdx.y == 0:
+        claimed[0] = 0
 
 
-def masked_adam_update(param_rows, grad_rows, moment1, moment2, mask, lr_t, clipping, decay, beta1, beta2, eps):
-    """Blocks of rows in sweeps, x-threads along a row, one launch (see ``_masked_adam_kernel``)."""
+def sparse_adam_update(param_rows, grad_rows, moment1, moment2, slot, claimed, every, lr_t, clipping, decay, beta1,
+                       beta2, eps):
+    """Blocks of rows in sweeps, x-threads along a row, one launch (see ``_sparse_adam_kernel``)."""
     one = param_rows.dtype.type(1)
     blocks, threads = device.row_grid(*param_rows.shape)
-    device.launch(_masked_adam_kernel, blocks, threads, param_rows, grad_rows, moment1, moment2, mask, lr_t,
-                  clipping, decay, beta1, one - beta1, beta2, one - beta2, eps)
+    device.launch(_sparse_adam_kernel, blocks, threads, param_rows, grad_rows, moment1, moment2, slot, claimed,
+                  bool(every), lr_t, clipping, decay, beta1, one - beta1, beta2, one - beta2, eps)
 
 
 @cuda.jit
@@ -142,7 +152,7 @@ def _adam_kernel(param, grad, moment1, moment2, lr_t, clipping, decay, beta1, re
     grad_scale = param.dtype.type(clipping[1])
     k = cuda.grid(1)
     while k < param.shape[0]:
-        _adam_element(param, grad, moment1, moment2, k, lr_t, grad_scale, decay, beta1, rest1, beta2, rest2, eps)
+        _adam_element(param, grad[k], moment1, moment2, k, lr_t, grad_scale, decay, beta1, rest1, beta2, rest2, eps)
         k += cuda.gridsize(1)
 
 
@@ -232,11 +242,11 @@ def _to_bf16(value, u):
 
 
 @cuda.jit(device=True)
-def _adam_element_bf16(param, grad, moment1, moment2, k, index, step_mix, lr_t, grad_scale, decay, beta1, rest1,
+def _adam_element_bf16(param, gradient, moment1, moment2, k, index, step_mix, lr_t, grad_scale, decay, beta1, rest1,
                        beta2, rest2, eps):
-    """The Adam step of element k of 1-D arrays with bfloat16 moments; index: its flat index (uint64) for the
-    random bits r(t, index) of ``rnnlm.backends``."""
-    g = _add(_mul(grad_scale, grad[k]), _mul(decay, param[k]))
+    """The Adam step of element k of 1-D arrays with bfloat16 moments, its gradient the value ``gradient``; index:
+    its flat index (uint64) for the random bits r(t, index) of ``rnnlm.backends``."""
+    g = _add(_mul(grad_scale, gradient), _mul(decay, param[k]))
     m1 = _add(_mul(beta1, _from_bf16(moment1[k])), _mul(rest1, g))
     m2 = _add(_mul(beta2, _from_bf16(moment2[k])), _mul(_mul(rest2, g), g))
     param[k] -= lr_t * m1 / (_sqrt(m2) + eps)
@@ -252,7 +262,7 @@ def _adam_bf16_kernel(param, grad, moment1, moment2, t, lr_t, clipping, decay, b
     step_mix = _mix(np.uint64(t) & _MASK32)
     k = cuda.grid(1)
     while k < param.shape[0]:
-        _adam_element_bf16(param, grad, moment1, moment2, k, np.uint64(k), step_mix, lr_t, grad_scale, decay, beta1,
+        _adam_element_bf16(param, grad[k], moment1, moment2, k, np.uint64(k), step_mix, lr_t, grad_scale, decay, beta1,
                            rest1, beta2, rest2, eps)
         k += cuda.gridsize(1)
 
@@ -268,37 +278,42 @@ def adam_update_bf16(param, grad, moment1, moment2, t, lr_t, clipping, decay, be
 
 
 @cuda.jit
-def _masked_adam_bf16_kernel(param_rows, grad_rows, moment1, moment2, mask, t, lr_t, clipping, decay, beta1, rest1,
-                             beta2, rest2, eps):
-    """The lazy Adam step of ``masked_adam_update_bf16``, rows swept as in ``_masked_adam_kernel``."""
+def _sparse_adam_bf16_kernel(param_rows, grad_rows, moment1, moment2, slot, claimed, every, t, lr_t, clipping, decay,
+                             beta1, rest1, beta2, rest2, eps):
+    """The Adam step of ``sparse_adam_update_bf16``, rows swept as in ``_sparse_adam_kernel``."""
     grad_scale = param_rows.dtype.type(clipping[1])
+    zero = param_rows.dtype.type(0)
     step_mix = _mix(np.uint64(t) & _MASK32)
     R, m = param_rows.shape
     r0 = cuda.blockIdx.x * cuda.blockDim.y
     while r0 < R:  # the same trip count for every thread of the block
         r = r0 + cuda.threadIdx.y
-        marked = r < R and mask[r] != 0
+        s = slot[r] if r < R else -1
         cuda.syncthreads()
-        if marked:
+        if r < R and (s >= 0 or every):
             i = cuda.threadIdx.x
             while i < m:
-                _adam_element_bf16(param_rows[r], grad_rows[r], moment1[r], moment2[r], i,
+                g = grad_rows[s, i] if s >= 0 else zero
+                _adam_element_bf16(param_rows[r], g, moment1[r], moment2[r], i,
                                    np.uint64(r) * np.uint64(m) + np.uint64(i), step_mix, lr_t, grad_scale, decay,
                                    beta1, rest1, beta2, rest2, eps)
-                grad_rows[r, i] = 0
+                if s >= 0:
+                    grad_rows[s, i] = 0
                 i += cuda.blockDim.x
-            if cuda.threadIdx.x == 0:
-                mask[r] = 0
+            if cuda.threadIdx.x == 0 and s >= 0:
+                slot[r] = -1
         r0 += cuda.gridDim.x * cuda.blockDim.y
+    if cuda.blockIdx.x == 0 and cuda.threadIdx.x == 0 and cuda.threadIdx.y == 0:
+        claimed[0] = 0
 
 
-def masked_adam_update_bf16(param_rows, grad_rows, moment1, moment2, mask, t, lr_t, clipping, decay, beta1, beta2,
-                            eps):
-    """Blocks of rows in sweeps, x-threads along a row, one launch (see ``_masked_adam_bf16_kernel``)."""
+def sparse_adam_update_bf16(param_rows, grad_rows, moment1, moment2, slot, claimed, every, t, lr_t, clipping, decay,
+                            beta1, beta2, eps):
+    """Blocks of rows in sweeps, x-threads along a row, one launch (see ``_sparse_adam_bf16_kernel``)."""
     one = param_rows.dtype.type(1)
     blocks, threads = device.row_grid(*param_rows.shape)
-    device.launch(_masked_adam_bf16_kernel, blocks, threads, param_rows, grad_rows, moment1, moment2, mask, int(t),
-                  lr_t, clipping, decay, beta1, one - beta1, beta2, one - beta2, eps)
+    device.launch(_sparse_adam_bf16_kernel, blocks, threads, param_rows, grad_rows, moment1, moment2, slot, claimed,
+                  bool(every), int(t), lr_t, clipping, decay, beta1, one - beta1, beta2, one - beta2, eps)
 
 
 @cuda.jit(device=True)
