@@ -15,7 +15,7 @@ from rnnlm.store import TokenIds
 from rnnlm.tokenizer import encode_file, load_token_dir, open_token_dir, tokenize_text
 
 READ_IDS = 1 << 16  # ids read ahead per training stream, at most
-READ_IDS_TOTAL = 1 << 24  # and over all streams (64 MiB of int32: 1 GiB at --batch 4096 had it been READ_IDS each)
+READ_IDS_TOTAL = 1 << 22  # and over all streams (16 MiB of int32: 1 GiB at --batch 4096 had it been READ_IDS each)
 
 
 def load_corpus(path, vocab=None, level="word", min_count=1, max_vocab=None, lowercase=False):
