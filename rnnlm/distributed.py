@@ -141,15 +141,6 @@ def _host(ops, array):
     return array if isinstance(array, np.ndarray) else ops.to_numpy(array)
 
 
-def _rows_of(grad_rows, slot, rows):
-    """The gradients of the table's ``rows`` in a slotted gradient (``rnnlm.backends``), zero for a row without
-    a slot: a new (len(rows), m) array."""
-    own = slot[rows]
-    out = np.zeros((len(rows), grad_rows.shape[1]), grad_rows.dtype)
-    out[own >= 0] = grad_rows[own[own >= 0]]
-    return out
-
-
 def _reslot(ops, slots, rows):
     """Give ``rows`` (increasing) slots 0, 1, …, the other rows none: slots = (slot, claimed) arrays."""
     slot, claimed = slots
@@ -211,7 +202,7 @@ class Reducer(Single):
         union = self._union(ops, sparse)
         host = {name: _host(ops, step.rows(name, grads[name])) for name in step.trainable(grads, window)}
         pieces = {name: host[name] for name in host if name not in sparse}  # dense ones as views
-        pieces.update({name: _rows_of(host[name], _host(ops, sparse[name][0]), union[name]) for name in sparse})
+        pieces.update({name: step.unslotted(host[name], _host(ops, sparse[name][0]), union[name]) for name in sparse})
         buffer = np.concatenate([piece.ravel() for piece in pieces.values()])
         self.comm.Allreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.SUM)
         buffer *= np.float32(1.0 / self.size)

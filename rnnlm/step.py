@@ -79,8 +79,9 @@ class Window:
         self.Z = ops.zeros((T * B, n_out), dtype)
         self.sparse_W_o = class_bounds is not None or self.hs
         self.slot_W_x = ops.asarray(np.full(V, -1, np.int32))
-        self.slot_W_o = ops.asarray(np.full(V - 1, -1, np.int32) if self.hs else
-                                    np.full(V, -1, np.int32) if self.sparse_W_o else np.arange(V, dtype=np.int32))
+        W_o_rows = V - 1 if self.hs else V
+        dense_slots = np.arange(V, dtype=np.int32)  # the full softmax's dW_o: every row its own
+        self.slot_W_o = ops.asarray(np.full(W_o_rows, -1, np.int32) if self.sparse_W_o else dense_slots)
         self.claimed_W_x, self.claimed_W_o = ops.zeros(1, np.int32), ops.zeros(1, np.int32)
         self.class_bounds = None if class_bounds is None else ops.asarray(class_bounds, np.int32)
         self.tree_parent = None if hs_tree is None else ops.asarray(hs_tree.parent)
@@ -241,11 +242,13 @@ def sparse_names(window):
     return names
 
 
-def unslotted(grad_rows, slot):
+def unslotted(grad_rows, slot, table_rows=None):
     """A slotted gradient (``rnnlm.backends``) in table order: numpy grad_rows (R, m) and slot (R,) -> a new
-    (R, m) array whose row r is grad_rows[slot[r]], zero where slot[r] = -1."""
-    table = np.zeros_like(grad_rows)
-    table[slot >= 0] = grad_rows[slot[slot >= 0]]
+    array whose row j is the gradient of table row table_rows[j] (default: every row, in order), that is
+    grad_rows[slot[table_rows[j]]], zero where that slot is -1."""
+    own = slot if table_rows is None else slot[table_rows]
+    table = np.zeros((len(own), grad_rows.shape[1]), grad_rows.dtype)
+    table[own >= 0] = grad_rows[own[own >= 0]]
     return table
 
 

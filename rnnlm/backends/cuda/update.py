@@ -61,6 +61,13 @@ def sgd_updates(pairs, lr, shrink, clipping):
         sgd_update(param, grad, lr, param.dtype.type(shrink), clipping)
 
 
+@cuda.jit(device=True)
+def _unclaim(claimed):
+    """claimed[0] = 0 (no slot in use), written by one thread of the launch."""
+    if cuda.blockIdx.x == 0 and cuda.threadIdx.x == 0 and cuda.threadIdx.y == 0:
+        claimed[0] = 0
+
+
 @cuda.jit
 def _sparse_sgd_kernel(param_rows, grad_rows, slot, claimed, lr, clipping):
     """param_rows[r] -= lr · clipping[1] · grad_rows[slot[r]], then that gradient row is zeroed and slot[r] =
@@ -86,8 +93,7 @@ def _sparse_sgd_kernel(param_rows, grad_rows, slot, claimed, lr, clipping):
             if cuda.threadIdx.x == 0:
                 slot[r] = -1
         r0 += cuda.gridDim.x * cuda.blockDim.y
-    if cuda.blockIdx.x == 0 and cuda.threadIdx.x == 0 and cuda.threadIdx.y == 0:
-        claimed[0] = 0
+    _unclaim(claimed)
 
 
 def sparse_sgd_update(param_rows, grad_rows, slot, claimed, lr, clipping):
@@ -133,8 +139,7 @@ def _sparse_adam_kernel(param_rows, grad_rows, moment1, moment2, slot, claimed, 
             if cuda.threadIdx.x == 0 and s >= 0:
                 slot[r] = -1
         r0 += cuda.gridDim.x * cuda.blockDim.y
-    if cuda.blockIdx.x == 0 and cuda.threadIdx.x == 0 and cuda.threadIdx.y == 0:
-        claimed[0] = 0
+    _unclaim(claimed)
 
 
 def sparse_adam_update(param_rows, grad_rows, moment1, moment2, slot, claimed, every, lr_t, clipping, decay, beta1,
@@ -303,8 +308,7 @@ def _sparse_adam_bf16_kernel(param_rows, grad_rows, moment1, moment2, slot, clai
             if cuda.threadIdx.x == 0 and s >= 0:
                 slot[r] = -1
         r0 += cuda.gridDim.x * cuda.blockDim.y
-    if cuda.blockIdx.x == 0 and cuda.threadIdx.x == 0 and cuda.threadIdx.y == 0:
-        claimed[0] = 0
+    _unclaim(claimed)
 
 
 def sparse_adam_update_bf16(param_rows, grad_rows, moment1, moment2, slot, claimed, every, t, lr_t, clipping, decay,
