@@ -50,8 +50,8 @@ class Window:
     """Device buffers for windows of T steps over B streams of a model with V tokens, state m, L layers.
 
     Per layer: S (T + 1, B, m) states, S[0] the state carried in; U (T, B, m) the input term; D (T, B, m)
-    the dropped-out output (dropout only); dL_ds_out (T, B, m) the gradient reaching s_t from above;
-    dL_da (T, B, m), U's arrays themselves. Z (T·B, V), or (T·B, C) with the class softmax: logits, then
+    the dropped-out output (dropout only); dL_ds_out (T, B, m) the gradient reaching s_t from above and
+    dL_da (T, B, m): U's arrays themselves. Z (T·B, V), or (T·B, C) with the class softmax: logits, then
     dL/dz; (T·B, 0) with the hierarchical softmax, which reads no logits. slot_W_x (V,), slot_W_o (W_o's
     rows,) int32 and claimed_W_x, claimed_W_o (1,) int32: the slots of the sparse gradients (tied, W_o's serve
     both); with the full softmax, whose dW_o is dense, slot_W_o is 0, 1, …, V - 1 (where a tied input term's
@@ -69,8 +69,8 @@ class Window:
         shape = (T, B, m)
         self.S = [ops.zeros((T + 1, B, m), dtype) for _ in range(layers)]
         self.U = [ops.zeros(shape, dtype) for _ in range(layers)]
-        self.dL_ds_out = [ops.zeros(shape, dtype) for _ in range(layers)]
-        self.dL_da = self.U  # the input term is read by forward alone: backward writes dL/da over it
+        # The input term is read by forward alone: the output layer writes dL/ds over it, backward dL/da over that
+        self.dL_ds_out = self.dL_da = self.U
         self.D = [ops.zeros(shape, dtype) for _ in range(layers)] if dropout else None
         self.mask_in = ops.zeros(shape, dtype) if dropout else None
         self.mask_out = [ops.zeros(shape, dtype) for _ in range(layers)] if dropout else None

@@ -144,7 +144,8 @@ def test_gradients_equal_central_differences(ops, structure):
 def test_recurrence_with_uneven_stream_bands_and_odd_state_size(ops, streams, units):
     """forward and backward against the formulas looped in numpy, where the streams do not split into
     the CPU kernel's blocks of four per thread, the state size is odd (its row pairs) and not a multiple
-    of 16 (37: the CPU kernel's dot products over 32 columns, then 5 columns of the transpose)."""
+    of 16 (37: the CPU kernel's dot products over 32 columns, then 5 columns of the transpose); backward also
+    in place, dL/da over dL_ds_out."""
     rng = np.random.default_rng(8)
     W_s, b_s = rng.standard_normal((units, units)) / 2, rng.standard_normal(units)
     U, dL_ds_out = rng.standard_normal((2, T, streams, units))
@@ -162,6 +163,9 @@ def test_recurrence_with_uneven_stream_bands_and_odd_state_size(ops, streams, un
     ops.backward(ops.asarray(W_s), S_dev, ops.asarray(dL_ds_out), dL_da_dev)
     np.testing.assert_allclose(ops.to_numpy(S_dev), S, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(ops.to_numpy(dL_da_dev), dL_da, rtol=1e-12, atol=1e-15)
+    in_place = ops.asarray(dL_ds_out)
+    ops.backward(ops.asarray(W_s), S_dev, in_place, in_place)  # dL/da over dL_ds_out, as rnnlm.step does
+    np.testing.assert_allclose(ops.to_numpy(in_place), dL_da, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("offset", [-110.0, 110.0])

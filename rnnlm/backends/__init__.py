@@ -91,8 +91,8 @@ OPS = {
                           "for U[r]; S (N, m) overwritten; offsets (T + 1,) int64 on the host, offsets[0] = 0"),
     "backward": _op("W_s S dL_ds_out dL_da", "backpropagation through time over the window: dL/ds_t = "
                     "dL_ds_out[t] + W_sᵀ dL/da_{t+1} (no later term at t = T - 1), dL_da[t] = (1 - S[t + 1]²) ⊙ "
-                    "dL/ds_t; S (T + 1, B, m) from forward, dL_ds_out (T, B, m), dL_da (T, B, m) overwritten. The "
-                    "carried state gets no gradient (truncated BPTT)"),
+                    "dL/ds_t; S (T + 1, B, m) from forward, dL_ds_out (T, B, m), dL_da (T, B, m) overwritten, "
+                    "which may be dL_ds_out itself. The carried state gets no gradient (truncated BPTT)"),
     "input_grads": _op("inputs dL_dU dW_x slot claimed", "dW_x[:, slot[x]] += dL_dU[t, b] over the window, x = "
                        "inputs[t, b], a slot claimed for each token without one (CPU: in increasing token order): "
                        "inputs (T, B), dL_dU (T, B, m), dW_x (m, V) column-major, slotted (tied weights pass W_o's "

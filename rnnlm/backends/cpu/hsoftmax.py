@@ -49,7 +49,7 @@ def _leaf_ranks(tree_parent, tree_sign):
     entry = _ranks.get(id(tree_parent))
     if entry is None:
         start = subtree_spans(tree_parent, tree_sign)[0]
-        entry = _ranks[id(tree_parent)] = tree_parent, start[: (len(tree_parent) + 1) // 2]
+        entry = _ranks[id(tree_parent)] = tree_parent, start[: (len(tree_parent) + 1) // 2].copy()
     return entry[1]
 
 

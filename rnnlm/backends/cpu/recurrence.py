@@ -50,7 +50,9 @@ def _matvecs(M, M_T, X, add, out, b, end):
     pass over a row pair of M feeds eight accumulators (two rows times four streams), so every element
     loaded serves two or four multiply-adds: a matrix-vector product per stream would load two elements
     per multiply-add and reread M from L2 for every stream. A stand-in stream writes its row again with
-    the same values; an odd m repeats its last row the same way.
+    the same values; an odd m repeats its last row the same way. Each row pair's ``add`` values are read
+    before any of its ``out`` values is written, so ``out`` may be ``add`` (each value then read once, before
+    its one new value is written, stand-ins included).
 
     The dot products run over the first m - m % 16 columns, whole float32 vectors of AVX-512, and the
     last m % 16 columns are added as columns of M_T (a loop over the rows, vectorized along them), which
@@ -75,14 +77,16 @@ def _matvecs(M, M_T, X, add, out, b, end):
             c1 += v * y1
             c2 += v * y2
             c3 += v * y3
-        out[k3, i2] = c3 + add[k3, i2]
-        out[k2, i2] = c2 + add[k2, i2]
-        out[k1, i2] = c1 + add[k1, i2]
-        out[k0, i2] = c0 + add[k0, i2]
-        out[k3, i] = a3 + add[k3, i]
-        out[k2, i] = a2 + add[k2, i]
-        out[k1, i] = a1 + add[k1, i]
-        out[k0, i] = a0 + add[k0, i]
+        d0, d1, d2, d3 = add[k0, i], add[k1, i], add[k2, i], add[k3, i]
+        e0, e1, e2, e3 = add[k0, i2], add[k1, i2], add[k2, i2], add[k3, i2]
+        out[k3, i2] = c3 + e3
+        out[k2, i2] = c2 + e2
+        out[k1, i2] = c1 + e1
+        out[k0, i2] = c0 + e0
+        out[k3, i] = a3 + d3
+        out[k2, i] = a2 + d2
+        out[k1, i] = a1 + d1
+        out[k0, i] = a0 + d0
     for k in range(b, min(b + 4, end)):
         x, out_k = X[k], out[k]
         for j in range(body, m):
