@@ -10,6 +10,7 @@ import pytest
 
 from rnnlm import optim, reference, step
 from rnnlm.backends import cpu
+from rnnlm.backends.cpu import recurrence
 from rnnlm.backends.cpu.gemm import SKINNY_ROWS
 from rnnlm.model import init_params, word_classes
 from tests.conftest import assert_cleared
@@ -99,6 +100,18 @@ def trainable_names(problem):
 
 
 def test_float64_kernels_equal_reference(ops, structure):
+    assert_step_equals_reference(ops, structure)
+
+
+def test_float64_cpu_step_through_blas_products_equals_reference(monkeypatch, structure):
+    """From GEMM_MIN_STREAMS streams of GEMM_MIN_STATE units the CPU recurrence steps through BLAS products: here
+    from one of one."""
+    monkeypatch.setattr(recurrence, "GEMM_MIN_STREAMS", 1)
+    monkeypatch.setattr(recurrence, "GEMM_MIN_STATE", 1)
+    assert_step_equals_reference(cpu, structure)
+
+
+def assert_step_equals_reference(ops, structure):
     problem = Problem(np.float64, structure)
     loss, grads, s_last = problem.run(ops)
     ref_loss, ref_grads, ref_last = problem.reference()
@@ -146,6 +159,17 @@ def test_recurrence_with_uneven_stream_bands_and_odd_state_size(ops, streams, un
     the CPU kernel's blocks of four per thread, the state size is odd (its row pairs) and not a multiple
     of 16 (37: the CPU kernel's dot products over 32 columns, then 5 columns of the transpose); backward also
     in place, dL/da over dL_ds_out."""
+    assert_recurrence_equals_loops(ops, streams, units)
+
+
+@pytest.mark.parametrize("streams, units", [(9, 7), (1, 5)])
+def test_cpu_recurrence_through_blas_products(monkeypatch, streams, units):
+    monkeypatch.setattr(recurrence, "GEMM_MIN_STREAMS", 1)
+    monkeypatch.setattr(recurrence, "GEMM_MIN_STATE", 1)
+    assert_recurrence_equals_loops(cpu, streams, units)
+
+
+def assert_recurrence_equals_loops(ops, streams, units):
     rng = np.random.default_rng(8)
     W_s, b_s = rng.standard_normal((units, units)) / 2, rng.standard_normal(units)
     U, dL_ds_out = rng.standard_normal((2, T, streams, units))

@@ -11,6 +11,9 @@ import numpy as np
 from numba import njit, prange
 from threadpoolctl import ThreadpoolController
 
+# from this many streams of at least this state size, forward and backward step through BLAS products
+GEMM_MIN_STREAMS, GEMM_MIN_STATE = 256, 128
+
 # tanh as a rational function, the coefficients of Eigen's float tanh (relative error < 4e-7)
 _TANH_CLAMP = np.float32(7.90531110763549805)
 _TANH_ALPHA = tuple(np.float32(c) for c in (
@@ -32,14 +35,49 @@ def embed(W_x, inputs, U):
 
 
 def forward(W_s, b_s, U, S):
-    """The B streams are independent: each thread runs a band of whole streams, four at a time through
-    ``_matvecs``; float32 tanh by a vectorizable rational approximation."""
-    _recurrence(W_s, b_s, U, S, U, U, False, numba.get_num_threads())
+    """The B streams are independent: each thread runs a band of whole streams. Below GEMM_MIN_STREAMS
+    streams (or GEMM_MIN_STATE units), four at a time through ``_matvecs``, float32 tanh by a vectorizable
+    rational approximation; from there, as ``forward_packed`` (a BLAS product per step and band)."""
+    T, B, m = U.shape
+    if not _through_blas(B, m):
+        _recurrence(W_s, b_s, U, S, U, U, False, numba.get_num_threads())
+        return
+    forward_packed(W_s, b_s, U.reshape(T * B, m), None, S[0], S[1:].reshape(T * B, m), np.arange(0, T * B + 1, B))
 
 
 def backward(W_s, S, dL_ds_out, dL_da):
-    """Parallel over bands of streams, as ``forward``, multiplying by W_sᵀ through ``_matvecs``."""
-    _recurrence(W_s, W_s[0], dL_da, S, dL_ds_out, dL_da, True, numba.get_num_threads())
+    """Parallel over bands of streams, as ``forward``, multiplying by W_sᵀ through ``_matvecs`` or, from
+    GEMM_MIN_STREAMS streams of GEMM_MIN_STATE units, a BLAS product per step and band (``_backward_band``)."""
+    B = S.shape[1]
+    if not _through_blas(B, S.shape[2]):
+        _recurrence(W_s, W_s[0], dL_da, S, dL_ds_out, dL_da, True, numba.get_num_threads())
+        return
+    in_threads(lambda lo, hi: _backward_band(W_s, S, dL_ds_out, dL_da, lo, hi), np.arange(1, B + 1))
+
+
+def _through_blas(B, m):
+    return B >= GEMM_MIN_STREAMS and m >= GEMM_MIN_STATE
+
+
+def _backward_band(W_s, S, dL_ds_out, dL_da, lo, hi):
+    """Streams lo ≤ b < hi back through the window: dL/ds_t = dL_ds_out[t] + W_sᵀ dL/da_{t+1}, as rows
+    (dL/da_{t+1} W_s, into a band-sized buffer, so that dL_da may be dL_ds_out)."""
+    T = dL_da.shape[0]
+    later = np.zeros_like(dL_da[0, lo:hi])
+    for t in range(T - 1, -1, -1):
+        if t < T - 1:
+            np.matmul(dL_da[t + 1, lo:hi], W_s, out=later)
+        _backpropagate_rows(later, dL_ds_out[t, lo:hi], S[t + 1, lo:hi], dL_da[t, lo:hi])
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _backpropagate_rows(later, dL_ds_out, S_next, dL_da):
+    """dL_da = (1 - S_next²) ⊙ (later + dL_ds_out), row by row (dL_da may be dL_ds_out)."""
+    one = dL_da.dtype.type(1)
+    for r in range(dL_da.shape[0]):
+        g, d, s, out = later[r], dL_ds_out[r], S_next[r], dL_da[r]
+        for i in range(out.shape[0]):
+            out[i] = (g[i] + d[i]) * (one - s[i] * s[i])
 
 
 @njit(fastmath=True, cache=True, inline="always")
