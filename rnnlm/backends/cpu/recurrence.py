@@ -56,6 +56,7 @@ def backward(W_s, S, dL_ds_out, dL_da):
 
 
 def _through_blas(B, m):
+    """Whether B streams of m units step through BLAS products (``forward``, ``backward``)."""
     return B >= GEMM_MIN_STREAMS and m >= GEMM_MIN_STATE
 
 
