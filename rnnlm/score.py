@@ -242,7 +242,7 @@ class Scorer:
             window = copy.copy(full)
             window.T = T
             window.S = [S[: T + 1] for S in full.S]
-            window.U = window.dL_ds_out = window.dL_da = [U[:T] for U in full.U]
+            window.U = [U[:T] for U in full.U]
             window.Z = full.Z[: T * full.B]
             self.views[T] = window
         return window

@@ -69,8 +69,6 @@ class Window:
         shape = (T, B, m)
         self.S = [ops.zeros((T + 1, B, m), dtype) for _ in range(layers)]
         self.U = [ops.zeros(shape, dtype) for _ in range(layers)]
-        # The input term is read by forward alone: the output layer writes dL/ds over it, backward dL/da over that
-        self.dL_ds_out = self.dL_da = self.U
         self.D = [ops.zeros(shape, dtype) for _ in range(layers)] if dropout else None
         self.mask_in = ops.zeros(shape, dtype) if dropout else None
         self.mask_out = [ops.zeros(shape, dtype) for _ in range(layers)] if dropout else None
@@ -89,6 +87,16 @@ class Window:
         self.dW_o_norm = None if class_bounds is None and not self.hs else ops.zeros(1, np.float64)
         self.direct = None if not direct_order else DirectWindow(ops, T, B, direct_order, boundary_id, n_out, dtype,
                                                                  self.class_bounds)
+
+    @property
+    def dL_ds_out(self):
+        """U's arrays: the input term is read by forward alone, so the output layer writes dL/ds over it."""
+        return self.U
+
+    @property
+    def dL_da(self):
+        """U's arrays: backward writes dL/da over dL/ds."""
+        return self.U
 
     def clear_slots(self):
         """No row of a sparse gradient has a slot (``sparse_names``'s slot arrays all -1, claimed 0)."""

@@ -71,21 +71,21 @@ class Vocab:
             raise RnnlmError(f"vocabulary 'lowercase' must be true or false, got {lowercase!r}")
         if not isinstance(tokens, list) or not all(isinstance(t, str) and t for t in tokens):
             raise RnnlmError("vocabulary tokens must be a list of non-empty strings")
-        index = {token: i for i, token in enumerate(tokens)}
-        if len(index) != len(tokens):
+        distinct = set(tokens)
+        if len(distinct) != len(tokens):
             duplicate = next(t for t, n in Counter(tokens).items() if n > 1)
             raise RnnlmError(f"vocabulary has a duplicate token {duplicate!r}")
         if level == "char" and any(len(t) != 1 for t in tokens if t != UNK):
             raise RnnlmError("char-level tokens must be single characters besides <unk>")
         boundary = _boundary_token(level)
         for required in (UNK, boundary):
-            if required not in index:
+            if required not in distinct:
                 raise RnnlmError(f"{level}-level vocabulary lacks the token {required!r}")
         self.tokens = tokens
         self.level = level
         self.lowercase = lowercase
-        self.unk_id = index[UNK]
-        self.boundary_id = index[boundary]
+        self.unk_id = tokens.index(UNK)
+        self.boundary_id = tokens.index(boundary)
 
     @functools.cached_property
     def index(self) -> dict[str, int]:
